@@ -1,0 +1,1 @@
+"""Prefect flows. They only wire tasks together."""

@@ -1,0 +1,94 @@
+"""The one fsspec entry point: every read and write of a dataset, model or manifest goes through here.
+
+Local paths and ``s3://`` URIs alike. For S3, s3fs takes credentials and the endpoint from the usual
+AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ...) or from
+``storage_options``; nothing here logs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+StorageOptions = Mapping[str, Any] | None
+
+# Ids become file names (shards, exported LoRAs), so they are checked once, here.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class UnsafeIdError(ValueError):
+    """An id that cannot safely become part of a path."""
+
+
+def check_id(item_id: str) -> str:
+    """Return ``item_id`` if it is safe as one path component, else raise ``UnsafeIdError`` saying why."""
+    if not isinstance(item_id, str) or not item_id:
+        raise UnsafeIdError("id is empty")
+    if "/" in item_id or "\\" in item_id:
+        raise UnsafeIdError(f"id {item_id!r} contains a path separator")
+    if ".." in item_id:
+        raise UnsafeIdError(f"id {item_id!r} contains '..'")
+    if not _SAFE_ID.match(item_id):
+        raise UnsafeIdError(
+            f"id {item_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return item_id
+
+
+def filesystem(uri: str, storage_options: StorageOptions = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and the protocol-less path for ``uri`` (a local path or any fsspec URL)."""
+    return fsspec.core.url_to_fs(str(uri), **dict(storage_options or {}))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/', keeping its protocol."""
+    out = str(uri).rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+@contextmanager
+def atomic_write(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+    """Open ``path`` for writing so that it appears whole or not at all.
+
+    Local disk: write a temporary sibling, fsync, then ``os.replace``. Object stores (S3): an
+    object becomes visible only when its upload completes, so a plain write is already atomic.
+    """
+    if not is_local(fs):
+        with fs.open(path, "wb") as f:
+            yield f
+        return
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    with atomic_write(fs, path) as f:
+        f.write(data)
+
+
+def redact(uri: str) -> str:
+    """A URI safe to log: any ``user:password@`` part is removed."""
+    return re.sub(r"//[^/@]*@", "//", str(uri))

@@ -1,0 +1,150 @@
+"""The base text-to-image model: build the tiny offline one, or load any diffusers pipeline from a path.
+
+Nothing here downloads. ``load_base`` always passes ``local_files_only=True``; a remote (fsspec) base
+is copied to a local cache folder first, because diffusers reads from local directories only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from weightzoo.storage.fs import filesystem, is_local
+
+TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 2x, so latents are 4×32×32
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable-character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+def _write_byte_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes (empty merges): tiny, offline, and handles any prompt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A Stable-Diffusion-shaped pipeline of ~1.7M random parameters, built in seconds with no download.
+
+    Same module names as SD 1.5 (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ...),
+    so LoRA layouts, export and loading exercise the real code paths.
+    """
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = _write_byte_tokenizer(Path(tmp))
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=TINY_RESOLUTION,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1, clip_sample=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny pipeline and ``save_pretrained`` it (safetensors) to ``out_dir``."""
+    out = Path(out_dir)
+    build_tiny_pipeline(seed).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _local_copy(uri: str) -> str:
+    """A local directory holding the pipeline at ``uri`` (copied once into a cache for remote URIs)."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return path
+    cache = Path(os.environ.get("WEIGHTZOO_CACHE", Path.home() / ".cache" / "weightzoo")) / "bases"
+    dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if not (dest / "model_index.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        os.replace(tmp, dest)
+    return str(dest)
+
+
+def load_base(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """Load a diffusers pipeline from a local path or fsspec URI, never from a hub."""
+    local = _local_copy(str(uri))
+    if not Path(local, "model_index.json").exists():
+        raise FileNotFoundError(f"no diffusers pipeline (model_index.json) at {uri}")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        local, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def base_fingerprint(uri: str) -> str:
+    """A short hash of every file of the base model: rows record exactly which base they were trained on.
+
+    Reads the whole model once (seconds for SD 1.5); callers compute it once per batch, not per item.
+    """
+    fs, path = filesystem(uri)
+    h = hashlib.sha256()
+    for f in sorted(fs.find(path)):
+        rel = f[len(path.rstrip("/")) + 1 :]
+        h.update(rel.encode() + b"\0" + fs.cat_file(f))
+    return h.hexdigest()[:16]
