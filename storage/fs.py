@@ -23,6 +23,9 @@ StorageOptions = Mapping[str, Any] | None
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+_OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+
+
 class UnsafeIdError(ValueError):
     """An id that cannot safely become part of a path."""
 
@@ -43,8 +46,15 @@ def check_id(item_id: str) -> str:
 
 
 def filesystem(uri: str, storage_options: StorageOptions = None) -> tuple[AbstractFileSystem, str]:
-    """The filesystem and the protocol-less path for ``uri`` (a local path or any fsspec URL)."""
-    return fsspec.core.url_to_fs(str(uri), **dict(storage_options or {}))
+    """The filesystem and the protocol-less path for ``uri`` (a local path or any fsspec URL).
+
+    Object-store listings are not cached: a dataset is written by many workers at once, and a
+    stale listing would hide their commits.
+    """
+    options = dict(storage_options or {})
+    if str(uri).split("://", 1)[0] in _OBJECT_STORES:
+        options.setdefault("use_listings_cache", False)
+    return fsspec.core.url_to_fs(str(uri), **options)
 
 
 def join(uri: str, *parts: str) -> str:
@@ -68,8 +78,14 @@ def atomic_write(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
     object becomes visible only when its upload completes, so a plain write is already atomic.
     """
     if not is_local(fs):
-        with fs.open(path, "wb") as f:
+        f = fs.open(path, "wb")
+        try:
             yield f
+        except BaseException:
+            if hasattr(f, "discard"):  # s3fs: abort the multipart upload; nothing becomes visible
+                f.discard()
+            raise
+        f.close()
         return
     fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"

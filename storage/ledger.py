@@ -1,0 +1,159 @@
+"""The ledger: a dataset's record of committed shards and failed items. The ledger entry is the commit.
+
+Layout of a dataset URI::
+
+    shards/<batch>-<token>.parquet          written first, complete (temp + rename, or one S3 upload)
+    ledger/commits/<batch>-<token>.json     written last: ids, shard path, size, crc32, fingerprints
+    ledger/failures/<batch>-<token>.json    items of one attempt that failed, with reasons
+
+A shard with no commit entry (a writer killed before committing) is never read. Two commits cannot
+both make one id visible: ``commit`` drops ids that are already committed, and for the race where two
+writers commit the same id at once, every reader resolves duplicates the same way (the earliest
+entry in canonical order wins), so an id is visible exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from weightzoo.storage.fs import StorageOptions, check_id, filesystem, join, write_bytes
+from weightzoo.storage.shards import ShardInfo
+
+COMMITS = "ledger/commits"
+FAILURES = "ledger/failures"
+SHARDS = "shards"
+
+
+@dataclass(frozen=True)
+class CommitEntry:
+    """One committed shard. ``ids`` are the rows of that shard that are visible."""
+
+    batch: str
+    shard: str  # path relative to the dataset root
+    ids: tuple[str, ...]
+    rows: int  # rows in the shard file (>= len(ids) if some were already committed elsewhere)
+    nbytes: int
+    crc32: int
+    layout: str
+    base_model: str
+    committed_at: str
+    name: str = ""  # entry file name; tie-breaker of the canonical order
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: str
+    reason: str
+    attempt: int  # how many recorded attempts of this id have failed
+    batch: str
+    at: str
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class Ledger:
+    """Committed shards and failed items of one dataset (a local path or any fsspec URI)."""
+
+    def __init__(self, dataset_uri: str, storage_options: StorageOptions = None) -> None:
+        self.uri = str(dataset_uri).rstrip("/")
+        self.fs, self.root = filesystem(self.uri, storage_options)
+
+    # --- paths -------------------------------------------------------------------------------
+    def new_shard_path(self, batch: str) -> str:
+        """A fresh, never-reused shard path for one attempt at ``batch`` (attempts never clobber)."""
+        return join(self.root, SHARDS, f"{check_id(batch)}-{uuid.uuid4().hex[:12]}.parquet")
+
+    def abspath(self, relative: str) -> str:
+        return join(self.root, relative)
+
+    def _relative(self, path: str) -> str:
+        return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+
+    # --- reading -----------------------------------------------------------------------------
+    def _read_entries(self, folder: str) -> list[tuple[str, dict]]:
+        path = join(self.root, folder)
+        self.fs.invalidate_cache(path)  # s3fs caches listings; the ledger must see other writers
+        try:
+            names = sorted(p for p in self.fs.ls(path, detail=False) if p.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        if not names:
+            return []
+        blobs = self.fs.cat(names)  # concurrent on S3
+        return [(n.rsplit("/", 1)[-1], json.loads(blobs[n])) for n in names]
+
+    def commits(self) -> list[CommitEntry]:
+        """Every commit entry in canonical order, each listing only the ids it makes visible."""
+        raw = sorted(self._read_entries(COMMITS), key=lambda e: (e[1]["committed_at"], e[0]))
+        seen: set[str] = set()
+        out = []
+        for name, d in raw:
+            ids = tuple(i for i in d["ids"] if i not in seen)
+            seen.update(ids)
+            out.append(CommitEntry(**{**d, "ids": ids, "name": name}))
+        return out
+
+    def committed_ids(self) -> set[str]:
+        return {i for c in self.commits() for i in c.ids}
+
+    def failed(self) -> dict[str, Failure]:
+        """Items whose latest attempt failed and that are not committed since: id → last failure."""
+        committed = self.committed_ids()
+        out: dict[str, Failure] = {}
+        attempts: dict[str, int] = {}
+        for _, d in sorted(self._read_entries(FAILURES), key=lambda e: (e[1]["at"], e[0])):
+            for item in d["items"]:
+                attempts[item["id"]] = attempts.get(item["id"], 0) + 1
+                if item["id"] not in committed:
+                    out[item["id"]] = Failure(item["id"], item["reason"], attempts[item["id"]], d["batch"], d["at"])
+        return out
+
+    def pending(self, manifest_ids: Iterable[str], include_failed: bool = True) -> list[str]:
+        """Manifest ids (in manifest order) that still need training: not committed, and not failed unless asked."""
+        done = self.committed_ids()
+        skip = done if include_failed else done | set(self.failed())
+        return [i for i in manifest_ids if i not in skip]
+
+    # --- writing -----------------------------------------------------------------------------
+    def commit(self, batch: str, shard: ShardInfo, base_model: str = "") -> CommitEntry | None:
+        """Make a complete shard's rows visible. Call only after the shard is fully written.
+
+        Ids already committed by another entry are left out of this one; returns None (and writes
+        nothing) when every id was already committed, so a rerun of a committed batch is a no-op.
+        """
+        check_id(batch)
+        done = self.committed_ids()
+        ids = tuple(i for i in shard.ids if i not in done)
+        if not ids:
+            return None
+        shard_rel = self._relative(shard.path)
+        name = shard_rel.rsplit("/", 1)[-1].removesuffix(".parquet") + ".json"
+        entry = CommitEntry(
+            batch=batch,
+            shard=shard_rel,
+            ids=ids,
+            rows=len(shard.ids),
+            nbytes=shard.nbytes,
+            crc32=shard.crc32,
+            layout=shard.layout,
+            base_model=base_model,
+            committed_at=_now(),
+        )
+        body = {k: v for k, v in asdict(entry).items() if k != "name"}
+        write_bytes(self.fs, join(self.root, COMMITS, name), json.dumps(body).encode())
+        return CommitEntry(**{**body, "name": name})
+
+    def record_failures(self, batch: str, failures: Sequence[tuple[str, str]]) -> None:
+        """Record one attempt's failed items as (id, reason); reasons are shown to users as they are."""
+        if not failures:
+            return
+        check_id(batch)
+        body = {"batch": batch, "at": _now(), "items": [{"id": i, "reason": r} for i, r in failures]}
+        name = f"{batch}-{uuid.uuid4().hex[:12]}.json"
+        write_bytes(self.fs, join(self.root, FAILURES, name), json.dumps(body).encode())

@@ -1,0 +1,272 @@
+"""Parquet shards of flattened weights: one shard per fine-tune batch, immutable once written.
+
+Weights live in one ``fixed_size_binary(D × itemsize)`` column of little-endian floats: it writes
+~2x and reads ~4x faster than ``fixed_size_list<halffloat>`` and reads zero-copy into numpy/torch
+(see docs/FORMAT.md). The layout travels in the schema metadata, so every shard is self-describing.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from fsspec import AbstractFileSystem
+
+from weightzoo.storage.fs import atomic_write
+from weightzoo.storage.layout import NUMPY_VIEW, Layout
+
+LAYOUT_KEY = b"weightzoo.layout"
+FORMAT_KEY = b"weightzoo.format"
+FORMAT_VERSION = b"1"
+WEIGHTS = "weights"
+
+# Everything about a row except its weights. One explicit schema, tested by write-then-read.
+META_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("kind", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("attributes", pa.map_(pa.string(), pa.string())),
+        pa.field("base_model", pa.string()),  # base-model fingerprint
+        pa.field("layout", pa.string()),  # layout fingerprint
+        pa.field("method", pa.string()),  # "lora", "orthogonal", ...
+        pa.field("hparams", pa.string()),  # JSON of the resolved fine-tune config
+        pa.field("loss", pa.float32()),
+        pa.field("steps", pa.int32()),
+        pa.field("train_seconds", pa.float32()),
+        pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+class LayoutMismatchError(ValueError):
+    """Rows of different layouts were about to be mixed."""
+
+
+@dataclass(frozen=True)
+class RowMeta:
+    """The metadata of one row (one fine-tuned model)."""
+
+    id: str
+    kind: str = "identity"
+    prompt: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+    base_model: str = ""
+    method: str = "lora"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    loss: float | None = None
+    steps: int | None = None
+    train_seconds: float | None = None
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the ledger records to commit a shard: enough to check it is the file that was written."""
+
+    path: str
+    ids: tuple[str, ...]
+    nbytes: int
+    crc32: int
+    layout: str
+
+
+def shard_schema(layout: Layout) -> pa.Schema:
+    return META_SCHEMA.append(pa.field(WEIGHTS, pa.binary(layout.nbytes), nullable=False)).with_metadata(
+        {LAYOUT_KEY: layout.to_json().encode(), FORMAT_KEY: FORMAT_VERSION}
+    )
+
+
+def weights_array(layout: Layout, weights: np.ndarray | torch.Tensor) -> pa.FixedSizeBinaryArray:
+    """Wrap an (n, D) array as a fixed-size-binary column without copying its bytes."""
+    arr = layout.to_numpy(weights) if isinstance(weights, torch.Tensor) else np.ascontiguousarray(weights)
+    if arr.ndim != 2 or arr.shape[1] != layout.numel or arr.dtype != NUMPY_VIEW[layout.dtype]:
+        raise ValueError(
+            f"weights must be (n, {layout.numel}) of {layout.dtype}; got {arr.shape} {arr.dtype}"
+        )
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(layout.nbytes), len(arr), [None, pa.py_buffer(arr)])
+
+
+def _meta_table(layout: Layout, rows: Sequence[RowMeta]) -> dict[str, pa.Array]:
+    now = datetime.now(UTC)
+    cols: dict[str, list] = {f.name: [] for f in META_SCHEMA}
+    for r in rows:
+        cols["id"].append(r.id)
+        cols["kind"].append(r.kind)
+        cols["prompt"].append(r.prompt)
+        cols["attributes"].append(list(r.attributes.items()))
+        cols["base_model"].append(r.base_model)
+        cols["layout"].append(layout.fingerprint)
+        cols["method"].append(r.method)
+        cols["hparams"].append(json.dumps(r.hparams, sort_keys=True))
+        cols["loss"].append(r.loss)
+        cols["steps"].append(r.steps)
+        cols["train_seconds"].append(r.train_seconds)
+        cols["created_at"].append(r.created_at or now)
+    return {f.name: pa.array(cols[f.name], type=f.type) for f in META_SCHEMA}
+
+
+class _ChecksumFile:
+    """A write-only file wrapper that keeps a CRC32 and byte count of what passes through it.
+
+    CRC32 (~3 GB/s) rather than SHA-256 (~1.5 GB/s): it guards against truncation and corruption,
+    not tampering, and must not halve write throughput.
+    """
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.crc32 = 0
+        self.nbytes = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data)
+        self.crc32 = zlib.crc32(mv, self.crc32)
+        self.nbytes += mv.nbytes
+        return self._f.write(mv)
+
+    def tell(self) -> int:
+        return self.nbytes
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ShardWriter:
+    """Write one shard, row group by row group; the file appears (whole) at ``close()``.
+
+    ``with ShardWriter(fs, path, layout) as w: w.write(rows, weights)`` then ``w.info``.
+    """
+
+    def __init__(
+        self,
+        fs: AbstractFileSystem,
+        path: str,
+        layout: Layout,
+        row_group_size: int = 128,
+        compression: str | None = None,
+    ) -> None:
+        self.fs, self.path, self.layout, self.row_group_size = fs, path, layout, row_group_size
+        self.schema = shard_schema(layout)
+        self._ids: list[str] = []
+        self._cm = atomic_write(fs, path)
+        self._file = _ChecksumFile(self._cm.__enter__())
+        meta_cols = [f.name for f in META_SCHEMA]
+        self._writer = pq.ParquetWriter(
+            self._file,
+            self.schema,
+            compression=compression or "none",  # random-looking weights barely compress
+            use_dictionary=meta_cols,  # never dictionary-encode the weights column
+            write_statistics=meta_cols,  # min/max of 200 KB binaries is pure cost
+            data_page_size=8 << 20,
+        )
+        self.info: ShardInfo | None = None
+
+    def write(self, rows: Sequence[RowMeta], weights: np.ndarray | torch.Tensor) -> None:
+        if len(rows) != len(weights):
+            raise ValueError(f"{len(rows)} rows but {len(weights)} weight vectors")
+        cols = _meta_table(self.layout, rows)
+        cols[WEIGHTS] = weights_array(self.layout, weights)
+        self._writer.write_table(pa.Table.from_pydict(cols, schema=self.schema), row_group_size=self.row_group_size)
+        self._ids.extend(r.id for r in rows)
+
+    def close(self) -> ShardInfo:
+        self._writer.close()
+        self._cm.__exit__(None, None, None)
+        self.info = ShardInfo(self.path, tuple(self._ids), self._file.nbytes, self._file.crc32, self.layout.fingerprint)
+        return self.info
+
+    def abort(self) -> None:
+        """Drop the partial file (local temp file removed; an S3 upload is never completed)."""
+        try:
+            self._writer.close()
+        finally:
+            self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_shard(
+    fs: AbstractFileSystem,
+    path: str,
+    layout: Layout,
+    rows: Sequence[RowMeta],
+    weights: np.ndarray | torch.Tensor,
+    row_group_size: int = 128,
+    compression: str | None = None,
+) -> ShardInfo:
+    """Write a whole batch as one shard and return what the ledger needs to commit it."""
+    with ShardWriter(fs, path, layout, row_group_size, compression) as w:
+        w.write(rows, weights)
+    assert w.info is not None
+    return w.info
+
+
+def read_layout(fs: AbstractFileSystem, path: str) -> Layout:
+    """The layout stored in a shard's schema metadata (reads only the footer)."""
+    with fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    if LAYOUT_KEY not in meta:
+        raise ValueError(f"{path} is not a weightzoo shard (no layout in its schema metadata)")
+    return Layout.from_json(meta[LAYOUT_KEY])
+
+
+def weights_numpy(layout: Layout, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """(n, D) numpy view of a weights column (zero-copy for a single chunk)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if len(chunks) != 1:
+        return np.concatenate([weights_numpy(layout, c) for c in chunks]) if chunks else np.empty((0, layout.numel))
+    arr = chunks[0]
+    dtype = NUMPY_VIEW[layout.dtype]
+    buf = arr.buffers()[1]
+    out = np.frombuffer(buf, dtype=dtype, count=len(arr) * layout.numel, offset=arr.offset * layout.nbytes)
+    return out.reshape(len(arr), layout.numel)
+
+
+def iter_shard(
+    fs: AbstractFileSystem,
+    path: str,
+    columns: Sequence[str] | None = None,
+    expect_layout: Layout | None = None,
+    weights: bool = True,
+) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
+    """Yield (metadata table, (n, D) weights) per row group; refuses a shard of another layout.
+
+    Bounded memory: one row group at a time. ``weights=False`` skips reading the weights column.
+    """
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        meta = pf.schema_arrow.metadata or {}
+        if LAYOUT_KEY not in meta:
+            raise ValueError(f"{path} is not a weightzoo shard (no layout in its schema metadata)")
+        layout = Layout.from_json(meta[LAYOUT_KEY])
+        if expect_layout is not None and layout != expect_layout:
+            raise LayoutMismatchError(
+                f"{path} has layout {layout.fingerprint} ({layout.numel} values, {layout.dtype}); "
+                f"expected {expect_layout.fingerprint} ({expect_layout.numel} values, {expect_layout.dtype})"
+            )
+        cols = list(columns) if columns is not None else [f.name for f in META_SCHEMA]
+        if weights and WEIGHTS not in cols:
+            cols.append(WEIGHTS)
+        for i in range(pf.num_row_groups):
+            table = pf.read_row_group(i, columns=cols, use_threads=True)
+            w = weights_numpy(layout, table.column(WEIGHTS)) if weights else None
+            yield (table.drop_columns([WEIGHTS]) if weights else table), w
