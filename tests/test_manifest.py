@@ -1,0 +1,244 @@
+"""Manifest reading (JSONL / CSV / Parquet), writing, and validation that reports every bad row at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from weightzoo.tasks.manifest import (
+    ManifestError,
+    ManifestProblem,
+    ManifestRow,
+    image_uris,
+    load_and_validate,
+    load_images,
+    manifest_folder,
+    read_manifest,
+    read_raw_manifest,
+    validate_manifest,
+    write_manifest,
+)
+from weightzoo.tasks.synthetic import corrupt_image, make_subjects
+
+
+@pytest.fixture
+def subjects(tmp_path: Path) -> list[ManifestRow]:
+    """Three good subjects with images under tmp_path/images, paths relative to tmp_path."""
+    return make_subjects(str(tmp_path), 3, images_per_subject=2)
+
+
+def _raw(row: ManifestRow, **changes: object) -> dict[str, object]:
+    return {**row.model_dump(exclude_none=True), **changes}
+
+
+# --- reading and writing -------------------------------------------------------------------------
+
+
+def _write_csv(rows: list[ManifestRow], path: Path) -> None:
+    """CSV as a person would write it: ';'-joined images; attributes alternate JSON and key=value."""
+    lines = ["id,kind,prompt,class_prompt,images,attributes"]
+    for i, r in enumerate(rows):
+        attrs = json.dumps(r.attributes) if i % 2 else ";".join(f"{k}={v}" for k, v in r.attributes.items())
+        cells = [r.id, r.kind, r.prompt, r.class_prompt, ";".join(r.images), attrs]
+        lines.append(",".join('"' + c.replace('"', '""') + '"' for c in cells))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_parquet(rows: list[ManifestRow], path: Path) -> None:
+    """Parquet with a list column for images and a map column for attributes, as a pipeline would write it."""
+    schema = pa.schema([
+        ("id", pa.string()), ("kind", pa.string()), ("prompt", pa.string()), ("class_prompt", pa.string()),
+        ("images", pa.list_(pa.string())), ("image_dir", pa.string()), ("attributes", pa.map_(pa.string(), pa.string())),
+    ])
+    records = [{**r.model_dump(), "attributes": list(r.attributes.items())} for r in rows]
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), path)
+
+
+def test_jsonl_csv_and_parquet_read_to_equal_rows(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    write_manifest(subjects, str(tmp_path / "m.jsonl"))
+    _write_csv(subjects, tmp_path / "m.csv")
+    _write_parquet(subjects, tmp_path / "m.parquet")
+    for name in ("m.jsonl", "m.csv", "m.parquet"):
+        assert read_manifest(str(tmp_path / name)) == subjects, name
+        assert load_and_validate(str(tmp_path / name)) == subjects, name
+
+
+def test_csv_empty_cells_take_defaults_and_image_dir_lists_a_folder(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    (tmp_path / "m.csv").write_text(
+        "id,kind,prompt,images,image_dir,attributes\n"
+        "a,,,images/subject-00000/0.png; images/subject-00000/1.png,,\n"
+        "b,concept,a sks dog,,images/subject-00001,\"{\"\"colour\"\": \"\"red\"\"}\"\n"
+    )
+    a, b = load_and_validate(str(tmp_path / "m.csv"))
+    assert a == ManifestRow(id="a", images=["images/subject-00000/0.png", "images/subject-00000/1.png"])
+    assert (b.kind, b.prompt, b.class_prompt, b.attributes) == ("concept", "a sks dog", "person", {"colour": "red"})
+    assert image_uris(b, str(tmp_path)) == [
+        str(tmp_path / "images/subject-00001/0.png"), str(tmp_path / "images/subject-00001/1.png")
+    ]
+
+
+def test_write_manifest_round_trips_and_replaces_whole(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    uri = str(tmp_path / "out" / "manifest.jsonl")
+    assert write_manifest(subjects, uri) == uri
+    write_manifest(subjects[:1], uri)
+    assert read_manifest(uri) == subjects[:1]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["manifest.jsonl"]  # no temporary left behind
+
+
+def test_unknown_suffix_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "m.txt").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"cannot tell the manifest format .*\.jsonl"):
+        read_manifest(str(tmp_path / "m.txt"))
+
+
+def test_relative_paths_resolve_against_the_manifest_folder_not_the_cwd(
+    tmp_path: Path, subjects: list[ManifestRow], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_manifest(subjects, str(tmp_path / "manifest.jsonl"))
+    monkeypatch.chdir(tmp_path.parent)
+    rows = load_and_validate(str(tmp_path / "manifest.jsonl"))
+    assert image_uris(rows[0], manifest_folder(str(tmp_path / "manifest.jsonl")))[0] == str(
+        tmp_path / "images/subject-00000/0.png"
+    )
+    assert [im.size for im in load_images(rows[0], str(tmp_path))] == [(64, 64), (64, 64)]
+    # and a relative manifest path takes its folder relative to the cwd
+    monkeypatch.chdir(tmp_path)
+    assert load_and_validate("manifest.jsonl") == subjects
+    assert manifest_folder("s3://bucket/sub/manifest.jsonl") == "s3://bucket/sub"
+
+
+# --- validation: one clear message per kind of bad row --------------------------------------------
+
+
+def _bad_cases(tmp_path: Path, good: ManifestRow) -> dict[str, tuple[dict[str, object], str]]:
+    """Each kind of bad row (as raw dicts) with the reason it must produce."""
+    missing = str(tmp_path / "images" / "nope.png")
+    broken = tmp_path / "images" / "broken.png"
+    broken.write_bytes((tmp_path / good.images[0]).read_bytes())
+    corrupt_image(broken)
+    return {
+        "separator": (_raw(good, id="a/b"), "id contains a path separator"),
+        "dotdot": (_raw(good, id="a..b"), "id contains '..'"),
+        "empty-id": (_raw(good, id=""), "id is empty"),
+        "kind": (_raw(good, id="k", kind="animal"), "unknown kind 'animal' (expected 'identity' or 'concept')"),
+        "no-images": (_raw(good, id="n", images=[]), "no images (neither 'images' nor 'image_dir' is given)"),
+        "empty-dir": (_raw(good, id="e", images=[], image_dir="images/none"), "no images: image_dir 'images/none'"),
+        "missing": (_raw(good, id="m", images=[missing]), f"image not found: {missing}"),
+        "corrupt": (_raw(good, id="c", images=["images/broken.png"]), f"image cannot be decoded: {broken}"),
+        "extra-field": (_raw(good, id="x", colour="red"), "unknown field 'colour'"),
+        "bad-attributes": (_raw(good, id="t", attributes="colour"), "attributes must be a JSON object or key=value"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["separator", "dotdot", "empty-id", "kind", "no-images", "empty-dir", "missing", "corrupt", "extra-field",
+     "bad-attributes"],
+)
+def test_each_bad_row_gets_its_own_message(tmp_path: Path, subjects: list[ManifestRow], case: str) -> None:
+    raw, reason = _bad_cases(tmp_path, subjects[0])[case]
+    rows = [_raw(subjects[1]), raw, _raw(subjects[2])]
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(rows, str(tmp_path))
+    [problem] = info.value.problems
+    assert (problem.row, problem.id) == (2, raw["id"])
+    assert problem.reason.startswith(reason)
+    assert f"row 2 (id {raw['id']!r}): {reason}" in str(info.value)
+
+
+def test_all_bad_rows_are_reported_at_once(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    cases = _bad_cases(tmp_path, subjects[0])
+    rows = [_raw(s) for s in subjects] + [raw for raw, _ in cases.values()] + [_raw(subjects[1])]
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(rows, str(tmp_path), max_workers=4)
+    got = [(p.row, p.id, p.reason) for p in info.value.problems]
+    expected = [(4 + i, raw["id"], reason) for i, (raw, reason) in enumerate(cases.values())]
+    expected.append((len(rows), subjects[1].id, "duplicate id: already used by row 2"))
+    assert [(r, i) for r, i, _ in got] == [(r, i) for r, i, _ in expected]
+    for (_, _, reason), (_, _, want) in zip(got, expected, strict=True):
+        assert reason.startswith(want)
+    message = str(info.value)
+    assert message.startswith(f"{len(expected)} problem(s) in {len(expected)} row(s)")
+    assert all(str(p) in message for p in info.value.problems)
+
+
+def test_a_row_with_several_problems_lists_them_all(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    rows = [_raw(subjects[0]), _raw(subjects[0], kind="animal", images=["images/gone.png"])]
+    rows[1]["id"] = "../" + subjects[0].id
+    rows.append(_raw(subjects[1], id=subjects[1].id, images=["gone.png"]))
+    rows.append(_raw(subjects[1], id=subjects[1].id))
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(rows, str(tmp_path))
+    assert [(p.row, p.reason.split(":")[0]) for p in info.value.problems] == [
+        (2, "unknown kind 'animal' (expected 'identity' or 'concept')"),
+        (2, "id contains a path separator"),
+        (2, "image not found"),  # checked even though the row does not parse, so one pass finds everything
+        (3, "image not found"),
+        (4, "duplicate id"),
+    ]
+
+
+def test_bad_jsonl_lines_are_reported_with_the_other_rows(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    good = [json.dumps(_raw(s)) for s in subjects]
+    (tmp_path / "m.jsonl").write_text(
+        "\n".join([good[0], "{not json", "", good[1], "[1, 2]", json.dumps(_raw(subjects[2], id="a/b"))]) + "\n"
+    )
+    raw = read_raw_manifest(str(tmp_path / "m.jsonl"))
+    assert isinstance(raw[1], ManifestProblem) and isinstance(raw[0], dict)
+    with pytest.raises(ManifestError) as info:
+        load_and_validate(str(tmp_path / "m.jsonl"))
+    assert [(p.row, p.id) for p in info.value.problems] == [(2, None), (4, None), (5, "a/b")]
+    assert "row 2 (no id): not valid JSON" in str(info.value)
+    assert "row 4 (no id): not a JSON object but list" in str(info.value)
+    assert str(tmp_path / "m.jsonl") in str(info.value)
+
+
+def test_read_manifest_reports_every_unparseable_row(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    (tmp_path / "m.csv").write_text("id,kind,images\na,animal,x.png\nb,identity,x.png\nc,plant,x.png,extra\n")
+    with pytest.raises(ManifestError) as info:
+        read_manifest(str(tmp_path / "m.csv"))
+    assert [str(p) for p in info.value.problems] == [
+        "row 1 (id 'a'): unknown kind 'animal' (expected 'identity' or 'concept')",
+        "row 3 (id 'c'): 1 more cell(s) than the header has columns",
+    ]
+
+
+def test_empty_manifest_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "m.jsonl").write_text("\n")
+    with pytest.raises(ManifestError, match="has no rows"):
+        load_and_validate(str(tmp_path / "m.jsonl"))
+
+
+def test_typed_rows_validate_too(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    assert validate_manifest(subjects, str(tmp_path)) == subjects
+    with pytest.raises(ManifestError, match=r"row 2 \(id 'subject-00000'\): duplicate id: already used by row 1"):
+        validate_manifest([subjects[0], subjects[0]], str(tmp_path))
+
+
+# --- S3 ------------------------------------------------------------------------------------------
+
+
+def test_validation_reads_manifest_and_images_from_s3(s3_bucket: str, tmp_path: Path) -> None:
+    import s3fs
+
+    rows = make_subjects(str(tmp_path), 4, images_per_subject=2)
+    corrupt_image(tmp_path / rows[2].images[1])
+    write_manifest(rows, str(tmp_path / "manifest.jsonl"))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.put(str(tmp_path) + "/", f"{s3_bucket}/demo/", recursive=True)
+    fs.rm(f"{s3_bucket}/demo/{rows[3].images[0]}")
+
+    with pytest.raises(ManifestError) as info:
+        load_and_validate(f"{s3_bucket}/demo/manifest.jsonl")
+    problems = info.value.problems
+    assert [(p.row, p.id) for p in problems] == [(3, "subject-00002"), (4, "subject-00003")]
+    assert problems[0].reason.startswith(f"image cannot be decoded: {s3_bucket}/demo/{rows[2].images[1]} (")
+    assert problems[1].reason == f"image not found: {s3_bucket}/demo/{rows[3].images[0]}"
+
+    write_manifest(rows[:2], f"{s3_bucket}/demo/good.jsonl")
+    assert load_and_validate(f"{s3_bucket}/demo/good.jsonl") == rows[:2]
+    assert load_images(rows[0], f"{s3_bucket}/demo")[1].size == (64, 64)
