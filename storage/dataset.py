@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -13,7 +12,7 @@ import pyarrow.compute as pc
 from weightzoo.storage.fs import StorageOptions
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import CommitEntry, Ledger
-from weightzoo.storage.shards import iter_shard, read_layout
+from weightzoo.storage.shards import iter_shard, read_layout, shard_crc32
 
 
 class CorruptShardError(IOError):
@@ -60,10 +59,10 @@ class Dataset:
                 "datasets never mix layouts"
             )
         if verify:
-            crc = 0
-            with self.fs.open(path, "rb") as f:
-                while chunk := f.read(16 << 20):
-                    crc = zlib.crc32(chunk, crc)
+            try:
+                crc = shard_crc32(self.fs, path)
+            except (OSError, pa.ArrowException) as e:
+                raise CorruptShardError(f"shard {entry.shard} cannot be read: {e}") from e
             if crc != entry.crc32:
                 raise CorruptShardError(f"shard {entry.shard} fails its checksum")
         return path
@@ -73,7 +72,7 @@ class Dataset:
     ) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
         """Yield (metadata, (n, D) weights) per row group of committed rows, in commit order.
 
-        ``verify=True`` checks each shard's CRC32 first (one extra read); sizes are always checked.
+        ``verify=True`` checks each shard's content CRC32 first (one extra read); sizes are always checked.
         """
         for entry in self.entries:
             path = self._check(entry, verify)

@@ -113,7 +113,9 @@ def test_truncated_shard_is_refused(tmp_path: Path) -> None:
     Path(path).write_bytes(data[:-10])
     with pytest.raises(CorruptShardError, match="bytes"):
         list(Dataset(uri).iter_batches())
-    Path(path).write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    mid = data.find(rows_for("t", 3, DIM)[1][1].tobytes()) + 5  # a byte inside row 1's weights
+    assert mid > 5
+    Path(path).write_bytes(data[:mid] + bytes([data[mid] ^ 1]) + data[mid + 1 :])
     with pytest.raises(CorruptShardError, match="checksum"):
         list(Dataset(uri).iter_batches(verify=True))
 
