@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Order is the order `weightzoo --help` lists them.
-COMMANDS = ["status", "export"]
+COMMANDS = ["demo", "build", "serve", "status", "export", "train-diffusion", "generate", "fit-subspace", "sample", "edit", "invert", "project"]
 
 
 def build_parser() -> argparse.ArgumentParser:

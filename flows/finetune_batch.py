@@ -1,0 +1,110 @@
+"""``finetune_batch``: the child flow, one run per batch, on a GPU worker or in-process.
+
+It only wires ``weightzoo.tasks.batch.run_batch`` (skip committed ids, load the base once, train,
+write one shard, commit, record failures) to Prefect: retries for infrastructure errors, a progress
+artifact fed by the engine, and a table artifact of the batch's items.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from weightzoo.flows.config import BatchRequest
+from weightzoo.storage.fs import redact
+from weightzoo.tasks.batch import BatchOutcome, run_batch
+
+# Errors a second attempt can cure: storage and network hiccups, a GPU that is busy or was reset.
+# Bad ids or a bad config (ValueError, KeyError) fail at once: retrying them only burns GPU time.
+RETRYABLE = (OSError, ConnectionError, TimeoutError)
+PROGRESS_EVERY_S = 5.0  # an artifact update is one API call; a step is ~0.1 s on a GPU
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """True for errors worth retrying the batch for (I/O, network, CUDA runtime), not for bad input."""
+    if isinstance(exc, RETRYABLE):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("CUDA", "NCCL", "cuDNN"))
+
+
+def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_infrastructure_error(exc)
+    return False
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{prefix}-{re.sub(r'[^a-z0-9-]+', '-', name.lower())}".strip("-")
+
+
+class ThrottledProgress:
+    """An engine ``progress(done, total)`` callback that updates a progress artifact at most every few seconds."""
+
+    def __init__(self, artifact_id: UUID, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.artifact_id, self.every_s = artifact_id, every_s
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._last < self.every_s:
+            return
+        self._last = now
+        update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * done / max(total, 1))
+
+
+@task(
+    name="train-commit-batch",
+    task_run_name="train-commit-{batch.batch_id}",
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_condition_fn=_retry_condition,
+    cache_policy=NO_CACHE,  # the ledger is the resume mechanism, never Prefect's cache
+)
+def train_and_commit(batch: BatchRequest, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run one batch (a rerun skips what is committed, so a retry never duplicates rows)."""
+    outcome = run_batch(batch.batch_id, batch.ids, batch.manifest, batch.base, batch.dataset, batch.finetune,
+                        engine=batch.engine, cache_dir=batch.cache_dir, progress=progress)
+    return outcome.to_dict()
+
+
+def publish_items(outcome: BatchOutcome | dict[str, Any]) -> None:
+    """A table artifact of the batch's items: id, status, loss, seconds, reason."""
+    d = outcome.to_dict() if isinstance(outcome, BatchOutcome) else outcome
+    rows = [
+        {"id": i["id"], "status": i["status"], "loss": None if i["loss"] is None else round(i["loss"], 5),
+         "seconds": None if i["seconds"] is None else round(i["seconds"], 2), "reason": i["reason"] or ""}
+        for i in d["items"]
+    ]
+    n_ok, n_bad = len(d["committed"]), len(d["failed"])
+    create_table_artifact(table=rows, key=artifact_key("batch", d["batch_id"]),
+                          description=f"{d['batch_id']}: {n_ok} committed, {n_bad} failed, {len(d['skipped'])} already committed")
+
+
+@flow(name="finetune-batch", flow_run_name="finetune-{batch.batch_id}", log_prints=False)
+def finetune_batch(batch: BatchRequest) -> dict[str, Any]:
+    """Fine-tune one batch into one committed shard; failed items are recorded, not raised.
+
+    Idempotent: a batch whose ids are all committed returns at once without loading the base.
+    """
+    logger = get_run_logger()
+    logger.info("batch %s: %d ids -> %s", batch.batch_id, len(batch.ids), redact(batch.dataset))
+    progress_id = create_progress_artifact(progress=0.0, key=artifact_key("progress", batch.batch_id),
+                                           description=f"row-steps trained in {batch.batch_id}")
+    outcome = train_and_commit(batch, ThrottledProgress(progress_id))
+    update_progress_artifact(artifact_id=progress_id, progress=100.0)
+    publish_items(outcome)
+    logger.info("batch %s: %d committed, %d failed, %d already committed", batch.batch_id,
+                len(outcome["committed"]), len(outcome["failed"]), len(outcome["skipped"]))
+    for item_id, reason in outcome["failed"]:
+        logger.warning("item %s failed: %s", item_id, reason)
+    return outcome

@@ -1,0 +1,94 @@
+"""Prefect flow ``fit-subspace``: streaming randomized PCA over a dataset's shards.
+
+Each pass over the weights is one task per shard (mapped; they run in parallel on the flow's task
+runner, or on many workers), and each reduce step is one task; only file URIs travel between them,
+the D×l matrices live under the work URI as safetensors. The algorithm itself is
+``weightzoo.tasks.subspace.fit_subspace``; this flow supplies a mapper that submits tasks.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, ConfigDict, Field
+
+from weightzoo.storage.fs import join, redact
+from weightzoo.tasks import subspace as sp
+
+# Per-shard passes re-read a shard: a transient storage error is worth two retries.
+_SHARD_TASKS: dict[Callable[..., Any], Any] = {
+    sp.shard_moments: task(sp.shard_moments, name="shard-moments", task_run_name="moments-{ref.name}", retries=2),
+    sp.shard_power: task(sp.shard_power, name="shard-power", task_run_name="power-{ref.name}", retries=2),
+    sp.shard_project: task(sp.shard_project, name="shard-project", task_run_name="project-{ref.name}", retries=2),
+}
+_REDUCE_TASKS: dict[Callable[..., Any], Any] = {
+    sp.reduce_moments: task(sp.reduce_moments, name="reduce-moments"),
+    sp.initial_basis: task(sp.initial_basis, name="initial-basis"),
+    sp.orthonormalise: task(sp.orthonormalise, name="orthonormalise", task_run_name="orthonormalise-{step}"),
+    sp.finalise: task(sp.finalise, name="finalise"),
+}
+
+
+class FitSubspaceParams(BaseModel):
+    """The flow's parameters (the Prefect UI renders this as the run form)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(description="Dataset URI to fit (local path or s3://bucket/prefix).")
+    out: str = Field(description="Subspace URI to write: subspace.safetensors, coords.parquet, card.json, plot.")
+    work: str | None = Field(None, description="Work URI for partials and bases; default <out>/_work/<token>.")
+    options: sp.SubspaceOptions = Field(default_factory=sp.SubspaceOptions, description="PCA options.")
+
+
+def _map_tasks(fn: Callable[..., Any], refs: Sequence[sp.ShardRef], **kwargs: Any) -> list[Any]:
+    futures = _SHARD_TASKS[fn].map(ref=list(refs), **{k: unmapped(v) for k, v in kwargs.items()})
+    return [f.result() for f in futures]
+
+
+def _run_task(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    return _REDUCE_TASKS[fn](**kwargs)
+
+
+@task(name="publish-subspace")
+def publish(result: sp.FitResult, top: int = 20) -> None:
+    """The explained-variance plot (PNG beside the output, and as image + markdown artifacts) and a table
+    of the top components. The image is a data: URI, so it renders without any public URL."""
+    png = sp.plot_explained_variance(result.explained_variance_ratio, result.uri)
+    data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    create_image_artifact(image_url=data_uri, key="subspace-explained-variance",
+                          description=f"Explained variance of {redact(result.uri)}")
+    total = sum(result.explained_variance_ratio)
+    create_markdown_artifact(
+        key="subspace-summary",
+        markdown=(f"### Subspace `{redact(result.uri)}`\n\n{result.rows} rows, {result.components} components, "
+                  f"{total:.2%} of the standardised variance.\n\n![explained variance]({data_uri})\n\n"
+                  f"Plot file: `{redact(join(result.uri, sp.PLOT_FILE))}`"),
+    )
+    cum = 0.0
+    rows = []
+    for i, (s, r) in enumerate(zip(result.singular_values, result.explained_variance_ratio, strict=True)):
+        cum += r
+        if i < top:
+            rows.append({"component": i, "singular_value": round(s, 4), "ratio": round(r, 6), "cumulative": round(cum, 6)})
+    create_table_artifact(rows, key="subspace-top-components", description=f"Top {len(rows)} components")
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters.get("params") or {}
+    out = params.get("out", "") if isinstance(params, dict) else getattr(params, "out", "")
+    return f"fit-subspace-{out.rstrip('/').rsplit('/', 1)[-1]}"
+
+
+@flow(name="fit-subspace", flow_run_name=_run_name)
+def fit_subspace(params: FitSubspaceParams) -> sp.FitResult:
+    """Fit the weights2weights subspace of a dataset (q + 3 passes, each mapped over shards)."""
+    result = sp.fit_subspace(params.dataset, params.out, params.options, params.work,
+                             map_shards=_map_tasks, run=_run_task)
+    publish(result)
+    return result

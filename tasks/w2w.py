@@ -1,0 +1,282 @@
+"""weights2weights applications of a fitted subspace: sample, edit, invert, project (Dravid et al. 2024).
+
+A model in the subspace is x = mean + std ⊙ (c @ components) for k coefficients c. Every function
+returns a flat float32 weight vector in the subspace's layout, which ``export`` writes as a diffusers
+LoRA. Rows hold A and B unscaled; the LoRA update is ``scale · B @ A`` with ``scale = alpha / rank``
+from the rows' ``hparams`` (kept in coords.parquet, so a subspace works without its dataset).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from weightzoo.storage.fs import filesystem
+from weightzoo.storage.layout import Layout
+from weightzoo.tasks.subspace import Subspace
+
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+# -- shared helpers --------------------------------------------------------------------------------------
+
+
+def subspace_hparams(sub: Subspace) -> dict:
+    """The fine-tune hparams of the fitted rows (the first row's; a dataset is trained with one config)."""
+    t = sub.coords_table()
+    text = t.column("hparams")[0].as_py() if "hparams" in t.column_names and t.num_rows else None
+    return json.loads(text or "{}")
+
+
+def lora_scale(hparams: dict) -> float:
+    if "scale" in hparams:
+        return float(hparams["scale"])
+    return float(hparams.get("alpha", 1.0)) / float(hparams.get("rank", 1))
+
+
+def export(sub: Subspace, weights: torch.Tensor, out_path: str, hparams: dict | None = None) -> str:
+    """Write a weight vector as a diffusers LoRA (safetensors) with the subspace's layout and hparams."""
+    from weightzoo.tasks.export import export_lora
+
+    layout = sub.layout
+    return export_lora(weights.detach().float().to(layout.torch_dtype), layout, hparams or subspace_hparams(sub),
+                       out_path)
+
+
+def load_lora_vector(path: str, layout: Layout) -> torch.Tensor:
+    """A diffusers/peft LoRA file → flat float32 vector of ``layout`` (unscaled A, B, as rows are stored).
+
+    Accepts ``unet.``-prefixed or bare keys; a scale baked into ``lora_B`` by ``export_lora`` (recorded
+    in the file's metadata) is divided out, so exported files project exactly like their rows. Flattened
+    in float32, not the storage dtype: projecting a file must not round it to fp16 first.
+    """
+    from safetensors.torch import load as st_load
+
+    fs, p = filesystem(path)
+    data = fs.cat_file(p)
+    baked = float(_safetensors_metadata(data).get("weightzoo.scale_baked_into_lora_B", "1.0"))
+    state = {k.removeprefix("unet."): t.float() for k, t in st_load(data).items()}
+    state = {k: (t / baked if k.endswith(LORA_B) else t) for k, t in state.items()}
+    return Layout(layout.keys, layout.shapes, "float32").flatten(state)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes (a JSON header after its 8-byte length)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+
+
+# -- project ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Projection:
+    """Coordinates of a model and how much of it the subspace explains."""
+
+    coords: torch.Tensor  # (k,)
+    weights: torch.Tensor  # (D,) float32 reconstruction mean + std ⊙ (coords @ components)
+    rel_error: float  # ‖x − x̂‖ / ‖x‖ in weight space
+    rel_error_standardised: float  # ‖z − ẑ‖ / ‖z‖, z = (x − mean) / std: what the PCA minimises
+
+
+def project(sub: Subspace, weights: torch.Tensor | np.ndarray) -> Projection:
+    """Project one weight vector (a row, or ``load_lora_vector`` of a file) onto the subspace."""
+    x = sub.layout.as_tensor(weights).float() if isinstance(weights, np.ndarray) else weights.float()
+    z = (x - sub.mean) / sub.std
+    c = z @ sub.components.T
+    z_hat = c @ sub.components
+    x_hat = sub.mean + sub.std * z_hat
+    return Projection(
+        c, x_hat, float((x - x_hat).norm() / x.norm().clamp_min(1e-30)),
+        float((z - z_hat).norm() / z.norm().clamp_min(1e-30)),
+    )
+
+
+# -- sample ----------------------------------------------------------------------------------------------
+
+
+def coefficient_gaussians(sub: Subspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-component mean and std of the dataset's coordinates (w2w samples each independently)."""
+    _, c = sub.dataset_coords()
+    return c.mean(0), c.std(0, correction=1)
+
+
+def sample(sub: Subspace, n: int = 1, seed: int = 0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` new models: coefficients drawn from the per-component Gaussians → ((n, D) weights, (n, k) coords).
+
+    ``temperature`` scales each Gaussian's std (below 1: closer to the average identity).
+    """
+    mu, sigma = coefficient_gaussians(sub)
+    g = torch.Generator().manual_seed(seed)
+    c = mu + temperature * sigma * torch.randn(n, sub.k, generator=g)
+    return sub.to_weights(c), c
+
+
+# -- edit ------------------------------------------------------------------------------------------------
+
+
+def _labels(sub: Subspace, attribute: str) -> tuple[list[str | None], torch.Tensor]:
+    meta, c = sub.dataset_coords()
+    labels = [dict(a or []).get(attribute) for a in meta.column("attributes").to_pylist()]
+    if not any(v is not None for v in labels):
+        raise KeyError(f"no fitted row has attribute {attribute!r}")
+    return labels, c
+
+
+def attribute_directions(sub: Subspace, attribute: str) -> dict[str, torch.Tensor]:
+    """One direction per label of ``attribute``: the least-squares probe of its one-hot indicator on the
+    coordinates (rows without the attribute are left out). Probe score of value v: ``(c − c̄) · d_v``."""
+    labels, c = _labels(sub, attribute)
+    keep = [i for i, v in enumerate(labels) if v is not None]
+    values = sorted({labels[i] for i in keep})  # type: ignore[type-var]
+    x = c[keep].double()
+    y = torch.tensor([[float(labels[i] == v) for v in values] for i in keep], dtype=torch.float64)
+    beta = torch.linalg.lstsq(x - x.mean(0), y - y.mean(0), driver="gelsd").solution  # (k, m)
+    return {v: beta[:, j].float() for j, v in enumerate(values)}
+
+
+def edit_direction(sub: Subspace, attribute: str, value: str, disentangle: Sequence[str] = ()) -> torch.Tensor:
+    """Unit direction (k,) towards ``attribute=value``. ``disentangle`` names attributes whose directions
+    are projected out first (w2w: so that editing e.g. colour does not also move shape)."""
+    dirs = attribute_directions(sub, attribute)
+    if value not in dirs:
+        raise KeyError(f"attribute {attribute!r} has no label {value!r}; labels: {sorted(dirs)}")
+    d = dirs[value].double()
+    others = [v.double() for a in disentangle if a != attribute for v in attribute_directions(sub, a).values()]
+    if others:
+        q, r = torch.linalg.qr(torch.stack(others, 1))
+        q = q[:, r.diagonal().abs() > 1e-10 * r.diagonal().abs().max()]  # drop dependent directions
+        d = d - q @ (q.T @ d)
+    if d.norm() < 1e-12:
+        raise ValueError(f"direction {attribute}={value} vanishes after projecting out {list(disentangle)}")
+    return (d / d.norm()).float()
+
+
+def edit(sub: Subspace, weights: torch.Tensor | np.ndarray, direction: torch.Tensor, strength: float) -> torch.Tensor:
+    """Move a model along a unit coefficient direction by ``strength`` dataset standard deviations along it.
+
+    The edit is added to the model's own weights (x + std ⊙ (Δc @ components)), so what the subspace
+    does not explain about this model is kept, as w2w keeps identity detail.
+    """
+    x = sub.layout.as_tensor(weights).float() if isinstance(weights, np.ndarray) else weights.float()
+    _, c = sub.dataset_coords()
+    spread = float((c @ direction).std())
+    return x + sub.std * ((strength * spread * direction) @ sub.components)
+
+
+# -- invert ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inversion:
+    """The inverted model and the loss on the image before (at the mean) and after."""
+
+    weights: torch.Tensor  # (D,) float32
+    coords: torch.Tensor  # (k,)
+    initial_loss: float  # on a fixed set of timesteps and noises
+    final_loss: float
+    history: list[float] = field(default_factory=list)  # per-step training loss
+
+
+def lora_deltas(layout: Layout, weights: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
+    """``{module.weight: scale · B @ A}`` for every LoRA pair of a flat vector; differentiable in ``weights``."""
+    sd = dict(zip(layout.keys, torch.split(weights, [int(np.prod(s)) for s in layout.shapes]), strict=True))
+    shapes = dict(zip(layout.keys, layout.shapes, strict=True))
+    out = {}
+    for key in layout.keys:
+        if key.endswith(LORA_A):
+            module = key.removesuffix(LORA_A)
+            a = sd[key].view(shapes[key])
+            b = sd[module + LORA_B].view(shapes[module + LORA_B])
+            out[f"{module}.weight"] = scale * (b @ a)
+    return out
+
+
+class LoRAUNet:
+    """Calls the shared pipeline's UNet with W + ΔW via ``torch.func.functional_call``: gradients reach the
+    coefficients, never the UNet's parameters, and the pipeline is left unmodified."""
+
+    def __init__(self, unet: torch.nn.Module, layout: Layout, scale: float) -> None:
+        self.unet, self.layout, self.scale = unet, layout, scale
+        self.base = {n: p.detach() for n, p in unet.named_parameters()}
+
+    def __call__(self, weights: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        params = dict(self.base)
+        for name, delta in lora_deltas(self.layout, weights, self.scale).items():
+            params[name] = self.base[name] + delta.to(self.base[name].dtype)
+        return torch.func.functional_call(self.unet, params, (noisy, t), {"encoder_hidden_states": cond}).sample
+
+
+def _mask_latent(mask: Image.Image | np.ndarray | None, shape: torch.Size) -> torch.Tensor | None:
+    """An (H, W) image mask (nonzero = fit) resized to the latent grid, as (1, 1, h, w) weights in [0, 1]."""
+    if mask is None:
+        return None
+    m = torch.from_numpy(np.asarray(mask.convert("L") if isinstance(mask, Image.Image) else mask, dtype=np.float32))
+    m = (m / m.max().clamp_min(1e-12))[None, None]
+    return F.interpolate(m, size=tuple(shape[-2:]), mode="area")
+
+
+def invert(
+    sub: Subspace, pipe, image: Image.Image, prompt: str, *, mask: Image.Image | np.ndarray | None = None,
+    steps: int = 200, lr: float = 0.1, batch: int = 4, seed: int = 0, hparams: dict | None = None,
+    eval_samples: int = 16,
+) -> Inversion:
+    """Fit k coefficients so the base model with the resulting LoRA denoises ``image`` (prompted with
+    ``prompt``) well: the standard noise-prediction loss with the base's noise scheduler, optionally
+    masked; starts from the mean model. Coefficients are optimised in units of each component's dataset
+    std, so one learning rate suits every component."""
+    from diffusers import DDPMScheduler
+
+    from weightzoo.tasks.class_images import encode_images
+    from weightzoo.tasks.finetune import default_resolution, encode_prompt
+
+    hparams = hparams or subspace_hparams(sub)
+    device = pipe.unet.device
+    resolution = int(hparams.get("resolution") or default_resolution(pipe))
+    with torch.no_grad():
+        latents = encode_images(pipe, [image.convert("RGB")], resolution).to(device)
+        cond = encode_prompt(pipe, prompt).to(device)
+    weight = _mask_latent(mask, latents.shape)
+    weight = None if weight is None else weight.to(device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = scheduler.config.prediction_type
+    model = LoRAUNet(pipe.unet, sub.layout, lora_scale(hparams))
+    mu, sigma = (t.to(device) for t in coefficient_gaussians(sub))
+    comps, mean, std = sub.components.to(device), sub.mean.to(device), sub.std.to(device)
+
+    def loss_fn(u: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        w = mean + std * ((mu + sigma * u) @ comps)
+        lat = latents.expand(len(t), -1, -1, -1)
+        noisy = scheduler.add_noise(lat, noise, t)
+        target = noise if prediction == "epsilon" else scheduler.get_velocity(lat, noise, t)
+        err = (model(w, noisy, t, cond.expand(len(t), -1, -1)) - target).square()
+        return err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[1] * len(t))
+
+    g = torch.Generator().manual_seed(seed)
+    n_t = scheduler.config.num_train_timesteps
+    eval_t = torch.randint(0, n_t, (eval_samples,), generator=g).to(device)
+    eval_noise = torch.randn((eval_samples, *latents.shape[1:]), generator=g).to(device)
+    u = torch.zeros(sub.k, device=device, requires_grad=True)
+    with torch.no_grad():
+        initial = float(loss_fn(u, eval_t, eval_noise))
+    opt = torch.optim.Adam([u], lr=lr)
+    history = []
+    for _ in range(steps):
+        t = torch.randint(0, n_t, (batch,), generator=g).to(device)
+        noise = torch.randn((batch, *latents.shape[1:]), generator=g).to(device)
+        loss = loss_fn(u, t, noise)
+        opt.zero_grad(set_to_none=True)
+        (grad,) = torch.autograd.grad(loss, [u])
+        u.grad = grad
+        opt.step()
+        history.append(float(loss.detach()))
+    with torch.no_grad():
+        final = float(loss_fn(u, eval_t, eval_noise))
+        coords = (mu + sigma * u).detach().cpu()
+    return Inversion(sub.to_weights(coords), coords, initial, final, history)

@@ -1,0 +1,431 @@
+"""Weight diffusion (Gong et al., ECCV 2024): learn to generate a concept's LoRA from its text.
+
+``train_weight_diffusion(config)`` reads a dataset, holds out a split, standardises and cuts every
+training row into blocks (``weight_blocks``) and trains the block denoiser (``denoiser``) on them.
+Everything ``generate`` needs lives in the model folder, so a model folder is all you ship::
+
+    config.json         the resolved training config, the denoiser's shape, format version
+    layout.json         the dataset's weight layout        hparams.json   the rows' fine-tune hparams
+    stats.safetensors   per-parameter mean / std, and text_mean / text_std of the pooled conditions
+    split.json          train and held-out ids
+    text_encoder/, tokenizer/   the base model's own text encoder (the condition), save_pretrained
+    checkpoints/step-XXXXXXX.safetensors   denoiser + AdamW state (safetensors; never pickle)
+    checkpoints/latest.json     written last: the commit of a checkpoint (step, file, loss history)
+    losses.json, loss.png       the loss curve
+
+Resume: a rerun with the same ``out`` continues from ``latest.json`` up to ``steps``; a config that
+differs in anything but ``steps``/``checkpoint_every``/``device`` is refused, never silently restarted.
+Batches, timesteps and noise of step ``k`` come from a generator seeded by ``(seed, k)``, so a
+resumed run follows the uninterrupted run's trajectory exactly (on the same device).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.fs import filesystem, is_local, join, write_bytes
+from weightzoo.storage.layout import Layout
+from weightzoo.tasks.denoiser import Denoiser, DenoiserConfig, ddim_sample, masked_mse, noisy
+from weightzoo.tasks.weight_blocks import (
+    BlockSpec,
+    Condition,
+    Stats,
+    compute_stats,
+    condition_text,
+    dump_json,
+    encode_texts,
+    load_rows,
+    load_stats,
+    pool_text,
+    split_ids,
+    text_stats,
+)
+
+FORMAT_VERSION = 1
+# Changing these does not change what is learnt, so a resume may change them.
+_RESUMABLE = {"steps", "checkpoint_every", "device", "out"}
+
+
+class WeightDiffusionConfig(BaseModel):
+    """Everything that defines a weight-diffusion training run (the flow's form; saved as config.json)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(description="Dataset URI (local path or s3://...) of fine-tuned rows.")
+    base: str = Field(description="The base model URI: its tokenizer and text encoder embed the condition.")
+    out: str = Field(description="Model folder URI (created; a rerun resumes from its last checkpoint).")
+    # -- data ----------------------------------------------------------------------------------------
+    # 256 values per token: SD 1.5's 99,648-value rank-1 LoRA becomes 390 tokens, the tiny model's ~20.
+    block_size: int = Field(256, ge=1, description="Values per block; the last block is zero-padded and masked.")
+    # Synthetic subjects all share "sks person"; their attributes are what tells them apart.
+    condition: Condition = Field(
+        "prompt+attributes", description="Text condition: 'prompt' or 'prompt+attributes' (prompt, then 'key value' pairs)."
+    )
+    stats: str | None = Field(None, description="A subspace.safetensors with mean/std to reuse; default: computed on the training rows.")
+    holdout_ids: tuple[str, ...] = Field((), description="Ids never trained on (kept for evaluation).")
+    holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of ids held out at random (with split_seed).")
+    split_seed: int = Field(0, ge=0, description="Seed of the random held-out choice.")
+    # -- denoiser -----------------------------------------------------------------------------------
+    width: int = Field(128, ge=8, description="Denoiser transformer width.")
+    depth: int = Field(3, ge=1, description="Denoiser transformer layers.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the denoiser.")
+    # -- optimisation -------------------------------------------------------------------------------
+    steps: int = Field(2000, ge=1, description="Optimiser steps (total, including any resumed ones).")
+    batch_size: int = Field(32, ge=1, description="Models per step (drawn with replacement).")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate, after a linear warm-up.")
+    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    seed: int = Field(0, ge=0, description="Seed of the init and of every step's batch, timesteps and noise.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    # bf16 autocast on CUDA: the attention and MLP matmuls run at tensor-core speed; weights stay fp32.
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="'auto': bf16 autocast on CUDA only.")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    uri: str
+    step: int
+    loss: float
+    resumed_from: int
+    train_ids: int
+    holdout_ids: int
+
+
+# -- small helpers -------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+
+
+def _seed(*parts: object) -> int:
+    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
+
+
+def _read_json(uri: str) -> dict:
+    fs, path = filesystem(uri)
+    return json.loads(fs.cat_file(path))
+
+
+def _exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def _put_tensors(uri: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    fs, path = filesystem(uri)
+    write_bytes(fs, path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def _get_tensors(uri: str) -> dict[str, torch.Tensor]:
+    fs, path = filesystem(uri)
+    return st_load(fs.cat_file(path))
+
+
+def _local_folder(uri: str) -> tuple[str, Callable[[], None]]:
+    """A local folder for ``uri`` and a function that uploads it if ``uri`` is remote."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        os.makedirs(path, exist_ok=True)
+        return path, lambda: None
+    tmp = tempfile.mkdtemp()
+    return tmp, lambda: fs.put(tmp.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+
+def load_text_encoder(uri: str, device: torch.device | str = "cpu"):
+    """(tokenizer, text encoder) from a diffusers pipeline folder or a model folder; local or fsspec.
+
+    A remote folder's ``tokenizer/`` and ``text_encoder/`` alone are fetched into a temporary folder
+    (never the UNet or VAE), fresh each time, so a rewritten folder is never read from a stale cache.
+    """
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    fs, path = filesystem(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = path
+        if not is_local(fs):
+            local = tmp
+            for sub in ("tokenizer", "text_encoder"):
+                fs.get(join(path, sub) + "/", os.path.join(tmp, sub) + "/", recursive=True)
+        tok = CLIPTokenizer.from_pretrained(local, subfolder="tokenizer", local_files_only=True)
+        enc = CLIPTextModel.from_pretrained(local, subfolder="text_encoder", local_files_only=True)
+    return tok, enc.to(device).eval()
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW state as flat tensors (for safetensors) plus its param groups (for JSON)."""
+    sd = opt.state_dict()
+    tensors = {f"opt.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    return tensors, sd["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(out: str, step: int, model: Denoiser, opt: torch.optim.Optimizer, losses: Sequence[float]) -> str:
+    """Write the step's tensors, then ``latest.json`` (the commit), then drop older checkpoint files."""
+    name = f"step-{step:07d}.safetensors"
+    opt_tensors, groups = _optimizer_tensors(opt)
+    _put_tensors(join(out, "checkpoints", name), {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors})
+    fs, root = filesystem(out)
+    write_bytes(fs, join(root, "checkpoints", "latest.json"),
+                dump_json({"step": step, "file": name, "param_groups": groups, "losses": list(losses)}))
+    for old in fs.ls(join(root, "checkpoints"), detail=False):
+        if old.endswith(".safetensors") and not old.endswith(name):
+            fs.rm(old)
+    return join(out, "checkpoints", name)
+
+
+def latest_checkpoint(out: str) -> dict | None:
+    uri = join(out, "checkpoints", "latest.json")
+    return _read_json(uri) if _exists(uri) else None
+
+
+def _model_tensors(out: str, latest: dict) -> dict[str, torch.Tensor]:
+    return _get_tensors(join(out, "checkpoints", latest["file"]))
+
+
+# -- training -------------------------------------------------------------------------------------------
+
+
+def _check_resumable(out: str, config: WeightDiffusionConfig) -> None:
+    saved = _read_json(join(out, "config.json"))["config"]
+    now = config.model_dump(mode="json")
+    diff = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+    if diff:
+        raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)}); use a new --out to start over")
+
+
+def _prepare_folder(config: WeightDiffusionConfig, ds: Dataset, train: list[str], holdout: list[str],
+                    stats: Stats, tstats: Stats, denoiser: DenoiserConfig, tok, enc) -> None:
+    """Write everything ``generate`` needs besides the denoiser weights (once, at the first run)."""
+    out = config.out
+    fs, root = filesystem(out)
+    meta = ds.metadata(["id", "hparams"])
+    hparams = json.loads(meta.column("hparams")[0].as_py() or "{}") if meta.num_rows else {}
+    write_bytes(fs, join(root, "layout.json"), ds.layout.to_json().encode())
+    write_bytes(fs, join(root, "hparams.json"), dump_json(hparams))
+    write_bytes(fs, join(root, "split.json"), dump_json({"train": train, "holdout": holdout}))
+    _put_tensors(join(out, "stats.safetensors"),
+                 {"mean": stats.mean, "std": stats.std, "text_mean": tstats.mean, "text_std": tstats.std})
+    local, upload = _local_folder(out)
+    tok.save_pretrained(Path(local, "tokenizer"))
+    enc.save_pretrained(Path(local, "text_encoder"), safe_serialization=True)
+    upload()
+    # config.json last: its presence says the folder is complete.
+    write_bytes(fs, join(root, "config.json"), dump_json({
+        "format": FORMAT_VERSION, "config": config.model_dump(mode="json"), "denoiser": denoiser.model_dump(),
+        "numel": ds.layout.numel, "layout_fingerprint": ds.layout.fingerprint,
+    }))
+
+
+def _autocast(config: WeightDiffusionConfig, device: torch.device):
+    use = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+
+def train_weight_diffusion(
+    config: WeightDiffusionConfig, progress: Callable[[int, int, float], None] | None = None
+) -> TrainResult:
+    """Train (or resume) the weight denoiser on ``config.dataset`` minus the held-out ids; returns the model URI.
+
+    ``progress(step, total, loss)`` is called every 10 steps and at each checkpoint.
+    """
+    device = resolve_device(config.device)
+    ds = Dataset(config.dataset)
+    train, holdout = split_ids(ds.ids, config.holdout_ids, config.holdout_fraction, config.split_seed)
+    spec = BlockSpec(ds.layout.numel, config.block_size)
+    resuming = _exists(join(config.out, "config.json"))
+    if resuming:
+        _check_resumable(config.out, config)
+        if _read_json(join(config.out, "split.json"))["train"] != train:
+            raise ValueError(f"the dataset's rows changed since {config.out} was started; use a new --out")
+        saved = _get_tensors(join(config.out, "stats.safetensors"))
+        stats = Stats(saved["mean"], saved["std"])
+    else:
+        stats = load_stats(config.stats, spec.numel) if config.stats else compute_stats(ds, train)
+    data = load_rows(ds, train, stats, config.condition)
+    tok, enc = load_text_encoder(config.base)
+    texts = sorted(set(data.texts))  # each distinct condition is encoded once
+    states, masks = encode_texts(tok, enc, texts)
+    dcfg = DenoiserConfig(n_blocks=spec.n_blocks, block_size=spec.block_size, text_dim=states.shape[-1],
+                          width=config.width, depth=config.depth, heads=config.heads, dropout=config.dropout)
+    if resuming:
+        tstats = Stats(saved["text_mean"], saved["text_std"])
+    else:
+        tstats = text_stats(pool_text(states, masks))
+        _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, tok, enc)
+    del enc
+    latest = latest_checkpoint(config.out) if resuming else None
+    pooled = tstats.normalise(pool_text(states, masks))
+    text_index = torch.tensor([texts.index(t) for t in data.texts])
+
+    torch.manual_seed(_seed(config.seed, "init"))
+    model = Denoiser(dcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    losses: list[float] = []
+    start = 0
+    if latest is not None:
+        tensors = _model_tensors(config.out, latest)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        _load_optimizer(opt, tensors, latest["param_groups"])
+        start, losses = int(latest["step"]), list(latest["losses"])
+    blocks = spec.cut(data.z).to(device)
+    mask = spec.mask().to(device)
+    states, masks, pooled, text_index = states.to(device), masks.to(device), pooled.to(device), text_index.to(device)
+    model.train()
+    pending: list[torch.Tensor] = []
+    for step in range(start, config.steps):
+        g = torch.Generator().manual_seed(_seed(config.seed, "step", step))
+        idx = torch.randint(0, len(blocks), (config.batch_size,), generator=g).to(device)
+        t = torch.rand(config.batch_size, generator=g).to(device)
+        noise = torch.randn(config.batch_size, spec.n_blocks, spec.block_size, generator=g).to(device)
+        x0 = blocks[idx]
+        for group in opt.param_groups:
+            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+        with _autocast(config, device):
+            c = text_index[idx]
+            pred = model(noisy(x0, t, noise) * mask, t, states[c], masks[c], pooled[c])
+        loss = masked_mse(pred, x0, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+        pending.append(loss.detach())
+        done = step + 1
+        checkpoint = done % config.checkpoint_every == 0 or done == config.steps
+        if checkpoint or done % 10 == 0:  # reading losses back syncs the GPU: every 10 steps, not every step
+            losses += torch.stack(pending).float().cpu().tolist()
+            pending.clear()
+            if progress is not None:
+                progress(done, config.steps, losses[-1])
+        if checkpoint:
+            save_checkpoint(config.out, done, model, opt, losses)
+    if start >= config.steps and latest is not None:
+        losses = list(latest["losses"])
+    write_loss_curve(config.out, losses)
+    return TrainResult(config.out, max(start, config.steps), _smoothed(losses)[-1] if losses else math.nan,
+                       start, len(train), len(holdout))
+
+
+def _smoothed(losses: Sequence[float], window: int = 50) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(losses):
+        acc += x - (losses[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def write_loss_curve(out: str, losses: Sequence[float]) -> str:
+    """``losses.json`` and ``loss.png`` (raw and 50-step moving average, log scale) in the model folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fs, root = filesystem(out)
+    write_bytes(fs, join(root, "losses.json"), json.dumps(list(losses)).encode())
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.5, alpha=0.4, label="step")
+    ax.plot(range(1, len(losses) + 1), _smoothed(losses), lw=1.5, label="moving average (50)")
+    ax.set(xlabel="step", ylabel="masked x0 MSE (normalised weights)", yscale="log", title="weight diffusion")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    write_bytes(fs, join(root, "loss.png"), buf.getvalue())
+    return join(out, "loss.png")
+
+
+# -- generation -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightDiffusionModel:
+    """A trained model folder, loaded: denoiser, statistics, layout, fine-tune hparams, text encoder."""
+
+    uri: str
+    config: WeightDiffusionConfig
+    denoiser: Denoiser
+    spec: BlockSpec
+    stats: Stats
+    text_stats: Stats
+    layout: Layout
+    hparams: dict
+    tokenizer: object
+    text_encoder: object
+    step: int
+
+    @classmethod
+    def load(cls, uri: str, device: str = "cpu") -> WeightDiffusionModel:
+        if not _exists(join(uri, "config.json")):
+            raise FileNotFoundError(f"no weight-diffusion model (config.json) at {uri}")
+        card = _read_json(join(uri, "config.json"))
+        latest = latest_checkpoint(uri)
+        if latest is None:
+            raise FileNotFoundError(f"{uri} has no checkpoint yet (training has not saved one)")
+        dev = resolve_device(device)
+        dcfg = DenoiserConfig(**card["denoiser"])
+        model = Denoiser(dcfg)
+        tensors = _model_tensors(uri, latest)
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        st = _get_tensors(join(uri, "stats.safetensors"))
+        fs, root = filesystem(uri)
+        layout = Layout.from_json(fs.cat_file(join(root, "layout.json")))
+        tok, enc = load_text_encoder(uri, dev)
+        return cls(uri, WeightDiffusionConfig(**card["config"]), model.to(dev).eval(),
+                   BlockSpec(card["numel"], dcfg.block_size), Stats(st["mean"], st["std"]),
+                   Stats(st["text_mean"], st["text_std"]), layout,
+                   _read_json(join(uri, "hparams.json")), tok, enc, int(latest["step"]))
+
+    def text(self, prompt: str, attributes: Mapping[str, str] | None = None) -> str:
+        """The condition text, built the way training built it."""
+        return condition_text(prompt, attributes, self.config.condition)
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str], steps: int = 1, seed: int = 0) -> torch.Tensor:
+        """(n, D) float32 weight vectors (un-normalised, in layout order) for condition ``texts``."""
+        states, masks = encode_texts(self.tokenizer, self.text_encoder, texts)
+        g = torch.Generator().manual_seed(_seed(seed, "generate"))
+        pooled = self.text_stats.normalise(pool_text(states, masks))
+        blocks = ddim_sample(self.denoiser, states, masks, pooled, steps=steps, generator=g, mask=self.spec.mask())
+        return self.stats.denormalise(self.spec.reassemble(blocks.float().cpu()))
+
+
+def generate_lora(model_uri: str, prompt: str, out: str, attributes: Mapping[str, str] | None = None,
+                  steps: int = 1, seed: int = 0) -> str:
+    """Sample one LoRA for ``prompt`` (+ ``attributes``) and export it as diffusers safetensors; returns ``out``."""
+    from weightzoo.tasks.export import export_lora
+
+    model = WeightDiffusionModel.load(model_uri)
+    vector = model.generate([model.text(prompt, attributes)], steps=steps, seed=seed)[0]
+    return export_lora(model.layout.as_tensor(vector), model.layout, model.hparams, out)

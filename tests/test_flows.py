@@ -1,0 +1,205 @@
+"""The dataset flows under Prefect's test harness, with the real engine on the tiny model (few steps).
+
+One harness per session (prefect_fixtures.py); each test trains a handful of subjects for 2 steps.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import prefect_fixtures as pf  # tests/ is on sys.path (pytest's prepend import mode)
+import pytest
+import yaml
+from prefect_fixtures import REPO, TINY_FINETUNE
+
+from weightzoo.cli import main as cli
+from weightzoo.flows.build_dataset import build_dataset
+from weightzoo.flows.config import BuildRequest
+from weightzoo.flows.finetune_batch import finetune_batch, is_infrastructure_error, train_and_commit
+from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.ledger import Ledger
+from weightzoo.tasks.batch import batch_id_for, plan_batches, run_batch
+from weightzoo.tasks.finetune import FinetuneConfig
+from weightzoo.tasks.manifest import ManifestError, read_manifest
+from weightzoo.tasks.synthetic import corrupt_image, write_demo_manifest
+
+prefect_home, prefect_harness = pf.prefect_home, pf.prefect_harness  # one harness per session
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _request(manifest: str, base: Path, dataset: Path, **kw) -> BuildRequest:
+    return BuildRequest(manifest=manifest, base=str(base), dataset=str(dataset),
+                        finetune=FinetuneConfig(**TINY_FINETUNE), **kw)
+
+
+def _flow_runs(name_prefix: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_=name_prefix)))
+
+
+def _artifact_keys() -> set[str]:
+    """Keys of every keyed artifact in the API (the newest version of each)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {a.key for a in client.read_latest_artifacts(limit=200)}
+
+
+# -- pure planning -------------------------------------------------------------------------------------
+
+
+def test_batch_ids_are_deterministic_order_free_and_path_safe() -> None:
+    plans = plan_batches([f"id{i}" for i in range(7)], 3)
+    assert [len(p.ids) for p in plans] == [3, 3, 1]
+    assert plans[0].batch_id == batch_id_for(["id2", "id0", "id1"])
+    assert plans == plan_batches([f"id{i}" for i in range(7)], 3)
+    Ledger("/tmp/unused").new_shard_path(plans[0].batch_id)  # check_id accepts it
+    with pytest.raises(ValueError, match="duplicates"):
+        plan_batches(["a", "a"], 2)
+
+
+def test_retries_are_declared_for_infrastructure_errors_only() -> None:
+    assert train_and_commit.retries == 2
+    assert train_and_commit.retry_delay_seconds == [10, 60]
+    assert train_and_commit.retry_condition_fn is not None
+    assert is_infrastructure_error(OSError("connection reset"))
+    assert is_infrastructure_error(RuntimeError("CUDA error: an illegal memory access"))
+    assert not is_infrastructure_error(ValueError("bad config"))
+    assert not is_infrastructure_error(KeyError("id"))
+
+
+# -- flows ---------------------------------------------------------------------------------------------
+
+
+def test_local_build_end_to_end_then_rerun_is_a_no_op(tmp_path: Path, tiny_base: Path, capsys) -> None:
+    manifest = write_demo_manifest(str(tmp_path / "m"), 6)
+    dataset = tmp_path / "ds"
+    args = ["build", "--manifest", manifest, "--base", str(tiny_base), "--dataset", str(dataset),
+            "--batch-size", "3", "--finetune-json", json.dumps(TINY_FINETUNE), "--json"]
+    assert cli(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"]["failures"] == [] and out["status"]["pending"] == 0
+    assert (out["summary"]["committed"], out["summary"]["failed"], out["summary"]["pending"]) == (6, 0, 0)
+    assert sorted(out["summary"]["batches"].values()) == ["COMPLETED"] * 2
+
+    ds = Dataset(str(dataset))
+    rows = {r.id: r for r in read_manifest(manifest)}
+    assert sorted(ds.ids) == sorted(rows) and len(ds.entries) == 2
+    meta, weights = ds.row("subject-00003")
+    assert meta["attributes"] == rows["subject-00003"].attributes and meta["prompt"] == rows["subject-00003"].prompt
+    assert meta["steps"] == 2 and meta["method"] == "lora" and meta["hparams"]["steps"] == 2
+    assert len(meta["base_model"]) == 16 and meta["loss"] > 0 and meta["train_seconds"] > 0
+    assert weights.shape == (ds.layout.numel,)
+
+    runs = _flow_runs("finetune-b-")
+    names = {r.name for r in runs}
+    assert {f"finetune-{b}" for b in out["summary"]["batches"]} <= names
+    assert all(r.state.is_completed() for r in runs if r.name in {f"finetune-{b}" for b in out["summary"]["batches"]})
+    keys = _artifact_keys()
+    assert "build-summary" in keys and "build-progress" in keys
+    assert {f"batch-{b}" for b in out["summary"]["batches"]} <= keys
+
+    entries = [c.name for c in Ledger(str(dataset)).commits()]
+    again = build_dataset(_request(manifest, tiny_base, dataset, batch_size=3))
+    assert again["batches"] == {} and again["committed"] == 6
+    assert [c.name for c in Ledger(str(dataset)).commits()] == entries
+
+
+def test_corrupt_image_fails_its_item_only_and_a_rerun_after_the_fix_trains_only_it(
+    tmp_path: Path, tiny_base: Path, capsys
+) -> None:
+    folder = tmp_path / "m"
+    manifest = write_demo_manifest(str(folder), 3)
+    dataset = tmp_path / "ds"
+    bad = folder / "images" / "subject-00001" / "2.png"
+    corrupt_image(bad)  # after validation would have run: the batch itself meets the bad file
+    req = _request(manifest, tiny_base, dataset, batch_size=3)
+    out = finetune_batch(req.batch("b-corrupt", ["subject-00000", "subject-00001", "subject-00002"]))
+    assert sorted(out["committed"]) == ["subject-00000", "subject-00002"]
+    assert [i for i, _ in out["failed"]] == ["subject-00001"] and "images" in out["failed"][0][1]
+
+    assert cli(["status", "--dataset", str(dataset), "--manifest", manifest, "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert (st["committed"], st["failed"], st["pending"]) == (2, 1, 1)
+    assert st["failures"][0]["id"] == "subject-00001" and "images" in st["failures"][0]["reason"]
+
+    first = Ledger(str(dataset)).commits()
+    write_demo_manifest(str(folder), 3)  # same seed: redraws the same images, the bad one fixed
+    assert build_dataset(req)["committed"] == 3
+    after = Ledger(str(dataset)).commits()
+    assert after[: len(first)] == first  # nothing committed before was touched
+    assert [c.ids for c in after[len(first) :]] == [("subject-00001",)]  # only the fixed item was trained
+    assert Ledger(str(dataset)).failed() == {}
+    assert sorted(Dataset(str(dataset)).ids) == ["subject-00000", "subject-00001", "subject-00002"]
+
+
+def test_no_retry_failed_leaves_failed_items_alone(tmp_path: Path, tiny_base: Path) -> None:
+    manifest = write_demo_manifest(str(tmp_path / "m"), 2)
+    dataset = str(tmp_path / "ds")
+    Ledger(dataset).record_failures("b-earlier", [("subject-00001", "images: earlier failure")])
+    summary = build_dataset(_request(manifest, tiny_base, tmp_path / "ds", retry_failed=False))
+    assert (summary["committed"], summary["failed"], summary["pending"]) == (1, 1, 0)
+    assert Ledger(dataset).committed_ids() == {"subject-00000"}
+
+
+def test_overlapping_batches_never_commit_an_id_twice_and_a_committed_batch_loads_nothing(
+    tmp_path: Path, tiny_base: Path
+) -> None:
+    manifest = write_demo_manifest(str(tmp_path / "m"), 3)
+    dataset = str(tmp_path / "ds")
+    config = FinetuneConfig(**TINY_FINETUNE)
+    run_batch("b-a", ["subject-00000", "subject-00001"], manifest, str(tiny_base), dataset, config)
+    out = run_batch("b-b", ["subject-00001", "subject-00002"], manifest, str(tiny_base), dataset, config)
+    assert out.committed == ["subject-00002"] and out.skipped == ["subject-00001"]
+    ids = Dataset(dataset).ids
+    assert sorted(ids) == ["subject-00000", "subject-00001", "subject-00002"] and len(ids) == len(set(ids))
+    # A missing base would raise if it were loaded; an all-committed batch never gets that far.
+    again = run_batch("b-b", ["subject-00002", "subject-00001"], manifest, str(tmp_path / "no-base"), dataset, config)
+    assert again.committed == [] and sorted(again.skipped) == ["subject-00001", "subject-00002"]
+    assert len(Ledger(dataset).commits()) == 2
+
+
+def test_bad_manifest_fails_the_flow_before_any_training(tmp_path: Path, tiny_base: Path) -> None:
+    folder = tmp_path / "m"
+    manifest = write_demo_manifest(str(folder), 3)
+    corrupt_image(folder / "images" / "subject-00002" / "0.png")
+    shutil.rmtree(folder / "images" / "subject-00000")
+    state = build_dataset(_request(manifest, tiny_base, tmp_path / "ds"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ManifestError) as err:
+        state.result()
+    assert {p.id for p in err.value.problems} == {"subject-00000", "subject-00002"}
+    assert Ledger(str(tmp_path / "ds")).commits() == [] and not (tmp_path / "ds" / "shards").exists()
+    assert "manifest-problems" in _artifact_keys()
+
+
+# -- deployments contract (yaml only: no flow is imported to check it) ---------------------------------
+
+
+def test_prefect_yaml_entrypoints_exist() -> None:
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert {"build-dataset", "gpu", "fit-subspace", "train-weight-diffusion"} <= set(deployments)
+    for d in spec["deployments"]:
+        path, func = d["entrypoint"].split(":")
+        tree = ast.parse((REPO / path).read_text())
+        assert func in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}, d["entrypoint"]
+        assert d["work_pool"]["name"] == ("cpu" if d["name"] == "build-dataset" else "gpu")
+    assert deployments["gpu"]["entrypoint"] == "flows/finetune_batch.py:finetune_batch"
+    assert deployments["gpu"]["concurrency_limit"] >= 1
+    assert deployments["build-dataset"]["schedules"][0]["cron"]
+
+
+def test_serve_print_lists_the_one_box_commands(capsys) -> None:
+    assert cli(["serve", "--print", "--gpus", "2", "--port", "4301"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "prefect server start --host 127.0.0.1 --port 4301"
+    assert "prefect work-pool create gpu --type process --overwrite" in out
+    assert "prefect work-pool set-concurrency-limit gpu 2" in out
+    assert [ln.split()[0] for ln in out if "worker start" in ln] == ["CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1"]

@@ -1,0 +1,165 @@
+"""End to end on real processes: ``prefect server start`` on loopback, ``prefect worker start`` process
+workers, the finetune-batch deployment created from this checkout, the real engine on the tiny model.
+
+The kill test ``kill -9``s the worker (and its flow-run child) and the parent while a batch trains,
+then restarts the worker and reruns the build: exactly N unique ids, no uncommitted shard read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import prefect_fixtures as pf  # tests/ is on sys.path (pytest's prepend import mode)
+import pytest
+import torch
+from prefect_fixtures import REPO, TINY_FINETUNE, stop_tree, worker_env
+
+pytestmark = pytest.mark.slow
+
+# The session's shared server and this module's workers (fixtures re-exported, not redefined).
+prefect_home, prefect_server, process_worker = pf.prefect_home, pf.prefect_server, pf.process_worker
+POOL = "wz-e2e"
+DEPLOYMENT = "finetune-batch/e2e"
+WAIT_S = 900  # generous: 2 shared cores, each flow-run process imports torch and diffusers
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server: str) -> Iterator[str]:
+    """This process talks to the real server; the process work pool and the deployment exist."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from weightzoo.commands.serve import deploy_finetune_batch
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        env = worker_env(prefect_server, Path(os.environ["PREFECT_HOME"]))
+        subprocess.run([str(Path(sys.executable).with_name("prefect")), "work-pool", "create", POOL, "--type", "process"],
+                       env=env, check=True, capture_output=True, timeout=120)
+        deploy_finetune_batch(POOL, name="e2e")
+        yield prefect_server
+
+
+def _request(manifest: str, base: Path, dataset: Path, finetune: dict):
+    from weightzoo.flows.config import BuildRequest
+    from weightzoo.tasks.finetune import FinetuneConfig
+
+    return BuildRequest(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
+                        deployment=DEPLOYMENT, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=WAIT_S)
+
+
+def _batch_runs(batch_ids: set[str] | None = None) -> list:
+    """Flow runs of the e2e deployment (optionally only those of some batches)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(DEPLOYMENT)
+        runs = client.read_flow_runs(limit=200)
+    runs = [r for r in runs if r.deployment_id == dep.id]
+    return [r for r in runs if batch_ids is None or r.name.removeprefix("finetune-") in batch_ids]
+
+
+def _raw_commit_ids(dataset: Path) -> list[str]:
+    """Every id in every ledger commit file, duplicates included (what readers would have to resolve)."""
+    return [i for f in sorted((dataset / "ledger" / "commits").glob("*.json")) for i in json.loads(f.read_text())["ids"]]
+
+
+def test_deployment_fan_out_over_three_batches(api: str, process_worker, tmp_path: Path, tiny_base: Path) -> None:
+    from weightzoo.flows.build_dataset import build_dataset
+    from weightzoo.storage.dataset import Dataset
+    from weightzoo.tasks.synthetic import write_demo_manifest
+
+    process_worker(POOL, limit=2)
+    manifest = write_demo_manifest(str(tmp_path / "m"), 6)
+    summary = build_dataset(_request(manifest, tiny_base, tmp_path / "ds", TINY_FINETUNE))
+    assert (summary["committed"], summary["failed"], summary["pending"]) == (6, 0, 0)
+    assert len(summary["batches"]) == 3 and set(summary["batches"].values()) == {"COMPLETED"}
+    runs = _batch_runs(set(summary["batches"]))
+    assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
+    assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent in the UI
+    ds = Dataset(str(tmp_path / "ds"))
+    assert len(ds) == 6 and len(set(ds.ids)) == 6
+
+
+def _wait_for_training(dataset: Path, deadline: float) -> str:
+    """Block until one batch is committed and another is training (its progress artifact moved); return that batch."""
+    from prefect.client.orchestration import get_client
+
+    from weightzoo.storage.ledger import Ledger
+
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if len(Ledger(str(dataset)).commits()) >= 1:
+                committed = {c.batch for c in Ledger(str(dataset)).commits()}
+                for a in client.read_latest_artifacts(limit=200):
+                    batch = (a.key or "").removeprefix("progress-")
+                    if a.key.startswith("progress-b-") and batch not in committed and 0 < float(a.data or 0) < 100:
+                        return batch
+            time.sleep(1)
+    raise TimeoutError("no batch started training in time")
+
+
+def test_kill_worker_mid_batch_then_resume_commits_each_id_exactly_once(
+    api: str, process_worker, tmp_path: Path, tiny_base: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from weightzoo.flows.build_dataset import build_dataset
+    from weightzoo.storage.dataset import Dataset
+    from weightzoo.storage.ledger import Ledger
+    from weightzoo.storage.shards import RowMeta, write_shard
+    from weightzoo.tasks.synthetic import write_demo_manifest
+
+    n = 4  # batches of 2: the first commits, the second is killed mid-training
+    manifest = write_demo_manifest(str(tmp_path / "m"), n)
+    dataset = tmp_path / "ds"
+    slow = TINY_FINETUNE | {"steps": 8}  # long enough to be killed mid-training
+    worker = process_worker(POOL, limit=1)  # one batch at a time: the first commits, the second is killed
+    parent = subprocess.Popen(
+        [str(Path(sys.executable).with_name("weightzoo")), "build", "--manifest", manifest, "--base", str(tiny_base),
+         "--dataset", str(dataset), "--batch-size", "2", "--executor", "deployment", "--deployment", DEPLOYMENT,
+         "--finetune-json", json.dumps(slow)],
+        env=worker_env(api, tmp_path / "parent-home"), cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        killed_batch = _wait_for_training(dataset, time.monotonic() + WAIT_S)
+    finally:
+        stop_tree(worker, signal.SIGKILL)
+        stop_tree(parent, signal.SIGKILL)
+
+    before = Ledger(str(dataset)).committed_ids()
+    assert 0 < len(before) < n
+    # Also an orphan a killed writer could leave: a complete shard of pending ids, never committed.
+    ledger = Ledger(str(dataset))
+    pending = ledger.pending([f"subject-{k:05d}" for k in range(n)])
+    layout = Dataset(str(dataset)).layout
+    write_shard(ledger.fs, ledger.new_shard_path("b-orphan"), layout, [RowMeta(id=pending[0])],
+                torch.zeros(1, layout.numel, dtype=layout.torch_dtype))
+    assert sorted(Dataset(str(dataset)).ids) == sorted(before)  # the orphan is invisible
+
+    # A killed worker leaves its runs Running and the killed parent's later runs Scheduled; an operator
+    # (or Prefect's heartbeat-based zombie detection) marks them Crashed so no new worker picks them up.
+    with get_client(sync_client=True) as client:
+        for r in _batch_runs():
+            if not r.state.is_final():
+                client.set_flow_run_state(r.id, Crashed(message="worker killed by the test"), force=True)
+
+    process_worker(POOL, limit=2)
+    summary = build_dataset(_request(manifest, tiny_base, dataset, slow))
+    assert (summary["committed"], summary["failed"], summary["pending"]) == (n, 0, 0)
+    assert killed_batch in summary["batches"]  # the killed batch (same ids, same id) was planned again
+    assert set(summary["batches"].values()) == {"COMPLETED"}
+    ds = Dataset(str(dataset))
+    assert len(ds) == n and sorted(ds.ids) == sorted(f"subject-{k:05d}" for k in range(n))
+    rows = [t.column("id").to_pylist() for t, _ in ds.iter_batches(["id"], weights=False, verify=True)]
+    assert sorted(i for ids in rows for i in ids) == sorted(ds.ids)  # what is read = exactly N unique rows
+    raw = _raw_commit_ids(dataset)
+    assert len(raw) == len(set(raw)) == n  # no id was ever committed twice
+    assert len(list((dataset / "shards").glob("*.parquet"))) > len(ds.entries)  # the orphan is still on disk

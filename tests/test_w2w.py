@@ -1,0 +1,253 @@
+"""Sample, edit, invert and project on LoRA vectors of the real tiny layout (to_q/to_v, rank 1).
+
+Rows are synthetic: a shared init plus one random direction per attribute label plus an identity
+term, so the attribute each row carries is known and edits can be checked by a probe trained on the
+coordinates. The export → ``load_lora_weights`` check ties the differentiable LoRA application used by
+inversion to diffusers' own.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.tasks.subspace import Subspace, SubspaceOptions, fit_subspace, load_subspace
+from weightzoo.tasks.w2w import (
+    LoRAUNet,
+    attribute_directions,
+    edit,
+    edit_direction,
+    export,
+    invert,
+    load_lora_vector,
+    project,
+    sample,
+    subspace_hparams,
+)
+
+COLOURS = ("red", "green", "blue")
+SHAPES = ("circle", "square")
+N, K = 96, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Two torch threads on two cores shared with other jobs spin-wait badly; one is steady."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lora_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[str, Subspace]:
+    from weightzoo.tasks.finetune import FinetuneConfig, lora_layout, resolved_hparams
+
+    config = FinetuneConfig(prior_preservation=False)
+    layout = lora_layout(tiny_pipe, config)
+    hparams = resolved_hparams(tiny_pipe, config)
+    g = torch.Generator().manual_seed(0)
+    d = layout.numel
+    init = 0.05 * torch.randn(d, generator=g)
+    label_dirs = {v: 0.03 * torch.randn(d, generator=g) for v in COLOURS + SHAPES}
+    identity = 0.01 * torch.randn(6, d, generator=g)
+    rows, weights = [], []
+    for i in range(N):
+        colour, shape = COLOURS[i % 3], SHAPES[(i // 3) % 2]
+        x = init + label_dirs[colour] + label_dirs[shape] + torch.randn(6, generator=g) @ identity
+        weights.append(x + 1e-4 * torch.randn(d, generator=g))
+        rows.append(RowMeta(f"s{i:03d}", prompt="sks person", attributes={"colour": colour, "shape": shape},
+                            hparams=hparams))
+    root = tmp_path_factory.mktemp("w2w")
+    ledger = Ledger(str(root / "ds"))
+    w = torch.stack(weights)
+    for start in range(0, N, 40):
+        batch = f"b{start}"
+        info = write_shard(ledger.fs, ledger.new_shard_path(batch), layout, rows[start : start + 40],
+                           w[start : start + 40], row_group_size=16)
+        ledger.commit(batch, info)
+    fit_subspace(str(root / "ds"), str(root / "sub"), SubspaceOptions(components=K))
+    return str(root / "ds"), load_subspace(str(root / "sub"))
+
+
+def _probe(sub: Subspace, attribute: str):
+    """An independent probe (logistic regression on the coordinates) of one attribute."""
+    from sklearn.linear_model import LogisticRegression
+
+    meta, c = sub.dataset_coords()
+    labels = [dict(a)[attribute] for a in meta.column("attributes").to_pylist()]
+    return LogisticRegression(max_iter=2000).fit(c.numpy(), labels)
+
+
+def test_project_rows_and_exported_files(lora_dataset: tuple[str, Subspace], tmp_path: Path) -> None:
+    from weightzoo.storage.dataset import Dataset
+
+    uri, sub = lora_dataset
+    meta, coords = sub.dataset_coords()
+    _, x = Dataset(uri).row("s007")
+    p = project(sub, x)
+    assert torch.allclose(p.coords, coords[7], atol=1e-3)
+    assert p.rel_error < 0.01 and p.rel_error_standardised < 0.2
+    # a LoRA file (alpha/rank baked into B by export) projects like its row
+    path = export(sub, torch.from_numpy(x.astype(np.float32)), str(tmp_path / "s007.safetensors"))
+    q = project(sub, load_lora_vector(path, sub.layout))
+    assert torch.allclose(q.coords, p.coords, atol=1e-3)
+    assert subspace_hparams(sub)["scale"] == 27.0
+
+
+def test_sampled_lora_loads_in_diffusers_and_matches_functional_unet(
+    lora_dataset: tuple[str, Subspace], tiny_base: Path, tiny_pipe, tmp_path: Path
+) -> None:
+    from weightzoo.tasks.base_model import load_base
+
+    _, sub = lora_dataset
+    weights, c = sample(sub, 3, seed=1)
+    mu, sigma = sub.dataset_coords()[1].mean(0), sub.dataset_coords()[1].std(0)
+    assert weights.shape == (3, sub.layout.numel) and ((c - mu).abs() < 6 * sigma).all()
+    assert not torch.allclose(weights[0], weights[1])
+    path = export(sub, weights[0], str(tmp_path / "sample"))
+    pipe = load_base(str(tiny_base))  # a private copy: the shared tiny_pipe must stay adapter-free
+    pipe.load_lora_weights(path)
+    g = torch.Generator().manual_seed(0)
+    noisy, cond = torch.randn(1, 4, 32, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        ours = LoRAUNet(tiny_pipe.unet, sub.layout, 27.0)(sub.layout.as_tensor(weights[0]).float(), noisy, t, cond)
+        theirs = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+        plain = tiny_pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+    assert (ours - plain).abs().max() > 1e-3  # the LoRA does something
+    assert torch.allclose(ours, theirs, atol=1e-4)  # and it is exactly diffusers' LoRA
+    image = pipe("sks person", num_inference_steps=2, height=64, width=64, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_edit_moves_the_attribute_probe_and_keeps_the_others(lora_dataset: tuple[str, Subspace]) -> None:
+    from weightzoo.storage.dataset import Dataset
+
+    uri, sub = lora_dataset
+    colour, shape = _probe(sub, "colour"), _probe(sub, "shape")
+    red = list(colour.classes_).index("red")
+    d = edit_direction(sub, "colour", "red", disentangle=["shape"])
+    # disentangled: orthogonal to every shape direction
+    for v in attribute_directions(sub, "shape").values():
+        assert abs(float(d @ v) / float(v.norm())) < 1e-5
+    ds = Dataset(uri)
+    moved = 0
+    for rid in ("s001", "s002", "s004", "s005"):  # green or blue rows
+        _, x = ds.row(rid)
+        before = project(sub, x).coords.numpy()[None]
+        after = project(sub, edit(sub, x, d, 3.0)).coords.numpy()[None]
+        assert colour.predict_proba(after)[0, red] > colour.predict_proba(before)[0, red] + 0.2
+        moved += colour.predict(after)[0] == "red"
+        assert shape.predict(after)[0] == shape.predict(before)[0]
+    assert moved == 4
+    with pytest.raises(KeyError, match="no label"):
+        edit_direction(sub, "colour", "purple")
+
+
+def test_invert_lowers_the_loss_and_leaves_the_pipeline_alone(lora_dataset: tuple[str, Subspace], tiny_pipe) -> None:
+    from weightzoo.tasks.synthetic import _draw, _rng, _subject
+
+    _, sub = lora_dataset
+    rng = _rng(3, 0)
+    image = _draw(_subject(rng), rng, 64)
+    before = copy.deepcopy(tiny_pipe.unet.state_dict())
+    mask = np.zeros((64, 64), dtype=np.float32)
+    mask[8:56, 8:56] = 1
+    # 32 px (16×16 latents) keeps this affordable on 2 shared cores; the UNet is resolution-agnostic
+    hparams = subspace_hparams(sub) | {"resolution": 32}
+    inv = invert(sub, tiny_pipe, image, "sks person", mask=mask, steps=12, lr=0.3, batch=2, seed=0,
+                 hparams=hparams, eval_samples=8)
+    assert inv.final_loss < inv.initial_loss
+    assert inv.weights.shape == (sub.layout.numel,) and torch.isfinite(inv.coords).all()
+    after = tiny_pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+
+
+def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from weightzoo.cli import main
+
+    uri, _ = lora_dataset
+    sub_uri = str(tmp_path / "sub")
+    assert main(["fit-subspace", "--dataset", uri, "--out", sub_uri, "-k", str(K), "--no-prefect"]) == 0
+    assert main(["sample", "--subspace", sub_uri, "--out", str(tmp_path / "samples"), "-n", "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["sample-000.safetensors", "sample-001.safetensors"]
+    edited = str(tmp_path / "edited.safetensors")
+    assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=red", "--strength", "2",
+                 "--disentangle", "shape", "--out", edited]) == 0
+    capsys.readouterr()
+    assert main(["project", "--subspace", sub_uri, "--lora", edited, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["coords"]) == K and out["rel_error"] < 0.05
+    assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour", "--out", edited]) == 2
+
+
+# -- on real fine-tuned rows of the tiny model ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[Subspace, list, str]:
+    """8 synthetic subjects fine-tuned for 30 steps each (32 px, one pack), committed, fitted with k=4."""
+    from weightzoo.tasks.finetune import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.synthetic import make_subjects
+
+    root = str(tmp_path_factory.mktemp("real"))
+    subjects = make_subjects(root, 8, images_per_subject=2, seed=0, size=32)
+    # a high learning rate so 30 steps move the adapters; two 2-step class images keep prior preservation cheap
+    cfg = FinetuneConfig(steps=30, learning_rate=5e-3, resolution=32, num_class_images=2, class_inference_steps=2,
+                         pack=8, check_every=10, loss_window=5)
+    out = finetune_batch(tiny_pipe, subjects, cfg, base_uri=root, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    assert all(r.ok for r in out.results)
+    ledger = Ledger(f"{root}/ds")
+    meta = [RowMeta(r.id, prompt=s.prompt, attributes=s.attributes, hparams=out.hparams, loss=r.loss, steps=r.steps)
+            for r, s in zip(out.results, subjects, strict=True)]
+    info = write_shard(ledger.fs, ledger.new_shard_path("b0"), out.layout, meta,
+                       torch.stack([r.weights for r in out.results]))
+    ledger.commit("b0", info)
+    fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceOptions(components=4, oversample=3))
+    return load_subspace(f"{root}/sub"), subjects, root
+
+
+def test_real_rows_edit_sample_invert(real_subspace: tuple[Subspace, list, str], tiny_base: Path, tiny_pipe,
+                                      tmp_path: Path) -> None:
+    from weightzoo.storage.dataset import Dataset
+    from weightzoo.tasks.base_model import load_base
+    from weightzoo.tasks.manifest import load_images
+
+    sub, subjects, root = real_subspace
+    assert sub.card["rows"] == 8 and sub.explained_variance_ratio.sum() > 0.3
+    # edit: the attribute's least-squares probe score rises along its direction, by the requested amount
+    attr = next(a for a in ("background", "shape", "colour", "accessory")
+                if len({s.attributes[a] for s in subjects}) > 1)
+    subject = subjects[0]
+    target = next(s.attributes[attr] for s in subjects if s.attributes[attr] != subject.attributes[attr])
+    probe = attribute_directions(sub, attr)[target]
+    _, x = Dataset(f"{root}/ds").row(subject.id)
+    before = float(project(sub, x).coords @ probe)
+    edited = edit(sub, x, edit_direction(sub, attr, target), 2.0)
+    after = float(project(sub, edited).coords @ probe)
+    assert after > before + 0.5 * float(probe.norm()) * float(sub.dataset_coords()[1].std(0).min())
+    # sample: exported LoRAs load into diffusers and generate, and change the output
+    path = export(sub, sample(sub, 1, seed=0)[0][0], str(tmp_path / "sampled"))
+    pipe = load_base(str(tiny_base))
+    plain = pipe("sks person", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(path)
+    with_lora = pipe("sks person", num_inference_steps=2, height=32, width=32, output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images
+    assert np.isfinite(with_lora).all() and np.abs(with_lora - plain).max() > 1e-4
+    # invert: one training image of a subject, the loss on it drops from the mean model's
+    image = load_images(subjects[1], root)[0]
+    inv = invert(sub, tiny_pipe, image, "sks person", steps=12, lr=0.1, batch=4, seed=0, eval_samples=8)
+    assert inv.final_loss < inv.initial_loss

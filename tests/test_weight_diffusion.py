@@ -1,0 +1,281 @@
+"""Weight diffusion: blocks, statistics, split, training, resume, generation and the CLI.
+
+The dataset here is synthetic rows of the tiny model's real LoRA layout (``lora_layout``): each row is
+a shared offset plus one direction per attribute value plus noise, so what the condition says about a
+row is actually in its weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.prefect_fixtures import prefect_harness, prefect_home  # noqa: F401 (fixtures: one Prefect API per session)
+from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.tasks.denoiser import Denoiser, DenoiserConfig, alpha_bar, ddim_sample, masked_mse, noisy
+from weightzoo.tasks.weight_blocks import (
+    BlockSpec,
+    compute_stats,
+    condition_text,
+    encode_texts,
+    load_rows,
+    load_stats,
+    pool_text,
+    split_ids,
+)
+from weightzoo.tasks.weight_diffusion import (
+    WeightDiffusionConfig,
+    WeightDiffusionModel,
+    latest_checkpoint,
+    train_weight_diffusion,
+)
+
+COLOURS = ("red", "green", "blue", "yellow")
+HATS = ("none", "hat")
+
+
+def _rows(layout, n: int, seed: int = 0) -> tuple[list[RowMeta], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d = layout.numel
+    offset = 0.02 * torch.randn(d, generator=g)
+    directions = {v: 0.01 * torch.randn(d, generator=g) for v in COLOURS + HATS}
+    rows, vecs = [], []
+    for i in range(n):
+        attrs = {"colour": COLOURS[i % 4], "accessory": HATS[(i // 4) % 2]}
+        vecs.append(offset + directions[attrs["colour"]] + directions[attrs["accessory"]]
+                    + 0.002 * torch.randn(d, generator=g))
+        rows.append(RowMeta(id=f"subject-{i:05d}", prompt="sks person", attributes=attrs,
+                            hparams={"rank": 1, "alpha": 27.0, "method": "lora"}))
+    return rows, torch.stack(vecs)
+
+
+@pytest.fixture(scope="module")
+def layout(tiny_pipe):
+    from weightzoo.tasks.finetune import FinetuneConfig, lora_layout
+
+    return lora_layout(tiny_pipe, FinetuneConfig())
+
+
+@pytest.fixture(scope="module")
+def dataset(layout, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """24 rows in two committed shards (so statistics and loading cross shard boundaries)."""
+    uri = str(tmp_path_factory.mktemp("wd") / "dataset")
+    rows, vecs = _rows(layout, 24)
+    ledger = Ledger(uri)
+    for b, part in enumerate((slice(0, 10), slice(10, 24))):
+        info = write_shard(ledger.fs, ledger.new_shard_path(f"b{b}"), layout, rows[part], vecs[part], row_group_size=4)
+        ledger.commit(f"b{b}", info)
+    return uri
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: on a shared 2-core box one thread avoids thread-pool contention (8x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(dataset: str, base: Path, out: Path, **kw) -> WeightDiffusionConfig:
+    opts = dict(block_size=128, width=64, depth=1, heads=2, batch_size=16, lr=1e-2, warmup_steps=10,
+                checkpoint_every=10, device="cpu", holdout_ids=("subject-00000",), holdout_fraction=0.1)
+    return WeightDiffusionConfig(dataset=dataset, base=str(base), out=str(out), **{**opts, **kw})
+
+
+# -- blocks, statistics, split ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("numel", "block"), [(2688, 256), (2688, 2688), (10, 3), (7, 16), (12, 4)])
+def test_blocks_round_trip_exactly(numel: int, block: int) -> None:
+    spec = BlockSpec(numel, block)
+    x = torch.randn(5, numel, dtype=torch.float64)
+    blocks = spec.cut(x)
+    assert blocks.shape == (5, -(-numel // block), block)
+    assert torch.equal(spec.reassemble(blocks), x)
+    mask = spec.mask()
+    assert int(mask.sum()) == numel
+    assert torch.all(blocks[:, ~mask] == 0)  # padding is zeros, only in the last block
+    assert mask[:-1].all()
+
+
+def test_statistics_stream_over_shards_and_subsets(dataset: str) -> None:
+    ds = Dataset(dataset)
+    ids = ds.ids[3:19]
+    rows = {i: ds.layout.as_tensor(ds.row(i)[1]).double().numpy() for i in ids}
+    x = np.stack([rows[i] for i in ids])
+    stats = compute_stats(ds, ids)
+    np.testing.assert_allclose(stats.mean.numpy(), x.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stats.std.numpy(), x.std(0), rtol=1e-3, atol=1e-6)
+
+
+def test_statistics_from_a_subspace_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"mean": torch.arange(6.0), "std": torch.ones(6) * 2, "components": torch.zeros(2, 6)},
+              tmp_path / "subspace.safetensors")
+    stats = load_stats(str(tmp_path / "subspace.safetensors"), 6)
+    x = torch.randn(3, 6)
+    assert torch.allclose(stats.denormalise(stats.normalise(x)), x, atol=1e-6)
+    with pytest.raises(ValueError, match="layout has 7"):
+        load_stats(str(tmp_path / "subspace.safetensors"), 7)
+
+
+def test_split_is_seeded_and_honours_named_ids() -> None:
+    ids = [f"s{i:02d}" for i in range(20)]
+    train, hold = split_ids(ids, ["s03"], 0.25, seed=1)
+    assert "s03" in hold and len(hold) == 6 and set(train).isdisjoint(hold) and len(train) + len(hold) == 20
+    assert split_ids(list(reversed(ids)), ["s03"], 0.25, seed=1) == (train, hold)
+    assert split_ids(ids, ["s03"], 0.25, seed=2)[1] != hold
+    with pytest.raises(KeyError):
+        split_ids(ids, ["nope"])
+
+
+def test_condition_text_lists_attributes_canonically() -> None:
+    attrs = {"shape": "circle", "colour": "red"}
+    assert condition_text("sks person", attrs, "prompt") == "sks person"
+    assert condition_text("sks person", attrs, "prompt+attributes") == "sks person, colour red, shape circle"
+    assert condition_text("sks person", {}, "prompt+attributes") == "sks person"
+
+
+def test_one_step_and_ddim_sampling_shapes_and_padding() -> None:
+    spec = BlockSpec(50, 16)
+    model = Denoiser(DenoiserConfig(n_blocks=spec.n_blocks, block_size=16, text_dim=8, width=16, depth=1, heads=2))
+    text, mask = torch.randn(3, 5, 8), torch.ones(3, 5, dtype=torch.bool)
+    for steps in (1, 4):
+        pooled = torch.randn(3, 8)
+        out = ddim_sample(model, text, mask, pooled, steps=steps, generator=torch.Generator().manual_seed(0), mask=spec.mask())
+        assert out.shape == (3, 4, 16) and torch.isfinite(out).all()
+        assert torch.all(out[:, ~spec.mask()] == 0)
+    assert alpha_bar(torch.tensor(0.0)) > 0.999 and alpha_bar(torch.tensor(1.0)) < 1e-6
+
+
+# -- training, resume, generation ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _fixed_loss(model: WeightDiffusionModel, denoiser: Denoiser, dataset: str) -> float:
+    """The training objective on every training row at fixed noise levels and noise (no sampling noise)."""
+    split = json.loads((Path(model.uri) / "split.json").read_text())
+    data = load_rows(Dataset(dataset), split["train"], model.stats, model.config.condition)
+    states, masks = encode_texts(model.tokenizer, model.text_encoder, data.texts)
+    pooled = model.text_stats.normalise(pool_text(states, masks))
+    x0, mask = model.spec.cut(data.z), model.spec.mask()
+    g = torch.Generator().manual_seed(0)
+    total = 0.0
+    for level in (0.25, 0.5, 0.75, 1.0):
+        t = torch.full((len(x0),), level)
+        x_t = noisy(x0, t, torch.randn(x0.shape, generator=g)) * mask
+        total += float(masked_mse(denoiser(x_t, t, states, masks, pooled), x0, mask))
+    return total / 4
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: str, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[WeightDiffusionConfig, object]:
+    out = tmp_path_factory.mktemp("wd-model") / "model"
+    config = _config(dataset, tiny_base, out, steps=120)
+    return config, train_weight_diffusion(config)
+
+
+def test_training_lowers_the_loss_and_saves_a_complete_folder(trained) -> None:
+    config, result = trained
+    out = Path(config.out)
+    losses = json.loads((out / "losses.json").read_text())
+    assert len(losses) == 120 and result.step == 120
+    model = WeightDiffusionModel.load(config.out)
+    torch.manual_seed(0)
+    untrained = Denoiser(model.denoiser.config)
+    assert _fixed_loss(model, model.denoiser, config.dataset) < 0.7 * _fixed_loss(model, untrained, config.dataset)
+    split = json.loads((out / "split.json").read_text())
+    assert "subject-00000" in split["holdout"] and len(split["holdout"]) == 3 and len(split["train"]) == 21
+    for name in ("layout.json", "hparams.json", "stats.safetensors", "loss.png", "tokenizer", "text_encoder"):
+        assert (out / name).exists(), name
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["latest.json", "step-0000120.safetensors"]  # older checkpoints are dropped
+
+
+def test_resume_continues_the_same_trajectory(dataset: str, tiny_base: Path, tmp_path: Path) -> None:
+    train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "a", steps=16))
+    first = train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=10))
+    assert first.step == 10 and latest_checkpoint(str(tmp_path / "b"))["step"] == 10
+    resumed = train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=16))
+    assert resumed.resumed_from == 10 and resumed.step == 16
+    a = WeightDiffusionModel.load(str(tmp_path / "a")).denoiser.state_dict()
+    b = WeightDiffusionModel.load(str(tmp_path / "b")).denoiser.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    la = json.loads((tmp_path / "a" / "losses.json").read_text())
+    lb = json.loads((tmp_path / "b" / "losses.json").read_text())
+    assert len(lb) == 16 and np.allclose(la, lb, rtol=1e-4)
+    with pytest.raises(ValueError, match="different config"):
+        train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=20, lr=3e-3))
+
+
+def test_generation_is_seeded_and_un_normalised(trained) -> None:
+    """Seeds make generation reproducible; outputs are whole layout vectors on the data's scale."""
+    config, _ = trained
+    model = WeightDiffusionModel.load(config.out)
+    texts = [model.text("sks person", {"colour": "red", "accessory": "hat"}), "sks person"]
+    a = model.generate(texts, steps=3, seed=1)
+    assert a.shape == (2, model.layout.numel) and torch.isfinite(a).all()
+    assert torch.equal(a, model.generate(texts, steps=3, seed=1))
+    assert not torch.equal(a, model.generate(texts, steps=3, seed=2))
+    one = model.generate(texts, steps=1, seed=0)
+    # un-normalised: close to the data's scale, not to unit scale
+    assert (one - model.stats.mean).abs().mean() < 3 * model.stats.std.mean()
+
+
+def test_generate_cli_writes_a_lora_diffusers_loads(trained, tiny_base: Path, tmp_path: Path) -> None:
+    pytest.importorskip("weightzoo.tasks.export")
+    from weightzoo.cli import main
+    from weightzoo.tasks.base_model import load_base
+
+    config, _ = trained
+    out = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    assert main(["generate", "--model", config.out, "--prompt", "sks person", "--attr", "colour=red",
+                 "--attr", "accessory=hat", "--steps", "2", "--out", str(out)]) == 0
+    pipe = load_base(str(tiny_base))  # a fresh pipeline: never leave adapters on the shared one
+    before = pipe.unet(torch.zeros(1, 4, 8, 8), 10, encoder_hidden_states=torch.ones(1, 3, 32)).sample
+    pipe.load_lora_weights(str(out.parent), weight_name=out.name)
+    after = pipe.unet(torch.zeros(1, 4, 8, 8), 10, encoder_hidden_states=torch.ones(1, 3, 32)).sample
+    assert not torch.allclose(before, after)
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x", "--out", str(out)]) == 2
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_flow_trains_and_publishes_curve_and_checkpoint(dataset: str, tiny_base: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
+
+    result = train_weight_diffusion_flow(_config(dataset, tiny_base, tmp_path / "m", steps=4))
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert result.step == 4 and (tmp_path / "m" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert {"weight-diffusion-progress", "weight-diffusion-loss", "weight-diffusion-summary"} <= keys
+
+
+def test_train_cli_and_a_model_folder_on_s3(dataset: str, tiny_base: Path, s3_bucket: str, tmp_path: Path) -> None:
+    """The CLI trains in-process into an s3:// folder; generation reads it back from there."""
+    from weightzoo.cli import main
+
+    out = f"{s3_bucket}/wd"
+    assert main(["train-diffusion", "--dataset", dataset, "--base", str(tiny_base), "--out", out, "--no-flow",
+                 "--steps", "3", "--width", "16", "--depth", "1", "--block-size", "512", "--holdout-fraction", "0.25",
+                 "--checkpoint-every", "2", "--device", "cpu"]) == 0
+    model = WeightDiffusionModel.load(out)
+    assert model.step == 3 and len(json.loads(_cat(f"{out}/split.json"))["holdout"]) == 6
+    assert model.generate(["sks person"]).shape == (1, model.layout.numel)
+
+
+def _cat(uri: str) -> bytes:
+    from weightzoo.storage.fs import filesystem
+
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)

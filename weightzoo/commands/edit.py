@@ -1,0 +1,36 @@
+"""``weightzoo edit``: move one model along an attribute direction of a subspace (weights2weights editing)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("edit", help="Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA.")
+    p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
+    p.add_argument("--id", required=True, help="Row id to edit (read from the subspace's dataset).")
+    p.add_argument("--attribute", required=True, help="Target label as NAME=VALUE, e.g. colour=red.")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="How far, in dataset standard deviations along the direction (negative: away).")
+    p.add_argument("--disentangle", default="",
+                   help="Comma-separated attributes whose directions are projected out first, e.g. shape,accessory.")
+    p.add_argument("--dataset", help="Dataset URI holding the row (default: the one the subspace was fitted on).")
+    p.add_argument("--out", required=True, help="Output .safetensors file (or a folder).")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from weightzoo.storage.dataset import Dataset
+    from weightzoo.tasks.subspace import load_subspace
+    from weightzoo.tasks.w2w import edit, edit_direction, export
+
+    name, sep, value = args.attribute.partition("=")
+    if not sep or not name or not value:
+        raise ValueError(f"--attribute must be NAME=VALUE, got {args.attribute!r}")
+    sub = load_subspace(args.subspace)
+    meta, x = Dataset(args.dataset or sub.card["dataset"]).row(args.id)
+    others = [a.strip() for a in args.disentangle.split(",") if a.strip()]
+    d = edit_direction(sub, name, value, disentangle=others)
+    path = export(sub, edit(sub, x, d, args.strength), args.out, meta["hparams"] or None)
+    print(f"wrote {path} ({args.id} moved {args.strength:+g} std towards {name}={value})")
+    return 0

@@ -1,0 +1,40 @@
+"""``weightzoo project``: a row or LoRA file → subspace coordinates and relative reconstruction error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("project", help="Coordinates of a row or LoRA file in a subspace, and what it fails to explain.")
+    p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--id", help="Row id (read from --dataset, default the subspace's dataset).")
+    src.add_argument("--lora", help="A diffusers LoRA .safetensors file (e.g. from export or sample).")
+    p.add_argument("--dataset", help="Dataset URI holding --id (default: the one the subspace was fitted on).")
+    p.add_argument("--json", action="store_true", help="Print JSON with every coordinate.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from weightzoo.tasks.subspace import load_subspace
+    from weightzoo.tasks.w2w import load_lora_vector, project
+
+    sub = load_subspace(args.subspace)
+    if args.lora:
+        x = load_lora_vector(args.lora, sub.layout)
+    else:
+        from weightzoo.storage.dataset import Dataset
+
+        _, x = Dataset(args.dataset or sub.card["dataset"]).row(args.id)
+    p = project(sub, x)
+    out = {"source": args.lora or args.id, "rel_error": p.rel_error, "rel_error_standardised": p.rel_error_standardised,
+           "coords": [round(float(c), 6) for c in p.coords]}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        head = ", ".join(f"{c:.3g}" for c in out["coords"][:8])
+        print(f"{out['source']}: relative error {p.rel_error:.4f} (standardised {p.rel_error_standardised:.4f}); "
+              f"coords [{head}{', ...' if sub.k > 8 else ''}]")
+    return 0
