@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -201,13 +202,20 @@ def main() -> None:
         baseline_worker(json.loads(args.worker))
         return
     torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="wz-bench-"))
+    try:
+        _bench(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # an SD 1.5-shaped base is ~4 GB
 
+
+def _bench(args: argparse.Namespace, work: Path) -> None:
+    """Everything after option parsing, in a scratch folder the caller removes."""
     from weightzoo.tasks.base_model import load_base, save_tiny_pipeline
     from weightzoo.tasks.class_images import generate_class_images
     from weightzoo.tasks.finetune import FinetuneConfig, default_resolution, finetune_batch
     from weightzoo.tasks.synthetic import make_subjects
 
-    work = Path(tempfile.mkdtemp(prefix="wz-bench-"))
     base = str(save_tiny_pipeline(work / "base") if args.unet == "tiny" else save_sd15_shaped(work / "base"))
     pipe = load_base(base, device=args.device)
     res = args.resolution or default_resolution(pipe)

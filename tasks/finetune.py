@@ -23,11 +23,12 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -253,6 +254,7 @@ class _Run:
     layout: Layout
     total_steps: int
     progress: Callable[[int, int], None] | None
+    init_weights: Mapping[str, torch.Tensor] = field(default_factory=dict)
     done: int = 0
 
     @property
@@ -395,6 +397,10 @@ def _train_pack(run: _Run, rows: list[ManifestRow]) -> list[ItemResult]:
     ids = [r.id for r in rows]
     with PackedLoRA(run.pipe.unet, run.names, k, c.rank, c.alpha / c.rank,
                     lambda name, layer: run.method.init_a(name, layer, ids, c), run.method.train_a) as packed:
+        with torch.no_grad():
+            for slot, row in enumerate(rows):
+                if row.id in run.init_weights:  # start from given weights (e.g. generated ones) instead
+                    packed.load_slot(slot, run.layout.unflatten(run.layout.as_tensor(run.init_weights[row.id]).float()))
         opt = torch.optim.AdamW(list(packed.parameters()), lr=c.learning_rate, betas=(c.adam_beta1, c.adam_beta2),
                                 eps=c.adam_epsilon, weight_decay=c.weight_decay)
         warm = c.lr_warmup_steps
@@ -474,8 +480,12 @@ def finetune_batch(
     base_uri: str | None = None,
     cache_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    init_weights: Mapping[str, torch.Tensor | np.ndarray] | None = None,
 ) -> BatchResult:
     """Fine-tune one adapter per row of ``items`` on ``pipe`` (left exactly as it was passed in).
+
+    ``init_weights``: item id → flat vector in this config's layout to start that item from (a
+    generated or previously trained adapter) instead of the shared init; other items are unaffected.
 
     ``base_uri``: the manifest's folder, for relative image paths. ``cache_dir``: where class latents
     are cached across batches (any fsspec URI; None = regenerate per call). ``progress(done, total)``
@@ -522,7 +532,7 @@ def finetune_batch(
         latents=latents, embeds=embeds, class_latents=classes,
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         forward=torch.compile(unet) if config.compile else unet, layout=layout,
-        total_steps=len(rows) * config.steps, progress=progress,
+        total_steps=len(rows) * config.steps, progress=progress, init_weights=dict(init_weights or {}),
     )
     with _training_mode(unet, config):
         for i in range(0, len(rows), config.pack):

@@ -292,3 +292,20 @@ def test_sd15_layout_matches_weights2weights() -> None:
     assert lora_layout(SimpleNamespace(unet=unet), FinetuneConfig()).numel == 99_648
     cfg = FinetuneConfig(target_modules=("to_q", "to_k", "to_v", "to_out.0"))
     assert lora_layout(SimpleNamespace(unet=unet), cfg).numel == 199_296
+
+
+def test_init_weights_start_an_item_from_given_weights(
+    packed_run: tuple, tiny_pipe: StableDiffusionPipeline, subjects: tuple[str, list]
+) -> None:
+    """One step at a negligible learning rate returns (almost) the starting point: given, or the shared init."""
+    root, rows = subjects
+    packed, *_ = packed_run
+    given = packed.results[0].weights
+    cfg = CFG.model_copy(update={"steps": 1, "learning_rate": 1e-12, "prior_preservation": False, "loss_window": 1})
+    out = finetune_batch(tiny_pipe, rows[:2], cfg, base_uri=root, init_weights={rows[0].id: given})
+    started, fresh = out.results
+    assert started.ok and fresh.ok
+    assert torch.allclose(started.weights, given, atol=1e-6)
+    fresh_sd = out.layout.unflatten(fresh.weights)
+    assert all(t.abs().max() < 1e-6 for k, t in fresh_sd.items() if k.endswith("lora_B.weight"))  # zero init
+    assert out.hparams["prior_preservation"] is False

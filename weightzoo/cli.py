@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Set before prefect/transformers are imported: no telemetry calls from a closed network, no noise.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weightzoo never downloads; fail fast if anything tries
 
 # Order is the order `weightzoo --help` lists them.
 COMMANDS = ["demo", "build", "serve", "status", "export", "train-diffusion", "generate", "fit-subspace", "sample", "edit", "invert", "project"]
