@@ -25,6 +25,7 @@ from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.manifest import ManifestRow, manifest_folder, read_manifest
 
 DEFAULT_ENGINE = "weightzoo.tasks.finetune:finetune_batch"
@@ -127,10 +128,6 @@ def manifest_rows(uri: str) -> dict[str, ManifestRow]:
     return _cached_manifest(str(uri), version)
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_engine(path: str) -> Engine:
     """The engine function named by ``"module:function"``."""
     module, _, name = path.partition(":")
@@ -182,7 +179,7 @@ def run_batch(
         raise KeyError(f"batch {batch_id}: ids not in manifest {manifest}: {missing[:10]}")
     rows = [rows_by_id[i] for i in todo]
 
-    pipe = _cached_base(str(base), default_device())
+    pipe = _cached_base(str(base), str(resolve_device()))
     result = load_engine(engine)(pipe, rows, config, base_uri=manifest_folder(manifest), cache_dir=cache_dir,
                                  progress=progress)
     ok = [r for r in result.results if r.ok]

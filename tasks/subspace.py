@@ -40,6 +40,7 @@ from weightzoo.storage.dataset import CorruptShardError, Dataset
 from weightzoo.storage.fs import atomic_write, filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.shards import LayoutMismatchError, iter_shard, read_layout
+from weightzoo.tasks.device import resolve_device
 
 SUBSPACE_FILE = "subspace.safetensors"
 COORDS_FILE = "coords.parquet"
@@ -92,12 +93,6 @@ def shard_refs(dataset_uri: str) -> list[ShardRef]:
         ShardRef(e.shard, None if len(e.ids) == e.rows else tuple(e.ids), e.nbytes, e.layout, f"{i:05d}")
         for i, e in enumerate(ds.entries)
     ]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # -- storage helpers -------------------------------------------------------------------------------------

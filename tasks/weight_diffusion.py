@@ -42,6 +42,7 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, is_local, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.denoiser import Denoiser, DenoiserConfig, ddim_sample, masked_mse, noisy
+from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.weight_blocks import (
     BlockSpec,
     Condition,
@@ -111,10 +112,6 @@ class TrainResult:
 
 
 # -- small helpers -------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
 
 
 def _seed(*parts: object) -> int:

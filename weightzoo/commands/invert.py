@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.tasks.base_model import load_base
+    from weightzoo.tasks.device import resolve_device
     from weightzoo.tasks.manifest import load_image
-    from weightzoo.tasks.subspace import load_subspace, resolve_device
+    from weightzoo.tasks.subspace import load_subspace
     from weightzoo.tasks.w2w import export, invert
 
     sub = load_subspace(args.subspace)
