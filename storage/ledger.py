@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from weightzoo.storage.fs import StorageOptions, check_id, filesystem, join, write_bytes
-from weightzoo.storage.shards import ShardInfo
+from weightzoo.storage.shards import LayoutMismatchError, ShardInfo
 
 COMMITS = "ledger/commits"
 FAILURES = "ledger/failures"
@@ -128,7 +128,14 @@ class Ledger:
         nothing) when every id was already committed, so a rerun of a committed batch is a no-op.
         """
         check_id(batch)
-        done = self.committed_ids()
+        commits = self.commits()
+        other = next((c for c in commits if c.layout != shard.layout), None)
+        if other is not None:
+            raise LayoutMismatchError(
+                f"batch {batch}: shard layout {shard.layout} differs from the dataset's {other.layout} "
+                f"(shard {other.shard}); a dataset never mixes layouts — use a new dataset URI for this config"
+            )
+        done = {i for c in commits for i in c.ids}
         ids = tuple(i for i in shard.ids if i not in done)
         if not ids:
             return None

@@ -84,8 +84,8 @@ def test_same_id_never_visible_twice(tmp_path: Path) -> None:
     rows, w = rows_for("r", 4, DIM)
     first = write_shard(ledger.fs, ledger.new_shard_path("r"), layout, rows, w)
     second = write_shard(ledger.fs, ledger.new_shard_path("r"), layout, rows[1:], w[1:] + 1)
-    # simulate the race: both writers checked committed_ids() before either entry existed
-    ledger.committed_ids = lambda: set()  # type: ignore[method-assign]
+    # simulate the race: both writers read the commits before either entry existed
+    ledger.commits = lambda: []  # type: ignore[method-assign]
     assert ledger.commit("r", first) is not None and ledger.commit("r", second) is not None
     ds = Dataset(uri)
     assert sorted(ds.ids) == ["r-0", "r-1", "r-2", "r-3"]
@@ -123,3 +123,20 @@ def test_truncated_shard_is_refused(tmp_path: Path) -> None:
 def test_batch_ids_are_validated(tmp_path: Path) -> None:
     with pytest.raises(UnsafeIdError):
         Ledger(str(tmp_path)).new_shard_path("../escape")
+
+
+def test_commit_refuses_a_second_layout(tmp_path: Path) -> None:
+    """A build with another config (e.g. rank 2) cannot slip a second layout into a dataset."""
+    from weightzoo.storage.layout import Layout
+    from weightzoo.storage.shards import LayoutMismatchError, write_shard
+
+    ledger = Ledger(str(tmp_path / "ds"))
+    rows, w = rows_for("a", 2, DIM)
+    first = write_shard(ledger.fs, ledger.new_shard_path("a"), Layout(("w",), ((DIM,),), "float16"), rows, w)
+    ledger.commit("a", first)
+    wide = Layout(("w",), ((DIM + 1,),), "float16")
+    rows_b, w_b = rows_for("b", 2, DIM + 1)
+    second = write_shard(ledger.fs, ledger.new_shard_path("b"), wide, rows_b, w_b)
+    with pytest.raises(LayoutMismatchError, match=f"batch b: shard layout {wide.fingerprint} differs"):
+        ledger.commit("b", second)
+    assert sorted(Ledger(ledger.uri).committed_ids()) == ["a-0", "a-1"]
