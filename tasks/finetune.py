@@ -20,7 +20,6 @@ UNet attention, 800 steps, batch 1, lr 1e-4 constant, AdamW, prior preservation 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +39,7 @@ from weightzoo.storage.layout import Layout
 from weightzoo.tasks.class_images import class_latents, encode_images
 from weightzoo.tasks.manifest import ManifestRow, load_images
 from weightzoo.tasks.packed_lora import PackedLoRA, find_targets
+from weightzoo.tasks.seeds import stable_seed
 
 
 class FinetuneConfig(BaseModel):
@@ -139,11 +139,6 @@ class BatchResult:
 # -- methods -----------------------------------------------------------------------------------------
 
 
-def _seed(*parts: object) -> int:
-    """A stable 60-bit seed from any parts (Python's hash() is salted per process)."""
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
-
 @dataclass(frozen=True)
 class Method:
     """An adapter method: how each row's down-projection A starts, and whether it trains.
@@ -159,7 +154,7 @@ class Method:
 
 def _lora_init(name: str, layer: nn.Linear, ids: list[str], config: FinetuneConfig) -> torch.Tensor:
     """Gaussian A with std 1/r (peft's "gaussian" init, as diffusers' DreamBooth script), the same for every row."""
-    g = torch.Generator().manual_seed(_seed(config.seed, "lora-init", name))
+    g = torch.Generator().manual_seed(stable_seed(config.seed, "lora-init", name))
     a = torch.randn(config.rank, layer.in_features, generator=g) / config.rank
     return a.expand(len(ids), -1, -1).clone()
 
@@ -174,10 +169,10 @@ def _orthogonal_init(name: str, layer: nn.Linear, ids: list[str], config: Finetu
     fan_in, r = layer.in_features, config.rank
     if fan_in < r:
         raise ValueError(f"{name}: rank {r} exceeds its input size {fan_in}")
-    g = torch.Generator().manual_seed(_seed(config.seed, "orthogonal-basis", name))
+    g = torch.Generator().manual_seed(stable_seed(config.seed, "orthogonal-basis", name))
     basis = torch.linalg.qr(torch.randn(fan_in, fan_in, generator=g, dtype=torch.float64)).Q.T.float()
     blocks = fan_in // r
-    return torch.stack([basis[(b := _seed("orthogonal-block", i) % blocks) * r : b * r + r] for i in ids])
+    return torch.stack([basis[(b := stable_seed("orthogonal-block", i) % blocks) * r : b * r + r] for i in ids])
 
 
 METHODS: dict[str, Method] = {
@@ -305,13 +300,13 @@ class _Stream:
     @classmethod
     def for_row(cls, row_id: str, n_images: int, n_class: int, run: _Run) -> _Stream:
         c = run.config
-        g = torch.Generator().manual_seed(_seed(c.seed, "data", row_id))
+        g = torch.Generator().manual_seed(stable_seed(c.seed, "data", row_id))
         idx = _epoch_order(g, n_images, c.steps * c.batch_size).view(c.steps, c.batch_size)
         if c.prior_preservation:
             cls_idx = _epoch_order(g, n_class, c.steps * c.batch_size).view(c.steps, c.batch_size)
             idx = torch.cat([idx, cls_idx + n_images], dim=1)
         t = torch.randint(0, run.scheduler.config.num_train_timesteps, idx.shape, generator=g)
-        return cls(idx, t, torch.Generator().manual_seed(_seed(c.seed, "noise", row_id)))
+        return cls(idx, t, torch.Generator().manual_seed(stable_seed(c.seed, "noise", row_id)))
 
 
 @dataclass

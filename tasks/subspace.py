@@ -33,13 +33,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from weightzoo.storage.dataset import CorruptShardError, Dataset
 from weightzoo.storage.fs import atomic_write, filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.shards import LayoutMismatchError, iter_shard, read_layout
+from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
 
 SUBSPACE_FILE = "subspace.safetensors"
@@ -96,19 +95,6 @@ def shard_refs(dataset_uri: str) -> list[ShardRef]:
 
 
 # -- storage helpers -------------------------------------------------------------------------------------
-
-
-def save_tensors(uri: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write tensors as one safetensors file at any fsspec URI (atomically); returns the URI."""
-    fs, path = filesystem(uri)
-    data = st_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata=metadata)
-    write_bytes(fs, path, data)
-    return uri
-
-
-def load_tensors(uri: str) -> dict[str, torch.Tensor]:
-    fs, path = filesystem(uri)
-    return st_load(fs.cat_file(path))
 
 
 def shard_layout(dataset_uri: str, ref: ShardRef) -> Layout:

@@ -22,11 +22,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
 
 from weightzoo.storage.dataset import Dataset
-from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
+from weightzoo.storage.tensors import load_tensors
 
 Condition = Literal["prompt", "prompt+attributes"]
 
@@ -113,8 +112,7 @@ def compute_stats(dataset: Dataset, ids: Iterable[str] | None = None) -> Stats:
 
 def load_stats(uri: str, numel: int) -> Stats:
     """``mean`` and ``std`` from a safetensors file such as ``tasks/subspace.py``'s ``subspace.safetensors``."""
-    fs, path = filesystem(uri)
-    tensors = st_load(fs.cat_file(path))
+    tensors = load_tensors(uri)
     if "mean" not in tensors or "std" not in tensors:
         raise KeyError(f"{uri} has no 'mean' and 'std' tensors")
     stats = Stats(tensors["mean"].float().reshape(-1), tensors["std"].float().reshape(-1))

@@ -21,7 +21,6 @@ resumed run follows the uninterrupted run's trajectory exactly (on the same devi
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -35,14 +34,14 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, is_local, join, write_bytes
 from weightzoo.storage.layout import Layout
+from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.denoiser import Denoiser, DenoiserConfig, ddim_sample, masked_mse, noisy
 from weightzoo.tasks.device import resolve_device
+from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.weight_blocks import (
     BlockSpec,
     Condition,
@@ -114,10 +113,6 @@ class TrainResult:
 # -- small helpers -------------------------------------------------------------------------------------
 
 
-def _seed(*parts: object) -> int:
-    return int(hashlib.sha256(":".join(map(str, parts)).encode()).hexdigest()[:15], 16)
-
-
 def _read_json(uri: str) -> dict:
     fs, path = filesystem(uri)
     return json.loads(fs.cat_file(path))
@@ -126,16 +121,6 @@ def _read_json(uri: str) -> dict:
 def _exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.exists(path)
-
-
-def _put_tensors(uri: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    fs, path = filesystem(uri)
-    write_bytes(fs, path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
-
-
-def _get_tensors(uri: str) -> dict[str, torch.Tensor]:
-    fs, path = filesystem(uri)
-    return st_load(fs.cat_file(path))
 
 
 def _local_folder(uri: str) -> tuple[str, Callable[[], None]]:
@@ -191,7 +176,7 @@ def save_checkpoint(out: str, step: int, model: Denoiser, opt: torch.optim.Optim
     """Write the step's tensors, then ``latest.json`` (the commit), then drop older checkpoint files."""
     name = f"step-{step:07d}.safetensors"
     opt_tensors, groups = _optimizer_tensors(opt)
-    _put_tensors(join(out, "checkpoints", name), {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors})
+    save_tensors(join(out, "checkpoints", name), {**{f"model.{k}": v for k, v in model.state_dict().items()}, **opt_tensors})
     fs, root = filesystem(out)
     write_bytes(fs, join(root, "checkpoints", "latest.json"),
                 dump_json({"step": step, "file": name, "param_groups": groups, "losses": list(losses)}))
@@ -207,7 +192,7 @@ def latest_checkpoint(out: str) -> dict | None:
 
 
 def _model_tensors(out: str, latest: dict) -> dict[str, torch.Tensor]:
-    return _get_tensors(join(out, "checkpoints", latest["file"]))
+    return load_tensors(join(out, "checkpoints", latest["file"]))
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -231,7 +216,7 @@ def _prepare_folder(config: WeightDiffusionConfig, ds: Dataset, train: list[str]
     write_bytes(fs, join(root, "layout.json"), ds.layout.to_json().encode())
     write_bytes(fs, join(root, "hparams.json"), dump_json(hparams))
     write_bytes(fs, join(root, "split.json"), dump_json({"train": train, "holdout": holdout}))
-    _put_tensors(join(out, "stats.safetensors"),
+    save_tensors(join(out, "stats.safetensors"),
                  {"mean": stats.mean, "std": stats.std, "text_mean": tstats.mean, "text_std": tstats.std})
     local, upload = _local_folder(out)
     tok.save_pretrained(Path(local, "tokenizer"))
@@ -265,7 +250,7 @@ def train_weight_diffusion(
         _check_resumable(config.out, config)
         if _read_json(join(config.out, "split.json"))["train"] != train:
             raise ValueError(f"the dataset's rows changed since {config.out} was started; use a new --out")
-        saved = _get_tensors(join(config.out, "stats.safetensors"))
+        saved = load_tensors(join(config.out, "stats.safetensors"))
         stats = Stats(saved["mean"], saved["std"])
     else:
         stats = load_stats(config.stats, spec.numel) if config.stats else compute_stats(ds, train)
@@ -285,7 +270,7 @@ def train_weight_diffusion(
     pooled = tstats.normalise(pool_text(states, masks))
     text_index = torch.tensor([texts.index(t) for t in data.texts])
 
-    torch.manual_seed(_seed(config.seed, "init"))
+    torch.manual_seed(stable_seed(config.seed, "init"))
     model = Denoiser(dcfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     losses: list[float] = []
@@ -301,7 +286,7 @@ def train_weight_diffusion(
     model.train()
     pending: list[torch.Tensor] = []
     for step in range(start, config.steps):
-        g = torch.Generator().manual_seed(_seed(config.seed, "step", step))
+        g = torch.Generator().manual_seed(stable_seed(config.seed, "step", step))
         idx = torch.randint(0, len(blocks), (config.batch_size,), generator=g).to(device)
         t = torch.rand(config.batch_size, generator=g).to(device)
         noise = torch.randn(config.batch_size, spec.n_blocks, spec.block_size, generator=g).to(device)
@@ -395,7 +380,7 @@ class WeightDiffusionModel:
         model = Denoiser(dcfg)
         tensors = _model_tensors(uri, latest)
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        st = _get_tensors(join(uri, "stats.safetensors"))
+        st = load_tensors(join(uri, "stats.safetensors"))
         fs, root = filesystem(uri)
         layout = Layout.from_json(fs.cat_file(join(root, "layout.json")))
         tok, enc = load_text_encoder(uri, dev)
@@ -412,7 +397,7 @@ class WeightDiffusionModel:
     def generate(self, texts: Sequence[str], steps: int = 1, seed: int = 0) -> torch.Tensor:
         """(n, D) float32 weight vectors (un-normalised, in layout order) for condition ``texts``."""
         states, masks = encode_texts(self.tokenizer, self.text_encoder, texts)
-        g = torch.Generator().manual_seed(_seed(seed, "generate"))
+        g = torch.Generator().manual_seed(stable_seed(seed, "generate"))
         pooled = self.text_stats.normalise(pool_text(states, masks))
         blocks = ddim_sample(self.denoiser, states, masks, pooled, steps=steps, generator=g, mask=self.spec.mask())
         return self.stats.denormalise(self.spec.reassemble(blocks.float().cpu()))
