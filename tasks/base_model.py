@@ -119,7 +119,8 @@ def _local_copy(uri: str) -> str:
     cache = Path(os.environ.get("WEIGHTZOO_CACHE", Path.home() / ".cache" / "weightzoo")) / "bases"
     dest = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if not (dest / "model_index.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=cache.mkdir(parents=True, exist_ok=True) or cache))
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache))
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
         os.replace(tmp, dest)
     return str(dest)
