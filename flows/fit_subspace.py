@@ -1,7 +1,7 @@
 """Prefect flow ``fit-subspace``: streaming randomized PCA over a dataset's shards.
 
-Each pass over the weights is one task per shard (mapped; they run in parallel on the flow's task
-runner, or on many workers), and each reduce step is one task; only file URIs travel between them,
+Each pass over the weights is one task per group of shards (mapped; they run in parallel on the
+flow's task runner, or on many workers), and each reduce step is one task; only file URIs travel between them,
 the D×l matrices live under the work URI as safetensors. The algorithm itself is
 ``weightzoo.tasks.subspace.fit_subspace``; this flow supplies a mapper that submits tasks.
 """
@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from weightzoo.storage.fs import join, redact
 from weightzoo.tasks import subspace as sp
 
-# Per-shard passes re-read a shard: a transient storage error is worth two retries.
-_SHARD_TASKS: dict[Callable[..., Any], Any] = {
-    sp.shard_moments: task(sp.shard_moments, name="shard-moments", task_run_name="moments-{ref.name}", retries=2),
-    sp.shard_power: task(sp.shard_power, name="shard-power", task_run_name="power-{ref.name}", retries=2),
-    sp.shard_project: task(sp.shard_project, name="shard-project", task_run_name="project-{ref.name}", retries=2),
+# A retried group re-reads its shards: a transient storage error is worth two retries.
+_GROUP_TASKS: dict[Callable[..., Any], Any] = {
+    sp.group_moments: task(sp.group_moments, name="moments", task_run_name="moments-{group.name}", retries=2),
+    sp.group_power: task(sp.group_power, name="power", task_run_name="power-{group.name}", retries=2),
+    sp.group_project: task(sp.group_project, name="project", task_run_name="project-{group.name}", retries=2),
 }
 _REDUCE_TASKS: dict[Callable[..., Any], Any] = {
     sp.reduce_moments: task(sp.reduce_moments, name="reduce-moments"),
@@ -44,8 +44,8 @@ class FitSubspaceParams(BaseModel):
     options: sp.SubspaceOptions = Field(default_factory=sp.SubspaceOptions, description="PCA options.")
 
 
-def _map_tasks(fn: Callable[..., Any], refs: Sequence[sp.ShardRef], **kwargs: Any) -> list[Any]:
-    futures = _SHARD_TASKS[fn].map(ref=list(refs), **{k: unmapped(v) for k, v in kwargs.items()})
+def _map_tasks(fn: Callable[..., Any], groups: Sequence[sp.ShardGroup], **kwargs: Any) -> list[Any]:
+    futures = _GROUP_TASKS[fn].map(group=list(groups), **{k: unmapped(v) for k, v in kwargs.items()})
     return [f.result() for f in futures]
 
 
@@ -87,7 +87,7 @@ def _run_name() -> str:
 
 @flow(name="fit-subspace", flow_run_name=_run_name)
 def fit_subspace(params: FitSubspaceParams) -> sp.FitResult:
-    """Fit the weights2weights subspace of a dataset (q + 3 passes, each mapped over shards)."""
+    """Fit the weights2weights subspace of a dataset (q + 3 passes, each mapped over groups of shards)."""
     result = sp.fit_subspace(params.dataset, params.out, params.options, params.work,
                              map_shards=_map_tasks, run=_run_task)
     publish(result)

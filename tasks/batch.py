@@ -30,9 +30,11 @@ from weightzoo.tasks.manifest import ManifestRow, manifest_folder, read_manifest
 
 DEFAULT_ENGINE = "weightzoo.tasks.finetune:finetune_batch"
 NULL_ENGINE = "weightzoo.tasks.batch:null_finetune"
-# 16 rows x 800 steps is ~20 GPU-minutes on SD 1.5: a child flow run (~1-2 s of Prefect overhead)
-# costs well under 1% of that, and a lost batch is still cheap to redo (bench/orchestration.py).
-DEFAULT_BATCH_SIZE = 16
+# A deployment batch is one fresh worker process: ~10-20 s of imports, base load and Prefect calls
+# before anything trains. 64 rows x 800 steps is ~1 GPU-hour on SD 1.5 even when packed 4 at a time,
+# so that start costs < 1% (bench/orchestration.py); 16 would cost ~2% once packing speeds training.
+# A crash loses at most the batch in flight.
+DEFAULT_BATCH_SIZE = 64
 
 ItemStatus = Literal["committed", "failed", "already-committed"]
 

@@ -8,14 +8,15 @@ Tropp 2011) run on the D-side, so no state ever grows with N:
     pass 0       moments: count, mean, M2 per column (float64, Chan's parallel merge)
     pass 1       Y = Zᵀ(Z Ω)            Ω: D×l Gaussian, l = k + p        → Q = qr(Y)
     pass 2..q+1  Y = Zᵀ(Z Q)            (power iterations, QR between passes)
-    last pass    B = Z Q (n×l per shard, written to the work URI), G = BᵀB   → eigh(G) = V Λ Vᵀ
+    last pass    B = Z Q (n×l per group, written to the work URI), G = BᵀB   → eigh(G) = V Λ Vᵀ
                  components = (Q V)ᵀ[:k], singular values √Λ, coordinates B V[:, :k]
 
-Every pass is a sum over shards of per-shard partials, so each ``shard_*`` function below is one
-Prefect task mapped over shards (``flows/fit_subspace.py``), in one process or on many workers. Large
-matrices (Ω/Q: D×l, partials: D×l) travel as safetensors files under a work URI; tasks return only
-their paths. Memory per task: O(D·l) plus one row group. The last pass keeps B on disk so the
-coordinates need no extra pass over the weights.
+Every pass is a sum of partials over groups of shards (at most ``tasks_per_pass`` groups, so the
+partial files do not grow with the number of shards), and each ``group_*`` function below is one
+Prefect task mapped over the groups (``flows/fit_subspace.py``), in one process or on many workers.
+Large matrices (Ω/Q: D×l, partials: D×l) travel as safetensors files under a work URI; tasks return
+only their paths, and a pass's partials are deleted once reduced. Memory per task: O(D·l) plus one
+row group. The last pass keeps B on disk so the coordinates need no extra pass over the weights.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class SubspaceOptions(BaseModel):
     dtype: Literal["float32", "float64"] = Field("float32", description="Compute dtype of the matmuls.")
     seed: int = Field(0, ge=0, description="Seed of the Gaussian test matrix Ω.")
     keep_work: bool = Field(False, description="Keep the work files (partials, bases) after the fit.")
+    # Each task writes one D×l partial per pass (400 MB at weights2weights' D and k = 1,000): group
+    # the shards, so thousands of shards do not mean thousands of partials.
+    tasks_per_pass: int = Field(8, ge=1, description="Shard groups per pass: parallel tasks, one partial file each.")
 
     @property
     def width(self) -> int:
@@ -80,6 +84,27 @@ class ShardRef:
     nbytes: int
     layout: str  # fingerprint from the ledger; every shard of one fit must share it
     name: str  # a short name for task runs and work files
+
+
+@dataclass(frozen=True)
+class ShardGroup:
+    """Consecutive shards read by one task of a pass; its partial covers all of them."""
+
+    name: str
+    refs: tuple[ShardRef, ...]
+
+
+def group_shards(refs: Sequence[ShardRef], groups: int) -> list[ShardGroup]:
+    """Split ``refs`` (in order) into at most ``groups`` runs of about equal bytes."""
+    total = sum(r.nbytes for r in refs) or 1
+    out: list[list[ShardRef]] = [[]]
+    done = 0
+    for r in refs:
+        if out[-1] and done >= total * len(out) / groups:
+            out.append([])
+        out[-1].append(r)
+        done += r.nbytes
+    return [ShardGroup(f"{g[0].name}-{g[-1].name}", tuple(g)) for g in out]
 
 
 def shard_refs(dataset_uri: str) -> list[ShardRef]:
@@ -127,15 +152,15 @@ def _iter_ref(
 class _Standardiser:
     """z = (x − mean) / std for one row group, on the compute device and dtype."""
 
-    def __init__(self, stats_uri: str, layout: Layout, options: SubspaceOptions) -> None:
+    def __init__(self, stats_uri: str, options: SubspaceOptions) -> None:
         st = load_tensors(stats_uri)
-        self.layout, self.device = layout, resolve_device(options.device)
+        self.device = resolve_device(options.device)
         self.dtype = COMPUTE_DTYPES[options.dtype]
         self.mean = st["mean"].to(self.device, self.dtype)
         self.inv_std = (1.0 / st["std"]).to(self.device, self.dtype)
 
-    def __call__(self, w: np.ndarray) -> torch.Tensor:
-        x = self.layout.as_tensor(w).to(self.device, self.dtype)
+    def __call__(self, layout: Layout, w: np.ndarray) -> torch.Tensor:
+        x = layout.as_tensor(w).to(self.device, self.dtype)
         return (x - self.mean).mul_(self.inv_std)
 
 
@@ -153,12 +178,21 @@ def _merge_moments(a: tuple[float, torch.Tensor, torch.Tensor], b: tuple[float, 
     return n, ma + delta * (nb / n), m2a + m2b + delta.square() * (na * nb / n)
 
 
-def shard_moments(dataset_uri: str, ref: ShardRef, work_uri: str, options: SubspaceOptions) -> str:
-    """Per-column count, mean and M2 of one shard (float64) → a partial file; returns its URI."""
+def _iter_group(
+    dataset_uri: str, group: ShardGroup, columns: Sequence[str] | None = None
+) -> Iterator[tuple[Layout, pa.Table, np.ndarray]]:
+    """Row groups of every shard of ``group``, each with its shard's (checked) layout."""
+    for ref in group.refs:
+        layout = shard_layout(dataset_uri, ref)
+        for meta, w in _iter_ref(dataset_uri, ref, layout, columns):
+            yield layout, meta, w
+
+
+def group_moments(dataset_uri: str, group: ShardGroup, work_uri: str, options: SubspaceOptions) -> str:
+    """Per-column count, mean and M2 of a group of shards (float64) → a partial file; returns its URI."""
     device = resolve_device(options.device)
     acc: tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros(0), torch.zeros(0))
-    layout = shard_layout(dataset_uri, ref)
-    for _, w in _iter_ref(dataset_uri, ref, layout):
+    for layout, _, w in _iter_group(dataset_uri, group):
         # float32 within a row group (a few hundred rows: ~1e-6 relative error; a float64 copy would be
         # the largest allocation of the fit), float64 across row groups and shards. A constant column
         # stays exact: the float32 mean of equal fp16 values is that value.
@@ -167,12 +201,12 @@ def shard_moments(dataset_uri: str, ref: ShardRef, work_uri: str, options: Subsp
         m2 = x.sub_(m).square_().sum(0)
         acc = _merge_moments(acc, (x.shape[0], m.double(), m2.double()))
     n, mean, m2 = acc
-    out = join(work_uri, "moments", f"{ref.name}.safetensors")
+    out = join(work_uri, "moments", f"{group.name}.safetensors")
     return save_tensors(out, {"count": torch.tensor([float(n)], dtype=torch.float64), "mean": mean, "m2": m2})
 
 
 def reduce_moments(partials: Sequence[str], work_uri: str) -> str:
-    """Merge per-shard moments into mean and std (ddof=0, as StandardScaler; std 0 → 1); returns stats URI."""
+    """Merge the groups' moments into mean and std (ddof=0, as StandardScaler; std 0 → 1); returns stats URI."""
     acc: tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros(0), torch.zeros(0))
     for uri in partials:
         t = load_tensors(uri)
@@ -203,19 +237,18 @@ def initial_basis(stats_uri: str, work_uri: str, options: SubspaceOptions) -> st
     return save_tensors(join(work_uri, "basis-0.safetensors"), {"Q": omega})
 
 
-def shard_power(
-    dataset_uri: str, ref: ShardRef, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions
+def group_power(
+    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions
 ) -> str:
-    """Σ over the shard's row groups of Zᵀ(Z Q): a D×l partial of one power-iteration pass."""
-    layout = shard_layout(dataset_uri, ref)
-    std = _Standardiser(stats_uri, layout, options)
+    """Σ over the group's row groups of Zᵀ(Z Q): a D×l partial of one power-iteration pass."""
+    std = _Standardiser(stats_uri, options)
     q = load_tensors(basis_uri)["Q"].to(std.device, std.dtype)
     y = torch.zeros_like(q)
-    for _, w in _iter_ref(dataset_uri, ref, layout):
-        z = std(w)
+    for layout, _, w in _iter_group(dataset_uri, group):
+        z = std(layout, w)
         y.addmm_(z.T, z @ q)
     tag = basis_uri.rsplit("/", 1)[-1].removesuffix(".safetensors")
-    return save_tensors(join(work_uri, f"power-{tag}", f"{ref.name}.safetensors"), {"Y": y})
+    return save_tensors(join(work_uri, f"power-{tag}", f"{group.name}.safetensors"), {"Y": y})
 
 
 def orthonormalise(partials: Sequence[str], work_uri: str, step: int) -> str:
@@ -232,29 +265,28 @@ def orthonormalise(partials: Sequence[str], work_uri: str, step: int) -> str:
 # -- last pass: Rayleigh–Ritz and coordinates ------------------------------------------------------------
 
 
-def shard_project(
-    dataset_uri: str, ref: ShardRef, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions
+def group_project(
+    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions
 ) -> str:
-    """B = Z Q for the shard's rows (saved as a Parquet part with their metadata) and G = BᵀB (the partial)."""
-    layout = shard_layout(dataset_uri, ref)
-    std = _Standardiser(stats_uri, layout, options)
+    """B = Z Q for the group's rows (saved as a Parquet part with their metadata) and G = BᵀB (the partial)."""
+    std = _Standardiser(stats_uri, options)
     q = load_tensors(basis_uri)["Q"].to(std.device, std.dtype)
     gram = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=std.device)
     total = torch.zeros((), dtype=torch.float64, device=std.device)
     tables = []
-    for meta, w in _iter_ref(dataset_uri, ref, layout, META_COLUMNS):
-        z = std(w)
+    for layout, meta, w in _iter_group(dataset_uri, group, META_COLUMNS):
+        z = std(layout, w)
         b = z @ q
         norms = z.square().sum(1, dtype=torch.float64)
         gram += b.T.to(torch.float64) @ b.to(torch.float64)
         total += norms.sum()
         tables.append(meta.append_column("B", _fixed_list(b.cpu().float().numpy())).append_column(
             "norm2", pa.array(norms.cpu().numpy())))
-    part = join(work_uri, "project", f"{ref.name}.parquet")
+    part = join(work_uri, "project", f"{group.name}.parquet")
     fs, path = filesystem(part)
     with atomic_write(fs, path) as f:
         pq.write_table(pa.concat_tables(tables), f)
-    out = join(work_uri, "project", f"{ref.name}.safetensors")
+    out = join(work_uri, "project", f"{group.name}.safetensors")
     return save_tensors(out, {"G": gram.cpu(), "total": total.cpu().reshape(1)})
 
 
@@ -329,12 +361,12 @@ def finalise(
 
 
 def _part_of(partial_uri: str) -> str:
-    """The Parquet part (B and metadata) written beside a ``shard_project`` partial."""
+    """The Parquet part (B and metadata) written beside a ``group_project`` partial."""
     return partial_uri.removesuffix(".safetensors") + ".parquet"
 
 
 def _write_coords(uri: str, parts: Sequence[str], v: torch.Tensor) -> None:
-    """Stream each shard's B through V: coords = B V[:, :k], residual = ‖z − ẑ‖ / ‖z‖ in standardised space."""
+    """Stream each group's B through V: coords = B V[:, :k], residual = ‖z − ẑ‖ / ‖z‖ in standardised space."""
     fs, path = filesystem(uri)
     writer = None
     with atomic_write(fs, path) as f:
@@ -361,14 +393,21 @@ def cleanup(work_uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def discard(uris: Sequence[str]) -> None:
+    """Delete a pass's partials once reduced: at D×l each they would otherwise pile up pass after pass."""
+    for uri in uris:
+        fs, path = filesystem(uri)
+        fs.rm_file(path)
+
+
 # -- the whole fit, for one process (the flow maps the same functions as tasks) ---------------------------
 
 Mapper = Callable[..., list[Any]]
 Runner = Callable[..., Any]
 
 
-def _serial_map(fn: Callable[..., Any], refs: Sequence[ShardRef], **kwargs: Any) -> list[Any]:
-    return [fn(ref=r, **kwargs) for r in refs]
+def _serial_map(fn: Callable[..., Any], groups: Sequence[ShardGroup], **kwargs: Any) -> list[Any]:
+    return [fn(group=g, **kwargs) for g in groups]
 
 
 def _call(fn: Callable[..., Any], **kwargs: Any) -> Any:
@@ -385,8 +424,8 @@ def fit_subspace(
 ) -> FitResult:
     """Fit the subspace of ``dataset_uri`` into ``out_uri`` (q + 3 passes over the weights).
 
-    ``map_shards(fn, refs, **kwargs)`` runs ``fn(ref=r, **kwargs)`` for every shard and returns the
-    results in order; ``run(fn, **kwargs)`` runs one reduce step. Both call directly by default; the
+    ``map_shards(fn, groups, **kwargs)`` runs ``fn(group=g, **kwargs)`` for every shard group and
+    returns the results in order; ``run(fn, **kwargs)`` runs one reduce step. Both call directly by default; the
     Prefect flow passes ones that submit tasks, so this is the one implementation of the algorithm.
     """
     options = options or SubspaceOptions()
@@ -394,13 +433,16 @@ def fit_subspace(
     refs = shard_refs(dataset_uri)
     if not refs:
         raise ValueError(f"dataset {dataset_uri} has no committed rows")
+    groups = group_shards(refs, options.tasks_per_pass)
     common = {"dataset_uri": dataset_uri, "work_uri": work, "options": options}
-    stats = run(reduce_moments, partials=map_shards(shard_moments, refs, **common), work_uri=work)
+    stats = run(reduce_moments, partials=map_shards(group_moments, groups, **common), work_uri=work)
     basis = run(initial_basis, stats_uri=stats, work_uri=work, options=options)
     for step in range(1, options.power_iters + 2):
-        partials = map_shards(shard_power, refs, basis_uri=basis, stats_uri=stats, **common)
-        basis = run(orthonormalise, partials=partials, work_uri=work, step=step)
-    partials = map_shards(shard_project, refs, basis_uri=basis, stats_uri=stats, **common)
+        partials = map_shards(group_power, groups, basis_uri=basis, stats_uri=stats, **common)
+        previous, basis = basis, run(orthonormalise, partials=partials, work_uri=work, step=step)
+        if not options.keep_work:
+            discard([*partials, previous])
+    partials = map_shards(group_project, groups, basis_uri=basis, stats_uri=stats, **common)
     layout = shard_layout(dataset_uri, refs[0])
     result = run(finalise, dataset_uri=dataset_uri, out_uri=out_uri, partials=partials, basis_uri=basis,
                  stats_uri=stats, options=options, layout_json=layout.to_json())

@@ -15,7 +15,7 @@ from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.subspace import SubspaceOptions, fit_subspace, load_subspace
+from weightzoo.tasks.subspace import ShardRef, SubspaceOptions, fit_subspace, group_shards, load_subspace
 
 N, D, RANK, K = 600, 2000, 12, 8
 
@@ -86,19 +86,34 @@ def matrix() -> np.ndarray:
 
 
 def test_streaming_matches_exact_svd_for_any_sharding(tmp_path: Path, matrix: np.ndarray) -> None:
-    """One shard of one row group, and 8 shards of row groups of 13: both match the exact SVD and,
-    with the same seed, each other (up to float rounding)."""
+    """One shard of one row group; 8 shards of row groups of 13, one task per shard; the same 8 shards
+    in 3 groups: all match the exact SVD and, with the same seed, each other (up to float rounding)."""
     subs = []
-    for i, (rows, rg) in enumerate([(600, 600), (77, 13)]):
-        write_matrix(str(tmp_path / f"ds{i}"), matrix, rows, rg)
-        result = fit_subspace(str(tmp_path / f"ds{i}"), str(tmp_path / f"s{i}"), SubspaceOptions(components=K))
+    for i, (rows, rg, tasks) in enumerate([(600, 600, 8), (77, 13, 8), (77, 13, 3)]):
+        if not (tmp_path / f"ds{rows}").exists():
+            write_matrix(str(tmp_path / f"ds{rows}"), matrix, rows, rg)
+        opts = SubspaceOptions(components=K, tasks_per_pass=tasks)
+        result = fit_subspace(str(tmp_path / f"ds{rows}"), str(tmp_path / f"s{i}"), opts)
         assert result.rows == N
         check_against_exact(matrix, str(tmp_path / f"s{i}"))
         assert not any((tmp_path / f"s{i}" / "_work").iterdir())  # work files removed
         subs.append(load_subspace(str(tmp_path / f"s{i}")))
-    a, b = subs
-    assert torch.allclose(a.singular_values, b.singular_values, rtol=1e-4)
-    assert torch.allclose((a.components * b.components).sum(1).abs(), torch.ones(K), atol=1e-4)
+    a = subs[0]
+    for b in subs[1:]:
+        assert torch.allclose(a.singular_values, b.singular_values, rtol=1e-4)
+        assert torch.allclose((a.components * b.components).sum(1).abs(), torch.ones(K), atol=1e-4)
+
+
+def test_group_shards_keeps_order_and_bounds_the_partials() -> None:
+    refs = [ShardRef(f"s{i}", None, nbytes, "fp", f"{i:05d}") for i, nbytes in enumerate([5, 1, 1, 1, 9, 2, 2, 3])]
+    for groups in (1, 2, 3, 8, 20):
+        out = group_shards(refs, groups)
+        assert len(out) <= min(groups, len(refs))
+        assert [r for g in out for r in g.refs] == refs and all(g.refs for g in out)
+    assert group_shards(refs, 1)[0].name == "00000-00007"
+    equal = [ShardRef(f"s{i}", None, 100, "fp", f"{i:05d}") for i in range(8)]
+    assert [len(g.refs) for g in group_shards(equal, 8)] == [1] * 8
+    assert [len(g.refs) for g in group_shards(equal, 4)] == [2] * 4
 
 
 def test_fp16_rows_and_only_committed_rows(tmp_path: Path, matrix: np.ndarray) -> None:
