@@ -7,7 +7,7 @@ Writes one synthetic dataset (N × D fp16 rows: a power-law spectrum of rank ``-
 real weight spectra decay slowly) as real shards, then fits each method in its own subprocess so its
 peak RSS (``ru_maxrss``) is its own. weightzoo streams the shards (q + 3 passes, I/O included); the
 baselines get the standardised N × D float32 matrix in memory (reading it is timed separately). The
-reference is exact: eigh of the float64 Gram matrix Z Zᵀ. Prints seconds, peak RSS, the largest
+reference is exact: eigh (float64) of the Gram matrix Z Zᵀ (computed with float32 BLAS). Prints seconds, peak RSS, the largest
 relative error of the top-k explained variance, and the smallest cosine of the principal angles.
 
 ``--memory`` fits only weightzoo at several N (same D) and prints peak RSS per N: it must stay flat,
@@ -90,11 +90,10 @@ def run_method(method: str, uri: str, k: int, p: int, q: int, out: str) -> dict:
 
             ipca = IncrementalPCA(n_components=k, batch_size=max(k + p, 500), copy=False).fit(z.numpy())
             s2, comps = torch.from_numpy(ipca.singular_values_).double().square(), torch.from_numpy(ipca.components_)
-        elif method == "exact":
-            zd = z.double()
-            evals, u = torch.linalg.eigh(zd @ zd.T)
+        elif method == "exact":  # Gram Z Zᵀ with float32 BLAS (4x faster than float64), eigh in float64
+            evals, u = torch.linalg.eigh((z @ z.T).double())
             evals, u = evals.flip(0)[:k], u.flip(1)[:, :k]
-            s2, comps = evals, (zd.T @ u / evals.sqrt()).T
+            s2, comps = evals, (z.T @ u.float()).double().div_(evals.sqrt()).T
         else:
             raise ValueError(method)
     seconds = time.perf_counter() - t0

@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="Matmul dtype (default float32).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random test matrix (default 0).")
     p.add_argument("--work", help="Work URI for partial results (default <out>/_work/<token>).")
+    p.add_argument("--tasks-per-pass", type=int, default=8,
+                   help="Shard groups per pass: parallel tasks, one D×l partial file each (default 8).")
     p.add_argument("--no-prefect", action="store_true",
                    help="Run in this process without Prefect (no API, no artifacts); same result.")
     p.set_defaults(func=run)
@@ -25,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.tasks.subspace import SubspaceOptions, fit_subspace
 
     options = SubspaceOptions(components=args.components, oversample=args.oversample, power_iters=args.power_iters,
-                              device=args.device, dtype=args.dtype, seed=args.seed)
+                              device=args.device, dtype=args.dtype, seed=args.seed, tasks_per_pass=args.tasks_per_pass)
     if args.no_prefect:
         result = fit_subspace(args.dataset, args.out, options, args.work)
     else:
