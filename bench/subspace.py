@@ -5,7 +5,7 @@
 
 Writes one synthetic dataset (N × D fp16 rows: a power-law spectrum of rank ``--rank`` plus noise, as
 real weight spectra decay slowly) as real shards, then fits each method in its own subprocess so its
-peak RSS (``ru_maxrss``) is its own. weightzoo streams the shards (q + 3 passes, I/O included); the
+peak RSS (``VmHWM``) is its own. weightzoo streams the shards (q + 3 passes, I/O included); the
 baselines get the standardised N × D float32 matrix in memory (reading it is timed separately). The
 reference is exact: eigh (float64) of the Gram matrix Z Zᵀ (computed with float32 BLAS). Prints seconds, peak RSS, the largest
 relative error of the top-k explained variance, and the smallest cosine of the principal angles.
@@ -99,7 +99,17 @@ def run_method(method: str, uri: str, k: int, p: int, q: int, out: str) -> dict:
     seconds = time.perf_counter() - t0
     np.save(out + "-s2.npy", s2.numpy())
     np.save(out + "-comps.npy", comps.float().numpy())
-    return {"seconds": seconds, "load_seconds": load, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds, "load_seconds": load, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. Linux's ``ru_maxrss`` survives fork + exec, so a child would report at
+    least its parent's RSS at the fork; ``VmHWM`` belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def in_subprocess(method: str, uri: str, k: int, p: int, q: int, out: str) -> dict:
@@ -110,10 +120,9 @@ def in_subprocess(method: str, uri: str, k: int, p: int, q: int, out: str) -> di
 
 
 def idle_rss() -> float:
-    """Peak RSS of a process that only imports torch, numpy, pyarrow and weightzoo: the floor of every row."""
-    code = ("import resource, torch, numpy, pyarrow, sklearn.decomposition; import weightzoo.tasks.subspace; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+    """Peak RSS of a process that only imports what the children import: the floor of every row."""
+    out = subprocess.run([sys.executable, __file__, "--idle"], check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
 
 
 # -- the runs ----------------------------------------------------------------------------------------------
@@ -185,6 +194,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="Threads for every method (torch and BLAS); default: the libraries' own choice.")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--idle", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--uri", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,9 +202,14 @@ def main() -> None:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(args.threads)
         torch.set_num_threads(args.threads)
-    if args.child:
+    if args.child or args.idle:
         import sklearn.decomposition  # noqa: F401 - every child pays this import before timing, so RSS floors agree
 
+        import weightzoo.tasks.subspace  # noqa: F401
+    if args.idle:
+        print(peak_rss_mb())
+        return
+    if args.child:
         print(json.dumps(run_method(args.child, args.uri, args.components, args.oversample, args.power_iters, args.out)))
         return
     tmp = tempfile.mkdtemp(dir=args.dir)
