@@ -160,8 +160,9 @@ class _Standardiser:
         self.inv_std = (1.0 / st["std"]).to(self.device, self.dtype)
 
     def __call__(self, layout: Layout, w: np.ndarray) -> torch.Tensor:
-        x = layout.as_tensor(w).to(self.device, self.dtype)
-        return (x - self.mean).mul_(self.inv_std)
+        # Always a fresh copy (w may be a read-only memory map), then in place: one (n, D) allocation, not two.
+        x = layout.as_tensor(w).to(self.device, self.dtype, copy=True)
+        return x.sub_(self.mean).mul_(self.inv_std)
 
 
 # -- pass 0: moments -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest", required=True, help="Manifest URI (jsonl/csv/parquet).")
     p.add_argument("--base", required=True, help="Base diffusers pipeline URI (local folder or s3://...).")
     p.add_argument("--dataset", required=True, help="Dataset URI (local folder or s3://bucket/prefix).")
-    p.add_argument("--batch-size", type=int, default=None, help="Items per batch (one child run, one shard).")
+    p.add_argument("--batch-size", type=int, default=None, help="Items per batch (one child run, one shard; default 64).")
     p.add_argument("--executor", choices=["local", "deployment"], default="local",
                    help="local: in this process (default); deployment: one deployment run per batch on a work pool.")
     p.add_argument("--deployment", default=None, help="'<flow>/<deployment>' for --executor deployment.")
