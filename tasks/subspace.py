@@ -274,19 +274,22 @@ def group_project(
     q = load_tensors(basis_uri)["Q"].to(std.device, std.dtype)
     gram = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=std.device)
     total = torch.zeros((), dtype=torch.float64, device=std.device)
-    tables = []
-    for layout, meta, w in _iter_group(dataset_uri, group, META_COLUMNS):
-        z = std(layout, w)
-        b = z @ q
-        norms = z.square().sum(1, dtype=torch.float64)
-        gram += b.T.to(torch.float64) @ b.to(torch.float64)
-        total += norms.sum()
-        tables.append(meta.append_column("B", _fixed_list(b.cpu().float().numpy())).append_column(
-            "norm2", pa.array(norms.cpu().numpy())))
-    part = join(work_uri, "project", f"{group.name}.parquet")
-    fs, path = filesystem(part)
+    fs, path = filesystem(join(work_uri, "project", f"{group.name}.parquet"))
     with atomic_write(fs, path) as f:
-        pq.write_table(pa.concat_tables(tables), f)
+        writer = None  # streamed row group by row group: a group's B (n×l) is never all in memory
+        for layout, meta, w in _iter_group(dataset_uri, group, META_COLUMNS):
+            z = std(layout, w)
+            b = z @ q
+            norms = z.square().sum(1, dtype=torch.float64)
+            gram += b.T.to(torch.float64) @ b.to(torch.float64)
+            total += norms.sum()
+            table = meta.append_column("B", _fixed_list(b.cpu().float().numpy())).append_column(
+                "norm2", pa.array(norms.cpu().numpy()))
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+        if writer is None:
+            raise ValueError(f"shard group {group.name} has no visible rows")
+        writer.close()
     out = join(work_uri, "project", f"{group.name}.safetensors")
     return save_tensors(out, {"G": gram.cpu(), "total": total.cpu().reshape(1)})
 
