@@ -285,7 +285,8 @@ def group_project(
             total += norms.sum()
             table = meta.append_column("B", _fixed_list(b.cpu().float().numpy())).append_column(
                 "norm2", pa.array(norms.cpu().numpy()))
-            writer = writer or pq.ParquetWriter(f, table.schema)
+            if writer is None:
+                writer = pq.ParquetWriter(f, table.schema)
             writer.write_table(table)
         if writer is None:
             raise ValueError(f"shard group {group.name} has no visible rows")
@@ -316,7 +317,7 @@ def finalise(
 ) -> FitResult:
     """Rayleigh–Ritz on the last basis, then write subspace.safetensors, coords.parquet and card.json.
 
-    Memory: Q (D×l) and the components (k×D), plus one shard's B (n×l) at a time for the coordinates.
+    Memory: Q (D×l) and the components (k×D), plus one row group's B at a time for the coordinates.
     """
     k = options.components
     gram = torch.zeros(options.width, options.width, dtype=torch.float64)
@@ -377,16 +378,17 @@ def _write_coords(uri: str, parts: Sequence[str], v: torch.Tensor) -> None:
         for part in parts:
             pfs, ppath = filesystem(part)
             with pfs.open(ppath, "rb") as pf:
-                t = pq.read_table(pf)
-            b = torch.from_numpy(np.array(t.column("B").combine_chunks().flatten()).reshape(t.num_rows, -1))
-            c = b @ v
-            norm2 = torch.from_numpy(t.column("norm2").to_numpy().copy())
-            resid = (1 - c.double().square().sum(1) / norm2.clamp_min(1e-30)).clamp_min(0).sqrt()
-            out = t.select(META_COLUMNS).append_column("coords", _fixed_list(c.numpy())).append_column(
-                "residual", pa.array(resid.float().numpy()))
-            if writer is None:
-                writer = pq.ParquetWriter(f, out.schema)
-            writer.write_table(out)
+                for batch in pq.ParquetFile(pf).iter_batches():  # a part's row groups, one at a time
+                    t = pa.Table.from_batches([batch])
+                    b = torch.from_numpy(np.array(t.column("B").combine_chunks().flatten()).reshape(t.num_rows, -1))
+                    c = b @ v
+                    norm2 = torch.from_numpy(t.column("norm2").to_numpy().copy())
+                    resid = (1 - c.double().square().sum(1) / norm2.clamp_min(1e-30)).clamp_min(0).sqrt()
+                    out = t.select(META_COLUMNS).append_column("coords", _fixed_list(c.numpy())).append_column(
+                        "residual", pa.array(resid.float().numpy()))
+                    if writer is None:
+                        writer = pq.ParquetWriter(f, out.schema)
+                    writer.write_table(out)
         if writer is not None:
             writer.close()
 
