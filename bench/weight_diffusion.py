@@ -141,7 +141,8 @@ def pretrain_base(args: argparse.Namespace, random_base: Path, out: Path) -> Non
     losses = []
     for step in range(args.pretrain_steps):
         idx = torch.randint(0, len(latents), (32,), generator=g)
-        x, noise = latents[idx], torch.randn(latents[idx].shape, generator=g)
+        x = latents[idx]
+        noise = torch.randn(x.shape, generator=g)
         t = torch.randint(0, sched.config.num_train_timesteps, (32,), generator=g)
         loss = F.mse_loss(unet(sched.add_noise(x, noise, t), t, encoder_hidden_states=cond[idx]).sample, noise)
         loss.backward()
@@ -166,9 +167,11 @@ def attribute_structure(ds, rows) -> dict[str, tuple[float, float]]:
     attrs = [r.attributes for r in rows]
     out = {}
     for name in ATTRIBUTES:
-        same = [float(cos[i, j]) for i in range(len(ids)) for j in range(i) if attrs[i][name] == attrs[j][name]]
-        diff = [float(cos[i, j]) for i in range(len(ids)) for j in range(i) if attrs[i][name] != attrs[j][name]]
-        out[name] = (float(np.mean(same)) if same else float("nan"), float(np.mean(diff)) if diff else float("nan"))
+        buckets: dict[bool, list[float]] = {True: [], False: []}  # same label? -> cosines of the pairs
+        for i in range(len(ids)):
+            for j in range(i):
+                buckets[attrs[i][name] == attrs[j][name]].append(float(cos[i, j]))
+        out[name] = tuple(float(np.mean(b)) if b else float("nan") for b in (buckets[True], buckets[False]))
     return out
 
 
