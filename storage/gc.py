@@ -1,0 +1,136 @@
+"""Find and remove orphan shards: shard files under ``shards/`` that no commit entry points at.
+
+A writer killed between writing its shard and committing it, or a commit refused (another layout),
+leaves a complete shard that readers never see. It only costs storage, so removing it is safe —
+except that an in-flight batch also has a shard without a commit entry, for the moment between its
+upload and its commit. Hence the grace period: a shard modified less than ``older_than`` ago is
+never a candidate, whatever the ledger says. The grace must exceed the longest time from a shard's
+modification time to its commit (on S3 a multipart object's ``LastModified`` may be when its
+upload *started*, so count a slow upload in too).
+
+Only files named like the shards ``Ledger.new_shard_path`` makes are considered; ledger files,
+temporary files and anything else under the dataset are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from weightzoo.storage.fs import StorageOptions, join, redact
+from weightzoo.storage.ledger import SHARDS, Ledger
+
+log = logging.getLogger(__name__)
+
+# `<batch>-<token>.parquet` exactly as Ledger.new_shard_path names them (batch passes check_id).
+SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}-[0-9a-f]{12}\.parquet$")
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An uncommitted shard older than the grace period. ``path`` is relative to the dataset root."""
+
+    path: str
+    size: int  # bytes
+    mtime: datetime  # UTC
+
+
+@dataclass
+class GcReport:
+    """What one gc pass found and (when ``deleted``) removed."""
+
+    dataset: str  # redacted URI, safe to print
+    older_than: timedelta
+    orphans: list[Orphan] = field(default_factory=list)
+    recent: int = 0  # uncommitted shards inside the grace period, kept (maybe about to be committed)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why) — not judged
+    deleted: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.size for o in self.orphans)
+
+
+def _mtime(info: dict[str, Any]) -> datetime | None:
+    """The modification time in an fsspec info dict: local ``mtime`` (epoch s), S3 ``LastModified``."""
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        value = info.get(key)
+        if isinstance(value, datetime):
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        if isinstance(value, int | float):
+            return datetime.fromtimestamp(value, UTC)
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value)
+            except ValueError:
+                continue
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def _referenced(ledger: Ledger) -> set[str]:
+    """File names of every shard a commit entry points at, including entries left with no visible ids.
+
+    Compared by file name, not full path: names carry a unique token, and an entry whose shard path was
+    recorded with another spelling of the dataset root still protects its shard.
+    """
+    return {c.shard.rsplit("/", 1)[-1] for c in ledger.commits()}
+
+
+def _scan(ledger: Ledger, older_than: timedelta, report: GcReport) -> None:
+    folder = join(ledger.root, SHARDS)
+    ledger.fs.invalidate_cache(folder)
+    try:
+        listing = ledger.fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return
+    # The ledger is read *after* the listing: a shard committed before we listed it is seen as committed.
+    referenced = _referenced(ledger)
+    cutoff = datetime.now(UTC) - older_than
+    for info in sorted(listing, key=lambda i: i["name"]):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") != "file" or not SHARD_NAME.match(name) or name in referenced:
+            continue
+        rel = f"{SHARDS}/{name}"
+        mtime = _mtime(info) or _mtime(ledger.fs.info(info["name"]))
+        if mtime is None:
+            log.warning("gc: %s has no modification time; skipped", rel)
+            report.skipped.append((rel, "no modification time"))
+        elif mtime > cutoff:
+            report.recent += 1
+        else:
+            report.orphans.append(Orphan(rel, int(info.get("size") or 0), mtime))
+
+
+def find_orphans(
+    dataset_uri: str, older_than: timedelta, storage_options: StorageOptions = None
+) -> list[Orphan]:
+    """Uncommitted shards of a dataset last modified at least ``older_than`` ago (reads only)."""
+    return collect(dataset_uri, older_than, delete=False, storage_options=storage_options).orphans
+
+
+def collect(
+    dataset_uri: str, older_than: timedelta, delete: bool, storage_options: StorageOptions = None
+) -> GcReport:
+    """Find orphan shards and, with ``delete=True``, remove them. Raises if the dataset does not exist.
+
+    Before deleting, the ledger is read once more and any shard committed meanwhile is kept; this
+    narrows the race with a very late commit, but the grace period is what makes deletion safe.
+    """
+    if older_than < timedelta(0):
+        raise ValueError(f"older_than must not be negative, got {older_than}")
+    ledger = Ledger(dataset_uri, storage_options)
+    if not ledger.fs.exists(ledger.root):
+        raise FileNotFoundError(f"no dataset at {redact(ledger.uri)}")
+    report = GcReport(dataset=redact(ledger.uri), older_than=older_than)
+    _scan(ledger, older_than, report)
+    if delete and report.orphans:
+        late = _referenced(ledger)
+        report.orphans = [o for o in report.orphans if o.path.rsplit("/", 1)[-1] not in late]
+        if report.orphans:
+            ledger.fs.rm([ledger.abspath(o.path) for o in report.orphans])
+    report.deleted = delete
+    return report

@@ -1,0 +1,159 @@
+"""gc: only old, uncommitted shard files are removed; committed rows, ledger and other files stay."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from weightzoo.cli import main
+from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.gc import _mtime, collect, find_orphans
+from weightzoo.storage.layout import Layout
+from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.shards import write_shard
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shard_writer_proc import rows_for  # noqa: E402
+
+DIM = 16
+LAYOUT = Layout(("w",), ((DIM,),), "float16")
+HOUR = timedelta(hours=1)
+
+
+def _commit(ledger: Ledger, batch: str, n: int = 3) -> str:
+    rows, w = rows_for(batch, n, DIM)
+    info = write_shard(ledger.fs, ledger.new_shard_path(batch), LAYOUT, rows, w)
+    assert ledger.commit(batch, info) is not None
+    return info.path
+
+
+def _orphan(ledger: Ledger, batch: str) -> str:
+    """A shard written like a batch attempt's, never committed (its writer 'crashed')."""
+    rows, w = rows_for(batch, 2, DIM)
+    return write_shard(ledger.fs, ledger.new_shard_path(batch), LAYOUT, rows, w).path
+
+
+def _age(path: str, hours: float = 3) -> None:
+    t = time.time() - hours * 3600
+    os.utime(path, (t, t))
+
+
+def _all_files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+def _rows(uri: str) -> dict[str, np.ndarray]:
+    return {i: w[k] for t, w in Dataset(uri).iter_batches() for k, i in enumerate(t.column("id").to_pylist())}
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[str, str, str]:
+    """A dataset with two committed shards, one old orphan, one fresh orphan, and old non-shard files.
+
+    Returns (uri, old orphan's relative path, fresh orphan's relative path). Everything but the fresh
+    orphan is backdated 3 h, so only the commit ledger keeps committed shards from being collected.
+    """
+    uri = str(tmp_path / "ds")
+    ledger = Ledger(uri)
+    committed = [_commit(ledger, "b0"), _commit(ledger, "b1")]
+    # a race loser: a second attempt at b0 committed with no visible ids — its entry still points at it
+    rows, w = rows_for("b0", 3, DIM)
+    loser = write_shard(ledger.fs, ledger.new_shard_path("b0"), LAYOUT, rows, w)
+    ledger.commits = lambda: []  # type: ignore[method-assign]  # both writers read the ledger before either wrote
+    assert ledger.commit("b0", loser) is not None
+    old, fresh = _orphan(ledger, "b2"), _orphan(ledger, "b3")
+    (tmp_path / "ds" / "shards" / "notes.txt").write_text("not a shard")
+    (tmp_path / "ds" / "shards" / "b9-0123456789ab.parquet.tmp-0123456789ab").write_bytes(b"partial")
+    for p in (tmp_path / "ds").rglob("*"):
+        if p.is_file() and str(p) != fresh:
+            _age(str(p))
+    assert {ledger._relative(p) for p in committed} <= _all_files(tmp_path / "ds")
+    return uri, ledger._relative(old), ledger._relative(fresh)
+
+
+def test_dry_run_lists_exactly_the_old_orphan(dataset: tuple[str, str, str]) -> None:
+    uri, old, _ = dataset
+    before = _all_files(Path(uri))
+    orphans = find_orphans(uri, HOUR)
+    assert [o.path for o in orphans] == [old]
+    assert orphans[0].size == os.path.getsize(os.path.join(uri, old)) > 0
+    assert datetime.now(UTC) - orphans[0].mtime > timedelta(hours=2)
+    report = collect(uri, HOUR, delete=False)
+    assert report.recent == 1 and not report.skipped and not report.deleted
+    assert _all_files(Path(uri)) == before  # a dry run deletes nothing
+
+
+def test_fresh_orphan_is_kept_by_the_grace_period(dataset: tuple[str, str, str]) -> None:
+    uri, old, fresh = dataset
+    assert fresh not in {o.path for o in find_orphans(uri, HOUR)}
+    assert {o.path for o in find_orphans(uri, timedelta(0))} == {old, fresh}  # no grace: both
+    assert find_orphans(uri, timedelta(hours=4)) == []  # grace longer than the old orphan's age
+
+
+def test_delete_removes_only_the_orphan(dataset: tuple[str, str, str]) -> None:
+    uri, old, _ = dataset
+    before_rows = _rows(uri)
+    before = _all_files(Path(uri))
+    report = collect(uri, HOUR, delete=True)
+    assert report.deleted and [o.path for o in report.orphans] == [old]
+    assert _all_files(Path(uri)) == before - {old}
+    after_rows = _rows(uri)
+    assert sorted(after_rows) == sorted(f"b{b}-{i}" for b in (0, 1) for i in range(3))
+    assert all(np.array_equal(after_rows[i], before_rows[i]) for i in before_rows)
+    assert find_orphans(uri, HOUR) == []  # a second pass finds nothing
+
+
+def test_cli_dry_run_then_delete(dataset: tuple[str, str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    uri, old, fresh = dataset
+    assert main(["gc", "--dataset", uri]) == 0
+    out = capsys.readouterr().out
+    assert "would remove 1 orphan shard," in out and old in out and fresh not in out and "dry run" in out
+    assert os.path.exists(os.path.join(uri, old))
+
+    assert main(["gc", "--dataset", uri, "--older-than", "30m", "--delete"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 1 orphan shard," in out and old in out
+    assert not os.path.exists(os.path.join(uri, old)) and os.path.exists(os.path.join(uri, fresh))
+    assert len(Dataset(uri)) == 6
+
+    assert main(["gc", "--dataset", uri, "--older-than", "2d"]) == 0
+    assert "would remove 0 orphan shards" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_durations_and_missing_datasets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["gc", "--dataset", str(tmp_path), "--older-than", "1 hour"])
+    assert main(["gc", "--dataset", str(tmp_path / "nope")]) == 2
+    assert "no dataset at" in capsys.readouterr().err
+
+
+def test_mtime_from_fsspec_info() -> None:
+    t = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert _mtime({"mtime": t.timestamp()}) == t  # local
+    assert _mtime({"LastModified": t}) == t  # s3fs
+    assert _mtime({"size": 1}) is None
+
+
+def test_gc_over_s3(s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """S3 mtimes cannot be backdated, so the grace is exercised as 'default keeps it, 0s collects it'."""
+    uri = s3_bucket + "/dataset"
+    ledger = Ledger(uri)
+    _commit(ledger, "s0")
+    orphan = ledger._relative(_orphan(ledger, "s1"))
+    report = collect(uri, HOUR, delete=False)
+    assert report.orphans == [] and report.recent == 1  # LastModified read: it is fresh
+    assert [o.path for o in find_orphans(uri, timedelta(0))] == [orphan]
+    assert main(["gc", "--dataset", uri, "--older-than", "0s", "--delete"]) == 0
+    out = capsys.readouterr().out
+    assert orphan in out and "removed 1 orphan shard," in out
+    assert not ledger.fs.exists(ledger.abspath(orphan))
+    assert sorted(Dataset(uri).ids) == [f"s0-{i}" for i in range(3)]
+    assert "testing" not in out  # no credentials in what is printed

@@ -1,0 +1,62 @@
+"""``weightzoo gc``: list (dry run) or delete a dataset's orphan shards — shards no commit points at."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from datetime import timedelta
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30m``, ``1h``, ``2d``, ``0s`` → a timedelta (argparse type; a bad value is a usage error)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 1h, 2d or 0s")
+    return timedelta(**{_UNITS[m[2]]: float(m[1])})
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gc", help="Remove orphan shards (written but never committed); a dry run by default.")
+    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    p.add_argument(
+        "--older-than",
+        type=parse_duration,
+        default=timedelta(hours=1),
+        metavar="DURATION",
+        help="Grace period (default 1h): newer uncommitted shards may belong to a batch about to commit.",
+    )
+    p.add_argument("--delete", action="store_true", help="Delete the orphans (without it, only list them).")
+    p.set_defaults(func=run)
+
+
+def _human(nbytes: int) -> str:
+    size, units = float(nbytes), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size, units = size / 1024, units[1:]
+    return f"{size:.1f} {units[0]}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from weightzoo.storage.gc import collect
+
+    if args.delete and args.older_than == timedelta(0):
+        print("warning: --older-than 0s: shards of batches still running may be deleted", file=sys.stderr)
+    r = collect(args.dataset, args.older_than, delete=args.delete)
+    n = len(r.orphans)
+    verb = "removed" if r.deleted else "would remove"
+    print(
+        f"{r.dataset}: {verb} {n} orphan shard{'s' * (n != 1)}, {r.nbytes} bytes ({_human(r.nbytes)}), "
+        f"older than {r.older_than}"
+    )
+    for o in r.orphans:
+        print(f"  {o.path}  {o.size} bytes  modified {o.mtime.isoformat(timespec='seconds')}")
+    if r.recent:
+        print(f"  kept {r.recent} uncommitted shard(s) newer than {r.older_than} (may be about to commit)")
+    for path, why in r.skipped:
+        print(f"  skipped {path}: {why}")
+    if n and not r.deleted:
+        print("dry run: nothing deleted; rerun with --delete to remove them")
+    return 0
