@@ -2,7 +2,7 @@
 
 Each pass over the weights is one task per group of shards (mapped; they run in parallel on the
 flow's task runner, or on many workers), and each reduce step is one task; only file URIs travel between them,
-the D×l matrices live under the work URI as safetensors. The algorithm itself is
+the D×b matrices live under the work URI as safetensors. The algorithm itself is
 ``weightzoo.tasks.subspace.fit_subspace``; this flow supplies a mapper that submits tasks.
 """
 
@@ -22,13 +22,12 @@ from weightzoo.tasks import subspace as sp
 # A retried group re-reads its shards: a transient storage error is worth two retries.
 _GROUP_TASKS: dict[Callable[..., Any], Any] = {
     sp.group_moments: task(sp.group_moments, name="moments", task_run_name="moments-{group.name}", retries=2),
-    sp.group_power: task(sp.group_power, name="power", task_run_name="power-{group.name}", retries=2),
-    sp.group_project: task(sp.group_project, name="project", task_run_name="project-{group.name}", retries=2),
+    sp.group_power: task(sp.group_power, name="power", task_run_name="power-{step}-{group.name}", retries=2),
 }
 _REDUCE_TASKS: dict[Callable[..., Any], Any] = {
     sp.reduce_moments: task(sp.reduce_moments, name="reduce-moments"),
     sp.initial_basis: task(sp.initial_basis, name="initial-basis"),
-    sp.orthonormalise: task(sp.orthonormalise, name="orthonormalise", task_run_name="orthonormalise-{step}"),
+    sp.reduce_power: task(sp.reduce_power, name="reduce-power", task_run_name="reduce-power-{step}"),
     sp.finalise: task(sp.finalise, name="finalise"),
 }
 
@@ -87,7 +86,7 @@ def _run_name() -> str:
 
 @flow(name="fit-subspace", flow_run_name=_run_name)
 def fit_subspace(params: FitSubspaceParams) -> sp.FitResult:
-    """Fit the weights2weights subspace of a dataset (q + 3 passes, each mapped over groups of shards)."""
+    """Fit the weights2weights subspace of a dataset (q + 2 passes, each mapped over groups of shards)."""
     result = sp.fit_subspace(params.dataset, params.out, params.options, params.work,
                              map_shards=_map_tasks, run=_run_task)
     publish(result)

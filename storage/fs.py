@@ -71,11 +71,12 @@ def is_local(fs: AbstractFileSystem) -> bool:
 
 
 @contextmanager
-def atomic_write(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
+def atomic_write(fs: AbstractFileSystem, path: str, durable: bool = True) -> Iterator[IO[bytes]]:
     """Open ``path`` for writing so that it appears whole or not at all.
 
     Local disk: write a temporary sibling, fsync, then ``os.replace``. Object stores (S3): an
     object becomes visible only when its upload completes, so a plain write is already atomic.
+    ``durable=False`` skips the fsync (still atomic): for scratch files that a crash makes moot anyway.
     """
     if not is_local(fs):
         f = fs.open(path, "wb")
@@ -93,15 +94,16 @@ def atomic_write(fs: AbstractFileSystem, path: str) -> Iterator[IO[bytes]]:
         with open(tmp, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
-    with atomic_write(fs, path) as f:
+def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
+    with atomic_write(fs, path, durable) as f:
         f.write(data)
 
 

@@ -2,21 +2,30 @@
 
 What is fitted: each parameter (column) is standardised, ``z = (x − mean) / std`` (as weights2weights
 does; a constant column gets std 1 so it contributes nothing), then the top-k right singular vectors
-of the standardised matrix Z (N×D) are found with a randomized range finder (Halko, Martinsson and
-Tropp 2011) run on the D-side, so no state ever grows with N:
+of the standardised matrix Z (N×D) are found by randomized block Krylov iteration (Musco and Musco
+2015; Tropp and Webber 2023) with A = ZᵀZ applied on the D-side, so no state ever grows with N:
 
-    pass 0       moments: count, mean, M2 per column (float64, Chan's parallel merge)
-    pass 1       Y = Zᵀ(Z Ω)            Ω: D×l Gaussian, l = k + p        → Q = qr(Y)
-    pass 2..q+1  Y = Zᵀ(Z Q)            (power iterations, QR between passes)
-    last pass    B = Z Q (n×l per group, written to the work URI), G = BᵀB   → eigh(G) = V Λ Vᵀ
-                 components = (Q V)ᵀ[:k], singular values √Λ, coordinates B V[:, :k]
+    pass 0     moments: count, mean, M2 per column (float64, Chan's parallel merge)
+    pass j     AQⱼ = Zᵀ(Z Qⱼ), j = 0..q      Q₀ = qr(Ω), Ω: D×b Gaussian
+               Qⱼ₊₁ = qr(AQⱼ − K Kᵀ AQⱼ), twice (block Gram–Schmidt against K = [Q₀ … Qⱼ])
+               Bⱼ = Z Qⱼ (n×b per row) is written beside the partial
+    finalise   Rayleigh–Ritz on the Krylov basis K = [Q₀ … Q_q] (D × (q+1)·b):
+               G = Kᵀ A K = Kᵀ [AQ₀ … AQ_q] — every product is already known, so no further pass
+               eigh(G) = V Λ Vᵀ → components (K V)ᵀ[:k], singular values √Λ,
+               coordinates [B₀ … B_q] V[:, :k] (read back from the work files)
+
+Why Krylov and not plain power iterations: a pass costs 4·N·D·b flops either way, but Rayleigh–Ritz
+over the whole Krylov space uses every block, not only the last one. At 10k × 100k and k = 256 on a
+slowly decaying spectrum, q = 3 power iterations (l = 276) captured 0.9954 of the exact top-k
+variance in 4 passes of 276 columns plus a projection pass; block Krylov with b = 128 captures 0.9966
+in 5 passes of 128 columns and no projection pass (docs/BENCHMARKS.md).
 
 Every pass is a sum of partials over groups of shards (at most ``tasks_per_pass`` groups, so the
 partial files do not grow with the number of shards), and each ``group_*`` function below is one
 Prefect task mapped over the groups (``flows/fit_subspace.py``), in one process or on many workers.
-Large matrices (Ω/Q: D×l, partials: D×l) travel as safetensors files under a work URI; tasks return
-only their paths, and a pass's partials are deleted once reduced. Memory per task: O(D·l) plus one
-row group. The last pass keeps B on disk so the coordinates need no extra pass over the weights.
+Large matrices (Qⱼ, AQⱼ: D×b) travel as safetensors files under a work URI; tasks return only their
+paths, and a pass's partials are deleted once reduced. Memory per task: O(D·b) plus one row group;
+the reduce steps hold K and AK, O(D·(q+1)·b).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from weightzoo.storage.dataset import CorruptShardError, Dataset
 from weightzoo.storage.fs import atomic_write, filesystem, join, write_bytes
@@ -57,22 +67,36 @@ class SubspaceOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     components: int = Field(64, ge=1, description="Principal components k to keep.")
-    # Halko et al.: p = 5..10 suffices for fast-decaying spectra; weight spectra decay slowly, so more.
-    oversample: int = Field(10, ge=0, description="Extra sketch columns p (sketch width l = k + p).")
-    # Each power iteration sharpens the spectrum by one more factor of σ²; 2 matches exact to <1% here.
-    power_iters: int = Field(2, ge=0, description="Power iterations q (one pass over the data each).")
+    # Krylov space width (q + 1)·b = 2.5k by default: weight spectra decay slowly, so the Ritz problem
+    # needs room beyond k (the 'oversampling' of a block Krylov method).
+    block_size: int | None = Field(
+        None, ge=1, description="Columns b per Krylov block (one pass each); default ⌈k/2⌉.")
+    power_iters: int = Field(
+        4, ge=0, description="Krylov blocks q after the first: q + 1 passes over the data, width (q + 1)·b.")
     device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    # float32 matmuls with float32 accumulators; moments are always float64.
+    # float32 matmuls with float32 accumulators; moments and the Ritz problem are float64.
     dtype: Literal["float32", "float64"] = Field("float32", description="Compute dtype of the matmuls.")
-    seed: int = Field(0, ge=0, description="Seed of the Gaussian test matrix Ω.")
+    seed: int = Field(0, ge=0, description="Seed of the Gaussian start block Ω.")
     keep_work: bool = Field(False, description="Keep the work files (partials, bases) after the fit.")
-    # Each task writes one D×l partial per pass (400 MB at weights2weights' D and k = 1,000): group
+    # Each task writes one D×b partial per pass (200 MB at weights2weights' D and k = 1,000): group
     # the shards, so thousands of shards do not mean thousands of partials.
     tasks_per_pass: int = Field(8, ge=1, description="Shard groups per pass: parallel tasks, one partial file each.")
 
+    @model_validator(mode="after")
+    def _wide_enough(self) -> SubspaceOptions:
+        if self.width < self.components:
+            raise ValueError(f"the Krylov width (power_iters + 1) · block_size = {self.width} is below "
+                             f"components = {self.components}")
+        return self
+
+    @property
+    def block(self) -> int:
+        return self.block_size or -(-self.components // 2)
+
     @property
     def width(self) -> int:
-        return self.components + self.oversample
+        """Columns of the Krylov basis K: the size of the Rayleigh–Ritz problem."""
+        return (self.power_iters + 1) * self.block
 
 
 @dataclass(frozen=True)
@@ -149,8 +173,32 @@ def _iter_ref(
             yield table, w
 
 
+def _save_work(uri: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Work files are scratch (a crash restarts the fit): atomic, but not fsynced."""
+    return save_tensors(uri, tensors, durable=False)
+
+
+class _RowBuffer:
+    """One (rows, D) compute buffer reused for every row group of a task.
+
+    A fresh 50 MB tensor per row group costs more in page faults than converting fp16 into it
+    (21 ms vs 3 ms for 128 × 100,000 on this CPU); reusing one makes the conversion a plain copy.
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.buf = torch.empty(0, device=device, dtype=dtype)
+
+    def load(self, layout: Layout, w: np.ndarray) -> torch.Tensor:
+        """Row group ``w`` as a writable (n, D) tensor of the compute dtype (w may be a read-only map)."""
+        n, d = w.shape
+        if self.buf.shape[0] < n or self.buf.shape[-1] != d:
+            self.buf = torch.empty(n, d, device=self.device, dtype=self.dtype)
+        return self.buf[:n].copy_(layout.as_tensor(w))
+
+
 class _Standardiser:
-    """z = (x − mean) / std for one row group, on the compute device and dtype."""
+    """z = (x − mean) / std for one row group, on the compute device and dtype (valid until the next call)."""
 
     def __init__(self, stats_uri: str, options: SubspaceOptions) -> None:
         st = load_tensors(stats_uri)
@@ -158,11 +206,10 @@ class _Standardiser:
         self.dtype = COMPUTE_DTYPES[options.dtype]
         self.mean = st["mean"].to(self.device, self.dtype)
         self.inv_std = (1.0 / st["std"]).to(self.device, self.dtype)
+        self.rows = _RowBuffer(self.device, self.dtype)
 
     def __call__(self, layout: Layout, w: np.ndarray) -> torch.Tensor:
-        # Always a fresh copy (w may be a read-only memory map), then in place: one (n, D) allocation, not two.
-        x = layout.as_tensor(w).to(self.device, self.dtype, copy=True)
-        return x.sub_(self.mean).mul_(self.inv_std)
+        return self.rows.load(layout, w).sub_(self.mean).mul_(self.inv_std)
 
 
 # -- pass 0: moments -------------------------------------------------------------------------------------
@@ -191,19 +238,19 @@ def _iter_group(
 
 def group_moments(dataset_uri: str, group: ShardGroup, work_uri: str, options: SubspaceOptions) -> str:
     """Per-column count, mean and M2 of a group of shards (float64) → a partial file; returns its URI."""
-    device = resolve_device(options.device)
+    rows = _RowBuffer(resolve_device(options.device), torch.float32)
     acc: tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros(0), torch.zeros(0))
     for layout, _, w in _iter_group(dataset_uri, group):
         # float32 within a row group (a few hundred rows: ~1e-6 relative error; a float64 copy would be
         # the largest allocation of the fit), float64 across row groups and shards. A constant column
         # stays exact: the float32 mean of equal fp16 values is that value.
-        x = layout.as_tensor(w).to(device, torch.float32)
+        x = rows.load(layout, w)
         m = x.mean(0)
         m2 = x.sub_(m).square_().sum(0)
         acc = _merge_moments(acc, (x.shape[0], m.double(), m2.double()))
     n, mean, m2 = acc
     out = join(work_uri, "moments", f"{group.name}.safetensors")
-    return save_tensors(out, {"count": torch.tensor([float(n)], dtype=torch.float64), "mean": mean, "m2": m2})
+    return _save_work(out, {"count": torch.tensor([float(n)], dtype=torch.float64), "mean": mean, "m2": m2})
 
 
 def reduce_moments(partials: Sequence[str], work_uri: str) -> str:
@@ -219,80 +266,93 @@ def reduce_moments(partials: Sequence[str], work_uri: str) -> str:
     std = (m2 / n).sqrt()
     constant = std <= 1e-12 * mean.abs().clamp_min(1.0)
     std = torch.where(constant, torch.ones_like(std), std)
-    return save_tensors(
+    return _save_work(
         join(work_uri, "stats.safetensors"),
         {"count": torch.tensor([n], dtype=torch.float64), "mean": mean, "std": std, "constant": constant},
     )
 
 
-# -- passes 1..q+1: range finder -------------------------------------------------------------------------
+# -- passes 1..q+1: block Krylov ------------------------------------------------------------------------
 
 
 def initial_basis(stats_uri: str, work_uri: str, options: SubspaceOptions) -> str:
-    """Ω (D×l Gaussian, seeded; generated on CPU so every device gets the same one) → basis-0."""
+    """Q₀ = qr(Ω), Ω a D×b Gaussian (seeded; generated on CPU so every device gets the same one) → basis-0."""
     d = load_tensors(stats_uri)["mean"].numel()
     if options.width > d:
-        raise ValueError(f"components + oversample = {options.width} exceeds the dimension D = {d}")
+        raise ValueError(f"the Krylov width (power_iters + 1) · block_size = {options.width} exceeds the "
+                         f"dimension D = {d}")
     g = torch.Generator().manual_seed(options.seed)
-    omega = torch.randn(d, options.width, generator=g, dtype=torch.float32)
-    return save_tensors(join(work_uri, "basis-0.safetensors"), {"Q": omega})
+    omega = torch.randn(d, options.block, generator=g, dtype=torch.float32)
+    return _save_work(join(work_uri, "basis-0.safetensors"), {"Q": torch.linalg.qr(omega)[0]})
 
 
 def group_power(
-    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions
+    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions,
+    step: int,
 ) -> str:
-    """Σ over the group's row groups of Zᵀ(Z Q): a D×l partial of one power-iteration pass."""
+    """Σ over the group's row groups of Zᵀ(Z Qⱼ) → a D×b partial; Bⱼ = Z Qⱼ goes to a Parquet part beside it.
+
+    The part of pass 0 also carries each row's metadata and ‖z‖², so the coordinates and their
+    residuals need no pass of their own. Parts are written row group by row group, in read order, so
+    the parts of all passes line up row for row.
+    """
     std = _Standardiser(stats_uri, options)
     q = load_tensors(basis_uri)["Q"].to(std.device, std.dtype)
     y = torch.zeros_like(q)
-    for layout, _, w in _iter_group(dataset_uri, group):
-        z = std(layout, w)
-        y.addmm_(z.T, z @ q)
-    tag = basis_uri.rsplit("/", 1)[-1].removesuffix(".safetensors")
-    return save_tensors(join(work_uri, f"power-{tag}", f"{group.name}.safetensors"), {"Y": y})
-
-
-def orthonormalise(partials: Sequence[str], work_uri: str, step: int) -> str:
-    """Sum the pass's partials and re-orthonormalise (QR): keeps the basis well conditioned between passes."""
-    y: torch.Tensor | None = None
-    for uri in partials:
-        part = load_tensors(uri)["Y"]
-        y = part if y is None else y.add_(part)
-    assert y is not None, "no shards"
-    q, _ = torch.linalg.qr(y)  # Householder QR: orthonormal to working precision, no float64 copy of D×l
-    return save_tensors(join(work_uri, f"basis-{step}.safetensors"), {"Q": q})
-
-
-# -- last pass: Rayleigh–Ritz and coordinates ------------------------------------------------------------
-
-
-def group_project(
-    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions
-) -> str:
-    """B = Z Q for the group's rows (saved as a Parquet part with their metadata) and G = BᵀB (the partial)."""
-    std = _Standardiser(stats_uri, options)
-    q = load_tensors(basis_uri)["Q"].to(std.device, std.dtype)
-    gram = torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=std.device)
-    total = torch.zeros((), dtype=torch.float64, device=std.device)
-    fs, path = filesystem(join(work_uri, "project", f"{group.name}.parquet"))
-    with atomic_write(fs, path) as f:
-        writer = None  # streamed row group by row group: a group's B (n×l) is never all in memory
-        for layout, meta, w in _iter_group(dataset_uri, group, META_COLUMNS):
+    first = step == 0
+    out = join(work_uri, f"power-{step}", f"{group.name}.safetensors")
+    fs, path = filesystem(_part_of(out))
+    with atomic_write(fs, path, durable=False) as f:
+        writer = None
+        for layout, meta, w in _iter_group(dataset_uri, group, META_COLUMNS if first else ["id"]):
             z = std(layout, w)
             b = z @ q
-            norms = z.square().sum(1, dtype=torch.float64)
-            gram += b.T.to(torch.float64) @ b.to(torch.float64)
-            total += norms.sum()
-            table = meta.append_column("B", _fixed_list(b.cpu().float().numpy())).append_column(
-                "norm2", pa.array(norms.cpu().numpy()))
+            y.addmm_(z.T, b)
+            table = meta.append_column("B", _fixed_list(b.cpu().float().numpy()))
+            if first:
+                # float32 (a float64 norm converts every element: 30x slower); no (n, D) temporary
+                norm2 = torch.linalg.vector_norm(z, dim=1).double().square_()
+                table = table.append_column("norm2", pa.array(norm2.cpu().numpy()))
             if writer is None:
                 writer = pq.ParquetWriter(f, table.schema)
             writer.write_table(table)
         if writer is None:
             raise ValueError(f"shard group {group.name} has no visible rows")
         writer.close()
-    out = join(work_uri, "project", f"{group.name}.safetensors")
-    return save_tensors(out, {"G": gram.cpu(), "total": total.cpu().reshape(1)})
+    return _save_work(out, {"Y": y.cpu()})
+
+
+def _sum_partials(partials: Sequence[str]) -> torch.Tensor:
+    y: torch.Tensor | None = None
+    for uri in partials:
+        part = load_tensors(uri)["Y"]
+        y = part if y is None else y.add_(part)
+    assert y is not None, "no shards"
+    return y
+
+
+def _load_blocks(uris: Sequence[str], key: str) -> torch.Tensor:
+    return torch.cat([load_tensors(u)[key] for u in uris], 1)
+
+
+def reduce_power(partials: Sequence[str], bases: Sequence[str], work_uri: str, step: int, extend: bool) -> tuple[str, str]:
+    """Sum pass ``step``'s partials into AQⱼ; if ``extend``, the next block Qⱼ₊₁ ⟂ every earlier one.
+
+    Returns (URI of AQⱼ, URI of Qⱼ₊₁ or ""). Block classical Gram–Schmidt runs twice, each followed
+    by a QR: the second pass restores orthogonality the first lost to rounding, and keeps K
+    orthonormal even where the Krylov space runs out of new directions (a new block is then random).
+    """
+    y = _sum_partials(partials)
+    aq = _save_work(join(work_uri, f"aq-{step}.safetensors"), {"AQ": y})
+    if not extend:
+        return aq, ""
+    k = _load_blocks(bases, "Q")
+    for _ in range(2):
+        y = torch.linalg.qr(y - k @ (k.T @ y))[0]  # Householder QR: orthonormal to working precision
+    return aq, _save_work(join(work_uri, f"basis-{step + 1}.safetensors"), {"Q": y})
+
+
+# -- Rayleigh–Ritz and coordinates -----------------------------------------------------------------------
 
 
 def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
@@ -312,29 +372,26 @@ class FitResult:
 
 
 def finalise(
-    dataset_uri: str, out_uri: str, partials: Sequence[str], basis_uri: str, stats_uri: str, options: SubspaceOptions,
-    layout_json: str,
+    dataset_uri: str, out_uri: str, bases: Sequence[str], products: Sequence[str], parts: Sequence[Sequence[str]],
+    stats_uri: str, options: SubspaceOptions, layout_json: str,
 ) -> FitResult:
-    """Rayleigh–Ritz on the last basis, then write subspace.safetensors, coords.parquet and card.json.
+    """Rayleigh–Ritz on the Krylov basis, then write subspace.safetensors, coords.parquet and card.json.
 
-    Memory: Q (D×l) and the components (k×D), plus one row group's B at a time for the coordinates.
+    ``bases[j]`` holds Qⱼ, ``products[j]`` AQⱼ and ``parts[j][g]`` group g's Bⱼ. Memory: K and AK
+    (D × (q+1)·b each) and the components (k×D), plus one row group's B at a time for the coordinates.
     """
     k = options.components
-    gram = torch.zeros(options.width, options.width, dtype=torch.float64)
-    total = 0.0
-    parts = []
-    for uri in partials:
-        t = load_tensors(uri)
-        gram += t["G"]
-        total += float(t["total"])
-        parts.append(_part_of(uri))
-    evals, evecs = torch.linalg.eigh(gram)
+    basis = _load_blocks(bases, "Q")
+    gram = (basis.T @ _load_blocks(products, "AQ")).double()  # Kᵀ A K: every product already known
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
     order = torch.argsort(evals, descending=True)[:k]
     evals, v = evals[order].clamp_min(0), evecs[:, order]
     stats = load_tensors(stats_uri)
     n = float(stats["count"])
-    q = load_tensors(basis_uri)["Q"]
-    components = (q @ v.to(q.dtype)).T.contiguous()  # k×D, orthonormal rows
+    components = (basis @ v.to(basis.dtype)).T.contiguous()  # k×D, orthonormal rows
+    del basis
+    # Every non-constant standardised column has variance 1 (ddof 0): ‖Z‖² = N · (D − constant columns).
+    total = n * float((~stats["constant"]).sum())
     sv = evals.sqrt()
     tensors = {
         "components": components.float(),
@@ -366,21 +423,31 @@ def finalise(
 
 
 def _part_of(partial_uri: str) -> str:
-    """The Parquet part (B and metadata) written beside a ``group_project`` partial."""
+    """The Parquet part (Bⱼ, and in pass 0 the metadata) written beside a ``group_power`` partial."""
     return partial_uri.removesuffix(".safetensors") + ".parquet"
 
 
-def _write_coords(uri: str, parts: Sequence[str], v: torch.Tensor) -> None:
-    """Stream each group's B through V: coords = B V[:, :k], residual = ‖z − ẑ‖ / ‖z‖ in standardised space."""
+def _open(uri: str) -> Any:
+    fs, path = filesystem(uri)
+    return fs.open(path, "rb")
+
+
+def _write_coords(uri: str, parts: Sequence[Sequence[str]], v: torch.Tensor) -> None:
+    """coords = [B₀ … B_q] V[:, :k], residual = ‖z − ẑ‖ / ‖z‖ in standardised space; streamed row group
+    by row group through every pass's part of a shard group at once (the parts line up row for row)."""
     fs, path = filesystem(uri)
     writer = None
     with atomic_write(fs, path) as f:
-        for part in parts:
-            pfs, ppath = filesystem(part)
-            with pfs.open(ppath, "rb") as pf:
-                for batch in pq.ParquetFile(pf).iter_batches():  # a part's row groups, one at a time
-                    t = pa.Table.from_batches([batch])
-                    b = torch.from_numpy(np.array(t.column("B").combine_chunks().flatten()).reshape(t.num_rows, -1))
+        for group_parts in zip(*parts, strict=True):
+            with ExitStack() as stack:
+                files = [pq.ParquetFile(stack.enter_context(_open(p))) for p in group_parts]
+                for i in range(files[0].num_row_groups):
+                    tables = [pf.read_row_group(i) for pf in files]
+                    t = tables[0]
+                    if any(not x.column("id").equals(t.column("id")) for x in tables[1:]):
+                        raise CorruptShardError(f"work parts {list(group_parts)} do not line up at row group {i}")
+                    b = torch.cat([torch.from_numpy(np.array(x.column("B").combine_chunks().flatten()).reshape(
+                        x.num_rows, -1)) for x in tables], 1)
                     c = b @ v
                     norm2 = torch.from_numpy(t.column("norm2").to_numpy().copy())
                     resid = (1 - c.double().square().sum(1) / norm2.clamp_min(1e-30)).clamp_min(0).sqrt()
@@ -400,7 +467,7 @@ def cleanup(work_uri: str) -> None:
 
 
 def discard(uris: Sequence[str]) -> None:
-    """Delete a pass's partials once reduced: at D×l each they would otherwise pile up pass after pass."""
+    """Delete a pass's partials once reduced: at D×b each they would otherwise pile up pass after pass."""
     for uri in uris:
         fs, path = filesystem(uri)
         fs.rm_file(path)
@@ -428,7 +495,7 @@ def fit_subspace(
     dataset_uri: str, out_uri: str, options: SubspaceOptions | None = None, work_uri: str | None = None,
     map_shards: Mapper = _serial_map, run: Runner = _call,
 ) -> FitResult:
-    """Fit the subspace of ``dataset_uri`` into ``out_uri`` (q + 3 passes over the weights).
+    """Fit the subspace of ``dataset_uri`` into ``out_uri`` (q + 2 passes over the weights).
 
     ``map_shards(fn, groups, **kwargs)`` runs ``fn(group=g, **kwargs)`` for every shard group and
     returns the results in order; ``run(fn, **kwargs)`` runs one reduce step. Both call directly by default; the
@@ -442,15 +509,21 @@ def fit_subspace(
     groups = group_shards(refs, options.tasks_per_pass)
     common = {"dataset_uri": dataset_uri, "work_uri": work, "options": options}
     stats = run(reduce_moments, partials=map_shards(group_moments, groups, **common), work_uri=work)
-    basis = run(initial_basis, stats_uri=stats, work_uri=work, options=options)
-    for step in range(1, options.power_iters + 2):
-        partials = map_shards(group_power, groups, basis_uri=basis, stats_uri=stats, **common)
-        previous, basis = basis, run(orthonormalise, partials=partials, work_uri=work, step=step)
+    bases = [run(initial_basis, stats_uri=stats, work_uri=work, options=options)]
+    products: list[str] = []
+    parts: list[list[str]] = []
+    for step in range(options.power_iters + 1):
+        partials = map_shards(group_power, groups, basis_uri=bases[-1], stats_uri=stats, step=step, **common)
+        extend = step < options.power_iters
+        aq, nxt = run(reduce_power, partials=partials, bases=bases, work_uri=work, step=step, extend=extend)
+        products.append(aq)
+        parts.append([_part_of(p) for p in partials])
+        if extend:
+            bases.append(nxt)
         if not options.keep_work:
-            discard([*partials, previous])
-    partials = map_shards(group_project, groups, basis_uri=basis, stats_uri=stats, **common)
+            discard(partials)
     layout = shard_layout(dataset_uri, refs[0])
-    result = run(finalise, dataset_uri=dataset_uri, out_uri=out_uri, partials=partials, basis_uri=basis,
+    result = run(finalise, dataset_uri=dataset_uri, out_uri=out_uri, bases=bases, products=products, parts=parts,
                  stats_uri=stats, options=options, layout_json=layout.to_json())
     if not options.keep_work:
         cleanup(work)

@@ -151,7 +151,9 @@ def test_on_s3(s3_bucket: str, matrix: np.ndarray) -> None:
 def test_rejects_impossible_width(tmp_path: Path) -> None:
     write_matrix(str(tmp_path / "ds"), low_rank_matrix(20, 30, 3), 20, 20)
     with pytest.raises(ValueError, match="exceeds the dimension"):
-        fit_subspace(str(tmp_path / "ds"), str(tmp_path / "sub"), SubspaceOptions(components=25, oversample=10))
+        fit_subspace(str(tmp_path / "ds"), str(tmp_path / "sub"), SubspaceOptions(components=25))
+    with pytest.raises(ValueError, match="below components"):  # before any pass: the Ritz problem would be too small
+        SubspaceOptions(components=8, block_size=2, power_iters=2)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -165,7 +167,7 @@ def test_flow_maps_passes_and_publishes(tmp_path: Path) -> None:
     x = low_rank_matrix(120, 300, 6, seed=1)
     write_matrix(str(tmp_path / "ds"), x, 40, 16)
     params = FitSubspaceParams(dataset=str(tmp_path / "ds"), out=str(tmp_path / "sub"),
-                               options=SubspaceOptions(components=4, oversample=6, power_iters=1))
+                               options=SubspaceOptions(components=4, block_size=4, power_iters=2))
     result = fit_flow(params)
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}

@@ -215,7 +215,7 @@ def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[
     info = write_shard(ledger.fs, ledger.new_shard_path("b0"), out.layout, meta,
                        torch.stack([r.weights for r in out.results]))
     ledger.commit("b0", info)
-    fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceOptions(components=4, oversample=3))
+    fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceOptions(components=4))
     return load_subspace(f"{root}/sub"), subjects, root
 
 
