@@ -1,6 +1,6 @@
 """Streaming randomized PCA (weightzoo) versus sklearn IncrementalPCA and torch.svd_lowrank, one run.
 
-    python bench/subspace.py [--rows 4000] [--dim 20000] [--components 64] [--power-iters 4] [--block-size B]
+    python bench/subspace.py [--rows 4000] [--dim 20000] [--components 64] [--power-iters 5] [--block-size B]
     python bench/subspace.py --memory [--memory-rows 2000,8000] [--dim 100000]
 
 Writes one synthetic dataset (N × D fp16 rows: a power-law spectrum of rank ``--rank`` plus noise, as
@@ -201,8 +201,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=400, help="Rank of the synthetic signal (default 400).")
     ap.add_argument("--components", type=int, default=64)
     ap.add_argument("--block-size", type=int, default=None, help="weightzoo: Krylov block b (default ⌈k/2⌉).")
-    ap.add_argument("--power-iters", default="4",
-                    help="weightzoo: Krylov blocks after the first (default 4); a comma list runs weightzoo once per value.")
+    ap.add_argument("--power-iters", default="5",
+                    help="weightzoo: Krylov blocks after the first (default 5); a comma list runs weightzoo once per value.")
     ap.add_argument("--oversample", type=int, default=20,
                     help="svd_lowrank: extra columns p (default 20); IncrementalPCA: batch max(k + p, 500).")
     ap.add_argument("--lowrank-iters", type=int, default=3, help="svd_lowrank: power iterations (default 3).")

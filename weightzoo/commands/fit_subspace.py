@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--components", "-k", type=int, default=64, help="Principal components k (default 64).")
     p.add_argument("--block-size", type=int, default=None,
                    help="Columns b per Krylov block, one pass over the data each (default ⌈k/2⌉).")
-    p.add_argument("--power-iters", type=int, default=4,
-                   help="Krylov blocks q after the first: q + 1 passes, Krylov width (q + 1)·b (default 4).")
+    p.add_argument("--power-iters", type=int, default=5,
+                   help="Krylov blocks q after the first: q + 1 passes, Krylov width (q + 1)·b (default 5).")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ... (default auto).")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="Matmul dtype (default float32).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the random test matrix (default 0).")
