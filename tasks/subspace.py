@@ -347,9 +347,9 @@ def reduce_power(partials: Sequence[str], bases: Sequence[str], work_uri: str, s
     aq = _save_work(join(work_uri, f"aq-{step}.safetensors"), {"AQ": y})
     if not extend:
         return aq, ""
-    k = _load_blocks(bases, "Q")
+    basis = _load_blocks(bases, "Q")
     for _ in range(2):
-        y = torch.linalg.qr(y - k @ (k.T @ y))[0]  # Householder QR: orthonormal to working precision
+        y = torch.linalg.qr(y - basis @ (basis.T @ y))[0]  # Householder QR: orthonormal to working precision
     return aq, _save_work(join(work_uri, f"basis-{step + 1}.safetensors"), {"Q": y})
 
 
