@@ -15,19 +15,14 @@ temporary files and anything else under the dataset are never touched.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from weightzoo.storage.fs import StorageOptions, join, redact
-from weightzoo.storage.ledger import SHARDS, Ledger
+from weightzoo.storage.ledger import SHARDS, Ledger, is_shard_name
 
 log = logging.getLogger(__name__)
-
-# `<batch>-<token>.parquet` exactly as Ledger.new_shard_path names them (batch passes check_id).
-SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}-[0-9a-f]{12}\.parquet$")
-
 
 @dataclass(frozen=True)
 class Orphan:
@@ -92,7 +87,7 @@ def _scan(ledger: Ledger, older_than: timedelta, report: GcReport) -> None:
     cutoff = datetime.now(UTC) - older_than
     for info in sorted(listing, key=lambda i: i["name"]):
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not SHARD_NAME.match(name) or name in referenced:
+        if info.get("type") != "file" or not is_shard_name(name) or name in referenced:
             continue
         rel = f"{SHARDS}/{name}"
         mtime = _mtime(info) or _mtime(ledger.fs.info(info["name"]))

@@ -15,17 +15,31 @@ entry in canonical order wins), so an id is visible exactly once.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
-from weightzoo.storage.fs import StorageOptions, check_id, filesystem, join, write_bytes
+from weightzoo.storage.fs import StorageOptions, UnsafeIdError, check_id, filesystem, join, write_bytes
 from weightzoo.storage.shards import LayoutMismatchError, ShardInfo
 
 COMMITS = "ledger/commits"
 FAILURES = "ledger/failures"
 SHARDS = "shards"
+_SHARD_TOKEN = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12]: attempts at one batch never share a name
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether ``name`` is a file name ``Ledger.new_shard_path`` makes: ``<batch>-<token>.parquet``."""
+    batch, _, token = name.removesuffix(".parquet").rpartition("-")
+    if not name.endswith(".parquet") or not _SHARD_TOKEN.fullmatch(token):
+        return False
+    try:
+        check_id(batch)
+    except UnsafeIdError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -66,7 +80,8 @@ class Ledger:
 
     # --- paths -------------------------------------------------------------------------------
     def new_shard_path(self, batch: str) -> str:
-        """A fresh, never-reused shard path for one attempt at ``batch`` (attempts never clobber)."""
+        """A fresh, never-reused shard path for one attempt at ``batch`` (attempts never clobber); its
+        name is what ``is_shard_name`` accepts."""
         return join(self.root, SHARDS, f"{check_id(batch)}-{uuid.uuid4().hex[:12]}.parquet")
 
     def abspath(self, relative: str) -> str:
