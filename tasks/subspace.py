@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from weightzoo.storage.dataset import CorruptShardError, Dataset
 from weightzoo.storage.fs import atomic_write, filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.shards import LayoutMismatchError, iter_shard, read_layout
+from weightzoo.storage.shards import LayoutMismatchError, iter_shard, open_parquet, read_layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
 
@@ -361,6 +361,12 @@ def _fixed_list(a: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), a.shape[1])
 
 
+def _unfixed(table: pa.Table, column: str) -> torch.Tensor:
+    """The inverse of ``_fixed_list``: a fixed-size-list column as a writable (rows, width) float32 tensor."""
+    flat = np.array(table.column(column).combine_chunks().flatten(), dtype=np.float32)
+    return torch.from_numpy(flat.reshape(table.num_rows, -1))
+
+
 @dataclass(frozen=True)
 class FitResult:
     """What ``finalise`` wrote; small enough to return from a task."""
@@ -428,11 +434,6 @@ def _part_of(partial_uri: str) -> str:
     return partial_uri.removesuffix(".safetensors") + ".parquet"
 
 
-def _open(uri: str) -> Any:
-    fs, path = filesystem(uri)
-    return fs.open(path, "rb")
-
-
 def _write_coords(uri: str, parts: Sequence[Sequence[str]], v: torch.Tensor) -> None:
     """coords = [B₀ … B_q] V[:, :k], residual = ‖z − ẑ‖ / ‖z‖ in standardised space; streamed row group
     by row group through every pass's part of a shard group at once (the parts line up row for row)."""
@@ -441,14 +442,13 @@ def _write_coords(uri: str, parts: Sequence[Sequence[str]], v: torch.Tensor) -> 
     with atomic_write(fs, path) as f:
         for group_parts in zip(*parts, strict=True):
             with ExitStack() as stack:
-                files = [pq.ParquetFile(stack.enter_context(_open(p))) for p in group_parts]
+                files = [stack.enter_context(open_parquet(*filesystem(p))) for p in group_parts]
                 for i in range(files[0].num_row_groups):
                     tables = [pf.read_row_group(i) for pf in files]
                     t = tables[0]
                     if any(not x.column("id").equals(t.column("id")) for x in tables[1:]):
                         raise CorruptShardError(f"work parts {list(group_parts)} do not line up at row group {i}")
-                    b = torch.cat([torch.from_numpy(np.array(x.column("B").combine_chunks().flatten()).reshape(
-                        x.num_rows, -1)) for x in tables], 1)
+                    b = torch.cat([_unfixed(x, "B") for x in tables], 1)
                     c = b @ v
                     norm2 = torch.from_numpy(t.column("norm2").to_numpy().copy())
                     resid = (1 - c.double().square().sum(1) / norm2.clamp_min(1e-30)).clamp_min(0).sqrt()
@@ -600,8 +600,7 @@ class Subspace:
     def dataset_coords(self) -> tuple[pa.Table, torch.Tensor]:
         """The fitted rows' metadata and their (N, k) coordinates."""
         t = self.coords_table()
-        c = np.asarray(t.column("coords").combine_chunks().flatten(), dtype=np.float32).reshape(t.num_rows, -1)
-        return t.drop_columns(["coords"]), torch.from_numpy(c.copy())
+        return t.drop_columns(["coords"]), _unfixed(t, "coords")
 
 
 def load_subspace(uri: str) -> Subspace:
