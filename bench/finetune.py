@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from weightzoo.tasks.manifest import ManifestRow
+from weightzoo.tasks.finetune.manifest import ManifestRow
 
 # SD 1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), minus bookkeeping keys.
 SD15_UNET: dict = {
@@ -65,7 +65,7 @@ def save_sd15_shaped(out: Path) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from weightzoo.tasks.base_model import build_tiny_pipeline
+    from weightzoo.tasks.finetune.base_model import build_tiny_pipeline
 
     tiny = build_tiny_pipeline()  # for its scheduler and offline byte-level tokenizer
     text = CLIPTextModel(CLIPTextConfig(
@@ -90,9 +90,9 @@ def baseline_worker(spec: dict) -> None:
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from weightzoo.tasks.base_model import load_base
-    from weightzoo.tasks.class_images import preprocess
-    from weightzoo.tasks.manifest import load_image
+    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.finetune.class_images import preprocess
+    from weightzoo.tasks.finetune.manifest import load_image
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -146,7 +146,7 @@ def run_baseline(
     work: Path,
 ) -> tuple[float, float, list[float]]:
     """Wall and CPU seconds (of the worker processes) for one process per identity, and their final losses."""
-    from weightzoo.tasks.manifest import image_uris
+    from weightzoo.tasks.finetune.manifest import image_uris
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
     losses, start, cpu = [], time.perf_counter(), _children_cpu()
@@ -169,8 +169,8 @@ def run_weightzoo(
     n_class: int,
 ) -> tuple[float, float, object]:
     """Wall and CPU seconds to load the base once and fine-tune every row in packs of ``pack``."""
-    from weightzoo.tasks.base_model import load_base
-    from weightzoo.tasks.finetune import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
 
     cfg = FinetuneConfig(steps=args.steps, learning_rate=args.lr, pack=pack, resolution=res,
                          num_class_images=n_class, class_inference_steps=args.class_steps)
@@ -211,10 +211,10 @@ def main() -> None:
 
 def _bench(args: argparse.Namespace, work: Path) -> None:
     """Everything after option parsing, in a scratch folder the caller removes."""
-    from weightzoo.tasks.base_model import load_base, save_tiny_pipeline
-    from weightzoo.tasks.class_images import generate_class_images
-    from weightzoo.tasks.finetune import FinetuneConfig, default_resolution, finetune_batch
-    from weightzoo.tasks.synthetic import make_subjects
+    from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
+    from weightzoo.tasks.finetune.class_images import generate_class_images
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, default_resolution, finetune_batch
+    from weightzoo.tasks.finetune.synthetic import make_subjects
 
     base = str(save_tiny_pipeline(work / "base") if args.unet == "tiny" else save_sd15_shaped(work / "base"))
     pipe = load_base(base, device=args.device)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/orchestration.py --items 1000 10000 [--batch-size 16] [--executor local]
     PREFECT_API_URL=... .venv/bin/python bench/orchestration.py --items 64 --executor deployment --deployment finetune-batch/gpu
 
-The null engine (``weightzoo.tasks.batch:null_finetune``) returns zero weights of the weights2weights
+The null engine (``weightzoo.tasks.finetune.batch:null_finetune``) returns zero weights of the weights2weights
 SD 1.5 size (99,648 fp16 values) instantly, injected by name exactly as the real engine is. So each
 batch still validates, plans, loads the (tiny) base, writes and commits a real shard, records its
 items and runs as a Prefect child flow: everything but training. Manifest validation (every image
@@ -30,9 +30,9 @@ STEPS = 800
 
 def measure_step_seconds(base: str, manifest: str, steps: int) -> float:
     """Seconds per optimiser step of the real engine on the tiny model, one item, class latents cached."""
-    from weightzoo.tasks.base_model import load_base
-    from weightzoo.tasks.finetune import FinetuneConfig, finetune_batch
-    from weightzoo.tasks.manifest import manifest_folder, read_manifest
+    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.manifest import manifest_folder, read_manifest
 
     pipe = load_base(base)
     row = read_manifest(manifest)[:1]
@@ -47,9 +47,9 @@ def measure_step_seconds(base: str, manifest: str, steps: int) -> float:
 def run_build(args: argparse.Namespace, items: int, work: Path, base: str) -> dict:
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildRequest
-    from weightzoo.tasks.batch import NULL_ENGINE
-    from weightzoo.tasks.manifest import load_and_validate
-    from weightzoo.tasks.synthetic import write_demo_manifest
+    from weightzoo.tasks.finetune.batch import NULL_ENGINE
+    from weightzoo.tasks.finetune.manifest import load_and_validate
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     manifest = write_demo_manifest(str(work / f"m{items}"), items, images_per_subject=1, size=32)
     t0 = time.perf_counter()
@@ -81,9 +81,9 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only errors
     if args.executor == "local":  # a private home: ~/.prefect's SQLite file may be busy with other runs
         os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="wz-bench-prefect-")
-    from weightzoo.tasks.base_model import save_tiny_pipeline
-    from weightzoo.tasks.batch import DEFAULT_BATCH_SIZE
-    from weightzoo.tasks.synthetic import write_demo_manifest
+    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
+    from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wz-bench-"))

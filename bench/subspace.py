@@ -74,7 +74,7 @@ def run_method(method: str, uri: str, k: int, opts: dict, out: str) -> dict:
     t0 = time.perf_counter()
     load = 0.0
     if method == "weightzoo":
-        from weightzoo.tasks.subspace import SubspaceOptions, fit_subspace, load_subspace
+        from weightzoo.tasks.subspace.pca import SubspaceOptions, fit_subspace, load_subspace
 
         fit_subspace(uri, out + "-sub", SubspaceOptions(components=k, block_size=opts["block_size"],
                                                         power_iters=opts["power_iters"], device="cpu"))
@@ -229,7 +229,7 @@ def main() -> None:
     if args.child or args.idle:
         import sklearn.decomposition  # noqa: F401 - every child pays this import before timing, so RSS floors agree
 
-        import weightzoo.tasks.subspace  # noqa: F401
+        import weightzoo.tasks.subspace.pca  # noqa: F401
     if args.idle:
         print(peak_rss_mb())
         return

@@ -20,8 +20,8 @@ from weightzoo.flows.config import BuildRequest
 from weightzoo.flows.finetune_batch import artifact_key, finetune_batch
 from weightzoo.storage.fs import redact
 from weightzoo.storage.ledger import Ledger
-from weightzoo.tasks.batch import BatchPlan, plan_batches
-from weightzoo.tasks.manifest import ManifestError, load_and_validate
+from weightzoo.tasks.finetune.batch import BatchPlan, plan_batches
+from weightzoo.tasks.finetune.manifest import ManifestError, load_and_validate
 
 MAX_FAILURES_SHOWN = 50
 

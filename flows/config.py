@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from weightzoo.tasks.batch import DEFAULT_BATCH_SIZE, DEFAULT_ENGINE
-from weightzoo.tasks.finetune import FinetuneConfig
+from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE, DEFAULT_ENGINE
+from weightzoo.tasks.finetune.engine import FinetuneConfig
 
 # "<flow name>/<deployment name>" as created by deployments/prefect.yaml.
 DEFAULT_DEPLOYMENT = "finetune-batch/gpu"

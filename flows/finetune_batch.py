@@ -1,6 +1,6 @@
 """``finetune_batch``: the child flow, one run per batch, on a GPU worker or in-process.
 
-It only wires ``weightzoo.tasks.batch.run_batch`` (skip committed ids, load the base once, train,
+It only wires ``weightzoo.tasks.finetune.batch.run_batch`` (skip committed ids, load the base once, train,
 write one shard, commit, record failures) to Prefect: retries for infrastructure errors, a progress
 artifact fed by the engine, and a table artifact of the batch's items.
 """
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from weightzoo.flows.config import BatchRequest
 from weightzoo.storage.fs import redact
-from weightzoo.tasks.batch import BatchOutcome, run_batch
+from weightzoo.tasks.finetune.batch import BatchOutcome, run_batch
 
 # Errors a second attempt can cure: storage and network hiccups, a GPU that is busy or was reset.
 # Bad ids or a bad config (ValueError, KeyError) fail at once: retrying them only burns GPU time.

@@ -3,7 +3,7 @@
 Each pass over the weights is one task per group of shards (mapped; they run in parallel on the
 flow's task runner, or on many workers), and each reduce step is one task; only file URIs travel between them,
 the D×b matrices live under the work URI as safetensors. The algorithm itself is
-``weightzoo.tasks.subspace.fit_subspace``; this flow supplies a mapper that submits tasks.
+``weightzoo.tasks.subspace.pca.fit_subspace``; this flow supplies a mapper that submits tasks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightzoo.storage.fs import join, redact
-from weightzoo.tasks import subspace as sp
+from weightzoo.tasks.subspace import pca as sp
 
 # A retried group re-reads its shards: a transient storage error is worth two retries.
 _GROUP_TASKS: dict[Callable[..., Any], Any] = {

@@ -16,9 +16,9 @@ from weightzoo.flows.build_dataset import build_dataset
 from weightzoo.flows.config import BuildRequest
 from weightzoo.flows.fit_subspace import FitSubspaceParams, fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
-from weightzoo.tasks.finetune import FinetuneConfig
-from weightzoo.tasks.subspace import SubspaceOptions
-from weightzoo.tasks.weight_diffusion import WeightDiffusionConfig
+from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
+from weightzoo.tasks.finetune.engine import FinetuneConfig
+from weightzoo.tasks.subspace.pca import SubspaceOptions
 
 
 class PipelineRequest(BaseModel):
@@ -43,7 +43,7 @@ class PipelineRequest(BaseModel):
 @task(name="make-base")
 def make_base(workdir: str) -> str:
     """The tiny offline base model in ``workdir/base`` (kept if already there)."""
-    from weightzoo.tasks.base_model import save_tiny_pipeline
+    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
 
     base = Path(workdir) / "base"
     if not (base / "model_index.json").exists():
@@ -54,7 +54,7 @@ def make_base(workdir: str) -> str:
 @task(name="make-subjects")
 def make_subjects(workdir: str, n: int, images_per_subject: int) -> str:
     """Synthetic subjects with known attributes and their manifest (deterministic, so reruns resume)."""
-    from weightzoo.tasks.synthetic import write_demo_manifest
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     return write_demo_manifest(workdir, n, images_per_subject=images_per_subject)
 

@@ -2,7 +2,7 @@
 
 One task does the training (a single GPU job; its inputs are read from the dataset, not passed through
 Prefect), reporting a progress artifact as it goes; a second publishes the loss curve and the model
-folder's URI. The algorithm is ``weightzoo.tasks.weight_diffusion``; the parameter model is its
+folder's URI. The algorithm is ``weightzoo.tasks.diffusion.generator``; the parameter model is its
 ``WeightDiffusionConfig`` (frozen, saved in the model folder as ``config.json``).
 """
 
@@ -20,7 +20,7 @@ from prefect.artifacts import (
 )
 
 from weightzoo.storage.fs import filesystem, join, redact
-from weightzoo.tasks import weight_diffusion as wd
+from weightzoo.tasks.diffusion import generator as wd
 
 PROGRESS_EVERY_S = 5.0  # an artifact update is an API call: a few per minute is plenty for a human
 

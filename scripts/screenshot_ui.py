@@ -68,9 +68,9 @@ def build_demo(work: Path, subjects: int) -> str:
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildRequest
     from weightzoo.flows.finetune_batch import finetune_batch
-    from weightzoo.tasks.base_model import save_tiny_pipeline
-    from weightzoo.tasks.finetune import FinetuneConfig
-    from weightzoo.tasks.synthetic import corrupt_image, write_demo_manifest
+    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.synthetic import corrupt_image, write_demo_manifest
 
     base = save_tiny_pipeline(work / "base")
     manifest = write_demo_manifest(str(work / "m"), subjects)

@@ -9,14 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from weightzoo.errors import CorruptShardError
 from weightzoo.storage.fs import StorageOptions
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import CommitEntry, Ledger
 from weightzoo.storage.shards import iter_shard, read_layout, shard_crc32
-
-
-class CorruptShardError(IOError):
-    """A committed shard is not the file its ledger entry describes."""
 
 
 class Dataset:

@@ -17,16 +17,18 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from weightzoo.errors import InputError
+
 StorageOptions = Mapping[str, Any] | None
 
 # Ids become file names (shards, exported LoRAs), so they are checked once, here.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let a trailing newline through
 
 
 _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "abfs", "az")
 
 
-class UnsafeIdError(ValueError):
+class UnsafeIdError(InputError):
     """An id that cannot safely become part of a path."""
 
 
@@ -38,7 +40,7 @@ def check_id(item_id: str) -> str:
         raise UnsafeIdError(f"id {item_id!r} contains a path separator")
     if ".." in item_id:
         raise UnsafeIdError(f"id {item_id!r} contains '..'")
-    if not _SAFE_ID.match(item_id):
+    if not _SAFE_ID.fullmatch(item_id):
         raise UnsafeIdError(
             f"id {item_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
         )

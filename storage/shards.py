@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from fsspec import AbstractFileSystem
 
+from weightzoo.errors import RecipeMismatchError
 from weightzoo.storage.fs import atomic_write, is_local
 from weightzoo.storage.layout import NUMPY_VIEW, Layout
 
@@ -51,7 +52,7 @@ META_SCHEMA = pa.schema(
 )
 
 
-class LayoutMismatchError(ValueError):
+class LayoutMismatchError(RecipeMismatchError):
     """Rows of different layouts were about to be mixed."""
 
 

@@ -16,7 +16,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the tiny SD-style pipeline saved with ``save_pretrained`` (built once per session)."""
-    from weightzoo.tasks.base_model import save_tiny_pipeline
+    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny")
 
@@ -24,7 +24,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_base: Path):
     """The tiny pipeline loaded on CPU in fp32. Shared: tests must not leave adapters or hooks on it."""
-    from weightzoo.tasks.base_model import load_base
+    from weightzoo.tasks.finetune.base_model import load_base
 
     return load_base(str(tiny_base))
 

@@ -18,14 +18,14 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from weightzoo.tasks import finetune
-from weightzoo.tasks.base_model import load_base
-from weightzoo.tasks.class_images import class_latents
-from weightzoo.tasks.export import WEIGHT_NAME, export_lora
-from weightzoo.tasks.finetune import FinetuneConfig, finetune_batch, lora_layout
-from weightzoo.tasks.manifest import ManifestRow
-from weightzoo.tasks.packed_lora import PackedLoRA, find_targets
-from weightzoo.tasks.synthetic import corrupt_image, make_subjects
+from weightzoo.tasks.finetune.base_model import load_base
+from weightzoo.tasks.finetune.class_images import class_latents
+from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch, lora_layout
+from weightzoo.tasks.finetune.engine import engine as finetune
+from weightzoo.tasks.finetune.export import WEIGHT_NAME, export_lora
+from weightzoo.tasks.finetune.manifest import ManifestRow
+from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
+from weightzoo.tasks.finetune.synthetic import corrupt_image, make_subjects
 
 # lr 1e-3 (10x the default) so 20 steps visibly move the loss. Not higher: at 5e-3 training is chaotic
 # enough that float noise (conv kernels pick different accumulation orders per batch size) grows to

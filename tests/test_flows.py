@@ -21,10 +21,10 @@ from weightzoo.flows.config import BuildRequest
 from weightzoo.flows.finetune_batch import finetune_batch, is_infrastructure_error, train_and_commit
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
-from weightzoo.tasks.batch import batch_id_for, plan_batches, run_batch
-from weightzoo.tasks.finetune import FinetuneConfig
-from weightzoo.tasks.manifest import ManifestError, read_manifest
-from weightzoo.tasks.synthetic import corrupt_image, write_demo_manifest
+from weightzoo.tasks.finetune.batch import batch_id_for, plan_batches, run_batch
+from weightzoo.tasks.finetune.engine import FinetuneConfig
+from weightzoo.tasks.finetune.manifest import ManifestError, read_manifest
+from weightzoo.tasks.finetune.synthetic import corrupt_image, write_demo_manifest
 
 prefect_home, prefect_harness = pf.prefect_home, pf.prefect_harness  # one harness per session
 pytestmark = pytest.mark.usefixtures("prefect_harness")

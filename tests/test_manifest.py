@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from weightzoo.tasks.manifest import (
+from weightzoo.tasks.finetune.manifest import (
     ManifestError,
     ManifestProblem,
     ManifestRow,
@@ -22,7 +22,7 @@ from weightzoo.tasks.manifest import (
     validate_manifest,
     write_manifest,
 )
-from weightzoo.tasks.synthetic import corrupt_image, make_subjects
+from weightzoo.tasks.finetune.synthetic import corrupt_image, make_subjects
 
 
 @pytest.fixture

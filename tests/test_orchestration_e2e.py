@@ -47,7 +47,7 @@ def api(prefect_server: str) -> Iterator[str]:
 
 def _request(manifest: str, base: Path, dataset: Path, finetune: dict):
     from weightzoo.flows.config import BuildRequest
-    from weightzoo.tasks.finetune import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
 
     return BuildRequest(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
                         deployment=DEPLOYMENT, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=WAIT_S)
@@ -72,7 +72,7 @@ def _raw_commit_ids(dataset: Path) -> list[str]:
 def test_deployment_fan_out_over_three_batches(api: str, process_worker, tmp_path: Path, tiny_base: Path) -> None:
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.synthetic import write_demo_manifest
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     process_worker(POOL, limit=2)
     manifest = write_demo_manifest(str(tmp_path / "m"), 6)
@@ -114,7 +114,7 @@ def test_kill_worker_mid_batch_then_resume_commits_each_id_exactly_once(
     from weightzoo.storage.dataset import Dataset
     from weightzoo.storage.ledger import Ledger
     from weightzoo.storage.shards import RowMeta, write_shard
-    from weightzoo.tasks.synthetic import write_demo_manifest
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     n = 4  # batches of 2: the first commits, the second is killed mid-training
     manifest = write_demo_manifest(str(tmp_path / "m"), n)

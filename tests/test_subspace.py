@@ -15,7 +15,13 @@ from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.subspace import ShardRef, SubspaceOptions, fit_subspace, group_shards, load_subspace
+from weightzoo.tasks.subspace.pca.pca import (
+    ShardRef,
+    SubspaceOptions,
+    fit_subspace,
+    group_shards,
+    load_subspace,
+)
 
 N, D, RANK, K = 600, 2000, 12, 8
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from weightzoo.tasks.manifest import ManifestRow, load_and_validate, load_image, load_images
-from weightzoo.tasks.synthetic import (
+from weightzoo.tasks.finetune.manifest import ManifestRow, load_and_validate, load_image, load_images
+from weightzoo.tasks.finetune.synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,

@@ -17,8 +17,8 @@ import torch
 
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.subspace import Subspace, SubspaceOptions, fit_subspace, load_subspace
-from weightzoo.tasks.w2w import (
+from weightzoo.tasks.subspace.pca.pca import Subspace, SubspaceOptions, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.pca.w2w import (
     LoRAUNet,
     attribute_directions,
     edit,
@@ -47,7 +47,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def lora_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[str, Subspace]:
-    from weightzoo.tasks.finetune import FinetuneConfig, lora_layout, resolved_hparams
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, lora_layout, resolved_hparams
 
     config = FinetuneConfig(prior_preservation=False)
     layout = lora_layout(tiny_pipe, config)
@@ -104,7 +104,7 @@ def test_project_rows_and_exported_files(lora_dataset: tuple[str, Subspace], tmp
 def test_sampled_lora_loads_in_diffusers_and_matches_functional_unet(
     lora_dataset: tuple[str, Subspace], tiny_base: Path, tiny_pipe, tmp_path: Path
 ) -> None:
-    from weightzoo.tasks.base_model import load_base
+    from weightzoo.tasks.finetune.base_model import load_base
 
     _, sub = lora_dataset
     weights, c = sample(sub, 3, seed=1)
@@ -153,7 +153,7 @@ def test_edit_moves_the_attribute_probe_and_keeps_the_others(lora_dataset: tuple
 
 
 def test_invert_lowers_the_loss_and_leaves_the_pipeline_alone(lora_dataset: tuple[str, Subspace], tiny_pipe) -> None:
-    from weightzoo.tasks.synthetic import _draw, _rng, _subject
+    from weightzoo.tasks.finetune.synthetic import _draw, _rng, _subject
 
     _, sub = lora_dataset
     rng = _rng(3, 0)
@@ -199,8 +199,8 @@ def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tmp_pat
 @pytest.fixture(scope="module")
 def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[Subspace, list, str]:
     """8 synthetic subjects fine-tuned for 30 steps each (32 px, one pack), committed, fitted with k=4."""
-    from weightzoo.tasks.finetune import FinetuneConfig, finetune_batch
-    from weightzoo.tasks.synthetic import make_subjects
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.synthetic import make_subjects
 
     root = str(tmp_path_factory.mktemp("real"))
     subjects = make_subjects(root, 8, images_per_subject=2, seed=0, size=32)
@@ -222,8 +222,8 @@ def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[
 def test_real_rows_edit_sample_invert(real_subspace: tuple[Subspace, list, str], tiny_base: Path, tiny_pipe,
                                       tmp_path: Path) -> None:
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.base_model import load_base
-    from weightzoo.tasks.manifest import load_images
+    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.finetune.manifest import load_images
 
     sub, subjects, root = real_subspace
     assert sub.card["rows"] == 8 and sub.explained_variance_ratio.sum() > 0.3

@@ -18,8 +18,7 @@ from tests.prefect_fixtures import prefect_harness, prefect_home  # noqa: F401 (
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.denoiser import Denoiser, DenoiserConfig, alpha_bar, ddim_sample, masked_mse, noisy
-from weightzoo.tasks.weight_blocks import (
+from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
     compute_stats,
     condition_text,
@@ -29,7 +28,15 @@ from weightzoo.tasks.weight_blocks import (
     pool_text,
     split_ids,
 )
-from weightzoo.tasks.weight_diffusion import (
+from weightzoo.tasks.diffusion.denoiser import (
+    Denoiser,
+    DenoiserConfig,
+    alpha_bar,
+    ddim_sample,
+    masked_mse,
+    noisy,
+)
+from weightzoo.tasks.diffusion.generator import (
     WeightDiffusionConfig,
     WeightDiffusionModel,
     latest_checkpoint,
@@ -57,7 +64,7 @@ def _rows(layout, n: int, seed: int = 0) -> tuple[list[RowMeta], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def layout(tiny_pipe):
-    from weightzoo.tasks.finetune import FinetuneConfig, lora_layout
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, lora_layout
 
     return lora_layout(tiny_pipe, FinetuneConfig())
 
@@ -232,9 +239,9 @@ def test_generation_is_seeded_and_un_normalised(trained) -> None:
 
 
 def test_generate_cli_writes_a_lora_diffusers_loads(trained, tiny_base: Path, tmp_path: Path) -> None:
-    pytest.importorskip("weightzoo.tasks.export")
+    pytest.importorskip("weightzoo.tasks.finetune.export")
     from weightzoo.cli import main
-    from weightzoo.tasks.base_model import load_base
+    from weightzoo.tasks.finetune.base_model import load_base
 
     config, _ = trained
     out = tmp_path / "lora" / "pytorch_lora_weights.safetensors"

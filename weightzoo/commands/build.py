@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_request(args: argparse.Namespace):
     """The flow's ``BuildRequest`` from command-line arguments (unset flags keep the model's defaults)."""
     from weightzoo.flows.config import BuildRequest
-    from weightzoo.tasks.finetune import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
 
     ft = json.loads(args.finetune_json) if args.finetune_json else {}
     ft |= {k: v for k, v in (("steps", args.steps), ("pack", args.pack)) if v is not None}

@@ -21,8 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.subspace import load_subspace
-    from weightzoo.tasks.w2w import edit, edit_direction, export
+    from weightzoo.tasks.subspace.pca import load_subspace
+    from weightzoo.tasks.subspace.w2w import edit, edit_direction, export
 
     name, sep, value = args.attribute.partition("=")
     if not sep or not name or not value:

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.export import export_lora
+    from weightzoo.tasks.finetune.export import export_lora
 
     ds = Dataset(args.dataset)
     meta, vector = ds.row(args.id)

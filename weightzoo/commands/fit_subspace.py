@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.tasks.subspace import SubspaceOptions, fit_subspace
+    from weightzoo.tasks.subspace.pca import SubspaceOptions, fit_subspace
 
     options = SubspaceOptions(components=args.components, block_size=args.block_size, power_iters=args.power_iters,
                               device=args.device, dtype=args.dtype, seed=args.seed, tasks_per_pass=args.tasks_per_pass)

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.tasks.weight_diffusion import generate_lora
+    from weightzoo.tasks.diffusion.generator import generate_lora
 
     path = generate_lora(args.model, args.prompt, args.out, dict(args.attr), steps=args.steps, seed=args.seed)
     print(f"wrote {path} ({args.steps} DDIM steps, seed {args.seed})")

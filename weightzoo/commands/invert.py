@@ -22,11 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.tasks.base_model import load_base
     from weightzoo.tasks.device import resolve_device
-    from weightzoo.tasks.manifest import load_image
-    from weightzoo.tasks.subspace import load_subspace
-    from weightzoo.tasks.w2w import export, invert
+    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.finetune.manifest import load_image
+    from weightzoo.tasks.subspace.pca import load_subspace
+    from weightzoo.tasks.subspace.w2w import export, invert
 
     sub = load_subspace(args.subspace)
     prompt = args.prompt or sub.coords_table().column("prompt")[0].as_py()

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.tasks.subspace import load_subspace
-    from weightzoo.tasks.w2w import load_lora_vector, project
+    from weightzoo.tasks.subspace.pca import load_subspace
+    from weightzoo.tasks.subspace.w2w import load_lora_vector, project
 
     sub = load_subspace(args.subspace)
     if args.lora:

@@ -18,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.storage.fs import join
-    from weightzoo.tasks.subspace import load_subspace
-    from weightzoo.tasks.w2w import export, sample
+    from weightzoo.tasks.subspace.pca import load_subspace
+    from weightzoo.tasks.subspace.w2w import export, sample
 
     if args.num < 1:
         raise ValueError("--num must be at least 1")

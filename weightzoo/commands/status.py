@@ -30,7 +30,7 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
         "failures": [{"id": f.id, "reason": f.reason, "attempt": f.attempt} for f in failed.values()],
     }
     if manifest:
-        from weightzoo.tasks.manifest import read_manifest
+        from weightzoo.tasks.finetune.manifest import read_manifest
 
         ids = [r.id for r in read_manifest(manifest)]
         out["total"] = len(ids)

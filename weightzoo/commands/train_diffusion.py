@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.tasks.weight_diffusion import WeightDiffusionConfig, train_weight_diffusion
+    from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig, train_weight_diffusion
 
     config = WeightDiffusionConfig(
         dataset=args.dataset, base=args.base, out=args.out, steps=args.steps, block_size=args.block_size,

@@ -36,9 +36,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from weightzoo.storage.layout import Layout
-from weightzoo.tasks.class_images import class_latents, encode_images
-from weightzoo.tasks.manifest import ManifestRow, load_images
-from weightzoo.tasks.packed_lora import PackedLoRA, find_targets
+from weightzoo.tasks.finetune.class_images import class_latents, encode_images
+from weightzoo.tasks.finetune.manifest import ManifestRow, load_images
+from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
 from weightzoo.tasks.seeds import stable_seed
 
 

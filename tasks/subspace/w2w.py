@@ -19,7 +19,7 @@ from PIL import Image
 
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
-from weightzoo.tasks.subspace import Subspace
+from weightzoo.tasks.subspace.pca import Subspace
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
@@ -42,7 +42,7 @@ def lora_scale(hparams: dict) -> float:
 
 def export(sub: Subspace, weights: torch.Tensor, out_path: str, hparams: dict | None = None) -> str:
     """Write a weight vector as a diffusers LoRA (safetensors) with the subspace's layout and hparams."""
-    from weightzoo.tasks.export import export_lora
+    from weightzoo.tasks.finetune.export import export_lora
 
     layout = sub.layout
     return export_lora(weights.detach().float().to(layout.torch_dtype), layout, hparams or subspace_hparams(sub),
@@ -233,8 +233,8 @@ def invert(
     std, so one learning rate suits every component."""
     from diffusers import DDPMScheduler
 
-    from weightzoo.tasks.class_images import encode_images
-    from weightzoo.tasks.finetune import default_resolution, encode_prompt
+    from weightzoo.tasks.finetune.class_images import encode_images
+    from weightzoo.tasks.finetune.engine import default_resolution, encode_prompt
 
     hparams = hparams or subspace_hparams(sub)
     device = pipe.unet.device

@@ -70,7 +70,7 @@ class BlockSpec:
 
 @dataclass(frozen=True)
 class Stats:
-    """Per-parameter mean and std (float32, (D,)); a constant parameter has std 1, as in ``tasks/subspace.py``."""
+    """Per-parameter mean and std (float32, (D,)); a constant parameter has std 1, as in ``tasks/subspace/pca.py``."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -111,7 +111,7 @@ def compute_stats(dataset: Dataset, ids: Iterable[str] | None = None) -> Stats:
 
 
 def load_stats(uri: str, numel: int) -> Stats:
-    """``mean`` and ``std`` from a safetensors file such as ``tasks/subspace.py``'s ``subspace.safetensors``."""
+    """``mean`` and ``std`` from a safetensors file such as ``tasks/subspace/pca.py``'s ``subspace.safetensors``."""
     tensors = load_tensors(uri)
     if "mean" not in tensors or "std" not in tensors:
         raise KeyError(f"{uri} has no 'mean' and 'std' tensors")

@@ -25,7 +25,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from weightzoo.storage.fs import filesystem, join, write_bytes
-from weightzoo.tasks.manifest import IMAGE_SUFFIXES, load_image
+from weightzoo.tasks.finetune.manifest import IMAGE_SUFFIXES, load_image
 
 ENCODE_CHUNK = 8  # images per VAE call: bounded activation memory at 512 px, still a useful batch
 GENERATE_CHUNK = 4  # class images per pipeline call (x2 for classifier-free guidance)

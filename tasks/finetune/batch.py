@@ -26,10 +26,10 @@ from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.device import resolve_device
-from weightzoo.tasks.manifest import ManifestRow, manifest_folder, read_manifest
+from weightzoo.tasks.finetune.manifest import ManifestRow, manifest_folder, read_manifest
 
-DEFAULT_ENGINE = "weightzoo.tasks.finetune:finetune_batch"
-NULL_ENGINE = "weightzoo.tasks.batch:null_finetune"
+DEFAULT_ENGINE = "weightzoo.tasks.finetune.engine:finetune_batch"
+NULL_ENGINE = "weightzoo.tasks.finetune.batch:null_finetune"
 # A deployment batch is one fresh worker process: ~10-20 s of imports, base load and Prefect calls
 # before anything trains. 64 rows x 800 steps is ~1 GPU-hour on SD 1.5 even when packed 4 at a time,
 # so that start costs < 1% (bench/orchestration.py); 16 would cost ~2% once packing speeds training.
@@ -105,14 +105,14 @@ def plan_batches(pending: Sequence[str], batch_size: int) -> list[BatchPlan]:
 
 @functools.lru_cache(maxsize=1)
 def _cached_base(uri: str, device: str) -> Any:
-    from weightzoo.tasks.base_model import load_base
+    from weightzoo.tasks.finetune.base_model import load_base
 
     return load_base(uri, device=device)
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_fingerprint(uri: str) -> str:
-    from weightzoo.tasks.base_model import base_fingerprint
+    from weightzoo.tasks.finetune.base_model import base_fingerprint
 
     return base_fingerprint(uri)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from weightzoo.storage.fs import filesystem, is_local, join
-from weightzoo.tasks.manifest import ManifestRow, write_manifest
+from weightzoo.tasks.finetune.manifest import ManifestRow, write_manifest
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle"),

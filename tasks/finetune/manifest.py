@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from weightzoo.errors import InputError
 from weightzoo.storage.fs import UnsafeIdError, atomic_write, check_id, filesystem, join
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -57,7 +58,7 @@ class ManifestProblem(NamedTuple):
         return f"row {self.row} ({who}): {self.reason}"
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest that must not run; ``problems`` lists every bad row, not just the first."""
 
     def __init__(self, problems: Sequence[ManifestProblem], source: str | None = None, message: str | None = None):

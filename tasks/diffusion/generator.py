@@ -39,10 +39,8 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, is_local, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
-from weightzoo.tasks.denoiser import Denoiser, DenoiserConfig, ddim_sample, masked_mse, noisy
 from weightzoo.tasks.device import resolve_device
-from weightzoo.tasks.seeds import stable_seed
-from weightzoo.tasks.weight_blocks import (
+from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
     Condition,
     Stats,
@@ -56,6 +54,8 @@ from weightzoo.tasks.weight_blocks import (
     split_ids,
     text_stats,
 )
+from weightzoo.tasks.diffusion.denoiser import Denoiser, DenoiserConfig, ddim_sample, masked_mse, noisy
+from weightzoo.tasks.seeds import stable_seed
 
 FORMAT_VERSION = 1
 # Changing these does not change what is learnt, so a resume may change them.
@@ -406,7 +406,7 @@ class WeightDiffusionModel:
 def generate_lora(model_uri: str, prompt: str, out: str, attributes: Mapping[str, str] | None = None,
                   steps: int = 1, seed: int = 0) -> str:
     """Sample one LoRA for ``prompt`` (+ ``attributes``) and export it as diffusers safetensors; returns ``out``."""
-    from weightzoo.tasks.export import export_lora
+    from weightzoo.tasks.finetune.export import export_lora
 
     model = WeightDiffusionModel.load(model_uri)
     vector = model.generate([model.text(prompt, attributes)], steps=steps, seed=seed)[0]

@@ -1,0 +1,31 @@
+"""User errors: one small family the CLI prints in one line. Anything else is a bug and keeps its traceback.
+
+Each class also derives from the built-in it refines (``ValueError``, ``FileNotFoundError``, ``OSError``),
+so callers that catch the built-in keep working.
+"""
+
+from __future__ import annotations
+
+
+class WeightzooError(Exception):
+    """Something the user can fix: bad input, a missing dataset, a refused mix. Printed without a traceback."""
+
+
+class InputError(WeightzooError, ValueError):
+    """A bad argument, manifest, id, config or file that was given to weightzoo."""
+
+
+class NotFoundError(WeightzooError, FileNotFoundError):
+    """A dataset, model, file or id that is not where the user said it is."""
+
+
+class RecipeMismatchError(WeightzooError, ValueError):
+    """Rows of another recipe (layout, base model, fine-tune config) were about to be mixed into a dataset."""
+
+
+class CorruptShardError(WeightzooError, OSError):
+    """A committed shard (or ledger file) is not what its ledger entry says: missing, resized or changed."""
+
+
+class PermanentStorageError(WeightzooError, OSError):
+    """A storage failure no retry can cure: no such bucket, access denied, no space left, read-only."""
