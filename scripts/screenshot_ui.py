@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from weightzoo.net import free_port, wait_healthy
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,27 +27,18 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(home: Path, port: int) -> subprocess.Popen:
     api = f"http://127.0.0.1:{port}/api"  # the UI's browser code calls this, not the default :4200
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_UI_API_URL": api, "PREFECT_UI_API_URL": api}
     proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(1)
-    proc.terminate()
-    raise TimeoutError("prefect server did not start")
+    try:
+        wait_healthy(f"{api}/health", timeout=240, proc=proc)
+    except (TimeoutError, RuntimeError):
+        proc.terminate()
+        raise
+    return proc
 
 
 def screenshot(url: str, out: Path) -> None:
@@ -70,14 +60,15 @@ def build_demo(work: Path, subjects: int) -> str:
     from weightzoo.flows.finetune_batch import finetune_batch
     from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
     from weightzoo.tasks.finetune.engine import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import corrupt_image, write_demo_manifest
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     base = save_tiny_pipeline(work / "base")
     manifest = write_demo_manifest(str(work / "m"), subjects)
     ft = FinetuneConfig(steps=4, num_class_images=1, class_inference_steps=1, pack=2, check_every=1)
     req = BuildRequest(manifest=manifest, base=str(base), dataset=str(work / "ds"), batch_size=2, finetune=ft)
     # One batch meets a corrupt image (as if it broke after validation): its table shows the failure.
-    corrupt_image(work / "m" / "images" / "subject-00001" / "0.png")
+    bad = work / "m" / "images" / "subject-00001" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:33] + b"not image data")  # header parses, decoding fails
     finetune_batch(req.batch("b-demo", ["subject-00000", "subject-00001"]))
     write_demo_manifest(str(work / "m"), subjects)  # fixed again: the build retries it and trains the rest
     state = build_dataset(req, return_state=True)

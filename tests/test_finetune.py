@@ -8,24 +8,26 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers import corrupt_image
 from PIL import Image
 from safetensors.torch import load_file
 
+from weightzoo.tasks.finetune import engine as finetune
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.class_images import class_latents
 from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch, lora_layout
-from weightzoo.tasks.finetune.engine import engine as finetune
 from weightzoo.tasks.finetune.export import WEIGHT_NAME, export_lora
 from weightzoo.tasks.finetune.manifest import ManifestRow
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
-from weightzoo.tasks.finetune.synthetic import corrupt_image, make_subjects
+from weightzoo.tasks.finetune.synthetic import make_subjects
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
 # lr 1e-3 (10x the default) so 20 steps visibly move the loss. Not higher: at 5e-3 training is chaotic
 # enough that float noise (conv kernels pick different accumulation orders per batch size) grows to
@@ -36,13 +38,6 @@ CFG = FinetuneConfig(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Two threads on two cores shared with other jobs spin-wait badly (7x slower here); one is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The dataset flows under Prefect's test harness, with the real engine on the tiny model (few steps).
 
-One harness per session (prefect_fixtures.py); each test trains a handful of subjects for 2 steps.
+One harness per session (tests/helpers.py); each test trains a handful of subjects for 2 steps.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
-import prefect_fixtures as pf  # tests/ is on sys.path (pytest's prepend import mode)
 import pytest
 import yaml
-from prefect_fixtures import REPO, TINY_FINETUNE
+from helpers import REPO, TINY_FINETUNE, corrupt_image
 
 from weightzoo.cli import main as cli
 from weightzoo.flows.build_dataset import build_dataset
@@ -24,9 +23,8 @@ from weightzoo.storage.ledger import Ledger
 from weightzoo.tasks.finetune.batch import batch_id_for, plan_batches, run_batch
 from weightzoo.tasks.finetune.engine import FinetuneConfig
 from weightzoo.tasks.finetune.manifest import ManifestError, read_manifest
-from weightzoo.tasks.finetune.synthetic import corrupt_image, write_demo_manifest
+from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
-prefect_home, prefect_harness = pf.prefect_home, pf.prefect_harness  # one harness per session
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

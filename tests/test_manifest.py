@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import corrupt_image
+from PIL import Image
 
+from weightzoo.errors import InputError, NotFoundError
 from weightzoo.tasks.finetune.manifest import (
+    ImageOptions,
     ManifestError,
     ManifestProblem,
     ManifestRow,
     image_uris,
     load_and_validate,
+    load_image,
     load_images,
     manifest_folder,
     read_manifest,
@@ -22,7 +31,7 @@ from weightzoo.tasks.finetune.manifest import (
     validate_manifest,
     write_manifest,
 )
-from weightzoo.tasks.finetune.synthetic import corrupt_image, make_subjects
+from weightzoo.tasks.finetune.synthetic import make_subjects
 
 
 @pytest.fixture
@@ -217,6 +226,179 @@ def test_typed_rows_validate_too(tmp_path: Path, subjects: list[ManifestRow]) ->
     assert validate_manifest(subjects, str(tmp_path)) == subjects
     with pytest.raises(ManifestError, match=r"row 2 \(id 'subject-00000'\): duplicate id: already used by row 1"):
         validate_manifest([subjects[0], subjects[0]], str(tmp_path))
+
+
+# --- manifest files that cannot be read at all -----------------------------------------------------
+
+
+def _unreadable_manifests(tmp_path: Path) -> dict[str, tuple[Path, type[Exception], str]]:
+    """Each kind of manifest file that cannot be read, with the error class and message it must raise."""
+    (tmp_path / "folder.jsonl").mkdir()
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 this is not a parquet file" * 4)
+    (tmp_path / "latin1.csv").write_bytes("id,images\ncaf\u00e9,a.png\n".encode("latin-1"))
+    folder_hint = "is a directory; give the manifest file in it"
+    return {
+        "dir-with-suffix": (tmp_path / "folder.jsonl", ManifestError, folder_hint),
+        "dir": (tmp_path, ManifestError, folder_hint),
+        "missing": (tmp_path / "nope.jsonl", NotFoundError, "manifest not found"),
+        "garbage-parquet": (tmp_path / "garbage.parquet", ManifestError, "is not a readable Parquet file (Parquet magic bytes"),
+        "not-utf8": (tmp_path / "latin1.csv", ManifestError, "is not UTF-8 text (byte 0xe9 on line 2)"),
+    }
+
+
+@pytest.mark.parametrize("case", ["dir-with-suffix", "dir", "missing", "garbage-parquet", "not-utf8"])
+def test_an_unreadable_manifest_file_is_one_line_naming_it(tmp_path: Path, case: str) -> None:
+    path, error, reason = _unreadable_manifests(tmp_path)[case]
+    for read in (read_raw_manifest, read_manifest, load_and_validate):
+        with pytest.raises(error) as info:
+            read(str(path))
+        message = str(info.value)
+        assert str(path) in message and reason in message, (read.__name__, message)
+        assert "\n" not in message
+        assert isinstance(info.value, InputError | NotFoundError)  # what the CLI prints in one line
+    if error is ManifestError:
+        assert info.value.problems == []  # the file, not a row, is at fault
+
+
+# --- images: as trained on, or refused with the row named -----------------------------------------
+
+
+def _png(path: Path, width: int, height: int, depth: int, colour_type: int, rows: bytes) -> Path:
+    """A PNG written chunk by chunk, for pixel formats (16-bit RGB) or headers (huge sizes) PIL will not write."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+def _save(image: Image.Image, path: Path, **kwargs: object) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def _validate_counting(rows: list[dict[str, object]], base: Path, options: ImageOptions) -> tuple[int, list[ManifestProblem]]:
+    """(rows that validate, problems): rows without a problem are validated again alone, to count them for real."""
+    try:
+        return len(validate_manifest(rows, str(base), image_options=options)), []
+    except ManifestError as e:
+        bad = {p.row for p in e.problems}
+        rest = [r for n, r in enumerate(rows, start=1) if n not in bad]
+        return len(validate_manifest(rest, str(base), image_options=options)), e.problems
+
+
+def test_16bit_grey_png_scales_to_the_8bit_gradient_not_white(tmp_path: Path) -> None:
+    gradient = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    path = _save(Image.fromarray(gradient.astype(np.uint16) * 257), tmp_path / "g16.png")
+    with Image.open(path) as raw:
+        assert raw.mode == "I;16"  # what Pillow opens a 16-bit grey PNG as; convert("RGB") would clip it to white
+    image = load_image(path)
+    assert image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.repeat(gradient[..., None], 3, axis=2))
+
+
+def test_16bit_rgb_png_keeps_its_colour(tmp_path: Path) -> None:
+    pixels = np.zeros((4, 4, 3), dtype=">u2")
+    pixels[...] = (65535, 128 * 257, 7 * 257)
+    path = _png(tmp_path / "rgb16.png", 4, 4, 16, 2, b"".join(b"\x00" + row.tobytes() for row in pixels))
+    assert np.array_equal(np.asarray(load_image(str(path))), np.broadcast_to([255, 128, 7], (4, 4, 3)))
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    source = np.zeros((32, 48, 3), dtype=np.uint8)  # 48 wide, 32 high: a red left half, a blue bottom-right
+    source[:, :24] = (255, 0, 0)
+    source[16:, 24:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: "rotate 90 degrees clockwise to display"
+    path = _save(Image.fromarray(source), tmp_path / "photo.jpg", exif=exif, quality=95, subsampling=0)
+    image = np.asarray(load_image(path)).astype(int)
+    upright = np.rot90(source, k=-1).astype(int)  # clockwise
+    assert image.shape == upright.shape == (48, 32, 3)
+    assert np.abs(image - upright).mean() < 4  # JPEG noise only; unrotated, the halves would not line up
+    assert tuple(image[10, 16]) == pytest.approx((255, 0, 0), abs=12)  # the red left half is now on top ...
+    assert tuple(image[40, 8]) == pytest.approx((0, 0, 255), abs=12)  # ... and the blue corner bottom-left
+
+
+def _expected_composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    alpha = rgba[..., 3:].astype(float) / 255
+    return np.rint(rgba[..., :3] * alpha + np.array(background) * (1 - alpha)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("background", [(255, 255, 255), (0, 40, 200)])
+def test_rgba_is_composited_on_the_background(tmp_path: Path, background: tuple[int, int, int]) -> None:
+    rgba = np.array([[[255, 0, 0, 128], [0, 0, 255, 0]], [[0, 255, 0, 255], [10, 20, 30, 64]]], dtype=np.uint8)
+    path = _save(Image.fromarray(rgba), tmp_path / "cutout.png")
+    image = np.asarray(load_image(path, ImageOptions(background=background)))
+    assert np.array_equal(image, _expected_composite(rgba, background))
+    if background == (255, 255, 255):
+        assert tuple(image[0, 0]) == (255, 127, 127)  # half-transparent red over white is pink, not red
+
+
+def test_grey_alpha_and_palette_transparency_are_composited_too(tmp_path: Path) -> None:
+    grey_alpha = Image.fromarray(np.array([[[0, 0], [0, 255]]], dtype=np.uint8))  # LA: transparent, then black
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([0, 0, 0, 255, 0, 0])
+    palette.putpixel((1, 0), 1)
+    options = ImageOptions(background=(0, 0, 255))
+    assert np.asarray(load_image(_save(grey_alpha, tmp_path / "la.png"), options)).tolist() == [[[0, 0, 255], [0, 0, 0]]]
+    path = _save(palette, tmp_path / "p.png", transparency=0)  # palette entry 0 (black) is transparent
+    assert np.asarray(load_image(path, options)).tolist() == [[[0, 0, 255], [255, 0, 0]]]
+
+
+def test_transparent_image_is_refused_under_refuse_and_its_row_is_named(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    transparent = np.full((8, 8, 4), 200, dtype=np.uint8)
+    transparent[0, 0, 3] = 0
+    opaque = np.full((8, 8, 4), 255, dtype=np.uint8)
+    _save(Image.fromarray(transparent), tmp_path / "images" / "cutout.png")
+    _save(Image.fromarray(opaque), tmp_path / "images" / "opaque.png")
+    rows = [_raw(subjects[0]), _raw(subjects[1], images=["images/cutout.png"]), _raw(subjects[2], images=["images/opaque.png"])]
+
+    validated, problems = _validate_counting(rows, tmp_path, ImageOptions(alpha="refuse"))
+    assert [str(p) for p in problems] == [
+        f"row 2 (id {subjects[1].id!r}): image has transparent pixels: {tmp_path / 'images/cutout.png'} (the alpha policy is 'refuse')"
+    ]
+    assert validated == 2  # an alpha channel with no transparent pixel is accepted
+    assert _validate_counting(rows, tmp_path, ImageOptions()) == (3, [])
+
+
+def test_an_image_over_max_pixels_is_that_rows_problem(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    _save(Image.new("RGB", (10, 10)), tmp_path / "images" / "at-limit.png")
+    _save(Image.new("RGB", (11, 10)), tmp_path / "images" / "over.png")
+    rows = [_raw(subjects[0], images=["images/at-limit.png"]), _raw(subjects[1], images=["images/over.png"]),
+            _raw(subjects[2], id="a/b", images=["images/at-limit.png"])]
+    validated, problems = _validate_counting(rows, tmp_path, ImageOptions(max_pixels=100))
+    assert [str(p) for p in problems] == [
+        f"row 2 (id {subjects[1].id!r}): image too large: {tmp_path / 'images/over.png'} is 11x10 = 110 pixels, "
+        "over the limit of 100 (max_pixels)",
+        "row 3 (id 'a/b'): id contains a path separator",  # reported in the same pass as the image
+    ]
+    assert validated == 1
+
+
+@pytest.mark.parametrize(("size", "said"), [((20_000, 20_000), "is 20000x20000 = 400,000,000 pixels"),
+                                            ((100_000, 100_000), "is 10,000,000,000 pixels")])
+def test_a_decompression_bomb_gets_our_error_not_pils(tmp_path: Path, size: tuple[int, int], said: str) -> None:
+    """Headers PIL would warn about (400 MP) or refuse (10 GP) with its own message, naming no file."""
+    path = _png(tmp_path / "images" / "bomb.png", *size, 8, 2, b"\x00" * 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        validated, problems = _validate_counting([{"id": "bomb", "images": ["images/bomb.png"]}], tmp_path, ImageOptions())
+    assert [str(p) for p in problems] == [
+        f"row 1 (id 'bomb'): image too large: {path} {said}, over the limit of 50,000,000 (max_pixels)"
+    ]
+    assert validated == 0
+
+
+def test_an_id_ending_in_a_newline_is_refused(tmp_path: Path, subjects: list[ManifestRow]) -> None:
+    rows = [_raw(subjects[0]), _raw(subjects[1], id="subject-x\n"), _raw(subjects[2])]
+    validated, problems = _validate_counting(rows, tmp_path, ImageOptions())
+    assert [(p.row, p.id) for p in problems] == [(2, "subject-x\n")]
+    assert str(problems[0]).startswith("row 2 (id 'subject-x\\n'): id must be 1-128 characters")
+    assert validated == 2
 
 
 # --- S3 ------------------------------------------------------------------------------------------

@@ -16,15 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import prefect_fixtures as pf  # tests/ is on sys.path (pytest's prepend import mode)
 import pytest
 import torch
-from prefect_fixtures import REPO, TINY_FINETUNE, stop_tree, worker_env
+from helpers import REPO, TINY_FINETUNE, stop_tree, worker_env
 
 pytestmark = pytest.mark.slow
 
-# The session's shared server and this module's workers (fixtures re-exported, not redefined).
-prefect_home, prefect_server, process_worker = pf.prefect_home, pf.prefect_server, pf.process_worker
 POOL = "wz-e2e"
 DEPLOYMENT = "finetune-batch/e2e"
 WAIT_S = 900  # generous: 2 shared cores, each flow-run process imports torch and diffusers

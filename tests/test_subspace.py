@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.prefect_fixtures import prefect_harness, prefect_home  # noqa: F401 (fixtures: one Prefect API per session)
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.subspace.pca.pca import (
+from weightzoo.tasks.subspace.pca import (
     ShardRef,
     SubspaceOptions,
     fit_subspace,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import corrupt_image
 from PIL import Image
 
 from weightzoo.tasks.finetune.manifest import ManifestRow, load_and_validate, load_image, load_images
@@ -13,7 +14,6 @@ from weightzoo.tasks.finetune.synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,
-    corrupt_image,
     make_subjects,
     write_demo_manifest,
 )

@@ -17,8 +17,8 @@ import torch
 
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.subspace.pca.pca import Subspace, SubspaceOptions, fit_subspace, load_subspace
-from weightzoo.tasks.subspace.pca.w2w import (
+from weightzoo.tasks.subspace.pca import Subspace, SubspaceOptions, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.w2w import (
     LoRAUNet,
     attribute_directions,
     edit,
@@ -31,18 +31,13 @@ from weightzoo.tasks.subspace.pca.w2w import (
     subspace_hparams,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
+
 COLOURS = ("red", "green", "blue")
 SHAPES = ("circle", "square")
 N, K = 96, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two torch threads on two cores shared with other jobs spin-wait badly; one is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

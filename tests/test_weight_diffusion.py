@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.prefect_fixtures import prefect_harness, prefect_home  # noqa: F401 (fixtures: one Prefect API per session)
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
@@ -42,6 +41,8 @@ from weightzoo.tasks.diffusion.generator import (
     latest_checkpoint,
     train_weight_diffusion,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
 COLOURS = ("red", "green", "blue", "yellow")
 HATS = ("none", "hat")
@@ -81,13 +82,6 @@ def dataset(layout, tmp_path_factory: pytest.TempPathFactory) -> str:
     return uri
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: on a shared 2-core box one thread avoids thread-pool contention (8x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(dataset: str, base: Path, out: Path, **kw) -> WeightDiffusionConfig:

@@ -3,31 +3,43 @@
 Image references are URIs (any fsspec URL) or paths relative to the manifest's own folder.
 
 A manifest is checked whole before any GPU time is spent: ``load_and_validate`` reads every row,
-checks ids, duplicates, fields and that every image exists and fully decodes, and raises one
-``ManifestError`` that lists every problem, so a bad manifest is fixed in one pass, not one row per run.
-The format is documented in docs/MANIFEST.md.
+checks ids, duplicates, fields and that every image exists, fully decodes and passes ``ImageOptions``,
+and raises one ``ManifestError`` that lists every problem, so a bad manifest is fixed in one pass, not one
+row per run. ``load_image`` is also what training reads images with, so a validated image is trained on
+exactly as it was checked. The format and the image rules are documented in docs/MANIFEST.md.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import lzma
+import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from fsspec import AbstractFileSystem
+from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from weightzoo.errors import InputError
+from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.fs import UnsafeIdError, atomic_write, check_id, filesystem, join
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
 # Image checks are bound by storage latency (an S3 GET is ~10-50 ms), not by CPU, so many threads pay off.
 VALIDATE_WORKERS = 16
+# The most ImageOptions.max_pixels may be (about 1.07 gigapixels); PIL's own bomb guard is kept above it.
+PIXEL_CEILING = 1 << 30
+# 16-bit grey as PIL opens it ("I" is how older Pillow opened 16-bit PNGs); PIL's convert() clips these at 255.
+SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 RawRow = dict[str, Any]
 
@@ -98,19 +110,131 @@ def image_uris(row: ManifestRow, base_uri: str | None = None) -> list[str]:
     return uris
 
 
-def load_image(uri: str) -> Image.Image:
-    """Read and fully decode one image as RGB (raises on missing or undecodable files)."""
-    fs, path = filesystem(uri)
-    with Image.open(io.BytesIO(fs.cat_file(path))) as im:
-        im.load()
+Byte = Annotated[int, Field(ge=0, le=255)]
+
+
+class ImageOptions(BaseModel):
+    """How an image file becomes the 8-bit RGB that is checked and trained on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Composite by default: transparent cut-outs are common in subject folders, and flattening them on a known
+    # colour is what a person expects; dropping alpha instead trains on whatever colour hid under it.
+    alpha: Literal["composite", "refuse"] = Field(
+        "composite",
+        description="What to do with transparent pixels: 'composite' them on `background`, or 'refuse' the image "
+        "(fully opaque images with an alpha channel are always accepted).",
+    )
+    # White: cut-outs are made to sit on white pages, and a plain light background is easy for a LoRA to ignore.
+    background: tuple[Byte, Byte, Byte] = Field(
+        (255, 255, 255), description="RGB colour (0-255 each) that transparent pixels are composited on."
+    )
+    # 50 MP: above the 48 MP of the largest phone photos, so no phone original is refused, yet a scan or a
+    # crafted file (a decompression bomb) is stopped from its header before gigabytes of pixels are decoded;
+    # validation decodes 16 images at once, and a 50 MP image is already 150 MB as RGB.
+    max_pixels: int = Field(
+        50_000_000, gt=0, le=PIXEL_CEILING,
+        description=f"Largest width x height accepted; larger images are refused before decoding (at most {PIXEL_CEILING}).",
+    )
+
+
+DEFAULT_IMAGE_OPTIONS = ImageOptions()
+
+
+class UnusableImageError(InputError):
+    """An image that ``ImageOptions`` refuse: too many pixels, or transparent pixels under ``alpha='refuse'``."""
+
+
+def _keep_pil_guard_behind_ours() -> None:
+    """Raise PIL's decompression-bomb limit to PIXEL_CEILING (never lower it, nor turn a disabled one back on).
+
+    PIL checks inside ``Image.open``, before the file's name is known to anyone: it warns above its limit
+    (89 MP by default) and raises above twice that. With its limit at the largest ``max_pixels`` allowed, PIL
+    says nothing about an image we accept, and its error (above 2 GP) is turned into ours in ``_open``.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < PIXEL_CEILING:
+        Image.MAX_IMAGE_PIXELS = PIXEL_CEILING
+
+
+_keep_pil_guard_behind_ours()
+
+
+def _too_large(uri: str, size: str, limit: int) -> UnusableImageError:
+    return UnusableImageError(f"image too large: {uri} is {size} pixels, over the limit of {limit:,} (max_pixels)")
+
+
+def _open(data: bytes, uri: str, limit: int) -> Image.Image:
+    """Open (header only) an image, reporting PIL's bomb error as ours so it names the file.
+
+    PIL's warning (above PIXEL_CEILING, so only for images refused anyway) is caught too, for processes
+    that turn warnings into errors.
+    """
+    try:
+        return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise _too_large(uri, f"{int(found[1]):,}" if found else "over 2x PIL's limit of", limit) from None
+
+
+def _check_size(im: Image.Image, uri: str, limit: int) -> None:
+    """Refuse an image of more than ``limit`` pixels from its header, before its pixels are decoded."""
+    width, height = im.size
+    if width * height > limit:
+        raise _too_large(uri, f"{width}x{height} = {width * height:,}", limit)
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit grey scaled to 8-bit 'L' (or 'LA' if it has a tRNS key); any other image as it is.
+
+    PIL's convert() clips 16-bit values at 255, so a 16-bit PNG came out nearly white. PIL already
+    reduces 16-bit RGB, RGBA and grey+alpha PNGs to 8 bits as it decodes them.
+    """
+    if im.mode not in SIXTEEN_BIT_GREY:
+        return im
+    values = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+    grey = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    key = im.info.get("transparency")
+    if not isinstance(key, int):
+        return grey
+    alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8))
+    return Image.merge("LA", [grey, alpha])
+
+
+def _flatten(im: Image.Image, uri: str, options: ImageOptions) -> Image.Image:
+    """``im`` as RGB; transparent pixels composited on ``options.background``, or refused, never silently dropped."""
+    if not im.has_transparency_data:
         return im.convert("RGB")
+    rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)  # 255 * 255 + 127 still fits in 16 bits
+    colour, alpha = rgba[..., :3], rgba[..., 3:]
+    if alpha.min() < 255 and options.alpha == "refuse":
+        raise UnusableImageError(f"image has transparent pixels: {uri} (the alpha policy is 'refuse')")
+    background = np.array(options.background, dtype=np.uint16)
+    return Image.fromarray(((colour * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8))
 
 
-def load_images(row: ManifestRow, base_uri: str | None = None) -> list[Image.Image]:
+def load_image(uri: str, options: ImageOptions = DEFAULT_IMAGE_OPTIONS) -> Image.Image:
+    """Read and fully decode one image as the 8-bit RGB that is trained on (see ``ImageOptions``).
+
+    Turned upright by its EXIF orientation, 16-bit grey scaled to 8 bits, transparency composited or refused,
+    oversize refused before decoding. Raises FileNotFoundError, UnusableImageError, or PIL's error for a
+    file that does not decode.
+    """
+    fs, path = filesystem(uri)
+    with _open(fs.cat_file(path), uri, options.max_pixels) as im:
+        _check_size(im, uri, options.max_pixels)
+        im.load()
+        upright = ImageOps.exif_transpose(im)  # a copy, so it outlives the file
+    return _flatten(_to_8bit(upright), uri, options)
+
+
+def load_images(
+    row: ManifestRow, base_uri: str | None = None, image_options: ImageOptions = DEFAULT_IMAGE_OPTIONS
+) -> list[Image.Image]:
+    """Every image of a row, read as training reads them; raises on the first that cannot be used."""
     uris = image_uris(row, base_uri)
     if not uris:
         raise ValueError(f"row {row.id!r} has no images")
-    return [load_image(u) for u in uris]
+    return [load_image(u, image_options) for u in uris]
 
 
 # --- reading and writing -------------------------------------------------------------------------
@@ -124,7 +248,7 @@ def _format_of(uri: str) -> str:
     for suffix, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".parquet", "parquet"), (".pq", "parquet")):
         if name.endswith(suffix):
             return fmt
-    raise ValueError(f"cannot tell the manifest format of {uri!r}: expected a name ending in {', '.join(MANIFEST_SUFFIXES)}")
+    raise InputError(f"cannot tell the manifest format of {uri!r}: expected a name ending in {', '.join(MANIFEST_SUFFIXES)}")
 
 
 def _parse_attributes(text: str) -> dict[str, str] | str:
@@ -196,20 +320,70 @@ def _read_csv(text: str) -> list[RawRow | ManifestProblem]:
     return rows
 
 
+def _file_error(uri: str, reason: str) -> ManifestError:
+    """A one-line error about the manifest file as a whole (no row to blame)."""
+    return ManifestError([], source=uri, message=f"the manifest {uri} {reason}")
+
+
+def _directory_error(uri: str) -> ManifestError:
+    return _file_error(uri, f"is a directory; give the manifest file in it ({', '.join(MANIFEST_SUFFIXES)})")
+
+
+def _read_bytes(fs: AbstractFileSystem, path: str, uri: str, fmt: str) -> bytes:
+    """The manifest's bytes (text formats decompressed), or a one-line error naming it instead of a traceback."""
+    try:
+        with fs.open(path, "rb", compression=None if fmt == "parquet" else "infer") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise _directory_error(uri) from None
+    except FileNotFoundError:
+        if fs.isdir(path):  # object stores say "not found" for a prefix
+            raise _directory_error(uri) from None
+        raise NotFoundError(f"manifest not found: {uri}") from None
+    except PermissionError:
+        raise _file_error(uri, "cannot be read: permission denied") from None
+    except (gzip.BadGzipFile, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise _file_error(uri, f"cannot be decompressed ({type(e).__name__}: {e})") from None
+
+
+def _decode(data: bytes, uri: str) -> str:
+    """UTF-8 text (a leading BOM dropped: spreadsheets often start CSVs with one), or an error saying where it is not."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise _file_error(uri, f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); save it as UTF-8") from None
+
+
+def _read_parquet(data: bytes, uri: str) -> list[RawRow | ManifestProblem]:
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as e:  # the text names the in-memory buffer, not the file: drop that part
+        why = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(e))
+        raise _file_error(uri, f"is not a readable Parquet file ({why})") from None
+    return [_normalise(r) for r in table.to_pylist()]
+
+
 def read_raw_manifest(uri: str) -> list[RawRow | ManifestProblem]:
     """Every row of the manifest at ``uri`` as a plain dict, unvalidated, in file order.
 
     JSONL, CSV or Parquet by suffix (optionally compressed, e.g. ``.jsonl.gz``). A row that cannot
     even be parsed (a JSONL line that is not JSON) comes back as a ``ManifestProblem`` in its place,
-    so that validation can still report it together with every other bad row.
+    so that validation can still report it together with every other bad row. A file that cannot be
+    read at all (missing, a directory, not Parquet, not UTF-8) raises one line naming it: ``NotFoundError``
+    if it is missing, else ``ManifestError``.
     """
-    fmt = _format_of(uri)
     fs, path = filesystem(uri)
+    try:
+        fmt = _format_of(uri)
+    except InputError:
+        if fs.isdir(path):
+            raise _directory_error(uri) from None
+        raise
+    data = _read_bytes(fs, path, uri, fmt)
     if fmt == "parquet":
-        with fs.open(path, "rb") as f:
-            return [_normalise(r) for r in pq.read_table(f).to_pylist()]
-    with fs.open(path, "rb", compression="infer") as f:
-        text = f.read().decode("utf-8-sig")  # utf-8-sig: spreadsheets often start CSVs with a BOM
+        return _read_parquet(data, uri)
+    text = _decode(data, uri)
     return _read_jsonl(text) if fmt == "jsonl" else _read_csv(text)
 
 
@@ -313,12 +487,14 @@ def _image_probe(entry: ManifestRow | Mapping[str, Any] | ManifestProblem) -> Ma
         return None
 
 
-def _check_image(uri: str) -> str | None:
-    """Why the image at ``uri`` cannot be used, or None if it fully decodes."""
+def _check_image(uri: str, options: ImageOptions) -> str | None:
+    """Why the image at ``uri`` cannot be used, or None if it fully decodes and ``options`` accept it."""
     try:
-        load_image(uri)
+        load_image(uri, options)
     except FileNotFoundError:
         return f"image not found: {uri}"
+    except UnusableImageError as e:  # its message already names the file and why
+        return str(e)
     except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError, ...)
         return f"image cannot be decoded: {uri} ({type(e).__name__}: {e})"
     return None
@@ -329,12 +505,14 @@ def validate_manifest(
     base_uri: str | None,
     *,
     max_workers: int = VALIDATE_WORKERS,
+    image_options: ImageOptions = DEFAULT_IMAGE_OPTIONS,
 ) -> list[ManifestRow]:
     """Check every row, then return them all or raise one ``ManifestError`` listing every problem.
 
     Checks: each raw row parses (known fields and kind), ids are safe as file names and unique, each
-    row has images, and every image exists and fully decodes (in ``max_workers`` threads, since reads
-    from S3 are latency-bound). Relative image paths are taken against ``base_uri``. Decodes every
+    row has images, and every image exists, fully decodes and is accepted by ``image_options`` (too
+    large, or transparent under alpha='refuse', is that row's problem), in ``max_workers`` threads,
+    since reads from S3 are latency-bound. Relative image paths are taken against ``base_uri``. Decodes every
     image once: seconds per thousand small local images, more on S3.
     """
     entries = list(rows_or_raw)
@@ -355,7 +533,7 @@ def validate_manifest(
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
         listed = list(pool.map(lambda item: _list_images(item[1], base_uri), present))
         checks = [(n, uri) for (n, _), (uris, _) in zip(present, listed, strict=True) for uri in uris]
-        verdicts = list(pool.map(lambda check: _check_image(check[1]), checks))
+        verdicts = list(pool.map(lambda check: _check_image(check[1], image_options), checks))
     listing_problems = [(n, why) for (n, _), (_, why) in zip(present, listed, strict=True)]
     for n, why in listing_problems + [(n, why) for (n, _), why in zip(checks, verdicts, strict=True)]:
         if why is not None:
@@ -367,12 +545,18 @@ def validate_manifest(
     return [r for r in rows if r is not None]
 
 
-def load_and_validate(uri: str, *, max_workers: int = VALIDATE_WORKERS) -> list[ManifestRow]:
-    """Read the manifest at ``uri`` and validate every row, with relative image paths taken against its folder."""
+def load_and_validate(
+    uri: str, *, max_workers: int = VALIDATE_WORKERS, image_options: ImageOptions = DEFAULT_IMAGE_OPTIONS
+) -> list[ManifestRow]:
+    """Read the manifest at ``uri`` and validate every row, with relative image paths taken against its folder.
+
+    Raises ``NotFoundError`` or a one-line ``ManifestError`` for a file that cannot be read at all, else
+    one ``ManifestError`` listing every bad row.
+    """
     raw = read_raw_manifest(uri)
     if not raw:
         raise ManifestError([], source=uri, message=f"the manifest {uri} has no rows")
     try:
-        return validate_manifest(raw, manifest_folder(uri), max_workers=max_workers)
+        return validate_manifest(raw, manifest_folder(uri), max_workers=max_workers, image_options=image_options)
     except ManifestError as e:
         raise ManifestError(e.problems, source=uri) from None

@@ -181,14 +181,3 @@ def write_demo_manifest(
     """Draw ``n`` subjects with ``make_subjects`` and write ``out_dir/manifest.jsonl``; returns its path."""
     rows = make_subjects(out_dir, n, images_per_subject=images_per_subject, seed=seed, size=size)
     return write_manifest(rows, join(str(out_dir), "manifest.jsonl"))
-
-
-def corrupt_image(path: str | Path) -> None:
-    """Overwrite a local PNG so its header still parses but decoding fails (tests need a realistic bad file).
-
-    Keeps the 33-byte signature + IHDR chunk, so ``Image.open`` succeeds lazily and only a full decode
-    (``load_image``) finds the damage, as with a truncated upload.
-    """
-    p = Path(path)
-    head = p.read_bytes()[:33]
-    p.write_bytes(head + b"\x00\x00\x10\x00IDAT" + b"not image data " * 8)

@@ -13,8 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
+
+from weightzoo.net import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = "flows/finetune_batch.py:finetune_batch"
@@ -62,17 +63,6 @@ def deploy_finetune_batch(pool: str, name: str = "gpu", concurrency_limit: int |
                                  build=False, push=False, print_next_steps=False))
 
 
-def _wait_healthy(api: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(f"no Prefect server at {api} after {timeout:.0f} s")
-
-
 def run(args: argparse.Namespace) -> int:
     gpus = args.gpus or gpu_count()
     if args.print_only:
@@ -84,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     prefect = str(Path(sys.executable).with_name("prefect"))
     procs = [subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(args.port)], env=env)]
     try:
-        _wait_healthy(api)
+        wait_healthy(f"{api}/health")
         subprocess.run([prefect, "work-pool", "create", args.pool, "--type", "process", "--overwrite"], env=env, check=True)
         subprocess.run([prefect, "work-pool", "set-concurrency-limit", args.pool, str(gpus)], env=env, check=True)
         os.environ["PREFECT_API_URL"] = api

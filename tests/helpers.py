@@ -1,9 +1,8 @@
-"""Prefect fixtures shared by the orchestration tests: one API per session, never the user's ~/.prefect.
+"""The test kit, loaded once per session as a pytest plugin (``pytest_plugins`` in conftest.py).
 
-``prefect_harness``: the in-process test harness (fast tier). ``prefect_server``: a real
-``prefect server start`` on a free loopback port; ``process_worker``: real ``prefect worker start``
-processes on a pool, stopped (with their flow-run children) in finalizers. Import the fixtures
-into a test module with ``from tests.prefect_fixtures import *``-style explicit names.
+Fixtures: the tiny model, a moto S3 server, one Prefect API per session (harness or a real server)
+and real process workers, ``one_thread``. Helpers for test modules (``from helpers import ...``):
+``TINY_FINETUNE``, ``REPO``, ``stop_tree``, ``worker_env``, ``corrupt_image``.
 """
 
 from __future__ import annotations
@@ -11,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+
+from weightzoo.net import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -61,26 +59,6 @@ def prefect_harness(prefect_home: Path) -> Iterator[None]:
         yield
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def stop_tree(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait: float = 30) -> None:
     """Signal a process and all its descendants (a worker's flow-run children included), then reap it."""
     try:
@@ -113,7 +91,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory, prefect_home: Path)
         proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_healthy(url, proc, timeout=240, log=log)
+        wait_healthy(f"{url}/health", timeout=240, proc=proc, log=log.read_text)
         yield url
     finally:
         stop_tree(proc)
@@ -144,3 +122,85 @@ def process_worker(prefect_server: str, tmp_path: Path) -> Iterator[Callable[[st
     for proc in started:
         if proc.poll() is None:
             stop_tree(proc)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Two torch threads on two cores shared with other jobs spin-wait badly (7-8x slower here); one is steady."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def corrupt_image(path: str | Path) -> None:
+    """Overwrite a local PNG so its header still parses but decoding fails (a realistic bad file).
+
+    Keeps the 33-byte signature + IHDR chunk, so ``Image.open`` succeeds lazily and only a full decode
+    (``load_image``) finds the damage, as with a truncated upload.
+    """
+    p = Path(path)
+    head = p.read_bytes()[:33]
+    p.write_bytes(head + b"\x00\x00\x10\x00IDAT" + b"not image data " * 8)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the tiny SD-style pipeline saved with ``save_pretrained`` (built once per session)."""
+    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_base: Path):
+    """The tiny pipeline loaded on CPU in fp32. Shared: tests must not leave adapters or hooks on it."""
+    from weightzoo.tasks.finetune.base_model import load_base
+
+    return load_base(str(tiny_base))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto server mode) on a loopback port, with credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket URI (``s3://...``) on the moto server, one per test."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server}, skip_instance_cache=True)
+    name = "wz-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    fs.mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(params=["local", "s3"])
+def dataset_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same storage test on local disk and on moto-backed S3."""
+    if request.param == "local":
+        return str(tmp_path / "dataset")
+    return request.getfixturevalue("s3_bucket") + "/dataset"
