@@ -32,32 +32,8 @@ from pathlib import Path
 
 import torch
 
+from weightzoo.tasks.finetune.base_model import SD15_UNET, SD15_VAE
 from weightzoo.tasks.finetune.manifest import ManifestRow
-
-# SD 1.5's UNet config (runwayml/stable-diffusion-v1-5 unet/config.json), minus bookkeeping keys.
-SD15_UNET: dict = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
-SD15_VAE: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-}
 
 
 def save_sd15_shaped(out: Path) -> Path:

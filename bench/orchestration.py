@@ -3,7 +3,7 @@
     .venv/bin/python bench/orchestration.py --items 1000 10000 [--batch-size 16] [--executor local]
     PREFECT_API_URL=... .venv/bin/python bench/orchestration.py --items 64 --executor deployment --deployment finetune-batch/gpu
 
-The null engine (``weightzoo.tasks.finetune.batch:null_finetune``) returns zero weights of the weights2weights
+The null engine (``bench/null_engine.py``, registered in this process only) returns zero weights of the weights2weights
 SD 1.5 size (99,648 fp16 values) instantly, injected by name exactly as the real engine is. So each
 batch still validates, plans, loads the (tiny) base, writes and commits a real shard, records its
 items and runs as a Prefect child flow: everything but training. Manifest validation (every image
@@ -45,9 +45,10 @@ def measure_step_seconds(base: str, manifest: str, steps: int) -> float:
 
 
 def run_build(args: argparse.Namespace, items: int, work: Path, base: str) -> dict:
+    from null_engine import register_null_engine
+
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildRequest
-    from weightzoo.tasks.finetune.batch import NULL_ENGINE
     from weightzoo.tasks.finetune.manifest import load_and_validate
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
@@ -56,7 +57,7 @@ def run_build(args: argparse.Namespace, items: int, work: Path, base: str) -> di
     load_and_validate(manifest)
     validate_s = time.perf_counter() - t0
     req = BuildRequest(manifest=manifest, base=base, dataset=str(work / f"ds{items}"), batch_size=args.batch_size,
-                       executor=args.executor, deployment=args.deployment, engine=NULL_ENGINE, poll_s=1)
+                       executor=args.executor, deployment=args.deployment, engine=register_null_engine(), poll_s=1)
     t0 = time.perf_counter()
     summary = build_dataset(req)
     total_s = time.perf_counter() - t0

@@ -16,8 +16,9 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from weightzoo.flows.common import artifact_key
 from weightzoo.flows.config import BuildRequest
-from weightzoo.flows.finetune_batch import artifact_key, finetune_batch
+from weightzoo.flows.finetune_batch import finetune_batch
 from weightzoo.storage.fs import redact
 from weightzoo.storage.ledger import Ledger
 from weightzoo.tasks.finetune.batch import BatchPlan, plan_batches

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE, DEFAULT_ENGINE
+from weightzoo.tasks.finetune import engines
+from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE
 from weightzoo.tasks.finetune.engine import FinetuneConfig
 
 # "<flow name>/<deployment name>" as created by deployments/prefect.yaml.
@@ -30,7 +31,9 @@ class BatchRequest(BaseModel):
     dataset: str = Field(description="Dataset URI the shard is written to and committed in.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tune method and hyperparameters.")
     cache_dir: str | None = Field(None, description="URI caching class latents across batches (default: <dataset>/cache).")
-    engine: str = Field(DEFAULT_ENGINE, description="Fine-tune engine as 'module:function' (the null engine is for benchmarks).")
+    engine: str = Field(engines.DEFAULT_ENGINE, description="Fine-tune engine, by registered name (never a module path).")
+
+    _engine = field_validator("engine")(engines.canonical)
 
 
 class BuildRequest(BaseModel):
@@ -50,7 +53,9 @@ class BuildRequest(BaseModel):
     retry_failed: bool = Field(True, description="Re-attempt items whose last attempt failed.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tune method and hyperparameters.")
     cache_dir: str | None = Field(None, description="URI caching class latents across batches (default: <dataset>/cache).")
-    engine: str = Field(DEFAULT_ENGINE, description="Fine-tune engine as 'module:function' (the null engine is for benchmarks).")
+    engine: str = Field(engines.DEFAULT_ENGINE, description="Fine-tune engine, by registered name (never a module path).")
+
+    _engine = field_validator("engine")(engines.canonical)
     batch_timeout_s: float = Field(
         6 * 3600, gt=0, description="executor='deployment': how long to wait for all batches before reporting the rest as pending."
     )

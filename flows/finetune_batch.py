@@ -7,16 +7,14 @@ artifact fed by the engine, and a table artifact of the batch's items.
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Callable
 from typing import Any
-from uuid import UUID
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from weightzoo.flows.common import ThrottledProgress, artifact_key
 from weightzoo.flows.config import BatchRequest
 from weightzoo.storage.fs import redact
 from weightzoo.tasks.finetune.batch import BatchOutcome, run_batch
@@ -24,7 +22,6 @@ from weightzoo.tasks.finetune.batch import BatchOutcome, run_batch
 # Errors a second attempt can cure: storage and network hiccups, a GPU that is busy or was reset.
 # Bad ids or a bad config (ValueError, KeyError) fail at once: retrying them only burns GPU time.
 RETRYABLE = (OSError, ConnectionError, TimeoutError)
-PROGRESS_EVERY_S = 5.0  # an artifact update is one API call; a step is ~0.1 s on a GPU
 
 
 def is_infrastructure_error(exc: BaseException) -> bool:
@@ -40,26 +37,6 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as exc:
         return is_infrastructure_error(exc)
     return False
-
-
-def artifact_key(prefix: str, name: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return f"{prefix}-{re.sub(r'[^a-z0-9-]+', '-', name.lower())}".strip("-")
-
-
-class ThrottledProgress:
-    """An engine ``progress(done, total)`` callback that updates a progress artifact at most every few seconds."""
-
-    def __init__(self, artifact_id: UUID, every_s: float = PROGRESS_EVERY_S) -> None:
-        self.artifact_id, self.every_s = artifact_id, every_s
-        self._last = 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if done < total and now - self._last < self.every_s:
-            return
-        self._last = now
-        update_progress_artifact(artifact_id=self.artifact_id, progress=100.0 * done / max(total, 1))
 
 
 @task(
@@ -98,10 +75,9 @@ def finetune_batch(batch: BatchRequest) -> dict[str, Any]:
     """
     logger = get_run_logger()
     logger.info("batch %s: %d ids -> %s", batch.batch_id, len(batch.ids), redact(batch.dataset))
-    progress_id = create_progress_artifact(progress=0.0, key=artifact_key("progress", batch.batch_id),
-                                           description=f"row-steps trained in {batch.batch_id}")
-    outcome = train_and_commit(batch, ThrottledProgress(progress_id))
-    update_progress_artifact(artifact_id=progress_id, progress=100.0)
+    progress = ThrottledProgress(artifact_key("progress", batch.batch_id), f"row-steps trained in {batch.batch_id}")
+    outcome = train_and_commit(batch, progress)
+    progress.set(100.0)
     publish_items(outcome)
     logger.info("batch %s: %d committed, %d failed, %d already committed", batch.batch_id,
                 len(outcome["committed"]), len(outcome["failed"]), len(outcome["skipped"]))

@@ -8,14 +8,14 @@ the D×b matrices live under the work URI as safetensors. The algorithm itself i
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from prefect import flow, task, unmapped
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from weightzoo.flows.common import png_artifact, run_name
 from weightzoo.storage.fs import join, redact
 from weightzoo.tasks.subspace import pca as sp
 
@@ -57,9 +57,7 @@ def publish(result: sp.FitResult, top: int = 20) -> None:
     """The explained-variance plot (PNG beside the output, and as image + markdown artifacts) and a table
     of the top components. The image is a data: URI, so it renders without any public URL."""
     png = sp.plot_explained_variance(result.explained_variance_ratio, result.uri)
-    data_uri = "data:image/png;base64," + base64.b64encode(png).decode()
-    create_image_artifact(image_url=data_uri, key="subspace-explained-variance",
-                          description=f"Explained variance of {redact(result.uri)}")
+    data_uri = png_artifact(png, "subspace-explained-variance", f"Explained variance of {redact(result.uri)}")
     total = sum(result.explained_variance_ratio)
     create_markdown_artifact(
         key="subspace-summary",
@@ -76,15 +74,7 @@ def publish(result: sp.FitResult, top: int = 20) -> None:
     create_table_artifact(rows, key="subspace-top-components", description=f"Top {len(rows)} components")
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    params = flow_run.parameters.get("params") or {}
-    out = params.get("out", "") if isinstance(params, dict) else getattr(params, "out", "")
-    return f"fit-subspace-{out.rstrip('/').rsplit('/', 1)[-1]}"
-
-
-@flow(name="fit-subspace", flow_run_name=_run_name)
+@flow(name="fit-subspace", flow_run_name=run_name("fit-subspace", "params"))
 def fit_subspace(params: FitSubspaceParams) -> sp.FitResult:
     """Fit the weights2weights subspace of a dataset (q + 2 passes, each mapped over groups of shards)."""
     result = sp.fit_subspace(params.dataset, params.out, params.options, params.work,

@@ -6,7 +6,6 @@ shared cores. One packed run of four subjects (module fixture) feeds several tes
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -276,14 +275,13 @@ def test_orthogonal_method_fixes_a_and_models_sum(
 
 
 def test_sd15_layout_matches_weights2weights() -> None:
-    """The bench's SD 1.5 UNet (meta tensors, no memory) gives w2w's 99,648 values at rank 1, to_q/to_v."""
-    spec = importlib.util.spec_from_file_location("bench_finetune", Path(__file__).parents[1] / "bench" / "finetune.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """SD 1.5's UNet (meta tensors, no memory) gives w2w's 99,648 values at rank 1, to_q/to_v."""
     from diffusers import UNet2DConditionModel
 
+    from weightzoo.tasks.finetune.base_model import SD15_UNET
+
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**bench.SD15_UNET)
+        unet = UNet2DConditionModel(**SD15_UNET)
     assert lora_layout(SimpleNamespace(unet=unet), FinetuneConfig()).numel == 99_648
     cfg = FinetuneConfig(target_modules=("to_q", "to_k", "to_v", "to_out.0"))
     assert lora_layout(SimpleNamespace(unet=unet), cfg).numel == 199_296

@@ -4,46 +4,34 @@ A batch is the unit of retry and of commit: its rows are trained together on one
 as one shard, and made visible by one ledger entry. Re-running a batch is always safe: ids already
 committed are skipped before anything is loaded, and the ledger never makes an id visible twice.
 
-The fine-tune engine is named by an import path (``"module:function"`` with ``finetune_batch``'s
-signature), not passed as an object, so the same request works in-process and on a remote worker.
-``null_finetune`` is such an engine that trains nothing: it measures orchestration overhead.
+The fine-tune engine is named (``engines.py``: a registry, never an import path from a parameter), not
+passed as an object, so the same request works in-process and on a remote worker.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 
 from weightzoo.storage.fs import filesystem
-from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.device import resolve_device
+from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.manifest import ManifestRow, manifest_folder, read_manifest
 
-DEFAULT_ENGINE = "weightzoo.tasks.finetune.engine:finetune_batch"
-NULL_ENGINE = "weightzoo.tasks.finetune.batch:null_finetune"
-# A deployment batch is one fresh worker process: ~10-20 s of imports, base load and Prefect calls
-# before anything trains. 64 rows x 800 steps is ~1 GPU-hour on SD 1.5 even when packed 4 at a time,
-# so that start costs < 1% (bench/orchestration.py); 16 would cost ~2% once packing speeds training.
-# A crash loses at most the batch in flight.
+# A deployment batch is one fresh worker process whose start (imports, base load, API calls) must stay a
+# small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start
+# under 1% at weightzoo's defaults (docs/BENCHMARKS.md, "Orchestration overhead").
 DEFAULT_BATCH_SIZE = 64
 
 ItemStatus = Literal["committed", "failed", "already-committed"]
-
-
-class Engine(Protocol):
-    """What a fine-tune engine looks like (``weightzoo.tasks.finetune.finetune_batch``'s signature)."""
-
-    def __call__(self, pipe: Any, items: list[ManifestRow], config: Any, *, base_uri: str | None = None,
-                 cache_dir: str | None = None, progress: Callable[[int, int], None] | None = None) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -104,17 +92,14 @@ def plan_batches(pending: Sequence[str], batch_size: int) -> list[BatchPlan]:
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_base(uri: str, device: str) -> Any:
-    from weightzoo.tasks.finetune.base_model import load_base
-
-    return load_base(uri, device=device)
+def _cached_base(engine: str, uri: str, device: str) -> Any:
+    return engines.get(engine).load_base(uri, device)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_fingerprint(uri: str) -> str:
-    from weightzoo.tasks.finetune.base_model import base_fingerprint
-
-    return base_fingerprint(uri)
+def cached_fingerprint(engine: str, uri: str) -> str:
+    """The base model's fingerprint (hashing every file once per process, not once per batch)."""
+    return engines.get(engine).fingerprint(uri)
 
 
 @functools.lru_cache(maxsize=4)
@@ -128,14 +113,6 @@ def manifest_rows(uri: str) -> dict[str, ManifestRow]:
     info = fs.info(path)
     version = f"{info.get('size')}:{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
     return _cached_manifest(str(uri), version)
-
-
-def load_engine(path: str) -> Engine:
-    """The engine function named by ``"module:function"``."""
-    module, _, name = path.partition(":")
-    if not module or not name:
-        raise ValueError(f"engine must be 'module:function', got {path!r}")
-    return getattr(importlib.import_module(module), name)
 
 
 # -- one batch -----------------------------------------------------------------------------------------
@@ -156,7 +133,7 @@ def run_batch(
     dataset: str,
     config: Any,
     *,
-    engine: str = DEFAULT_ENGINE,
+    engine: str = engines.DEFAULT_ENGINE,
     cache_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BatchOutcome:
@@ -181,13 +158,13 @@ def run_batch(
         raise KeyError(f"batch {batch_id}: ids not in manifest {manifest}: {missing[:10]}")
     rows = [rows_by_id[i] for i in todo]
 
-    pipe = _cached_base(str(base), str(resolve_device()))
-    result = load_engine(engine)(pipe, rows, config, base_uri=manifest_folder(manifest), cache_dir=cache_dir,
-                                 progress=progress)
+    pipe = _cached_base(engine, str(base), str(resolve_device()))
+    result = engines.get(engine).train(pipe, rows, config, base_uri=manifest_folder(manifest), cache_dir=cache_dir,
+                                       progress=progress)
     ok = [r for r in result.results if r.ok]
     method = str(result.hparams.get("method", getattr(config, "method", "lora")))
     if ok:
-        base_fp = _cached_fingerprint(str(base))
+        base_fp = cached_fingerprint(engine, str(base))
         metas = [_row_meta(rows_by_id[r.id], r, base_fp, method, result.hparams) for r in ok]
         weights = torch.stack([r.weights for r in ok])
         info = write_shard(ledger.fs, ledger.new_shard_path(batch_id), result.layout, metas, weights)
@@ -210,39 +187,3 @@ def run_batch(
             outcome.items.append(ItemRecord(r.id, "failed", None, r.seconds, r.reason))
     outcome.seconds = time.perf_counter() - started
     return outcome
-
-
-# -- an engine that trains nothing, for measuring orchestration overhead -----------------------------
-
-
-@dataclass
-class _NullItem:
-    id: str
-    ok: bool
-    weights: torch.Tensor | None
-    loss: float | None
-    steps: int
-    seconds: float
-    reason: str | None
-
-
-@dataclass
-class _NullBatch:
-    layout: Layout
-    results: list[_NullItem]
-    hparams: dict
-
-
-# SD 1.5 rank-1 to_q/to_v in weights2weights is 99,648 values; a null row has that size in one tensor,
-# so shard writes cost what they cost for real rows.
-NULL_LAYOUT = Layout(("null.lora.weight",), ((99_648,),), "float16")
-
-
-def null_finetune(pipe: Any, items: list[ManifestRow], config: Any, *, base_uri: str | None = None,
-                  cache_dir: str | None = None, progress: Callable[[int, int], None] | None = None) -> _NullBatch:
-    """Zero weights for every item, instantly (never for real datasets: it exists for bench/orchestration.py)."""
-    zeros = torch.zeros(NULL_LAYOUT.numel, dtype=NULL_LAYOUT.torch_dtype)
-    if progress is not None:
-        progress(len(items), len(items))
-    results = [_NullItem(r.id, True, zeros, 0.0, 0, 0.0, None) for r in items]
-    return _NullBatch(NULL_LAYOUT, results, {"method": "null"})

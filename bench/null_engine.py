@@ -1,0 +1,59 @@
+"""An engine that trains nothing, for measuring orchestration overhead. Registered only by the benches.
+
+It returns zero weights of the weights2weights SD 1.5 size for every item, instantly, through the same
+registry as the real engine: each batch still validates, plans, loads the (tiny) base, writes and
+commits a real shard and records its items. Never part of the package: a flow parameter cannot name it
+in a process that did not ``register_null_engine()`` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from weightzoo.storage.layout import Layout
+from weightzoo.tasks.finetune import engines
+from weightzoo.tasks.finetune.manifest import ManifestRow
+
+NULL_ENGINE = "null"
+# SD 1.5 rank-1 to_q/to_v in weights2weights is 99,648 values; a null row has that size in one tensor,
+# so shard writes cost what they cost for real rows.
+NULL_LAYOUT = Layout(("null.lora.weight",), ((99_648,),), "float16")
+
+
+@dataclass
+class NullItem:
+    id: str
+    ok: bool
+    weights: torch.Tensor | None
+    loss: float | None
+    steps: int
+    seconds: float
+    reason: str | None
+
+
+@dataclass
+class NullBatch:
+    layout: Layout
+    results: list[NullItem]
+    hparams: dict
+
+
+def null_finetune(pipe: Any, items: list[ManifestRow], config: Any, *, base_uri: str | None = None,
+                  cache_dir: str | None = None, progress: Callable[[int, int], None] | None = None) -> NullBatch:
+    """Zero weights for every item, instantly."""
+    zeros = torch.zeros(NULL_LAYOUT.numel, dtype=NULL_LAYOUT.torch_dtype)
+    if progress is not None:
+        progress(len(items), len(items))
+    return NullBatch(NULL_LAYOUT, [NullItem(r.id, True, zeros, 0.0, 0, 0.0, None) for r in items], {"method": "null"})
+
+
+def register_null_engine() -> str:
+    """Register the null engine in this process (the real base loader, so a batch pays its load) and
+    return its name."""
+    real = engines.get(engines.DEFAULT_ENGINE)
+    engines.register(engines.Engine(NULL_ENGINE, real.load_base, real.fingerprint, null_finetune, real.config))
+    return NULL_ENGINE

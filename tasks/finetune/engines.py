@@ -1,0 +1,91 @@
+"""Fine-tune engines by registered name. A flow parameter names an engine; it never names code to import.
+
+An engine is what a worker needs to turn manifest rows into rows of a dataset: how to load its base
+(once per process), how to fingerprint that base (stored with every row), and how to train one batch
+(``train(base, items, config, *, base_uri, cache_dir, progress) -> BatchResult``), with the fine-tune
+config model it accepts. The built-in engines are listed here; a plugin package adds one through the
+``weightzoo.engines`` entry-point group (installed deliberately, so its import is the user's choice),
+and a script or bench may ``register`` one in its own process, where only that process can use it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from weightzoo.errors import InputError
+
+ENTRY_POINT_GROUP = "weightzoo.engines"
+DEFAULT_ENGINE = "diffusers-lora"
+# Import paths that requests stored before the registry (deployments, saved parameters) may still hold.
+LEGACY_NAMES = {
+    "weightzoo.tasks.finetune:finetune_batch": DEFAULT_ENGINE,
+    "weightzoo.tasks.finetune.engine:finetune_batch": DEFAULT_ENGINE,
+}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A named fine-tune engine: base loader, base fingerprint, batch trainer and its config model."""
+
+    name: str
+    load_base: Callable[[str, str], Any]  # (base URI, device) -> loaded base; called once per process
+    fingerprint: Callable[[str], str]  # base URI -> short hash recorded with every row
+    train: Callable[..., Any]  # (base, items, config, *, base_uri, cache_dir, progress) -> BatchResult
+    config: type  # the pydantic model of its fine-tune settings
+
+
+def _diffusers_lora() -> Engine:
+    from weightzoo.tasks.finetune.base_model import base_fingerprint, load_base
+    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+
+    return Engine(DEFAULT_ENGINE, lambda uri, device: load_base(uri, device=device), base_fingerprint,
+                  finetune_batch, FinetuneConfig)
+
+
+# Factories, so that naming an engine imports nothing heavy until it is used.
+_BUILTIN: dict[str, Callable[[], Engine]] = {DEFAULT_ENGINE: _diffusers_lora}
+_REGISTERED: dict[str, Engine] = {}
+
+
+def register(engine: Engine) -> None:
+    """Make ``engine`` usable by name in this process (benches, tests, plugins' own setup)."""
+    if engine.name in _BUILTIN:
+        raise InputError(f"engine name {engine.name!r} is built in")
+    _REGISTERED[engine.name] = engine
+    get.cache_clear()
+
+
+def _plugins() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def names() -> list[str]:
+    """Every engine name usable here: built in, registered in this process, installed as a plugin."""
+    return sorted({*_BUILTIN, *_REGISTERED, *_plugins()})
+
+
+def canonical(name: str) -> str:
+    """The registered name for ``name`` (legacy import paths map to their engine); refuses anything else."""
+    name = LEGACY_NAMES.get(name, name)
+    if name not in _BUILTIN and name not in _REGISTERED and name not in _plugins():
+        raise InputError(f"unknown engine {name!r}; registered engines: {', '.join(names())}")
+    return name
+
+
+@functools.cache
+def get(name: str) -> Engine:
+    """The engine registered as ``name`` (a plugin's module is imported here, on first use)."""
+    name = canonical(name)
+    if name in _BUILTIN:
+        return _BUILTIN[name]()
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    engine = _plugins()[name].load()
+    engine = engine() if callable(engine) and not isinstance(engine, Engine) else engine
+    if not isinstance(engine, Engine) or engine.name != name:
+        raise InputError(f"entry point {name!r} in {ENTRY_POINT_GROUP} does not give an Engine named {name!r}")
+    return engine
