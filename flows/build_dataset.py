@@ -19,12 +19,17 @@ from prefect.deployments import run_deployment
 from weightzoo.flows.common import artifact_key
 from weightzoo.flows.config import BuildRequest
 from weightzoo.flows.finetune_batch import finetune_batch
+from weightzoo.storage import card
+from weightzoo.storage.card import Recipe
 from weightzoo.storage.fs import redact
+from weightzoo.storage.lease import Lease
 from weightzoo.storage.ledger import Ledger
-from weightzoo.tasks.finetune.batch import BatchPlan, plan_batches
+from weightzoo.storage.retry import describe, with_retries
+from weightzoo.tasks.finetune.batch import BatchPlan, cached_fingerprint, plan_batches
 from weightzoo.tasks.finetune.manifest import ManifestError, load_and_validate
 
 MAX_FAILURES_SHOWN = 50
+LEASED = "LEASED"  # a batch state of our own: another live build holds the batch
 
 
 def validate(request: BuildRequest) -> list[str]:
@@ -42,9 +47,18 @@ def validate(request: BuildRequest) -> list[str]:
         raise
 
 
+def check_recipe(request: BuildRequest) -> None:
+    """Refuse, before anything trains, a build whose base model or fine-tune config differs from the
+    dataset's card (one dataset, one recipe)."""
+    base_fp = cached_fingerprint(request.engine, request.base)
+    recipe = Recipe.of(request.engine, base_fp, request.finetune)
+    with_retries(lambda: card.check_recipe(Ledger(request.dataset), recipe), "reading the dataset card")
+
+
 def plan(request: BuildRequest, ids: list[str]) -> list[BatchPlan]:
     """Batches of the ids that still need training (manifest − committed, minus failed unless retried)."""
-    pending = Ledger(request.dataset).pending(ids, include_failed=request.retry_failed)
+    ledger = Ledger(request.dataset)
+    pending = with_retries(lambda: ledger.pending(ids, include_failed=request.retry_failed), "reading the ledger")
     return plan_batches(pending, request.batch_size)
 
 
@@ -57,24 +71,77 @@ class CommitProgress:
                                                  description=f"committed of {total} manifest ids")
 
     def percent(self) -> float:
-        return 100.0 * len(self.ledger.committed_ids()) / max(self.total, 1)
+        return 100.0 * len(with_retries(self.ledger.committed_ids, "reading the ledger")) / max(self.total, 1)
 
     def update(self) -> None:
-        update_progress_artifact(artifact_id=self.id, progress=self.percent())
+        try:
+            update_progress_artifact(artifact_id=self.id, progress=self.percent())
+        except Exception as exc:  # progress is cosmetic: a storage or API blip must not stop the build
+            get_run_logger().warning("progress not updated: %s", describe(exc))
+
+
+def _run_batch_subflow(request: BuildRequest, b: BatchPlan) -> str:
+    """One batch as a subflow run: its final state, or LEASED when another live build is training it."""
+    state = finetune_batch(request.batch(b.batch_id, list(b.ids)), return_state=True)
+    if state.is_completed() and state.result().get("leased"):
+        return LEASED
+    return state.type.value
 
 
 def run_local(request: BuildRequest, batches: list[BatchPlan], progress: CommitProgress) -> dict[str, str]:
-    """Each batch as a subflow run in this process, one after another; a failed batch does not stop the rest."""
-    states = {}
+    """Each batch as a subflow run in this process, one after another; a failed batch does not stop the rest.
+
+    A batch another build holds is passed over, then taken up again once its lease is released or expired
+    (usually it is then committed, and its run loads nothing), so two builds share the work.
+    """
+    states, waiting = {}, []
     for b in batches:
-        state = finetune_batch(request.batch(b.batch_id, list(b.ids)), return_state=True)
-        states[b.batch_id] = state.type.value
+        states[b.batch_id] = _run_batch_subflow(request, b)
+        if states[b.batch_id] == LEASED:
+            waiting.append(b)
         progress.update()
+    ledger, deadline = Ledger(request.dataset), time.monotonic() + request.batch_timeout_s
+    while waiting and time.monotonic() < deadline:
+        time.sleep(request.poll_s)
+        for b in [b for b in waiting if not Lease(ledger, b.batch_id, 0).held_by_other()]:
+            states[b.batch_id] = _run_batch_subflow(request, b)
+            if states[b.batch_id] != LEASED:
+                waiting.remove(b)
+            progress.update()
     return states
 
 
 def run_on_deployment(request: BuildRequest, batches: list[BatchPlan], progress: CommitProgress) -> dict[str, str]:
-    """Submit every batch to the deployment at once (workers pick them up), then wait for all of them."""
+    """Submit every batch to the deployment at once (workers pick them up) and wait for all of them; then
+    re-plan the still-pending ids of runs that crashed or failed, for up to ``request.rounds`` rounds.
+
+    A run is Crashed by the heartbeat automation (deployments/crash-zombie-runs.yaml) when its worker dies,
+    so a killed worker costs one batch's time, not a manual rerun. A completed run whose ids are still
+    pending found its batch leased by another build: it is waited for and submitted again too.
+    """
+    logger = get_run_logger()
+    states: dict[str, str] = {}
+    deadline = time.monotonic() + request.batch_timeout_s
+    for round_no in range(1, request.rounds + 1):
+        round_states = _submit_and_wait(request, batches, progress, deadline)
+        states.update(round_states)
+        again = _still_pending(request, batches, round_states)
+        states.update({b.batch_id: LEASED for b in again if round_states[b.batch_id] == "COMPLETED"})
+        if not again or time.monotonic() >= deadline:
+            break
+        if round_no == request.rounds:
+            logger.warning("%d batch(es) still pending after %d round(s); rerun to resume", len(again), round_no)
+            break
+        batches = _replan(request, again, states)
+        logger.info("round %d: re-planned %d pending ids of %d crashed, failed or leased batch(es) into %d batch(es)",
+                    round_no + 1, sum(len(b.ids) for b in batches), len(again), len(batches))
+        _wait_for_leases(request, batches, deadline)
+    return states
+
+
+def _submit_and_wait(request: BuildRequest, batches: list[BatchPlan], progress: CommitProgress,
+                     deadline: float) -> dict[str, str]:
+    """One round: submit every batch as a deployment run, poll until each is final or ``deadline`` passes."""
     logger = get_run_logger()
     runs: dict[UUID, str] = {}
     for b in batches:
@@ -83,7 +150,6 @@ def run_on_deployment(request: BuildRequest, batches: list[BatchPlan], progress:
         runs[fr.id] = b.batch_id
     logger.info("submitted %d batch runs to %s", len(runs), request.deployment)
     states: dict[str, str] = {}
-    deadline = time.monotonic() + request.batch_timeout_s
     with get_client(sync_client=True) as client:
         while runs and time.monotonic() < deadline:
             time.sleep(request.poll_s)
@@ -100,11 +166,52 @@ def run_on_deployment(request: BuildRequest, batches: list[BatchPlan], progress:
     return states
 
 
+# Final states worth another round when ids are still pending: the run died (Crashed) or raised (Failed),
+# or completed without training (its batch was leased by another build). Cancelled is a person's decision;
+# a timed-out run may still be training.
+REPLAN_STATES = {"CRASHED", "FAILED", "COMPLETED"}
+
+
+def _still_pending(request: BuildRequest, batches: list[BatchPlan], states: dict[str, str]) -> list[BatchPlan]:
+    """Batches of this round whose run crashed, failed, or completed without committing (leased elsewhere),
+    reduced to their ids that are neither committed nor recorded as failed items (those wait for a rerun)."""
+    ledger = Ledger(request.dataset)
+    pending = set(with_retries(lambda: ledger.pending([i for b in batches for i in b.ids], include_failed=False),
+                               "reading the ledger"))
+    out = []
+    for b in batches:
+        ids = tuple(i for i in b.ids if i in pending)
+        if states.get(b.batch_id) in REPLAN_STATES and ids:
+            out.append(BatchPlan(b.batch_id, ids))
+    return out
+
+
+def _replan(request: BuildRequest, batches: list[BatchPlan], states: dict[str, str]) -> list[BatchPlan]:
+    """Each batch's pending ids as batches again: the same batch id when none of its ids was committed
+    meanwhile; a batch whose ids moved to a new batch id leaves the states (its ids are reported there)."""
+    out = []
+    for b in batches:
+        new = plan_batches(list(b.ids), request.batch_size)
+        if [n.batch_id for n in new] != [b.batch_id]:
+            states.pop(b.batch_id, None)
+        out += new
+    return out
+
+
+def _wait_for_leases(request: BuildRequest, batches: list[BatchPlan], deadline: float) -> None:
+    """Hold the next round until no other holder's lease covers its batches (a killed worker's lease expires
+    within the lease TTL), so a re-submitted run trains instead of finding its batch leased."""
+    ledger = Ledger(request.dataset)
+    while time.monotonic() < deadline and any(Lease(ledger, b.batch_id, 0).held_by_other() for b in batches):
+        time.sleep(request.poll_s)
+
+
 def summarise(request: BuildRequest, ids: list[str], states: dict[str, str]) -> dict[str, Any]:
     """Counts from the ledger (the truth, whatever the runs reported), plus each batch run's final state."""
     ledger = Ledger(request.dataset)
-    committed, wanted = ledger.committed_ids(), set(ids)
-    failed = {i: f for i, f in ledger.failed().items() if i in wanted}
+    committed = with_retries(ledger.committed_ids, "reading the ledger")
+    wanted = set(ids)
+    failed = {i: f for i, f in with_retries(ledger.failed, "reading the ledger").items() if i in wanted}
     pending = [i for i in ids if i not in committed and i not in failed]
     return {
         "dataset": redact(request.dataset),
@@ -142,6 +249,7 @@ def build_dataset(request: BuildRequest) -> dict[str, Any]:
     """Validate the manifest, train every id not yet committed in batches, and report the ledger's counts."""
     logger = get_run_logger()
     ids = validate(request)
+    check_recipe(request)
     batches = plan(request, ids)
     logger.info("%d ids, %d to train in %d batches of <= %d (%s executor)", len(ids),
                 sum(len(b.ids) for b in batches), len(batches), request.batch_size, request.executor)

@@ -1,7 +1,7 @@
 """``finetune_batch``: the child flow, one run per batch, on a GPU worker or in-process.
 
 It only wires ``weightzoo.tasks.finetune.batch.run_batch`` (skip committed ids, load the base once, train,
-write one shard, commit, record failures) to Prefect: retries for infrastructure errors, a progress
+write one shard, commit, record failures) to Prefect: retries for transient errors only, a progress
 artifact fed by the engine, and a table artifact of the batch's items.
 """
 
@@ -17,25 +17,15 @@ from prefect.cache_policies import NO_CACHE
 from weightzoo.flows.common import ThrottledProgress, artifact_key
 from weightzoo.flows.config import BatchRequest
 from weightzoo.storage.fs import redact
+from weightzoo.storage.retry import is_transient
 from weightzoo.tasks.finetune.batch import BatchOutcome, run_batch
-
-# Errors a second attempt can cure: storage and network hiccups, a GPU that is busy or was reset.
-# Bad ids or a bad config (ValueError, KeyError) fail at once: retrying them only burns GPU time.
-RETRYABLE = (OSError, ConnectionError, TimeoutError)
-
-
-def is_infrastructure_error(exc: BaseException) -> bool:
-    """True for errors worth retrying the batch for (I/O, network, CUDA runtime), not for bad input."""
-    if isinstance(exc, RETRYABLE):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("CUDA", "NCCL", "cuDNN"))
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     try:
         state.result()
     except Exception as exc:
-        return is_infrastructure_error(exc)
+        return is_transient(exc)  # storage blips, timeouts, CUDA runtime; never bad input, no space, read-only
     return False
 
 

@@ -2,16 +2,19 @@
 
 Fixtures: the tiny model, a moto S3 server, one Prefect API per session (harness or a real server)
 and real process workers, ``one_thread``. Helpers for test modules (``from helpers import ...``):
-``TINY_FINETUNE``, ``REPO``, ``stop_tree``, ``worker_env``, ``corrupt_image``.
+``TINY_FINETUNE``, ``REPO``, ``stop_tree``, ``worker_env``, ``corrupt_image``, ``TcpProxy``, ``tmpfs``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -204,3 +207,90 @@ def dataset_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "dataset")
     return request.getfixturevalue("s3_bucket") + "/dataset"
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a server (e.g. moto), to cut a client off mid-request for real.
+
+    ``cut_after(nbytes, down_s)`` arms it: the first connection that carries ``nbytes`` upstream is
+    dropped and the proxy refuses every connection for ``down_s`` seconds, then serves again.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._armed: tuple[int, float] | None = None
+        self.cuts = 0
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        for s in ([listener] if listener else []) + conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def cut_after(self, nbytes: int, down_s: float) -> None:
+        self._armed = (nbytes, down_s)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._conns += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                sent += len(data)
+                if upstream and self._armed and sent >= self._armed[0]:
+                    _, down_s = self._armed
+                    self._armed, self.cuts = None, self.cuts + 1
+                    self.stop()
+                    threading.Timer(down_s, self.start).start()
+                    return
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` mounted at ``path`` (root only: the caller skips otherwise)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def can_mount() -> bool:
+    return os.geteuid() == 0 and shutil.which("mount") is not None

@@ -25,7 +25,3 @@ class RecipeMismatchError(WeightzooError, ValueError):
 
 class CorruptShardError(WeightzooError, OSError):
     """A committed shard (or ledger file) is not what its ledger entry says: missing, resized or changed."""
-
-
-class PermanentStorageError(WeightzooError, OSError):
-    """A storage failure no retry can cure: no such bucket, access denied, no space left, read-only."""

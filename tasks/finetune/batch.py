@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
+from weightzoo.errors import InputError
+from weightzoo.storage.card import Recipe, check_recipe, fix_recipe
 from weightzoo.storage.fs import filesystem
+from weightzoo.storage.layout import Layout
+from weightzoo.storage.lease import hold
 from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.retry import describe, is_permanent, with_retries
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.finetune import engines
@@ -30,8 +36,9 @@ from weightzoo.tasks.finetune.manifest import ManifestRow, manifest_folder, read
 # small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start
 # under 1% at weightzoo's defaults (docs/BENCHMARKS.md, "Orchestration overhead").
 DEFAULT_BATCH_SIZE = 64
+log = logging.getLogger(__name__)
 
-ItemStatus = Literal["committed", "failed", "already-committed"]
+ItemStatus = Literal["committed", "failed", "already-committed", "leased"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,8 @@ class BatchOutcome:
     committed: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already committed before this run
-    shard: str | None = None
+    shard: str | None = None  # the committed shard, relative to the dataset
+    leased: bool = False  # another live build holds this batch's lease: nothing trained, ids stay pending
     items: list[ItemRecord] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -117,12 +125,103 @@ def manifest_rows(uri: str) -> dict[str, ManifestRow]:
 
 # -- one batch -----------------------------------------------------------------------------------------
 
+# A batch's lease outlives a killed holder by at most this long (renewed every third of it while training).
+LEASE_TTL_S = 120.0
+
+
+@dataclass
+class Trained:
+    """A batch's trained rows awaiting their commit. Kept in this process until committed, so that a retried
+    upload or commit (a storage blip) never retrains the batch."""
+
+    layout: Layout
+    rows: list[RowMeta]
+    weights: torch.Tensor | None
+    failures: list[tuple[str, str]]
+    results: list[Any]
+
+
+_TRAINED: dict[tuple[str, str], Trained] = {}  # (dataset URI, batch id) -> trained, not yet committed
+
 
 def _row_meta(row: ManifestRow, result: Any, base_fp: str, method: str, hparams: dict) -> RowMeta:
     return RowMeta(
         id=row.id, kind=row.kind, prompt=row.prompt, attributes=dict(row.attributes), base_model=base_fp,
         method=method, hparams=hparams, loss=result.loss, steps=result.steps, train_seconds=result.seconds,
     )
+
+
+def _rows_for(batch_id: str, todo: Sequence[str], manifest: str) -> dict[str, ManifestRow]:
+    rows_by_id = manifest_rows(manifest)
+    missing = [i for i in todo if i not in rows_by_id]
+    if missing:
+        raise InputError(f"batch {batch_id}: ids not in manifest {manifest}: {missing[:10]}")
+    return {i: rows_by_id[i] for i in todo}
+
+
+def train_rows(engine: str, base: str, rows: dict[str, ManifestRow], config: Any, recipe: Recipe, *,
+               manifest: str, cache_dir: str | None, progress: Callable[[int, int], None] | None) -> Trained:
+    """Train ``rows`` with the engine on its (cached) base. A row whose weights are not all finite is a
+    failure of that row, whatever the engine said: NaN/Inf never reaches a shard."""
+    pipe = _cached_base(engine, str(base), str(resolve_device()))
+    result = engines.get(engine).train(pipe, list(rows.values()), config, base_uri=manifest_folder(manifest),
+                                       cache_dir=cache_dir, progress=progress)
+    method = str(result.hparams.get("method", getattr(config, "method", "")))
+    metas, vectors, failures = [], [], []
+    for r in result.results:
+        if r.ok and not bool(torch.isfinite(r.weights.float()).all()):
+            r.ok, r.reason = False, "weights not finite (NaN or Inf); refused at commit"
+        if r.ok:
+            metas.append(_row_meta(rows[r.id], r, recipe.base_model, method, result.hparams))
+            vectors.append(r.weights)
+        else:
+            failures.append((r.id, r.reason or "unknown failure"))
+    weights = torch.stack(vectors) if vectors else None
+    return Trained(result.layout, metas, weights, failures, result.results)
+
+
+def commit_rows(ledger: Ledger, batch_id: str, trained: Trained, recipe: Recipe) -> tuple[set[str], str | None]:
+    """Check the recipe once more (a racing build), write one shard, commit it: the ids made visible, the shard."""
+    if trained.weights is None:
+        return set(), None
+    fix_recipe(ledger, replace(recipe, layout=trained.layout.fingerprint))
+    info = write_shard(ledger.fs, ledger.new_shard_path(batch_id), trained.layout, trained.rows, trained.weights)
+    entry = ledger.commit(batch_id, info, base_model=recipe.base_model)
+    return (set(entry.ids), entry.shard) if entry else (set(), None)
+
+
+def _record(outcome: BatchOutcome, trained: Trained, visible: set[str]) -> None:
+    outcome.failed = list(trained.failures)
+    for r in trained.results:
+        if r.ok and r.id in visible:
+            outcome.committed.append(r.id)
+            outcome.items.append(ItemRecord(r.id, "committed", r.loss, r.seconds))
+        elif r.ok:  # committed concurrently by another run of an overlapping batch; the earlier one wins
+            outcome.skipped.append(r.id)
+            outcome.items.append(ItemRecord(r.id, "already-committed", r.loss, r.seconds))
+        else:
+            outcome.items.append(ItemRecord(r.id, "failed", None, r.seconds, r.reason))
+
+
+def _train_and_commit(ledger: Ledger, batch_id: str, recipe: Recipe,
+                      train: Callable[[], Trained]) -> tuple[Trained, tuple[set[str], str | None]]:
+    """Train (or reuse this process's trained rows of an earlier attempt), then commit with retries by cause."""
+    key = (ledger.uri, batch_id)
+    trained = _TRAINED.get(key) or train()
+    _TRAINED[key] = trained
+    visible = with_retries(lambda: commit_rows(ledger, batch_id, trained, recipe), f"committing {batch_id}")
+    _TRAINED.pop(key, None)
+    with_retries(lambda: ledger.record_failures(batch_id, trained.failures), f"recording failures of {batch_id}")
+    return trained, visible
+
+
+def _record_permanent(ledger: Ledger, batch_id: str, ids: Sequence[str], exc: BaseException) -> None:
+    """Best effort: a batch that failed for good records why for each of its ids (shown by status and the
+    summary). The storage itself may be what failed, so this may fail too: the error is raised either way."""
+    try:
+        ledger.record_failures(batch_id, [(i, f"batch failed: {describe(exc)}") for i in ids])
+    except Exception as inner:
+        log.warning("batch %s: could not record its failure in the ledger: %s", batch_id, describe(inner))
 
 
 def run_batch(
@@ -136,54 +235,41 @@ def run_batch(
     engine: str = engines.DEFAULT_ENGINE,
     cache_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    lease_ttl_s: float = LEASE_TTL_S,
 ) -> BatchOutcome:
     """Train the not-yet-committed ``ids`` of one batch, write their shard, commit it, record failures.
 
-    Order matters for exactly-once: the shard is written whole first, then the ledger entry commits
-    it, and failures are recorded last (a crash before the commit leaves an invisible orphan shard
-    and the items pending). Nothing is loaded when every id is already committed.
+    Before anything loads: skip committed ids, and refuse a recipe the dataset card does not allow. Then
+    take the batch's lease (another live build training it: return with ``leased`` set, ids pending).
+    Order matters for exactly-once: the shard is written whole first, then the ledger entry commits it,
+    and failures are recorded last (a crash before the commit leaves an invisible orphan shard and the
+    items pending). Transient storage errors retry the commit, never the training; permanent ones fail
+    the batch at once, recorded in the ledger where the storage still allows it.
     """
     started = time.perf_counter()
     ledger = Ledger(dataset)
-    done = ledger.committed_ids()
+    done = with_retries(ledger.committed_ids, "reading the ledger")
     outcome = BatchOutcome(batch_id, skipped=[i for i in ids if i in done])
     outcome.items = [ItemRecord(i, "already-committed") for i in outcome.skipped]
     todo = [i for i in ids if i not in done]
     if not todo:
         return outcome
-
-    rows_by_id = manifest_rows(manifest)
-    missing = [i for i in todo if i not in rows_by_id]
-    if missing:
-        raise KeyError(f"batch {batch_id}: ids not in manifest {manifest}: {missing[:10]}")
-    rows = [rows_by_id[i] for i in todo]
-
-    pipe = _cached_base(engine, str(base), str(resolve_device()))
-    result = engines.get(engine).train(pipe, rows, config, base_uri=manifest_folder(manifest), cache_dir=cache_dir,
-                                       progress=progress)
-    ok = [r for r in result.results if r.ok]
-    method = str(result.hparams.get("method", getattr(config, "method", "lora")))
-    if ok:
-        base_fp = cached_fingerprint(engine, str(base))
-        metas = [_row_meta(rows_by_id[r.id], r, base_fp, method, result.hparams) for r in ok]
-        weights = torch.stack([r.weights for r in ok])
-        info = write_shard(ledger.fs, ledger.new_shard_path(batch_id), result.layout, metas, weights)
-        entry = ledger.commit(batch_id, info, base_model=base_fp)
-        outcome.shard = entry.shard if entry else None
-        visible = set(entry.ids) if entry else set()
-    else:
-        visible = set()
-    outcome.failed = [(r.id, r.reason or "unknown failure") for r in result.results if not r.ok]
-    ledger.record_failures(batch_id, outcome.failed)
-
-    for r in result.results:
-        if r.ok and r.id in visible:
-            outcome.committed.append(r.id)
-            outcome.items.append(ItemRecord(r.id, "committed", r.loss, r.seconds))
-        elif r.ok:  # committed concurrently by another run of an overlapping batch; the earlier one wins
-            outcome.skipped.append(r.id)
-            outcome.items.append(ItemRecord(r.id, "already-committed", r.loss, r.seconds))
-        else:
-            outcome.items.append(ItemRecord(r.id, "failed", None, r.seconds, r.reason))
+    rows = _rows_for(batch_id, todo, manifest)
+    recipe = Recipe.of(engines.canonical(engine), cached_fingerprint(engine, str(base)), config)
+    with_retries(lambda: check_recipe(ledger, recipe), "reading the dataset card")
+    try:
+        with hold(ledger, batch_id, lease_ttl_s) as lease:
+            if lease is None:
+                outcome.leased = True
+                outcome.items += [ItemRecord(i, "leased") for i in todo]
+                return outcome
+            train = functools.partial(train_rows, engine, base, rows, config, recipe, manifest=manifest,
+                                      cache_dir=cache_dir, progress=progress)
+            trained, (visible, outcome.shard) = _train_and_commit(ledger, batch_id, recipe, train)
+    except Exception as exc:
+        if is_permanent(exc):
+            _record_permanent(ledger, batch_id, todo, exc)
+        raise
+    _record(outcome, trained, visible)
     outcome.seconds = time.perf_counter() - started
     return outcome

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -46,6 +46,11 @@ class FinetuneConfig(BaseModel):
     """How to fine-tune each row: method, hyperparameters and execution knobs (saved with every row)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    # Fields that change how fast a row trains or what is reported, not its weights (beyond float
+    # tolerance): a dataset's recipe (storage/card.py) ignores them, so a rerun may change them freely.
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"pack", "mixed_precision", "compile", "gradient_checkpointing", "check_every", "loss_window"}
+    )
 
     # -- method ------------------------------------------------------------------------------------
     # Pluggable: "lora" trains A and B; "orthogonal" fixes A to id-derived orthogonal rows (Po et al.

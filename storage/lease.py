@@ -1,0 +1,110 @@
+"""A lease per batch, so that two builds of one dataset train each batch about once, not twice.
+
+``ledger/leases/<batch>.json`` holds a holder and an expiry. A batch takes its lease before training and
+renews it while it trains (a background thread); another build skips a batch leased by a live holder and
+takes over an expired one (its holder was killed). Leases save GPU time only: exactly-once visibility
+stays the ledger's job, so a lost race costs one duplicate training, never a duplicate row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from weightzoo.storage.fs import check_id, join, write_bytes
+from weightzoo.storage.ledger import Ledger
+
+LEASES = "ledger/leases"
+log = logging.getLogger(__name__)
+
+
+def new_holder() -> str:
+    """A holder name unique to this attempt, readable in a listing: host, process, token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    holder: str
+    expires: float  # epoch seconds
+
+
+class Lease:
+    """One batch's lease file. ``acquire`` returns False while another live holder has it."""
+
+    def __init__(self, ledger: Ledger, batch: str, ttl_s: float, holder: str | None = None) -> None:
+        self.ledger, self.batch, self.ttl_s = ledger, check_id(batch), ttl_s
+        self.holder = holder or new_holder()
+        self.path = join(ledger.root, LEASES, f"{batch}.json")
+
+    def read(self) -> LeaseState | None:
+        try:
+            d = json.loads(self.ledger.fs.cat_file(self.path))
+            return LeaseState(str(d["holder"]), float(d["expires"]))
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):  # a torn or foreign file: treat as expired, it gets rewritten
+            return None
+
+    def _write(self) -> None:
+        body = {"holder": self.holder, "expires": time.time() + self.ttl_s, "batch": self.batch}
+        write_bytes(self.ledger.fs, self.path, json.dumps(body).encode(), durable=False)
+
+    def acquire(self, settle_s: float = 0.2) -> bool:
+        """Take the lease unless a live other holder has it; after writing, wait ``settle_s`` and read it
+        back, so of two builds taking it at once, the one whose write landed last keeps it."""
+        state = self.read()
+        if state is not None and state.holder != self.holder and state.expires > time.time():
+            return False
+        self._write()
+        time.sleep(settle_s)
+        state = self.read()
+        return state is not None and state.holder == self.holder
+
+    def renew(self) -> None:
+        self._write()
+
+    def release(self) -> None:
+        state = self.read()
+        if state is not None and state.holder == self.holder:
+            with contextlib.suppress(FileNotFoundError):
+                self.ledger.fs.rm_file(self.path)
+
+    def held_by_other(self) -> bool:
+        state = self.read()
+        return state is not None and state.holder != self.holder and state.expires > time.time()
+
+
+@contextlib.contextmanager
+def hold(ledger: Ledger, batch: str, ttl_s: float) -> Iterator[Lease | None]:
+    """Hold ``batch``'s lease for the block, renewed every ttl/3 s; yields None if another holder has it."""
+    lease = Lease(ledger, batch, ttl_s)
+    if not lease.acquire():
+        yield None
+        return
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl_s / 3):
+            try:
+                lease.renew()
+            except Exception as exc:  # a blip: the next renewal may work; expiry is ttl away
+                log.warning("lease %s: renewal failed: %s", batch, exc)
+
+    thread = threading.Thread(target=renew, name=f"lease-{batch}", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):  # an expired lease is as good as a released one
+            lease.release()

@@ -1,0 +1,97 @@
+"""Retry by cause: transient failures are retried with backoff, permanent ones fail at once.
+
+A week of GPU time hangs on getting this right. A connection reset while uploading a trained shard
+must not throw the batch away (retry the upload), and a full disk or a missing bucket must not be
+retried three times with a retrain each time (fail now, with the reason). Exceptions are classified
+by type and errno, walking their cause chain, and by class *name* for the S3 stack (botocore,
+aiobotocore, aiohttp), so nothing here imports those libraries.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from weightzoo.errors import WeightzooError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Connection and timeout errors of botocore, aiobotocore, aiohttp, urllib3 and fsspec, by class name.
+_TRANSIENT_CLASSES = {
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ProxyConnectionError", "HTTPClientError", "ResponseStreamingError", "IncompleteReadError",
+    "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+    "ClientPayloadError", "ServerTimeoutError", "FSTimeoutError", "ProtocolError", "NewConnectionError",
+}
+# Service-side throttling and 5xx, as S3 error codes or HTTP statuses in a message.
+_TRANSIENT_MESSAGES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttl",
+                       " 500", " 502", " 503", " 504", "Please reduce your request rate")
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EPIPE,
+                     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EAGAIN}
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT,
+                     errno.EISDIR, errno.ENOTDIR}
+_GPU_RUNTIME = ("CUDA error", "CUDA driver", "NCCL", "cuDNN", "CUBLAS_STATUS")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """No retry can cure it: bad input, a refused mix, no space, read-only, access denied, no such bucket."""
+    first = exc
+    if isinstance(first, WeightzooError | ValueError | KeyError | TypeError | PermissionError | FileNotFoundError):
+        return True
+    return isinstance(first, OSError) and first.errno in _PERMANENT_ERRNOS
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A second attempt may succeed: a dropped connection, a timeout, throttling, a 5xx, a CUDA runtime error."""
+    if is_permanent(exc):
+        return False
+    for e in _chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & _TRANSIENT_CLASSES or isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        text = f" {e}"
+        if isinstance(e, OSError) and any(m in text for m in _TRANSIENT_MESSAGES):
+            return True
+        if isinstance(e, RuntimeError) and any(m in text for m in _GPU_RUNTIME) and "out of memory" not in text:
+            return True
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the ledger and the summary: the exception's class and first message line."""
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 8, first_delay_s: float = 1.0,
+                 max_delay_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call ``fn`` until it succeeds, retrying transient failures with exponential backoff.
+
+    Defaults wait about 2.5 minutes in all, enough for a dropped connection or a storage blip;
+    anything permanent, or transient past the last attempt, is raised as it is.
+    """
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            log.warning("%s failed (%s); retry %d/%d in %.0f s", what, describe(exc), attempt, attempts - 1, delay)
+            sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+    raise AssertionError("unreachable")
