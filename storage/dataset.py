@@ -1,19 +1,164 @@
-"""Read a dataset: the committed rows of all committed shards, one row group at a time."""
+"""Read a dataset: the committed rows of all committed shards, one row group at a time.
+
+Every read of a committed shard goes through ``verified_shard_batches``: it checks the shard's size
+and footer layout against its commit entry, and for reads of weights also its CRC32, computed on
+worker threads while the next row group is read (the CRC releases the GIL), so no second read is
+needed. A shard that ends with the wrong CRC raises ``CorruptShardError``: a corrupt shard never
+silently completes an export, a subspace fit or a weight-diffusion training run.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
 
 from weightzoo.errors import CorruptShardError
 from weightzoo.storage.fs import StorageOptions
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import CommitEntry, Ledger
-from weightzoo.storage.shards import iter_shard, read_layout, shard_crc32
+from weightzoo.storage.shards import (
+    LayoutMismatchError,
+    crc32_combine,
+    open_parquet,
+    row_groups,
+    shard_layout,
+    weights_crc32,
+)
+
+__all__ = ["CorruptShardError", "Dataset", "verified_shard_batches"]
+
+
+_CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
+_CRC_SPLIT = 4 << 20  # split a row group's bytes across threads above this size
+
+
+class _RunningCrc:
+    """CRC32 of a sequence of buffers, computed on worker threads while the caller reads the next one.
+
+    Each buffer is split into one part per thread (the CRC releases the GIL) and the parts' CRCs are
+    joined with ``crc32_combine``. At most one buffer is in flight, so memory stays at two row groups.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(_CRC_THREADS, thread_name_prefix="shard-verify")
+        self._parts: list[tuple[Future[int], int]] = []
+        self._value = 0
+
+    def add(self, w: np.ndarray) -> None:
+        self.value()  # fold in the previous buffer first
+        data = memoryview(np.ascontiguousarray(w)).cast("B")
+        step = max(-(-len(data) // _CRC_THREADS), _CRC_SPLIT)
+        self._parts = [
+            (self._pool.submit(weights_crc32, data[i : i + step]), len(data[i : i + step]))
+            for i in range(0, len(data), step)
+        ]
+
+    def value(self) -> int:
+        for part, n in self._parts:
+            self._value = crc32_combine(self._value, part.result(), n)
+        self._parts = []
+        return self._value
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _check_size(fs: AbstractFileSystem, path: str, name: str, nbytes: int) -> None:
+    try:
+        size = fs.size(path)
+    except FileNotFoundError as e:
+        raise CorruptShardError(f"shard {name} is missing (its commit entry points at it)") from e
+    if size != nbytes:
+        raise CorruptShardError(f"shard {name} is {size} bytes, its ledger entry says {nbytes}")
+
+
+def verified_shard_batches(
+    fs: AbstractFileSystem,
+    path: str,
+    name: str,
+    *,
+    nbytes: int,
+    crc32: int | None,
+    fingerprint: str,
+    visible: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    layout: Layout | None = None,
+    weights: bool = True,
+    verify: bool | None = None,
+) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
+    """The one reader of a committed shard: (metadata, (n, D) weights or None) per row group.
+
+    Checks what the commit entry says: size (always), the footer's layout ``fingerprint``, and the CRC32
+    of all weights bytes in row order (``verify``, default: when ``weights`` are read; ``crc32=None``
+    means no checksum is known). The CRC verdict comes when the shard ends, so a caller that fails on
+    the exception never completes with a corrupt shard's rows. ``visible``: yield only those ids (an
+    entry that shares a shard with an earlier commit); ``layout``: refuse a shard of another layout.
+    """
+    verify = (weights if verify is None else verify) and crc32 is not None
+    _check_size(fs, path, name, nbytes)
+    try:
+        with open_parquet(fs, path) as pf:
+            found = _layout_in(pf, path, name)
+            if found.fingerprint != fingerprint:
+                raise CorruptShardError(
+                    f"shard {name} has layout {found.fingerprint} in its footer, its ledger entry says {fingerprint}"
+                )
+            if layout is not None and found != layout:
+                raise LayoutMismatchError(f"shard {name} has layout {found.fingerprint}, expected {layout.fingerprint}")
+            crc = _RunningCrc() if verify else None
+            try:
+                yield from _visible_groups(row_groups(pf, found, columns, weights or verify), visible, weights, crc)
+                if crc is not None and crc.value() != crc32:
+                    raise CorruptShardError(
+                        f"shard {name} fails its checksum (CRC32 {crc.value():#010x}, its ledger entry says "
+                        f"{crc32:#010x}): run weightzoo verify --repair"
+                    )
+            finally:
+                if crc is not None:
+                    crc.close()
+    except pa.ArrowException as e:  # a damaged footer or page header
+        raise CorruptShardError(f"shard {name} cannot be read: {e}") from e
+
+
+def _footer_layout(fs: AbstractFileSystem, path: str, name: str) -> Layout:
+    """The layout in a committed shard's footer; a footer without one means the file is not the shard."""
+    with open_parquet(fs, path) as pf:
+        return _layout_in(pf, path, name)
+
+
+def _layout_in(pf: pq.ParquetFile, path: str, name: str) -> Layout:
+    try:
+        return shard_layout(pf, path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptShardError(f"shard {name} has no readable layout in its footer: {e}") from e
+
+
+def _visible_groups(
+    groups: Iterator[tuple[pa.Table, np.ndarray | None]],
+    visible: Sequence[str] | None,
+    weights: bool,
+    crc: _RunningCrc | None,
+) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
+    """Feed every row group's weights to the checksum (all rows), then yield only the visible rows."""
+    wanted = None if visible is None else pa.array(list(visible), pa.string())
+    for table, w in groups:
+        if crc is not None and w is not None:
+            crc.add(w)
+        w = w if weights else None
+        if wanted is not None:
+            mask = pc.is_in(table.column("id"), value_set=wanted)
+            table = table.filter(mask)
+            w = None if w is None else w[np.asarray(mask)]
+        if table.num_rows:
+            yield table, w
 
 
 class Dataset:
@@ -40,47 +185,47 @@ class Dataset:
             if not self.entries:
                 raise ValueError(f"dataset {self.uri} has no committed rows")
             first = self.entries[0]
-            if self.fs.size(self.ledger.abspath(first.shard)) != first.nbytes:
-                raise CorruptShardError(f"shard {first.shard} is not the size its ledger entry says")
-            self._layout = read_layout(self.fs, self.ledger.abspath(self.entries[0].shard))
+            path = self.ledger.abspath(first.shard)
+            _check_size(self.fs, path, first.shard, first.nbytes)
+            try:
+                self._layout = _footer_layout(self.fs, path, first.shard)
+            except pa.ArrowException as e:
+                raise CorruptShardError(f"shard {first.shard} cannot be read: {e}") from e
         return self._layout
 
-    def _check(self, entry: CommitEntry, verify: bool) -> str:
-        path = self.ledger.abspath(entry.shard)
-        size = self.fs.size(path)
-        if size != entry.nbytes:
-            raise CorruptShardError(f"shard {entry.shard} is {size} bytes, its ledger entry says {entry.nbytes}")
+    def _batches(
+        self, entry: CommitEntry, columns: Sequence[str] | None, weights: bool, verify: bool | None
+    ) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
         if entry.layout != self.layout.fingerprint:
-            raise ValueError(
+            raise LayoutMismatchError(
                 f"shard {entry.shard} has layout {entry.layout} but the dataset's is {self.layout.fingerprint}; "
                 "datasets never mix layouts"
             )
-        if verify:
-            try:
-                crc = shard_crc32(self.fs, path)
-            except (OSError, pa.ArrowException) as e:
-                raise CorruptShardError(f"shard {entry.shard} cannot be read: {e}") from e
-            if crc != entry.crc32:
-                raise CorruptShardError(f"shard {entry.shard} fails its checksum")
-        return path
+        return verified_shard_batches(
+            self.fs,
+            self.ledger.abspath(entry.shard),
+            entry.shard,
+            nbytes=entry.nbytes,
+            crc32=entry.crc32,
+            fingerprint=entry.layout,
+            visible=None if len(entry.ids) == entry.rows else entry.ids,
+            columns=columns,
+            layout=self.layout,
+            weights=weights,
+            verify=verify,
+        )
 
     def iter_batches(
-        self, columns: Sequence[str] | None = None, weights: bool = True, verify: bool = False
+        self, columns: Sequence[str] | None = None, weights: bool = True, verify: bool | None = None
     ) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
         """Yield (metadata, (n, D) weights) per row group of committed rows, in commit order.
 
-        ``verify=True`` checks each shard's content CRC32 first (one extra read); sizes are always checked.
+        Sizes are always checked. ``verify`` (default: on when weights are read) checks each shard's
+        CRC32 as it is read, raising ``CorruptShardError`` at the end of a corrupt shard;
+        ``weights=False`` reads check size only unless ``verify=True`` (which then reads the weights).
         """
         for entry in self.entries:
-            path = self._check(entry, verify)
-            visible = None if len(entry.ids) == entry.rows else pa.array(entry.ids)
-            for table, w in iter_shard(self.fs, path, columns, self.layout, weights):
-                if visible is not None:
-                    mask = pc.is_in(table.column("id"), value_set=visible)
-                    table = table.filter(mask)
-                    w = None if w is None else w[np.asarray(mask)]
-                if table.num_rows:
-                    yield table, w
+            yield from self._batches(entry, columns, weights, verify)
 
     def metadata(self, columns: Sequence[str] | None = None) -> pa.Table:
         """All committed rows' metadata (no weights) as one table."""
@@ -88,16 +233,20 @@ class Dataset:
         return pa.concat_tables(parts) if parts else pa.table({})
 
     def row(self, item_id: str) -> tuple[dict, np.ndarray]:
-        """One row's metadata and weights (reads only the shard holding it)."""
-        for entry in self.entries:
-            if item_id in entry.ids:
-                path = self._check(entry, verify=False)
-                for table, w in iter_shard(self.fs, path, None, self.layout):
-                    ids = table.column("id").to_pylist()
-                    if item_id in ids:
-                        k = ids.index(item_id)
-                        meta = {c: table.column(c)[k].as_py() for c in table.column_names}
-                        meta["attributes"] = dict(meta["attributes"] or [])
-                        meta["hparams"] = json.loads(meta["hparams"] or "{}")
-                        return meta, w[k]
-        raise KeyError(f"id {item_id!r} is not committed in {self.uri}")
+        """One row's metadata and weights. Reads the whole shard holding it, to check its CRC32 first."""
+        entry = next((e for e in self.entries if item_id in e.ids), None)
+        if entry is None:
+            raise KeyError(f"id {item_id!r} is not committed in {self.uri}")
+        found: tuple[dict, np.ndarray] | None = None
+        for table, w in self._batches(entry, None, True, True):
+            ids = table.column("id").to_pylist()
+            if found is None and item_id in ids:
+                k = ids.index(item_id)
+                meta = {c: table.column(c)[k].as_py() for c in table.column_names}
+                meta["attributes"] = dict(meta["attributes"] or [])
+                meta["hparams"] = json.loads(meta["hparams"] or "{}")
+                assert w is not None
+                found = meta, w[k]
+        if found is None:
+            raise CorruptShardError(f"shard {entry.shard} has no row {item_id!r}, though its ledger entry lists it")
+        return found

@@ -1,4 +1,5 @@
-"""Find and remove orphan shards: shard files under ``shards/`` that no commit entry points at.
+"""Find and remove orphan shards (shard files under ``shards/`` that no commit entry points at) and
+stale temp files (a killed writer's ``shards/_tmp/*``).
 
 A writer killed between writing its shard and committing it, or a commit refused (another layout),
 leaves a complete shard that readers never see. It only costs storage, so removing it is safe —
@@ -8,21 +9,28 @@ never a candidate, whatever the ledger says. The grace must exceed the longest t
 modification time to its commit (on S3 a multipart object's ``LastModified`` may be when its
 upload *started*, so count a slow upload in too).
 
-Only files named like the shards ``Ledger.new_shard_path`` makes are considered; ledger files,
-temporary files and anything else under the dataset are never touched.
+Only files named like the shards ``Ledger.new_shard_path`` makes are considered, plus temp files:
+everything under ``shards/_tmp/`` and the ``<shard>.tmp-<hex>`` siblings older writers left. Temp
+files are never committed, so the grace period alone protects a write in progress. Ledger files and
+anything else under the dataset are never touched.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from weightzoo.errors import NotFoundError
 from weightzoo.storage.fs import StorageOptions, join, redact
 from weightzoo.storage.ledger import SHARDS, Ledger, is_shard_name
+from weightzoo.storage.shards import TMP_DIR
 
 log = logging.getLogger(__name__)
+_LEGACY_TEMP = re.compile(r"(?P<shard>.+\.parquet)\.tmp-[0-9a-f]{12}")  # before temps moved to _tmp/
+
 
 @dataclass(frozen=True)
 class Orphan:
@@ -40,13 +48,14 @@ class GcReport:
     dataset: str  # redacted URI, safe to print
     older_than: timedelta
     orphans: list[Orphan] = field(default_factory=list)
-    recent: int = 0  # uncommitted shards inside the grace period, kept (maybe about to be committed)
+    temps: list[Orphan] = field(default_factory=list)  # stale temp files of killed writers
+    recent: int = 0  # uncommitted shards and temps inside the grace period, kept (maybe still being written)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why) — not judged
     deleted: bool = False
 
     @property
     def nbytes(self) -> int:
-        return sum(o.size for o in self.orphans)
+        return sum(o.size for o in self.orphans) + sum(t.size for t in self.temps)
 
 
 def _mtime(info: dict[str, Any]) -> datetime | None:
@@ -75,29 +84,49 @@ def _referenced(ledger: Ledger) -> set[str]:
     return {c.shard.rsplit("/", 1)[-1] for c in ledger.commits()}
 
 
-def _scan(ledger: Ledger, older_than: timedelta, report: GcReport) -> None:
-    folder = join(ledger.root, SHARDS)
-    ledger.fs.invalidate_cache(folder)
+def _list_files(ledger: Ledger, folder: str) -> list[dict[str, Any]]:
+    """Files (fsspec info dicts) directly in ``folder`` of the dataset, sorted; none if it is absent."""
+    path = join(ledger.root, folder)
+    ledger.fs.invalidate_cache(path)
     try:
-        listing = ledger.fs.ls(folder, detail=True)
+        listing = ledger.fs.ls(path, detail=True)
     except FileNotFoundError:
-        return
+        return []
+    return sorted((i for i in listing if i.get("type") == "file"), key=lambda i: i["name"])
+
+
+def _judge(ledger: Ledger, info: dict[str, Any], rel: str, cutoff: datetime, out: list[Orphan], report: GcReport) -> None:
+    """Add ``rel`` to ``out`` if it was last modified before ``cutoff``; count or skip it otherwise."""
+    mtime = _mtime(info) or _mtime(ledger.fs.info(info["name"]))
+    if mtime is None:
+        log.warning("gc: %s has no modification time; skipped", rel)
+        report.skipped.append((rel, "no modification time"))
+    elif mtime > cutoff:
+        report.recent += 1
+    else:
+        out.append(Orphan(rel, int(info.get("size") or 0), mtime))
+
+
+def _is_temp(name: str) -> bool:
+    m = _LEGACY_TEMP.fullmatch(name)
+    return bool(m) and is_shard_name(m["shard"])
+
+
+def _scan(ledger: Ledger, older_than: timedelta, report: GcReport) -> None:
+    listing = _list_files(ledger, SHARDS)
+    temps = _list_files(ledger, f"{SHARDS}/{TMP_DIR}")
     # The ledger is read *after* the listing: a shard committed before we listed it is seen as committed.
     referenced = _referenced(ledger)
     cutoff = datetime.now(UTC) - older_than
-    for info in sorted(listing, key=lambda i: i["name"]):
+    for info in listing:
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-        if info.get("type") != "file" or not is_shard_name(name) or name in referenced:
-            continue
-        rel = f"{SHARDS}/{name}"
-        mtime = _mtime(info) or _mtime(ledger.fs.info(info["name"]))
-        if mtime is None:
-            log.warning("gc: %s has no modification time; skipped", rel)
-            report.skipped.append((rel, "no modification time"))
-        elif mtime > cutoff:
-            report.recent += 1
-        else:
-            report.orphans.append(Orphan(rel, int(info.get("size") or 0), mtime))
+        if is_shard_name(name) and name not in referenced:
+            _judge(ledger, info, f"{SHARDS}/{name}", cutoff, report.orphans, report)
+        elif _is_temp(name):
+            _judge(ledger, info, f"{SHARDS}/{name}", cutoff, report.temps, report)
+    for info in temps:
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        _judge(ledger, info, f"{SHARDS}/{TMP_DIR}/{name}", cutoff, report.temps, report)
 
 
 def find_orphans(
@@ -110,7 +139,8 @@ def find_orphans(
 def collect(
     dataset_uri: str, older_than: timedelta, delete: bool, storage_options: StorageOptions = None
 ) -> GcReport:
-    """Find orphan shards and, with ``delete=True``, remove them. Raises if the dataset does not exist.
+    """Find orphan shards and stale temp files and, with ``delete=True``, remove them. Raises
+    ``NotFoundError`` if the dataset does not exist.
 
     Before deleting, the ledger is read once more and any shard committed meanwhile is kept; this
     narrows the race with a very late commit, but the grace period is what makes deletion safe.
@@ -118,14 +148,14 @@ def collect(
     if older_than < timedelta(0):
         raise ValueError(f"older_than must not be negative, got {older_than}")
     ledger = Ledger(dataset_uri, storage_options)
-    if not ledger.fs.exists(ledger.root):
-        raise FileNotFoundError(f"no dataset at {redact(ledger.uri)}")
+    if not ledger.exists():
+        raise NotFoundError(f"no dataset at {redact(ledger.uri)}")
     report = GcReport(dataset=redact(ledger.uri), older_than=older_than)
     _scan(ledger, older_than, report)
     if delete and report.orphans:
         late = _referenced(ledger)
         report.orphans = [o for o in report.orphans if o.path.rsplit("/", 1)[-1] not in late]
-        if report.orphans:
-            ledger.fs.rm([ledger.abspath(o.path) for o in report.orphans])
+    if delete and (report.orphans or report.temps):
+        ledger.fs.rm([ledger.abspath(o.path) for o in report.orphans + report.temps])
     report.deleted = delete
     return report

@@ -5,11 +5,17 @@ Layout of a dataset URI::
     shards/<batch>-<token>.parquet          written first, complete (temp + rename, or one S3 upload)
     ledger/commits/<batch>-<token>.json     written last: ids, shard path, size, crc32, fingerprints
     ledger/failures/<batch>-<token>.json    items of one attempt that failed, with reasons
+    ledger/quarantine/<commits|failures>/   ledger files ``weightzoo verify --repair`` moved aside,
+                                            each with a ``<name>.reason.json`` sidecar saying why
 
 A shard with no commit entry (a writer killed before committing) is never read. Two commits cannot
 both make one id visible: ``commit`` drops ids that are already committed, and for the race where two
 writers commit the same id at once, every reader resolves duplicates the same way (the earliest
 entry in canonical order wins), so an id is visible exactly once.
+
+A ledger file that does not parse stops every reader with ``CorruptLedgerError`` naming it: guessing
+past it could hide commits. ``quarantine`` moves such a file (or the entry of a bad shard) aside, which
+makes its ids pending again, so the next build retrains them.
 """
 
 from __future__ import annotations
@@ -20,13 +26,25 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from weightzoo.storage.fs import StorageOptions, UnsafeIdError, check_id, filesystem, join, write_bytes
+from weightzoo.errors import CorruptShardError
+from weightzoo.storage.fs import (
+    StorageOptions,
+    UnsafeIdError,
+    check_id,
+    filesystem,
+    join,
+    redact,
+    write_bytes,
+)
 from weightzoo.storage.shards import LayoutMismatchError, ShardInfo
 
 COMMITS = "ledger/commits"
 FAILURES = "ledger/failures"
+QUARANTINE = "ledger/quarantine"
 SHARDS = "shards"
+REASON_SUFFIX = ".reason.json"  # quarantine sidecar; entry names end "-<token>.json", so never clash
 _SHARD_TOKEN = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12]: attempts at one batch never share a name
 
 
@@ -67,6 +85,56 @@ class Failure:
     at: str
 
 
+class CorruptLedgerError(CorruptShardError, ValueError):
+    """A ledger file that cannot be parsed. A ``ValueError`` too, so callers catching that still print it."""
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A ledger file moved aside by ``Ledger.quarantine``; paths relative to the dataset root."""
+
+    path: str  # where the file is now, under ledger/quarantine/
+    origin: str  # where it was, e.g. ledger/commits/<name>.json
+    reason: str
+    at: str
+
+
+_COMMIT_FIELDS = {
+    "batch": str, "shard": str, "ids": list, "rows": int, "nbytes": int, "crc32": int,
+    "layout": str, "base_model": str, "committed_at": str,
+}
+_FAILURE_FIELDS = {"batch": str, "at": str, "items": list}
+
+
+def _check_fields(d: Any, fields: dict[str, type]) -> dict:
+    """``d`` if it is an object with every field of the right type, else ValueError saying which is not."""
+    if not isinstance(d, dict):
+        raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+    for key, kind in fields.items():
+        if not isinstance(d.get(key), kind) or isinstance(d.get(key), bool):
+            raise ValueError(f"field {key!r} is missing or not a {kind.__name__}")
+    return d
+
+
+def parse_commit(blob: bytes) -> dict:
+    """A commit entry's JSON → its fields (unknown keys dropped); ValueError if it is not a commit entry."""
+    d = _check_fields(json.loads(blob), _COMMIT_FIELDS)
+    if not all(isinstance(i, str) for i in d["ids"]):
+        raise ValueError("field 'ids' is not a list of strings")
+    return {k: d[k] for k in _COMMIT_FIELDS}
+
+
+def parse_failure(blob: bytes) -> dict:
+    """A failure record's JSON → its fields; ValueError if it is not a failure record."""
+    d = _check_fields(json.loads(blob), _FAILURE_FIELDS)
+    for item in d["items"]:
+        _check_fields(item, {"id": str, "reason": str})
+    return d
+
+
+_PARSERS = {COMMITS: parse_commit, FAILURES: parse_failure}
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -90,8 +158,13 @@ class Ledger:
     def _relative(self, path: str) -> str:
         return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
 
+    def exists(self) -> bool:
+        """Whether the dataset root exists (a prefix with objects, on S3)."""
+        return bool(self.fs.exists(self.root))
+
     # --- reading -----------------------------------------------------------------------------
-    def _read_entries(self, folder: str) -> list[tuple[str, dict]]:
+    def raw_files(self, folder: str) -> list[tuple[str, bytes]]:
+        """(file name, bytes) of every ``.json`` file of a ledger folder, sorted by name, unparsed."""
         path = join(self.root, folder)
         self.fs.invalidate_cache(path)  # s3fs caches listings; the ledger must see other writers
         try:
@@ -101,7 +174,23 @@ class Ledger:
         if not names:
             return []
         blobs = self.fs.cat(names)  # concurrent on S3
-        return [(n.rsplit("/", 1)[-1], json.loads(blobs[n])) for n in names]
+        return [(n.rsplit("/", 1)[-1], blobs[n]) for n in names]
+
+    def corrupt(self, folder: str, name: str, why: Exception | str) -> CorruptLedgerError:
+        """The error for an unparsable ledger file: names it and says how to get past it."""
+        return CorruptLedgerError(
+            f"ledger file {redact(join(self.uri, folder, name))} is unreadable ({why}); "
+            f"run weightzoo verify --repair --dataset {redact(self.uri)} to quarantine it"
+        )
+
+    def _read_entries(self, folder: str) -> list[tuple[str, dict]]:
+        out = []
+        for name, blob in self.raw_files(folder):
+            try:
+                out.append((name, _PARSERS[folder](blob)))
+            except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+                raise self.corrupt(folder, name, e) from e
+        return out
 
     def commits(self) -> list[CommitEntry]:
         """Every commit entry in canonical order, each listing only the ids it makes visible."""
@@ -170,6 +259,43 @@ class Ledger:
         body = {k: v for k, v in asdict(entry).items() if k != "name"}
         write_bytes(self.fs, join(self.root, COMMITS, name), json.dumps(body).encode())
         return CommitEntry(**{**body, "name": name})
+
+    def quarantine(self, relative: str, reason: str, **details: Any) -> Quarantined:
+        """Move one ledger file (``ledger/commits/x.json``) aside, with a sidecar saying why.
+
+        Copy first, then delete the original (a move on any storage, S3 included): a crash in between
+        leaves the entry in place, and a rerun quarantines it again. A moved commit entry no longer
+        commits its ids, so they are pending and the next build retrains them.
+        """
+        folder, _, name = relative.rpartition("/")
+        if folder not in _PARSERS or not name.endswith(".json"):
+            raise ValueError(f"{relative} is not a file of {COMMITS} or {FAILURES}")
+        kind = folder.rsplit("/", 1)[-1]
+        dest = f"{QUARANTINE}/{kind}/{name}"
+        record = Quarantined(dest, relative, reason, _now())
+        sidecar = {**asdict(record), **details}
+        write_bytes(self.fs, self.abspath(dest), self.fs.cat_file(self.abspath(relative)))
+        write_bytes(self.fs, self.abspath(dest.removesuffix(".json") + REASON_SUFFIX), json.dumps(sidecar).encode())
+        self.fs.rm(self.abspath(relative))
+        return record
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every quarantined ledger file, oldest first (read from the sidecars)."""
+        path = join(self.root, QUARANTINE)
+        self.fs.invalidate_cache(path)
+        try:
+            sidecars = sorted(p for p in self.fs.find(path) if p.endswith(REASON_SUFFIX))
+        except FileNotFoundError:
+            return []
+        out = []
+        for p, blob in sorted(self.fs.cat(sidecars).items()) if sidecars else []:
+            try:
+                d = json.loads(blob)
+                out.append(Quarantined(d["path"], d["origin"], d["reason"], d["at"]))
+            except (ValueError, KeyError, TypeError):
+                rel = self._relative(p)
+                out.append(Quarantined(rel, "?", "its quarantine sidecar is unreadable", ""))
+        return sorted(out, key=lambda q: (q.at, q.path))
 
     def record_failures(self, batch: str, failures: Sequence[tuple[str, str]]) -> None:
         """Record one attempt's failed items as (id, reason); reasons are shown to users as they are."""

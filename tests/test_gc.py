@@ -1,15 +1,16 @@
-"""gc: only old, uncommitted shard files are removed; committed rows, ledger and other files stay."""
+"""gc: only old, uncommitted shard files and stale temp files are removed; committed rows, ledger and
+other files stay."""
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_writer_proc import rows_for
 
 from weightzoo.cli import main
 from weightzoo.storage.dataset import Dataset
@@ -18,12 +19,11 @@ from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import write_shard
 
-sys.path.insert(0, str(Path(__file__).parent))
-from shard_writer_proc import rows_for  # noqa: E402
-
 DIM = 16
 LAYOUT = Layout(("w",), ((DIM,),), "float16")
 HOUR = timedelta(hours=1)
+LEGACY_TMP = "shards/b9-0123456789ab.parquet.tmp-0123456789ab"  # a sibling temp of the writer before _tmp/
+STALE_TMP = "shards/_tmp/b8-0123456789ab.parquet.tmp-0123456789ab"  # a killed writer's temp
 
 
 def _commit(ledger: Ledger, batch: str, n: int = 3) -> str:
@@ -69,7 +69,8 @@ def dataset(tmp_path: Path) -> tuple[str, str, str]:
     assert ledger.commit("b0", loser) is not None
     old, fresh = _orphan(ledger, "b2"), _orphan(ledger, "b3")
     (tmp_path / "ds" / "shards" / "notes.txt").write_text("not a shard")
-    (tmp_path / "ds" / "shards" / "b9-0123456789ab.parquet.tmp-0123456789ab").write_bytes(b"partial")
+    (tmp_path / "ds" / LEGACY_TMP).write_bytes(b"partial")
+    (tmp_path / "ds" / STALE_TMP).write_bytes(b"partial shard")
     for p in (tmp_path / "ds").rglob("*"):
         if p.is_file() and str(p) != fresh:
             _age(str(p))
@@ -86,6 +87,8 @@ def test_dry_run_lists_exactly_the_old_orphan(dataset: tuple[str, str, str]) -> 
     assert datetime.now(UTC) - orphans[0].mtime > timedelta(hours=2)
     report = collect(uri, HOUR, delete=False)
     assert report.recent == 1 and not report.skipped and not report.deleted
+    assert sorted(t.path for t in report.temps) == sorted([LEGACY_TMP, STALE_TMP])
+    assert report.nbytes == orphans[0].size + len(b"partial") + len(b"partial shard")
     assert _all_files(Path(uri)) == before  # a dry run deletes nothing
 
 
@@ -96,13 +99,13 @@ def test_fresh_orphan_is_kept_by_the_grace_period(dataset: tuple[str, str, str])
     assert find_orphans(uri, timedelta(hours=4)) == []  # grace longer than the old orphan's age
 
 
-def test_delete_removes_only_the_orphan(dataset: tuple[str, str, str]) -> None:
+def test_delete_removes_only_the_orphan_and_stale_temps(dataset: tuple[str, str, str]) -> None:
     uri, old, _ = dataset
     before_rows = _rows(uri)
     before = _all_files(Path(uri))
     report = collect(uri, HOUR, delete=True)
-    assert report.deleted and [o.path for o in report.orphans] == [old]
-    assert _all_files(Path(uri)) == before - {old}
+    assert report.deleted and [o.path for o in report.orphans] == [old] and len(report.temps) == 2
+    assert _all_files(Path(uri)) == before - {old, LEGACY_TMP, STALE_TMP}
     after_rows = _rows(uri)
     assert sorted(after_rows) == sorted(f"b{b}-{i}" for b in (0, 1) for i in range(3))
     assert all(np.array_equal(after_rows[i], before_rows[i]) for i in before_rows)
@@ -113,12 +116,14 @@ def test_cli_dry_run_then_delete(dataset: tuple[str, str, str], capsys: pytest.C
     uri, old, fresh = dataset
     assert main(["gc", "--dataset", uri]) == 0
     out = capsys.readouterr().out
-    assert "would remove 1 orphan shard," in out and old in out and fresh not in out and "dry run" in out
+    assert "would remove 1 orphan shard and 2 stale temp files," in out and "dry run" in out
+    assert old in out and STALE_TMP in out and fresh not in out
     assert os.path.exists(os.path.join(uri, old))
 
     assert main(["gc", "--dataset", uri, "--older-than", "30m", "--delete"]) == 0
     out = capsys.readouterr().out
-    assert "removed 1 orphan shard," in out and old in out
+    assert "removed 1 orphan shard and 2 stale temp files," in out and old in out
+    assert not os.path.exists(os.path.join(uri, STALE_TMP))
     assert not os.path.exists(os.path.join(uri, old)) and os.path.exists(os.path.join(uri, fresh))
     assert len(Dataset(uri)) == 6
 
@@ -153,7 +158,7 @@ def test_gc_over_s3(s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert [o.path for o in find_orphans(uri, timedelta(0))] == [orphan]
     assert main(["gc", "--dataset", uri, "--older-than", "0s", "--delete"]) == 0
     out = capsys.readouterr().out
-    assert orphan in out and "removed 1 orphan shard," in out
+    assert orphan in out and "removed 1 orphan shard and 0 stale temp files," in out
     assert not ledger.fs.exists(ledger.abspath(orphan))
     assert sorted(Dataset(uri).ids) == [f"s0-{i}" for i in range(3)]
     assert "testing" not in out  # no credentials in what is printed

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_writer_proc import rows_for
 
 from weightzoo.storage.dataset import CorruptShardError, Dataset
 from weightzoo.storage.fs import UnsafeIdError
 from weightzoo.storage.ledger import Ledger
-
-sys.path.insert(0, str(Path(__file__).parent))
-from shard_writer_proc import rows_for  # noqa: E402
 
 WRITER = str(Path(__file__).parent / "shard_writer_proc.py")
 DIM = 64
@@ -117,7 +115,11 @@ def test_truncated_shard_is_refused(tmp_path: Path) -> None:
     assert mid > 5
     Path(path).write_bytes(data[:mid] + bytes([data[mid] ^ 1]) + data[mid + 1 :])
     with pytest.raises(CorruptShardError, match="checksum"):
-        list(Dataset(uri).iter_batches(verify=True))
+        list(Dataset(uri).iter_batches())  # reads of weights verify the CRC32 by default
+    with pytest.raises(CorruptShardError, match="checksum"):
+        list(Dataset(uri).iter_batches(["id"], weights=False, verify=True))
+    assert len(Dataset(uri).metadata(["id"])) == 3  # metadata-only reads check the size only
+    assert sorted(Dataset(uri).ids) == ["t-0", "t-1", "t-2"]
 
 
 def test_batch_ids_are_validated(tmp_path: Path) -> None:

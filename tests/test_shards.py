@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from weightzoo.storage.fs import filesystem
+from weightzoo.storage.fs import atomic_write, filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.shards import (
     WEIGHTS,
@@ -91,4 +94,77 @@ def test_writer_rejects_wrong_width(tmp_path) -> None:
     layout = _layout()
     with pytest.raises(ValueError, match=r"weights must be \(n, 1000\) of float16"):
         write_shard(*filesystem(str(tmp_path / "s.parquet")), layout, _rows(2), np.zeros((2, 999), np.float16))
-    assert not list(tmp_path.iterdir())  # nothing partial left behind
+    assert _files(tmp_path) == []  # nothing partial left behind
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+# A writer that hits a real "File too large" (EFBIG) from the kernel: RLIMIT_FSIZE caps its files at 64 KiB,
+# and SIGXFSZ is ignored so the write fails instead of killing the process (what a full disk looks like).
+_FULL_DISK_WRITER = """
+import resource, signal, sys
+import numpy as np
+from weightzoo.storage.fs import filesystem
+from weightzoo.storage.layout import Layout
+from weightzoo.storage.shards import RowMeta, write_shard
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+layout = Layout(("w",), ((1000,),), "float16")
+try:
+    write_shard(*filesystem(sys.argv[1]), layout, [RowMeta(id=f"r{i}") for i in range(200)],
+                np.ones((200, 1000), np.float16), row_group_size=16)
+except OSError as e:
+    print("FAILED", e.errno)
+else:
+    print("WROTE")
+"""
+
+
+def test_failed_write_leaves_no_temp_file(tmp_path: Path) -> None:
+    import errno
+
+    path = tmp_path / "shards" / "b0-0123456789ab.parquet"
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITER, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["FAILED", str(errno.EFBIG)], out.stderr
+    assert (tmp_path / "shards" / "_tmp").is_dir()  # where the temp was written...
+    assert _files(tmp_path) == []  # ...and removed, with no shard appearing
+
+
+def test_shard_temp_is_under_tmp_folder(tmp_path: Path) -> None:
+    """While a shard is written its temp lives in shards/_tmp/, never next to the shards."""
+    from weightzoo.storage.shards import ShardWriter
+
+    layout = _layout()
+    fs, _ = filesystem(str(tmp_path))
+    path = str(tmp_path / "shards" / "b0-0123456789ab.parquet")
+    with ShardWriter(fs, path, layout, row_group_size=2) as w:
+        w.write(_rows(2), np.zeros((2, layout.numel), np.float16))
+        assert [p.split("/", 2)[:2] for p in _files(tmp_path)] == [["shards", "_tmp"]]
+    assert _files(tmp_path) == ["shards/b0-0123456789ab.parquet"]
+    assert len(pq.read_table(path)) == 2 and len(set(pq.read_table(path).column("id").to_pylist())) == 2
+
+
+def test_crc32_combine_matches_zlib() -> None:
+    """The reader checks a row group's CRC in parts on several threads; joined, they equal zlib's."""
+    import zlib
+
+    from weightzoo.storage.shards import crc32_combine
+
+    data = np.random.default_rng(1).integers(0, 256, 100_003, dtype=np.uint8).tobytes()
+    for cut in (0, 1, 4096, 50_000, len(data)):
+        a, b = data[:cut], data[cut:]
+        assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(data)
+
+
+def test_atomic_write_removes_its_temp_on_failure(tmp_path: Path) -> None:
+    fs, _ = filesystem(str(tmp_path))
+    target = tmp_path / "ledger" / "commits" / "x.json"
+    with pytest.raises(RuntimeError, match="writer died"), atomic_write(fs, str(target)) as f:
+        f.write(b'{"half": ')
+        raise RuntimeError("writer died")
+    assert _files(tmp_path) == []  # no temp sibling, no half file
+    with atomic_write(fs, str(target)) as f:
+        f.write(b"{}")
+    assert _files(tmp_path) == ["ledger/commits/x.json"] and target.read_bytes() == b"{}"

@@ -40,15 +40,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from weightzoo.storage.dataset import CorruptShardError, Dataset
+from weightzoo.storage.dataset import CorruptShardError, Dataset, verified_shard_batches
 from weightzoo.storage.fs import atomic_write, filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.shards import LayoutMismatchError, iter_shard, open_parquet, read_layout
+from weightzoo.storage.shards import LayoutMismatchError, open_parquet, read_layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
 
@@ -109,6 +108,7 @@ class ShardRef:
     nbytes: int
     layout: str  # fingerprint from the ledger; every shard of one fit must share it
     name: str  # a short name for task runs and work files
+    crc32: int | None = None  # the ledger's checksum of the weights; None: size check only
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def shard_refs(dataset_uri: str) -> list[ShardRef]:
     if len(layouts) > 1:
         raise LayoutMismatchError(f"dataset {dataset_uri} mixes layouts {sorted(layouts)}; datasets never mix layouts")
     return [
-        ShardRef(e.shard, None if len(e.ids) == e.rows else tuple(e.ids), e.nbytes, e.layout, f"{i:05d}")
+        ShardRef(e.shard, None if len(e.ids) == e.rows else tuple(e.ids), e.nbytes, e.layout, f"{i:05d}", e.crc32)
         for i, e in enumerate(ds.entries)
     ]
 
@@ -159,19 +159,12 @@ def shard_layout(dataset_uri: str, ref: ShardRef) -> Layout:
 def _iter_ref(
     dataset_uri: str, ref: ShardRef, layout: Layout | None = None, columns: Sequence[str] | None = None
 ) -> Iterator[tuple[pa.Table, np.ndarray]]:
-    """Row groups of one shard's visible rows: (metadata, (n, D) weights in storage dtype)."""
+    """Row groups of one shard's visible rows: (metadata, (n, D) weights in storage dtype), size and CRC checked."""
     fs, root = filesystem(dataset_uri)
-    path = join(root, ref.shard)
-    if fs.size(path) != ref.nbytes:
-        raise CorruptShardError(f"shard {ref.shard} is not the size its ledger entry says")
-    visible = None if ref.ids is None else pa.array(ref.ids)
-    for table, w in iter_shard(fs, path, columns or ["id"], layout):
-        assert w is not None
-        if visible is not None:
-            mask = pc.is_in(table.column("id"), value_set=visible)
-            table, w = table.filter(mask), w[np.asarray(mask)]
-        if table.num_rows:
-            yield table, w
+    yield from verified_shard_batches(
+        fs, join(root, ref.shard), ref.shard, nbytes=ref.nbytes, crc32=ref.crc32, fingerprint=ref.layout,
+        visible=ref.ids, columns=columns or ["id"], layout=layout,
+    )
 
 
 def _save_work(uri: str, tensors: dict[str, torch.Tensor]) -> str:

@@ -1,4 +1,5 @@
-"""``weightzoo gc``: list (dry run) or delete a dataset's orphan shards — shards no commit points at."""
+"""``weightzoo gc``: list (dry run) or delete a dataset's orphan shards (shards no commit points at) and
+stale temp files (``shards/_tmp/``, left by killed writers)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,18 @@ def parse_duration(text: str) -> timedelta:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("gc", help="Remove orphan shards (written but never committed); a dry run by default.")
+    p = sub.add_parser(
+        "gc", help="Remove orphan shards (written but never committed) and stale temp files; a dry run by default."
+    )
     p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
     p.add_argument(
         "--older-than",
         type=parse_duration,
         default=timedelta(hours=1),
         metavar="DURATION",
-        help="Grace period (default 1h): newer uncommitted shards may belong to a batch about to commit.",
+        help="Grace period (default 1h): newer uncommitted shards and temp files may belong to a batch in flight.",
     )
-    p.add_argument("--delete", action="store_true", help="Delete the orphans (without it, only list them).")
+    p.add_argument("--delete", action="store_true", help="Delete them (without it, only list them).")
     p.set_defaults(func=run)
 
 
@@ -45,18 +48,18 @@ def run(args: argparse.Namespace) -> int:
     if args.delete and args.older_than == timedelta(0):
         print("warning: --older-than 0s: shards of batches still running may be deleted", file=sys.stderr)
     r = collect(args.dataset, args.older_than, delete=args.delete)
-    n = len(r.orphans)
+    n, t = len(r.orphans), len(r.temps)
     verb = "removed" if r.deleted else "would remove"
     print(
-        f"{r.dataset}: {verb} {n} orphan shard{'s' * (n != 1)}, {r.nbytes} bytes ({_human(r.nbytes)}), "
-        f"older than {r.older_than}"
+        f"{r.dataset}: {verb} {n} orphan shard{'s' * (n != 1)} and {t} stale temp file{'s' * (t != 1)}, "
+        f"{r.nbytes} bytes ({_human(r.nbytes)}), older than {r.older_than}"
     )
-    for o in r.orphans:
+    for o in r.orphans + r.temps:
         print(f"  {o.path}  {o.size} bytes  modified {o.mtime.isoformat(timespec='seconds')}")
     if r.recent:
-        print(f"  kept {r.recent} uncommitted shard(s) newer than {r.older_than} (may be about to commit)")
+        print(f"  kept {r.recent} uncommitted file(s) newer than {r.older_than} (may be about to commit)")
     for path, why in r.skipped:
         print(f"  skipped {path}: {why}")
-    if n and not r.deleted:
+    if (n or t) and not r.deleted:
         print("dry run: nothing deleted; rerun with --delete to remove them")
     return 0

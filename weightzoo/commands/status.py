@@ -1,9 +1,15 @@
-"""``weightzoo status``: committed / failed / pending counts of a dataset."""
+"""``weightzoo status``: committed / failed / pending counts of a dataset, plus the cheap health checks
+(commit entries whose shard is missing, quarantined ledger files). The CRC check is ``weightzoo verify``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # storage imports pyarrow and torch: loaded only when the command runs
+    from weightzoo.storage.ledger import CommitEntry, Ledger
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,19 +21,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def missing_shards(ledger: Ledger, commits: Sequence[CommitEntry]) -> list[dict]:
+    """Commit entries whose shard file is absent: one listing of shards/ against the entries, no reads."""
+    from weightzoo.storage.fs import join
+    from weightzoo.storage.ledger import COMMITS, SHARDS
+
+    path = join(ledger.root, SHARDS)
+    ledger.fs.invalidate_cache(path)
+    try:
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in ledger.fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        present = set()
+    return [
+        {"shard": c.shard, "entry": f"{COMMITS}/{c.name}", "ids": len(c.ids)}
+        for c in commits
+        if c.shard.rsplit("/", 1)[-1] not in present
+    ]
+
+
 def dataset_status(dataset: str, manifest: str | None = None) -> dict:
     """Counts (and failure reasons) for a dataset; ``pending`` only where a manifest is known."""
+    from weightzoo.errors import NotFoundError
+    from weightzoo.storage.fs import redact
+    from weightzoo.storage.health import storage_problems
     from weightzoo.storage.ledger import Ledger
 
     ledger = Ledger(dataset)
-    committed = ledger.committed_ids()
+    if not ledger.exists():
+        why = "; ".join(storage_problems(dataset))
+        raise NotFoundError(f"no dataset at {redact(ledger.uri)}" + (f" ({why})" if why else ""))
+    commits = ledger.commits()
+    committed = {i for c in commits for i in c.ids}
     failed = ledger.failed()
     out: dict = {
         "dataset": dataset,
         "committed": len(committed),
         "failed": len(failed),
-        "shards": len(ledger.commits()),
+        "shards": len(commits),
         "failures": [{"id": f.id, "reason": f.reason, "attempt": f.attempt} for f in failed.values()],
+        "missing_shards": missing_shards(ledger, commits),
+        # What stops the next build from writing here (a build failing for it may not have recorded why).
+        "storage": storage_problems(dataset),
+        "quarantined": [{"path": q.path, "origin": q.origin, "reason": q.reason, "at": q.at} for q in ledger.quarantined()],
     }
     if manifest:
         from weightzoo.tasks.finetune.manifest import read_manifest
@@ -38,17 +73,27 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    st = dataset_status(args.dataset, args.manifest)
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+def _print_text(st: dict, limit: int) -> None:
     line = f"{st['dataset']}: {st['committed']} committed in {st['shards']} shards, {st['failed']} failed"
     if "pending" in st:
         line += f", {st['pending']} pending of {st['total']}"
     print(line)
-    for f in st["failures"][: args.limit]:
+    for f in st["failures"][:limit]:
         print(f"  failed {f['id']} (attempt {f['attempt']}): {f['reason']}")
-    if len(st["failures"]) > args.limit:
-        print(f"  ... and {len(st['failures']) - args.limit} more (--json lists all)")
+    if len(st["failures"]) > limit:
+        print(f"  ... and {len(st['failures']) - limit} more (--json lists all)")
+    for m in st["missing_shards"]:
+        print(f"  missing shard {m['shard']} ({m['ids']} ids, {m['entry']}): run weightzoo verify --repair")
+    for problem in st["storage"]:
+        print(f"  storage: {problem}")
+    for q in st["quarantined"]:
+        print(f"  quarantined {q['origin']} -> {q['path']}: {q['reason']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    st = dataset_status(args.dataset, args.manifest)  # no dataset, an unreadable ledger file: one-line errors
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        _print_text(st, args.limit)
     return 0
