@@ -267,7 +267,7 @@ def test_train_cli_and_a_model_folder_on_s3(dataset: str, tiny_base: Path, s3_bu
     from weightzoo.cli import main
 
     out = f"{s3_bucket}/wd"
-    assert main(["train-diffusion", "--dataset", dataset, "--base", str(tiny_base), "--out", out, "--no-flow",
+    assert main(["train-diffusion", "--dataset", dataset, "--base", str(tiny_base), "--out", out, "--no-prefect",
                  "--steps", "3", "--width", "16", "--depth", "1", "--block-size", "512", "--holdout-fraction", "0.25",
                  "--checkpoint-every", "2", "--device", "cpu"]) == 0
     model = WeightDiffusionModel.load(out)

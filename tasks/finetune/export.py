@@ -1,11 +1,17 @@
-"""Export a dataset row as a diffusers LoRA file (``pytorch_lora_weights.safetensors``).
+"""Export a dataset row as a diffusers LoRA file, or as a peft adapter folder.
 
-A row holds the adapters exactly as trained (A, B, no scaling). The file holds peft/diffusers keys
-(``unet.<module>.lora_A.weight``, ``...lora_B.weight``) with the ``alpha / rank`` scale baked into
-``lora_B``: diffusers loads a peft-format file without alphas at scale 1, so baking is what makes
-``pipe.load_lora_weights(path)`` reproduce the trained model in any diffusers version and any other
-tool reading the same format. Tensors are written as float32 so baking adds no rounding. Safetensors
+**diffusers** (the default, ``pytorch_lora_weights.safetensors``): a row holds the adapters exactly
+as trained (A, B, no scaling). The file holds peft/diffusers keys (``unet.<module>.lora_A.weight``,
+``...lora_B.weight``) with the ``alpha / rank`` scale baked into ``lora_B``: diffusers loads a
+peft-format file without alphas at scale 1, so baking is what makes ``pipe.load_lora_weights(path)``
+reproduce the trained model in any diffusers version and any other tool reading the same format. Tensors are written as float32 so baking adds no rounding. Safetensors
 only: a weights file is never a pickle.
+
+**peft** (a folder for ``PeftModel.from_pretrained(unet, folder)``): ``adapter_config.json``, a
+``LoraConfig`` with ``r`` = rank and ``lora_alpha`` = alpha, and ``adapter_model.safetensors`` with
+peft's keys (``base_model.model.<module>.lora_A.weight``) holding A and B **unscaled**, exactly as
+trained: peft applies ``lora_alpha / r`` itself. So the file's hparams (alpha 27) and the weights
+agree; baking the scale in as well would make a peft user's update 27x too large.
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+PEFT_CONFIG_NAME = "adapter_config.json"  # the names PeftModel.from_pretrained looks for
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PeftModel wraps the UNet as base_model (LoraModel) → .model
+FORMATS = ("diffusers", "peft")
 
 
 def lora_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict) -> dict[str, torch.Tensor]:
@@ -34,6 +45,71 @@ def lora_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout, hparams:
     return out
 
 
+def _modules(layout: Layout) -> list[str]:
+    """The adapted modules' full names (``down_blocks.0....attn1.to_q``), in layout order."""
+    names: list[str] = []
+    for key in layout.keys:
+        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"{key!r} is not a LoRA key (…lora_A.weight / …lora_B.weight); not a LoRA layout")
+        name = key.rsplit(".", 2)[0]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def peft_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout) -> dict[str, torch.Tensor]:
+    """peft's keys for one row, float32, A and B unscaled (peft applies ``lora_alpha / r`` itself)."""
+    _modules(layout)  # refuses a non-LoRA layout
+    return {f"{PEFT_PREFIX}{k}": t.float().contiguous() for k, t in layout.unflatten(weights).items()}
+
+
+def peft_config(layout: Layout, hparams: dict) -> dict:
+    """``adapter_config.json`` as peft writes it: r = rank, lora_alpha = alpha, the exact target modules."""
+    from peft import LoraConfig
+
+    config = LoraConfig(
+        r=int(hparams["rank"]),
+        lora_alpha=float(hparams["alpha"]),
+        target_modules=_modules(layout),  # full names: peft matches them exactly, nothing else is adapted
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,
+    ).to_dict()
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def _metadata(layout: Layout, hparams: dict, baked: float | None) -> dict[str, str]:
+    out = {
+        "format": "pt",
+        "weightzoo.layout": layout.fingerprint,
+        "weightzoo.hparams": json.dumps(hparams, sort_keys=True, default=str),
+    }
+    if baked is not None:
+        out["weightzoo.scale_baked_into_lora_B"] = repr(baked)
+    return out
+
+
+def export_peft(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out_dir: str) -> str:
+    """Write one row as a peft adapter folder (any fsspec URI); returns the folder's URI."""
+    if str(out_dir).endswith(".safetensors"):
+        raise InputError(f"--format peft writes a folder (adapter_config.json + {PEFT_WEIGHT_NAME}), not {out_dir}")
+    fs, root = filesystem(str(out_dir))
+    data = safetensors.torch.save(peft_state_dict(weights, layout), metadata=_metadata(layout, hparams, None))
+    write_bytes(fs, join(root, PEFT_WEIGHT_NAME), data)
+    config = json.dumps(peft_config(layout, hparams), indent=2, sort_keys=True, default=str)
+    write_bytes(fs, join(root, PEFT_CONFIG_NAME), config.encode())  # last: a folder with a config is complete
+    return str(out_dir)
+
+
+def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str, fmt: str = "diffusers") -> str:
+    """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder)."""
+    if fmt == "diffusers":
+        return export_lora(weights, layout, hparams, out)
+    if fmt == "peft":
+        return export_peft(weights, layout, hparams, out)
+    raise InputError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
 def export_lora(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out_path: str) -> str:
     """Write one row as a diffusers LoRA; returns the file's URI.
 
@@ -42,12 +118,7 @@ def export_lora(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dic
     into the file's metadata, so an exported file says how it was made.
     """
     path = out_path if str(out_path).endswith(".safetensors") else join(str(out_path), WEIGHT_NAME)
-    metadata = {
-        "format": "pt",
-        "weightzoo.layout": layout.fingerprint,
-        "weightzoo.scale_baked_into_lora_B": repr(float(hparams["alpha"]) / float(hparams["rank"])),
-        "weightzoo.hparams": json.dumps(hparams, sort_keys=True, default=str),
-    }
+    metadata = _metadata(layout, hparams, float(hparams["alpha"]) / float(hparams["rank"]))
     data = safetensors.torch.save(lora_state_dict(weights, layout, hparams), metadata=metadata)
     fs, fs_path = filesystem(path)
     write_bytes(fs, fs_path, data)

@@ -10,37 +10,41 @@ from __future__ import annotations
 import argparse
 import json
 
+BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir")
+FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from weightzoo.commands.options import add_field, add_fields
+    from weightzoo.flows.config import BuildRequest
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
+
     p = sub.add_parser("build", help="Fine-tune every manifest row not yet committed in the dataset (resumable).")
-    p.add_argument("--manifest", required=True, help="Manifest URI (jsonl/csv/parquet).")
-    p.add_argument("--base", required=True, help="Base diffusers pipeline URI (local folder or s3://...).")
-    p.add_argument("--dataset", required=True, help="Dataset URI (local folder or s3://bucket/prefix).")
-    p.add_argument("--batch-size", type=int, default=None, help="Items per batch (one child run, one shard; default 64).")
-    p.add_argument("--executor", choices=["local", "deployment"], default="local",
-                   help="local: in this process (default); deployment: one deployment run per batch on a work pool.")
-    p.add_argument("--deployment", default=None, help="'<flow>/<deployment>' for --executor deployment.")
-    p.add_argument("--steps", type=int, default=None, help="Optimiser steps per item (default 800).")
-    p.add_argument("--pack", type=int, default=None, help="Items trained together per step.")
-    p.add_argument("--finetune-json", default=None,
-                   help='More FinetuneConfig fields as JSON, e.g. \'{"rank": 2, "num_class_images": 50}\'.')
-    p.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
-                   help="Re-attempt items whose last attempt failed (default: on).")
+    for name in ("manifest", "base", "dataset"):
+        add_field(p, BuildRequest, name, required=True)
+    add_fields(p, BuildRequest, [f for f in BUILD_FIELDS if f in BuildRequest.model_fields])
+    ft = p.add_argument_group("fine-tune (FinetuneConfig; any other field through --finetune-json)")
+    add_fields(ft, FinetuneConfig, FINETUNE_FIELDS)
+    ft.add_argument("--finetune-json", default=None,
+                    help='More FinetuneConfig fields as JSON, e.g. \'{"alpha": 8, "num_class_images": 50}\'.')
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     p.set_defaults(func=run)
 
 
 def build_request(args: argparse.Namespace):
-    """The flow's ``BuildRequest`` from command-line arguments (unset flags keep the model's defaults)."""
+    """The flow's ``BuildRequest`` from the flags the user set (the models supply every other default)."""
+    from weightzoo.commands.options import set_fields
+    from weightzoo.errors import InputError
     from weightzoo.flows.config import BuildRequest
     from weightzoo.tasks.finetune.engine import FinetuneConfig
 
-    ft = json.loads(args.finetune_json) if args.finetune_json else {}
-    ft |= {k: v for k, v in (("steps", args.steps), ("pack", args.pack)) if v is not None}
-    fields = {"batch_size": args.batch_size, "deployment": args.deployment}
-    return BuildRequest(manifest=args.manifest, base=args.base, dataset=args.dataset, executor=args.executor,
-                        retry_failed=args.retry_failed, finetune=FinetuneConfig(**ft),
-                        **{k: v for k, v in fields.items() if v is not None})
+    try:
+        ft = json.loads(args.finetune_json) if args.finetune_json else {}
+    except json.JSONDecodeError as e:
+        raise InputError(f"--finetune-json is not valid JSON: {e}") from e
+    ft |= set_fields(args, FINETUNE_FIELDS)
+    return BuildRequest(manifest=args.manifest, base=args.base, dataset=args.dataset,
+                        finetune=FinetuneConfig(**ft), **set_fields(args, BUILD_FIELDS))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,24 +1,37 @@
-"""``weightzoo export``: one dataset row → a diffusers-loadable LoRA ``.safetensors``."""
+"""``weightzoo export``: one dataset row → a diffusers LoRA ``.safetensors`` (default) or a peft adapter folder."""
 
 from __future__ import annotations
 
 import argparse
 
+FORMATS = ("diffusers", "peft")  # the same as tasks/finetune/export.py's; kept here so --help imports nothing heavy
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="Write one row of a dataset as a diffusers LoRA (.safetensors).")
+    p = sub.add_parser("export", help="Write one row of a dataset as a diffusers LoRA file or a peft adapter folder.")
     p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
     p.add_argument("--id", required=True, help="The row's id.")
-    p.add_argument("--out", required=True, help="Output file, e.g. lora/pytorch_lora_weights.safetensors.")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="diffusers: output file (…/pytorch_lora_weights.safetensors) or folder; peft: output folder.",
+    )
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="diffusers",
+        help="diffusers (default): unet.-prefixed keys, alpha/rank baked into lora_B, for pipe.load_lora_weights; "
+        "peft: adapter_config.json + adapter_model.safetensors (unscaled, lora_alpha = alpha) for PeftModel.from_pretrained.",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.export import export_lora
+    from weightzoo.tasks.finetune.export import export
 
     ds = Dataset(args.dataset)
     meta, vector = ds.row(args.id)
-    path = export_lora(vector, ds.layout, meta["hparams"], args.out)
-    print(f"wrote {path} (id {args.id}, loss {meta['loss']}, method {meta['method']})")
+    path = export(vector, ds.layout, meta["hparams"], args.out, args.format)
+    print(f"wrote {path} ({args.format}; id {args.id}, loss {meta['loss']}, method {meta['method']})")
     return 0

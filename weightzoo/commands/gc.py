@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=parse_duration,
         default=timedelta(hours=1),
         metavar="DURATION",
-        help="Grace period (default 1h): newer uncommitted shards and temp files may belong to a batch in flight.",
+        help="Grace period: newer uncommitted shards and temp files may belong to a batch in flight.",
     )
     p.add_argument("--delete", action="store_true", help="Delete them (without it, only list them).")
     p.set_defaults(func=run)

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attr", type=_attr, action="append", default=[], metavar="KEY=VALUE",
                    help="An attribute, for models trained with condition 'prompt+attributes' (repeatable).")
     p.add_argument("--out", required=True, help="Output file, e.g. lora/pytorch_lora_weights.safetensors.")
-    p.add_argument("--steps", type=int, default=1, help="DDIM steps (default 1: the paper's one-step generation, the conditional mean).")
+    p.add_argument("--steps", type=int, default=1, help="DDIM steps; 1 is the paper's one-step generation (the conditional mean).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the starting noise.")
     p.set_defaults(func=run)
 

@@ -12,10 +12,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", required=True, help="The image URI to invert.")
     p.add_argument("--mask", help="Optional mask image URI (white = fit, black = ignore), e.g. the face region.")
     p.add_argument("--prompt", help="Instance prompt (default: the first fitted row's prompt).")
-    p.add_argument("--steps", type=int, default=200, help="Optimiser steps (default 200).")
-    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate in component-std units (default 0.1).")
-    p.add_argument("--batch", type=int, default=4, help="Noise samples per step (default 4).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of timesteps and noise (default 0).")
+    p.add_argument("--steps", type=int, default=200, help="Optimiser steps.")
+    p.add_argument("--learning-rate", type=float, default=0.1, help="Adam learning rate in component-std units.")
+    p.add_argument("--batch", type=int, default=4, help="Noise samples per step.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of timesteps and noise.")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ...")
     p.add_argument("--out", required=True, help="Output .safetensors file (or a folder).")
     p.set_defaults(func=run)
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt or sub.coords_table().column("prompt")[0].as_py()
     pipe = load_base(args.base, device=resolve_device(args.device))
     mask = load_image(args.mask) if args.mask else None
-    inv = invert(sub, pipe, load_image(args.image), prompt, mask=mask, steps=args.steps, lr=args.lr,
+    inv = invert(sub, pipe, load_image(args.image), prompt, mask=mask, steps=args.steps, lr=args.learning_rate,
                  batch=args.batch, seed=args.seed)
     path = export(sub, inv.weights, args.out)
     print(f"wrote {path}: loss on the image {inv.initial_loss:.5f} (mean model) → {inv.final_loss:.5f}")

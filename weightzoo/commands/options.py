@@ -4,6 +4,7 @@ A flag made here defaults to ``None`` (unset); a command builds its model from o
 set (``set_fields``), so the model's own default applies otherwise. The help text is the field's
 description plus the model's default, so the two can never drift apart. Flags that belong to no model
 get their "(default ...)" from argparse itself (``HELP_FORMATTER``), never hand-written.
+
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ from typing import Any
 
 from pydantic import BaseModel
 
-HELP_FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 MODEL_FIELD = "model_field"  # attribute on an argparse action: (model, field name); the parser-walk test reads it
+
+
+class HELP_FORMATTER(argparse.HelpFormatter):  # noqa: N801 (used as argparse's formatter_class=)
+    """Appends argparse's own default to flags that belong to no model (model flags state the model's)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and not hasattr(action, MODEL_FIELD) and "%(default)" not in text:
+            text += " (default %(default)s)"
+        return text
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -55,7 +66,7 @@ def add_field(parser: argparse._ActionsContainer, model: type[BaseModel], name: 
     help_text = info.description or ""
     if not info.is_required():
         default = info.get_default(call_default_factory=True)
-        if not isinstance(default, BaseModel):
+        if default is not None and not isinstance(default, BaseModel):
             help_text += f" (default {_shown(default)})"
     kwargs = {**_kwargs(info.annotation), "dest": name, "default": None, "help": help_text, **overrides}
     action = parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), **kwargs)

@@ -9,10 +9,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="Sample new LoRAs from a fitted subspace (per-component Gaussians).")
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
     p.add_argument("--out", required=True, help="Folder (any URI) for sample-000.safetensors, sample-001, ...")
-    p.add_argument("-n", "--num", type=int, default=1, help="How many models to sample (default 1).")
-    p.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
+    p.add_argument("-n", "--num", type=int, default=1, help="How many models to sample.")
+    p.add_argument("--seed", type=int, default=0, help="Random seed.")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="Scale of each component's std; below 1 stays nearer the mean model (default 1).")
+                   help="Scale of each component's std; below 1 stays nearer the mean model.")
     p.set_defaults(func=run)
 
 

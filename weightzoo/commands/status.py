@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
     p.add_argument("--manifest", help="Manifest URI; with it, pending = manifest ids not yet committed.")
     p.add_argument("--json", action="store_true", help="Print JSON (integer counts, failure reasons).")
-    p.add_argument("--limit", type=int, default=20, help="How many failures to list (default 20).")
+    p.add_argument("--limit", type=int, default=20, help="How many failures to list.")
     p.set_defaults(func=run)
 
 

@@ -1,0 +1,26 @@
+"""``weightzoo publish``: the visible rows as a Hugging Face Hub-style dataset folder (local or s3://)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "publish", help="Write the committed rows as a Hub-style dataset: data/train-*.parquet, layout.json, README.md."
+    )
+    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    p.add_argument("--out", required=True, help="Output folder (local path or s3://...); a rerun resumes it.")
+    p.add_argument("--max-file-mb", type=int, default=512, help="Weights per output file, in MiB.")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from weightzoo.storage.publish import publish
+
+    r = publish(args.dataset, args.out, max_file_bytes=args.max_file_mb << 20)
+    print(
+        f"published {r.rows} rows to {r.out}: {len(r.files)} file(s), {len(r.written)} written, "
+        f"{len(r.skipped)} already complete, {len(r.removed)} stale removed"
+    )
+    return 0
