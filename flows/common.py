@@ -11,7 +11,10 @@ from uuid import UUID
 
 from prefect.artifacts import create_image_artifact, create_progress_artifact, update_progress_artifact
 
-# An artifact update is one API call; a step can be ~0.1 s on a GPU. A few updates a minute suit a human.
+from weightzoo.progress import report
+
+# An artifact update is one API call, while a training step can take a fraction of a second: a few
+# updates a minute suit a human and cost the API nothing.
 PROGRESS_EVERY_S = 5.0
 
 
@@ -21,7 +24,8 @@ def artifact_key(prefix: str, name: str) -> str:
 
 
 class ThrottledProgress:
-    """A ``progress(done, total, *extra)`` callback that updates a progress artifact at most every few seconds."""
+    """A ``progress(done, total, *extra)`` callback that updates a progress artifact at most every few seconds,
+    and the command's terminal bar (if any) at every call."""
 
     def __init__(self, key: str, description: str, every_s: float = PROGRESS_EVERY_S) -> None:
         self.artifact_id: UUID = create_progress_artifact(progress=0.0, key=key, description=description)
@@ -29,6 +33,7 @@ class ThrottledProgress:
         self._last = 0.0
 
     def __call__(self, done: int, total: int, *extra: Any) -> None:
+        report(done, total, *extra)  # the terminal bar of a run in this process (weightzoo.progress): every call
         now = time.monotonic()
         if done < total and now - self._last < self.every_s:
             return

@@ -30,8 +30,8 @@ class PipelineRequest(BaseModel):
     subjects: int = Field(16, ge=2, description="Synthetic subjects (one LoRA each).")
     images_per_subject: int = Field(4, ge=1, description="Images drawn per subject.")
     batch_size: int = Field(8, ge=1, description="Subjects per fine-tune batch (one shard each).")
-    # The tiny model learns in far fewer steps than SD 1.5's 800, at a higher learning rate; at 32 px
-    # a step costs ~0.07 s on 2 CPU cores versus ~0.4 s at its native 64 px (attention over 32×32 latents).
+    # The tiny model learns in far fewer steps than SD 1.5's 800, at a higher learning rate; 32 px steps
+    # are several times cheaper than its native 64 px (attention over 32×32 latents): BENCHMARKS.md.
     finetune: FinetuneConfig = Field(
         FinetuneConfig(steps=50, learning_rate=1e-3, resolution=32, num_class_images=8, class_inference_steps=10),
         description="Fine-tune settings (the demo's are scaled down for the tiny model).",

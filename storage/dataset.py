@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from weightzoo.errors import CorruptShardError
+from weightzoo.errors import CorruptShardError, NotFoundError
 from weightzoo.storage.fs import StorageOptions
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import CommitEntry, Ledger
@@ -183,7 +183,7 @@ class Dataset:
         """The one layout of every committed shard (read from the first shard's footer)."""
         if self._layout is None:
             if not self.entries:
-                raise ValueError(f"dataset {self.uri} has no committed rows")
+                raise NotFoundError(f"dataset {self.uri} has no committed rows")
             first = self.entries[0]
             path = self.ledger.abspath(first.shard)
             _check_size(self.fs, path, first.shard, first.nbytes)
@@ -236,7 +236,7 @@ class Dataset:
         """One row's metadata and weights. Reads the whole shard holding it, to check its CRC32 first."""
         entry = next((e for e in self.entries if item_id in e.ids), None)
         if entry is None:
-            raise KeyError(f"id {item_id!r} is not committed in {self.uri}")
+            raise NotFoundError(f"id {item_id!r} is not committed in {self.uri}")
         found: tuple[dict, np.ndarray] | None = None
         for table, w in self._batches(entry, None, True, True):
             ids = table.column("id").to_pylist()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from weightzoo.errors import NotFoundError
+from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.fs import StorageOptions, join, redact
 from weightzoo.storage.ledger import SHARDS, Ledger, is_shard_name
 from weightzoo.storage.shards import TMP_DIR
@@ -146,7 +146,7 @@ def collect(
     narrows the race with a very late commit, but the grace period is what makes deletion safe.
     """
     if older_than < timedelta(0):
-        raise ValueError(f"older_than must not be negative, got {older_than}")
+        raise InputError(f"older_than must not be negative, got {older_than}")
     ledger = Ledger(dataset_uri, storage_options)
     if not ledger.exists():
         raise NotFoundError(f"no dataset at {redact(ledger.uri)}")

@@ -27,7 +27,7 @@ from weightzoo.errors import RecipeMismatchError
 from weightzoo.storage.fs import atomic_write, is_local
 from weightzoo.storage.layout import NUMPY_VIEW, Layout
 
-try:  # ISA-L's CRC32 is bit-identical to zlib's and ~5x faster; used when the optional `isal` is installed
+try:  # ISA-L's CRC32 is bit-identical to zlib's and several times faster; used when the optional `isal` is installed
     from isal.isal_zlib import crc32 as weights_crc32
 except ImportError:  # pragma: no cover - depends on the environment
     from zlib import crc32 as weights_crc32

@@ -19,7 +19,7 @@ def save_tensors(
     ``durable``); returns the URI."""
     fs, path = filesystem(uri)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    if is_local(fs):  # straight to the file: no bytes object of the whole file (half the time at 50 MB)
+    if is_local(fs):  # straight to the file: no bytes object of the whole file (docs/BENCHMARKS.md, "Figures behind defaults")
         with atomic_write(fs, path, durable) as f:
             save_file(cpu, f.name, metadata=metadata)  # the temporary's own path; f only fsyncs and renames it
         return uri

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from weightzoo.errors import NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
@@ -134,7 +135,7 @@ def test_split_is_seeded_and_honours_named_ids() -> None:
     assert "s03" in hold and len(hold) == 6 and set(train).isdisjoint(hold) and len(train) + len(hold) == 20
     assert split_ids(list(reversed(ids)), ["s03"], 0.25, seed=1) == (train, hold)
     assert split_ids(ids, ["s03"], 0.25, seed=2)[1] != hold
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFoundError):
         split_ids(ids, ["nope"])
 
 

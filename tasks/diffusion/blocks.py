@@ -23,9 +23,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors
+from weightzoo.tasks.stats import safe_std
 
 Condition = Literal["prompt", "prompt+attributes"]
 
@@ -103,10 +105,9 @@ def compute_stats(dataset: Dataset, ids: Iterable[str] | None = None) -> Stats:
         s += x.sum(0)
         ss += (x * x).sum(0)
     if not n:
-        raise ValueError(f"no rows to compute statistics from in {dataset.uri}")
+        raise NotFoundError(f"no rows to compute statistics from in {dataset.uri}")
     mean = s / n
-    std = (ss / n - mean * mean).clamp_min(0).sqrt()
-    std = torch.where(std <= 1e-12 * mean.abs().clamp_min(1.0), torch.ones_like(std), std)
+    std = safe_std(mean, (ss / n - mean * mean).clamp_min(0).sqrt())
     return Stats(mean.float(), std.float())
 
 
@@ -114,10 +115,10 @@ def load_stats(uri: str, numel: int) -> Stats:
     """``mean`` and ``std`` from a safetensors file such as ``tasks/subspace/pca.py``'s ``subspace.safetensors``."""
     tensors = load_tensors(uri)
     if "mean" not in tensors or "std" not in tensors:
-        raise KeyError(f"{uri} has no 'mean' and 'std' tensors")
+        raise InputError(f"{uri} has no 'mean' and 'std' tensors")
     stats = Stats(tensors["mean"].float().reshape(-1), tensors["std"].float().reshape(-1))
     if stats.mean.numel() != numel or stats.std.numel() != numel:
-        raise ValueError(f"statistics in {uri} have {stats.mean.numel()} values, the layout has {numel}")
+        raise InputError(f"statistics in {uri} have {stats.mean.numel()} values, the layout has {numel}")
     return stats
 
 
@@ -128,7 +129,7 @@ def condition_text(prompt: str, attributes: Mapping[str, str] | None, condition:
     if condition == "prompt+attributes":
         parts = [f"{k} {v}" for k, v in sorted((attributes or {}).items())]
         return ", ".join([prompt, *parts]) if parts else prompt
-    raise ValueError(f"unknown condition {condition!r}; use 'prompt' or 'prompt+attributes'")
+    raise InputError(f"unknown condition {condition!r}; use 'prompt' or 'prompt+attributes'")
 
 
 @torch.no_grad()
@@ -157,8 +158,9 @@ def pool_text(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def text_stats(pooled: torch.Tensor) -> Stats:
     """Per-dimension mean/std of the pooled training conditions (std 1 where all conditions agree)."""
-    mean, std = pooled.mean(0), pooled.std(0, unbiased=False)
-    return Stats(mean, torch.where(std <= 1e-6 * mean.abs().clamp_min(1.0), torch.ones_like(std), std))
+    mean = pooled.mean(0)
+    # float32 text states: a looser tolerance than float64 weight moments, for the same rule
+    return Stats(mean, safe_std(mean, pooled.std(0, unbiased=False), rtol=1e-6))
 
 
 @dataclass
@@ -190,7 +192,7 @@ def load_rows(dataset: Dataset, ids: Sequence[str], stats: Stats, condition: Con
                 texts[k] = condition_text(prompt or "", dict(attrs or []), condition)
                 found += 1
     if found != len(ids):
-        raise KeyError(f"{len(ids) - found} of the requested ids are not committed in {dataset.uri}")
+        raise NotFoundError(f"{len(ids) - found} of the requested ids are not committed in {dataset.uri}")
     return BlockData(list(ids), texts, z)
 
 
@@ -201,18 +203,18 @@ def split_ids(ids: Sequence[str], holdout_ids: Iterable[str] = (), holdout_fract
     Deterministic in (sorted ids, seed), so the same dataset and options always give the same split.
     """
     if not 0.0 <= holdout_fraction < 1.0:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        raise InputError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
     ids = sorted(ids)
     named = set(holdout_ids)
     unknown = named - set(ids)
     if unknown:
-        raise KeyError(f"holdout ids not in the dataset: {sorted(unknown)[:5]}")
+        raise NotFoundError(f"holdout ids not in the dataset: {sorted(unknown)[:5]}")
     rest = [i for i in ids if i not in named]
     extra = random.Random(f"weightzoo-holdout:{seed}").sample(rest, round(holdout_fraction * len(ids)))
     holdout = named | set(extra)
     train = [i for i in ids if i not in holdout]
     if not train:
-        raise ValueError("the holdout leaves no rows to train on")
+        raise InputError("the holdout leaves no rows to train on")
     return train, sorted(holdout)
 
 

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from weightzoo.errors import NotFoundError
 from weightzoo.storage.fs import filesystem, is_local
 
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 2x, so latents are 4×32×32
@@ -71,6 +72,24 @@ def _write_byte_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
+# The tiny pipeline: SD 1.5's module names and block types at a fraction of the width (~1.7M parameters).
+TINY_UNET: dict = {
+    "sample_size": TINY_RESOLUTION // 2, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+    "up_block_types": ("CrossAttnUpBlock2D",) * 2, "cross_attention_dim": 32, "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+TINY_VAE: dict = {
+    "in_channels": 3, "out_channels": 3, "block_out_channels": (32, 64), "latent_channels": 4,
+    "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "norm_num_groups": 32, "sample_size": TINY_RESOLUTION,
+}
+TINY_TEXT: dict = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "max_position_embeddings": 77, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+}
+
+
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A Stable-Diffusion-shaped pipeline of ~1.7M random parameters, built in seconds with no download.
 
@@ -80,55 +99,16 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _write_byte_tokenizer(Path(tmp))
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=TINY_RESOLUTION,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    unet = UNet2DConditionModel(**TINY_UNET)  # built in this order: the seed's draws go where they always went
+    vae = AutoencoderKL(**TINY_VAE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1, clip_sample=False,
     )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def save_tiny_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
@@ -157,7 +137,7 @@ def load_base(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     """Load a diffusers pipeline from a local path or fsspec URI, never from a hub."""
     local = _local_copy(str(uri))
     if not Path(local, "model_index.json").exists():
-        raise FileNotFoundError(f"no diffusers pipeline (model_index.json) at {uri}")
+        raise NotFoundError(f"no diffusers pipeline (model_index.json) at {uri}")
     pipe = StableDiffusionPipeline.from_pretrained(
         local, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )

@@ -24,6 +24,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from weightzoo.errors import NotFoundError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.tasks.finetune.manifest import IMAGE_SUFFIXES, load_image
 
@@ -110,7 +111,7 @@ def _folder_images(uri: str, limit: int) -> tuple[list[Image.Image], str]:
     protocol = uri.split("://", 1)[0] + "://" if "://" in uri else ""
     files = [p for p in sorted(fs.find(path)) if p.lower().endswith(IMAGE_SUFFIXES)][:limit]
     if not files:
-        raise FileNotFoundError(f"no class images in {uri}")
+        raise NotFoundError(f"no class images in {uri}")
     h = hashlib.sha256()
     for f in files:
         h.update(fs.cat_file(f))

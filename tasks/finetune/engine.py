@@ -5,8 +5,9 @@ LoRA (canonical ``Layout``), its final loss and timing, or a recorded failure. R
 
 1. inputs, once per batch: VAE latents of each row's images, one text embedding per distinct prompt,
    shared prior-preservation class latents (generated once per base model, cached on disk);
-2. packs of ``config.pack`` rows: stacked adapters injected into the UNet (``packed_lora``), one
-   forward/backward per step for the whole pack, per-row loss, per-row gradient clipping, AdamW;
+2. packs of ``config.pack`` rows: the method's recipe (``recipes/``: LoRA, orthogonal, Celeb Basis)
+   injects K stacked adapters into the base, one forward/backward per step for the whole pack, per-row
+   loss, per-row gradient clipping, AdamW;
 3. flatten each surviving adapter with the layout; the pipeline is restored exactly as it was.
 
 Everything random about a row (image order, timesteps, noise) comes from its own generator seeded by
@@ -23,9 +24,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -36,9 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from weightzoo.storage.layout import Layout
+from weightzoo.tasks.device import autocast, use_bf16
+from weightzoo.tasks.finetune import recipes
 from weightzoo.tasks.finetune.class_images import class_latents, encode_images
 from weightzoo.tasks.finetune.manifest import ManifestRow, load_images
-from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
+from weightzoo.tasks.finetune.recipes.base import Adapters, Recipe
+from weightzoo.tasks.finetune.recipes.lora import LoRARecipe
+from weightzoo.tasks.finetune.recipes.lora import lora_layout as lora_layout
 from weightzoo.tasks.seeds import stable_seed
 
 
@@ -53,11 +58,19 @@ class FinetuneConfig(BaseModel):
     )
 
     # -- method ------------------------------------------------------------------------------------
-    # Pluggable: "lora" trains A and B; "orthogonal" fixes A to id-derived orthogonal rows (Po et al.
-    # 2024) so independently trained models can be summed with little interference.
-    method: Literal["lora", "orthogonal"] = Field(
-        "lora", description="Adapter method: 'lora' (train A and B) or 'orthogonal' (fixed orthogonal A, train B)."
+    # A registered recipe (tasks/finetune/recipes/, docs/RECIPES.md): "lora" trains A and B; "orthogonal"
+    # fixes A to id-derived orthogonal rows (Po et al. 2024) so models can be summed; "celeb_basis" learns
+    # word-embedding coefficients over a basis of celebrity-name embeddings (Yuan et al. 2023).
+    method: Literal[recipes.names()] = Field(  # type: ignore[valid-type]
+        "lora", description="Personalisation recipe: " + "; ".join(f"'{n}': {r.doc}" for n, r in recipes.RECIPES.items())
     )
+    # Omitted from dumps while empty, so configs (and dataset recipes) from before it keep their fingerprint.
+    recipe_options: dict[str, Any] = Field(
+        default_factory=dict, exclude_if=lambda v: not v,
+        description="Options of the chosen recipe, validated by its Options model (docs/RECIPES.md), e.g. "
+        "celeb_basis: {\"names\": \"s3://bucket/names.txt\", \"placeholder\": \"sks\"}; LoRA recipes take none.",
+    )
+    # LoRA recipes only (lora, orthogonal); other recipes ignore them.
     # weights2weights uses rank 1: 99,648 values per SD 1.5 model, small enough for PCA over thousands.
     rank: int = Field(1, ge=1, description="LoRA rank r.")
     # weights2weights' alpha; the effective update is (alpha / rank) * B @ A.
@@ -117,6 +130,7 @@ class FinetuneConfig(BaseModel):
     def _consistent(self) -> FinetuneConfig:
         if self.class_image_dir is not None and not self.prior_preservation:
             raise ValueError("class_image_dir is set but prior_preservation is off")
+        recipes.get(self.method).options(self)  # a recipe's options are checked with the config
         return self
 
 
@@ -143,47 +157,9 @@ class BatchResult:
 
 # -- methods -----------------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Method:
-    """An adapter method: how each row's down-projection A starts, and whether it trains.
-
-    ``init_a(name, layer, ids, config)`` returns the (K, r, in) A of one layer for rows ``ids``.
-    A new method (e.g. one constraining B) adds an entry to ``METHODS``; training code is shared.
-    """
-
-    name: str
-    train_a: bool
-    init_a: Callable[[str, nn.Linear, list[str], FinetuneConfig], torch.Tensor]
-
-
-def _lora_init(name: str, layer: nn.Linear, ids: list[str], config: FinetuneConfig) -> torch.Tensor:
-    """Gaussian A with std 1/r (peft's "gaussian" init, as diffusers' DreamBooth script), the same for every row."""
-    g = torch.Generator().manual_seed(stable_seed(config.seed, "lora-init", name))
-    a = torch.randn(config.rank, layer.in_features, generator=g) / config.rank
-    return a.expand(len(ids), -1, -1).clone()
-
-
-def _orthogonal_init(name: str, layer: nn.Linear, ids: list[str], config: FinetuneConfig) -> torch.Tensor:
-    """Rows of one random orthogonal basis per layer (from ``seed``); each row id picks a block of r rows.
-
-    Two models whose blocks differ have A_i A_j^T = 0 exactly, so their summed updates do not interfere.
-    The block is ``hash(id) mod (in // r)``: ids collide with probability r/in per layer (1/320 for
-    SD 1.5's smallest layers at rank 1), as in the paper's random assignment.
-    """
-    fan_in, r = layer.in_features, config.rank
-    if fan_in < r:
-        raise ValueError(f"{name}: rank {r} exceeds its input size {fan_in}")
-    g = torch.Generator().manual_seed(stable_seed(config.seed, "orthogonal-basis", name))
-    basis = torch.linalg.qr(torch.randn(fan_in, fan_in, generator=g, dtype=torch.float64)).Q.T.float()
-    blocks = fan_in // r
-    return torch.stack([basis[(b := stable_seed("orthogonal-block", i) % blocks) * r : b * r + r] for i in ids])
-
-
-METHODS: dict[str, Method] = {
-    "lora": Method("lora", train_a=True, init_a=_lora_init),
-    "orthogonal": Method("orthogonal", train_a=False, init_a=_orthogonal_init),
-}
+# The LoRA-family recipes by name, each with ``init_a(name, layer, ids, config)`` and ``train_a`` (kept
+# for callers that rebuild a LoRA's shared init). Every recipe: ``recipes.RECIPES``.
+METHODS: dict[str, LoRARecipe] = {n: r for n, r in recipes.RECIPES.items() if isinstance(r, LoRARecipe)}
 
 
 # -- layout and config resolution --------------------------------------------------------------------
@@ -193,26 +169,12 @@ def default_resolution(pipe: StableDiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 
 
-def lora_layout(pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
-    """The layout ``config`` produces on ``pipe``'s UNet, without training (shapes from the module tree)."""
-    shapes: dict[str, torch.Tensor] = {}
-    for name in find_targets(pipe.unet, config.target_modules):
-        layer = pipe.unet.get_submodule(name)
-        shapes[f"{name}.lora_A.weight"] = torch.empty(config.rank, layer.in_features, device="meta")
-        shapes[f"{name}.lora_B.weight"] = torch.empty(layer.out_features, config.rank, device="meta")
-    return Layout.from_state_dict(shapes, dtype=config.weights_dtype)
-
-
-def _use_bf16(config: FinetuneConfig, device: torch.device) -> bool:
-    return config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
-
-
 def resolved_hparams(pipe: StableDiffusionPipeline, config: FinetuneConfig) -> dict:
     """The config with defaults resolved against ``pipe``: what a row records about how it was made."""
     device = pipe.unet.device
     return config.model_dump(mode="json") | {
         "resolution": config.resolution or default_resolution(pipe),
-        "mixed_precision": "bf16" if _use_bf16(config, device) else "no",
+        "mixed_precision": "bf16" if use_bf16(config.mixed_precision, device) else "no",
         "scale": config.alpha / config.rank,
         "latents": "vae-posterior-mean",
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
@@ -244,8 +206,8 @@ class _Run:
 
     pipe: StableDiffusionPipeline
     config: FinetuneConfig
-    method: Method
-    names: list[str]
+    recipe: Recipe
+    prepared: Any  # the recipe's per-batch state (target names, a fitted basis, tokenised prompts)
     latents: dict[str, torch.Tensor]
     embeds: dict[str, torch.Tensor]
     class_latents: dict[str, torch.Tensor]
@@ -357,14 +319,15 @@ class _PackInputs:
         return latents, noise, self.timesteps[step, act_t].flatten(), self.ehs[act_t].flatten(0, 1)
 
 
-def _row_losses(run: _Run, inputs: _PackInputs, step: int, active: list[int], act_t: torch.Tensor) -> torch.Tensor:
+def _row_losses(run: _Run, inputs: _PackInputs, step: int, active: list[int], act_t: torch.Tensor,
+                adapters: Adapters) -> torch.Tensor:
     """One forward of the pack: each active row's loss (instance + weighted prior), shape (m,)."""
     c, unet, sched = run.config, run.pipe.unet, run.scheduler
     latents, noise, t, ehs = inputs.batch(step, active, act_t)
+    ehs = adapters.condition(ehs, act_t)
     noisy = sched.add_noise(latents, noise, t)
     target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if _use_bf16(c, run.device) else nullcontext()
-    with autocast:
+    with autocast(c.mixed_precision, run.device):
         pred = run.forward(noisy.to(unet.dtype), t, encoder_hidden_states=ehs, return_dict=False)[0]
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     per_sample = per_sample.view(len(active), -1)
@@ -394,9 +357,7 @@ def _train_pack(run: _Run, rows: list[ManifestRow]) -> list[ItemResult]:
     losses = torch.full((c.steps, k), float("nan"), device=device)
     active, failed, last_check = list(range(k)), {}, 0
     act_t = torch.arange(k, device=device)
-    ids = [r.id for r in rows]
-    with PackedLoRA(run.pipe.unet, run.names, k, c.rank, c.alpha / c.rank,
-                    lambda name, layer: run.method.init_a(name, layer, ids, c), run.method.train_a) as packed:
+    with run.recipe.attach(run.pipe, c, rows, run.prepared) as packed:
         with torch.no_grad():
             for slot, row in enumerate(rows):
                 if row.id in run.init_weights:  # start from given weights (e.g. generated ones) instead
@@ -406,7 +367,7 @@ def _train_pack(run: _Run, rows: list[ManifestRow]) -> list[ItemResult]:
         warm = c.lr_warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         for step in range(c.steps):
-            row_loss = _row_losses(run, inputs, step, active, act_t)
+            row_loss = _row_losses(run, inputs, step, active, act_t, packed)
             row_loss.sum().backward()  # a plain sum: each adapter's gradient is exactly its own row's
             if c.max_grad_norm is not None:
                 packed.clip_grad_norm_(c.max_grad_norm)
@@ -429,7 +390,7 @@ def _train_pack(run: _Run, rows: list[ManifestRow]) -> list[ItemResult]:
                 for slot, row in enumerate(rows)]
 
 
-def _result(run: _Run, row: ManifestRow, slot: int, packed: PackedLoRA, history: list[float],
+def _result(run: _Run, row: ManifestRow, slot: int, packed: Adapters, history: list[float],
             failure: tuple[int, str] | None, seconds: float) -> ItemResult:
     """A row's outcome: its flattened adapter and final loss, or why it failed."""
     c = run.config
@@ -469,6 +430,56 @@ def _train_with_retry(run: _Run, rows: list[ManifestRow]) -> list[ItemResult]:
     return _train_with_retry(run, rows[:half]) + _train_with_retry(run, rows[half:])
 
 
+# -- the batch's inputs, once -------------------------------------------------------------------------
+
+
+@dataclass
+class BatchInputs:
+    """Everything a batch trains from, computed once before any step: VAE latents per row, one text
+    embedding per distinct prompt, class latents per class prompt; rows whose images fail are failures."""
+
+    latents: dict[str, torch.Tensor]
+    embeds: dict[str, torch.Tensor]
+    class_latents: dict[str, torch.Tensor]
+    failures: dict[str, ItemResult]
+    seconds: dict[str, float]  # each row's own preparation plus its share of the shared work
+
+
+def _row_latents(pipe: StableDiffusionPipeline, items: list[ManifestRow], resolution: int,
+                 base_uri: str | None, out: BatchInputs) -> None:
+    for row in items:
+        t0 = time.perf_counter()
+        try:
+            images = load_images(row, base_uri)
+        except Exception as exc:  # any failure to read or decode a row's images is that row's failure
+            out.failures[row.id] = ItemResult(row.id, False, None, None, 0, time.perf_counter() - t0,
+                                              f"images: {type(exc).__name__}: {exc}")
+            continue
+        out.latents[row.id] = instance_latents(pipe, row, images, resolution)
+        out.seconds[row.id] = time.perf_counter() - t0
+
+
+def prepare_inputs(pipe: StableDiffusionPipeline, items: list[ManifestRow], config: FinetuneConfig, *,
+                   base_uri: str | None = None, cache_dir: str | None = None) -> BatchInputs:
+    """Encode a batch's images and prompts once (and generate or read its class latents once)."""
+    resolution = config.resolution or default_resolution(pipe)
+    out = BatchInputs({}, {}, {}, {}, {})
+    _row_latents(pipe, items, resolution, base_uri, out)
+    rows = [r for r in items if r.id in out.latents]
+    t0 = time.perf_counter()
+    classes = sorted({r.class_prompt for r in rows}) if config.prior_preservation else []
+    out.embeds = {p: encode_prompt(pipe, p) for p in sorted({r.prompt for r in rows} | set(classes))}
+    for cp in classes:
+        out.class_latents[cp] = class_latents(
+            pipe, cp, n=config.num_class_images, resolution=resolution, steps=config.class_inference_steps,
+            guidance=config.class_guidance_scale, seed=config.seed, folder=config.class_image_dir,
+            cache_dir=cache_dir,
+        )
+    shared = (time.perf_counter() - t0) / max(1, len(rows))
+    out.seconds = {i: s + shared for i, s in out.seconds.items()}
+    return out
+
+
 # -- the batch -----------------------------------------------------------------------------------------
 
 
@@ -495,49 +506,24 @@ def finetune_batch(
     ids = [r.id for r in items]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate ids in batch: {sorted({i for i in ids if ids.count(i) > 1})}")
-    resolution = config.resolution or default_resolution(pipe)
-    layout = lora_layout(pipe, config)
-    results: dict[str, ItemResult] = {}
-
-    latents: dict[str, torch.Tensor] = {}
-    prep_seconds: dict[str, float] = {}
-    for row in items:
-        t0 = time.perf_counter()
-        try:
-            images = load_images(row, base_uri)
-        except Exception as exc:  # any failure to read or decode a row's images is that row's failure
-            results[row.id] = ItemResult(row.id, False, None, None, 0, time.perf_counter() - t0,
-                                         f"images: {type(exc).__name__}: {exc}")
-            continue
-        latents[row.id] = instance_latents(pipe, row, images, resolution)
-        prep_seconds[row.id] = time.perf_counter() - t0
-    rows = [r for r in items if r.id in latents]
-
-    t0 = time.perf_counter()
-    prompts = sorted({r.prompt for r in rows} | ({r.class_prompt for r in rows} if config.prior_preservation else set()))
-    embeds = {p: encode_prompt(pipe, p) for p in prompts}
-    classes: dict[str, torch.Tensor] = {}
-    if config.prior_preservation:
-        for cp in sorted({r.class_prompt for r in rows}):
-            classes[cp] = class_latents(
-                pipe, cp, n=config.num_class_images, resolution=resolution, steps=config.class_inference_steps,
-                guidance=config.class_guidance_scale, seed=config.seed, folder=config.class_image_dir,
-                cache_dir=cache_dir,
-            )
-    shared_seconds = (time.perf_counter() - t0) / max(1, len(rows))
-
+    inputs = prepare_inputs(pipe, items, config, base_uri=base_uri, cache_dir=cache_dir)
+    results: dict[str, ItemResult] = dict(inputs.failures)
+    rows = [r for r in items if r.id in inputs.latents]
     unet = pipe.unet
+    recipe = recipes.get(config.method)
+    prepared = recipe.prepare(pipe, config, rows, cache_dir)
     run = _Run(
-        pipe=pipe, config=config, method=METHODS[config.method], names=find_targets(unet, config.target_modules),
-        latents=latents, embeds=embeds, class_latents=classes,
+        pipe=pipe, config=config, recipe=recipe, prepared=prepared,
+        latents=inputs.latents, embeds=inputs.embeds, class_latents=inputs.class_latents,
         scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-        forward=torch.compile(unet) if config.compile else unet, layout=layout,
+        forward=torch.compile(unet) if config.compile else unet, layout=recipe.layout(pipe, config),
         total_steps=len(rows) * config.steps, progress=progress, init_weights=dict(init_weights or {}),
     )
     with _training_mode(unet, config):
         for i in range(0, len(rows), config.pack):
             for res in _train_with_retry(run, rows[i : i + config.pack]):
-                res.seconds += prep_seconds[res.id] + shared_seconds
+                res.seconds += inputs.seconds[res.id]
                 results[res.id] = res
-    return BatchResult(layout, [results[i] for i in ids], resolved_hparams(pipe, config))
+    hparams = resolved_hparams(pipe, config) | recipe.hparams(config, prepared)
+    return BatchResult(run.layout, [results[i] for i in ids], hparams)
 

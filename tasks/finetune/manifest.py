@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.fs import UnsafeIdError, atomic_write, check_id, filesystem, join
@@ -50,12 +50,59 @@ class ManifestRow(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(description="Unique id; becomes part of file names, so letters, digits, '.', '_', '-' only.")
-    kind: Literal["identity", "concept"] = Field("identity", description="A person-like identity or a concept.")
+    kind: Literal["identity", "concept", "edit"] = Field(
+        "identity", description="A person-like identity, a concept, or an image-editing concept ('edit')."
+    )
     prompt: str = Field("sks person", description="Instance prompt with the rare token, e.g. 'sks person'.")
     class_prompt: str = Field("person", description="Class prompt for prior preservation, e.g. 'person'.")
     images: list[str] = Field(default_factory=list, description="Image URIs, absolute or relative to the manifest.")
     image_dir: str | None = Field(None, description="A folder URI whose images are all used (instead of, or as well as, images).")
-    attributes: dict[str, str] = Field(default_factory=dict, description="Labels (e.g. colour=red) for edit directions.")
+    attributes: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels (e.g. colour=red) for edit directions; for kind 'edit', the edit spec: 'family' and its "
+        "numeric parameters (numbers accepted, kept as canonical text like every stored attribute).",
+    )
+    # Kind 'edit' only: paired by position with `images` (the sources). None: weightzoo renders the targets.
+    targets: list[str] | None = Field(
+        None, description="Kind 'edit': target image URIs, one per source in `images` (default: rendered from the spec)."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edit_numbers(cls, data: Any) -> Any:
+        """Kind 'edit' accepts numeric parameters as numbers; they are stored as canonical text.
+
+        The dataset's ``attributes`` column is a string map (docs/FORMAT.md), so the row holds exactly what
+        a shard will; ``tasks.concepts.spec.EditSpec.parse`` reads the numbers back.
+        """
+        if isinstance(data, Mapping) and data.get("kind") == "edit" and isinstance(data.get("attributes"), Mapping):
+            attrs = {k: canonical_number(v) if _is_number(v) else v for k, v in data["attributes"].items()}
+            data = {**data, "attributes": attrs}
+        return data
+
+    @field_serializer("attributes")
+    def _numbers_out(self, attributes: dict[str, str]) -> dict[str, str | float]:
+        """Kind 'edit' rows write their numeric parameters as numbers again (other kinds: text as given)."""
+        if self.kind != "edit":
+            return attributes
+        return {k: float(v) if k != "family" and _numeric_text(v) else v for k, v in attributes.items()}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def canonical_number(value: float) -> str:
+    """The text a numeric attribute is stored as: up to 10 significant digits ('0.7', '3', '1e-05')."""
+    return format(float(value), ".10g")
+
+
+def _numeric_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ManifestProblem(NamedTuple):
@@ -108,6 +155,28 @@ def image_uris(row: ManifestRow, base_uri: str | None = None) -> list[str]:
         protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
         uris += [protocol + p for p in sorted(fs.find(path)) if p.lower().endswith(IMAGE_SUFFIXES)]
     return uris
+
+
+def edit_pairs(row: ManifestRow, base_uri: str | None = None) -> list[tuple[str, str | None]]:
+    """A kind-'edit' row's (source, target) image URIs; target None = rendered from the spec; [] = all rendered.
+
+    Sources are ``images`` (targets paired by position) and, under ``image_dir``, the images in its
+    ``source/`` folder, each paired with the file of the same relative name in its ``target/`` folder.
+    """
+    targets = [resolve(u, base_uri) for u in row.targets] if row.targets is not None else None
+    pairs: list[tuple[str, str | None]] = [
+        (resolve(u, base_uri), targets[i] if targets is not None and i < len(targets) else None)
+        for i, u in enumerate(row.images)
+    ]
+    if row.image_dir:
+        folder = resolve(row.image_dir, base_uri)
+        fs, path = filesystem(folder)
+        protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
+        src_root = join(path, "source")
+        for p in sorted(fs.find(src_root)):
+            if p.lower().endswith(IMAGE_SUFFIXES):
+                pairs.append((protocol + p, protocol + join(path, "target") + p[len(src_root):]))
+    return pairs
 
 
 Byte = Annotated[int, Field(ge=0, le=255)]
@@ -233,7 +302,7 @@ def load_images(
     """Every image of a row, read as training reads them; raises on the first that cannot be used."""
     uris = image_uris(row, base_uri)
     if not uris:
-        raise ValueError(f"row {row.id!r} has no images")
+        raise InputError(f"row {row.id!r} has no images")
     return [load_image(u, image_options) for u in uris]
 
 
@@ -464,8 +533,35 @@ def _check_id(row_id: str) -> str | None:
     return None
 
 
+def _edit_problems(row: ManifestRow) -> list[str]:
+    """What is wrong with a row's edit fields: targets outside kind 'edit', unpaired targets, a bad spec.
+
+    A row whose targets are rendered needs a spec weightzoo can render (known family, every parameter in
+    range); a row of given pairs only needs a family, which conditions the weight generator.
+    """
+    if row.kind != "edit":
+        return ["'targets' is only for kind 'edit'"] if row.targets is not None else []
+    if row.targets is not None and len(row.targets) != len(row.images):
+        return [f"{len(row.targets)} targets for {len(row.images)} source images; pair them one to one"]
+    if row.targets is not None or row.image_dir:
+        return [] if "family" in row.attributes else ["edit attributes have no 'family'"]
+    from weightzoo.tasks.concepts.spec import (
+        spec_problems,  # the edit families live with the concept workload
+    )
+
+    return spec_problems(row.attributes)
+
+
 def _list_images(row: ManifestRow, base_uri: str | None) -> tuple[list[str], str | None]:
-    """The row's image URIs, or why there are none."""
+    """The row's image URIs, or why there are none (a kind-'edit' row may have none: it is rendered)."""
+    if row.kind == "edit":
+        try:
+            pairs = edit_pairs(row, base_uri)
+        except Exception as e:
+            return [], f"cannot list image_dir {row.image_dir!r}: {type(e).__name__}: {e}"
+        if row.image_dir and not any(u for u, _ in pairs if u.startswith(resolve(row.image_dir, base_uri))):
+            return [], f"no images: image_dir {row.image_dir!r} has no source/ images"
+        return [u for pair in pairs for u in pair if u is not None], None
     try:
         uris = image_uris(row, base_uri)
     except Exception as e:  # a listing that fails is a problem of this row, not of the whole run
@@ -527,6 +623,10 @@ def validate_manifest(
             problems[n - 1].append(ManifestProblem(n, rid, f"duplicate id: already used by row {first_seen[rid]}"))
         else:
             first_seen[rid] = n
+
+    for n, row in enumerate(rows, start=1):
+        if row is not None:
+            problems[n - 1] += [ManifestProblem(n, row.id, why) for why in _edit_problems(row)]
 
     probes = [row if row is not None else _image_probe(entry) for row, entry in zip(rows, entries, strict=True)]
     present = [(n, probe) for n, probe in enumerate(probes, start=1) if probe is not None]

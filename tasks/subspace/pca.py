@@ -31,6 +31,8 @@ the reduce steps hold K and AK, O(D·(q+1)·b).
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -44,12 +46,15 @@ import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from weightzoo.errors import InputError, NotFoundError
+from weightzoo.progress import report
 from weightzoo.storage.dataset import CorruptShardError, Dataset, verified_shard_batches
-from weightzoo.storage.fs import atomic_write, filesystem, join, write_bytes
+from weightzoo.storage.fs import atomic_write, filesystem, is_local, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.shards import LayoutMismatchError, open_parquet, read_layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
+from weightzoo.tasks.stats import constant_columns, safe_std
 
 SUBSPACE_FILE = "subspace.safetensors"
 COORDS_FILE = "coords.parquet"
@@ -68,7 +73,7 @@ class SubspaceOptions(BaseModel):
     components: int = Field(64, ge=1, description="Principal components k to keep.")
     # Krylov space width (q + 1)·b = 3k by default: weight spectra decay slowly, so the Ritz problem
     # needs room beyond k (the 'oversampling' of a block Krylov method). q = 5 rather than 4 costs one
-    # more pass and cut the captured-variance gap 4x at k = 256 in bench/subspace.py.
+    # more pass for a much smaller captured-variance gap (docs/BENCHMARKS.md, "Figures behind defaults").
     block_size: int | None = Field(
         None, ge=1, description="Columns b per Krylov block (one pass each); default ⌈k/2⌉.")
     power_iters: int = Field(
@@ -256,10 +261,10 @@ def reduce_moments(partials: Sequence[str], work_uri: str) -> str:
             acc = _merge_moments(acc, (t["count"].item(), t["mean"], t["m2"]))
     n, mean, m2 = acc
     if n < 2:
-        raise ValueError(f"need at least 2 rows to fit a subspace, found {int(n)}")
+        raise InputError(f"need at least 2 rows to fit a subspace, found {int(n)}")
     std = (m2 / n).sqrt()
-    constant = std <= 1e-12 * mean.abs().clamp_min(1.0)
-    std = torch.where(constant, torch.ones_like(std), std)
+    constant = constant_columns(mean, std)
+    std = safe_std(mean, std)
     return _save_work(
         join(work_uri, "stats.safetensors"),
         {"count": torch.tensor([n], dtype=torch.float64), "mean": mean, "std": std, "constant": constant},
@@ -273,7 +278,7 @@ def initial_basis(stats_uri: str, work_uri: str, options: SubspaceOptions) -> st
     """Q₀ = qr(Ω), Ω a D×b Gaussian (seeded; generated on CPU so every device gets the same one) → basis-0."""
     d = load_tensors(stats_uri)["mean"].numel()
     if options.width > d:
-        raise ValueError(f"the Krylov width (power_iters + 1) · block_size = {options.width} exceeds the "
+        raise InputError(f"the Krylov width (power_iters + 1) · block_size = {options.width} exceeds the "
                          f"dimension D = {d}")
     g = torch.Generator().manual_seed(options.seed)
     omega = torch.randn(d, options.block, generator=g, dtype=torch.float32)
@@ -304,14 +309,14 @@ def group_power(
             y.addmm_(z.T, b)
             table = meta.append_column("B", _fixed_list(b.cpu().float().numpy()))
             if first:
-                # float32 (a float64 norm converts every element: 30x slower); no (n, D) temporary
+                # float32 (a float64 norm converts every element first, far slower); no (n, D) temporary
                 norm2 = torch.linalg.vector_norm(z, dim=1).double().square_()
                 table = table.append_column("norm2", pa.array(norm2.cpu().numpy()))
             if writer is None:
                 writer = pq.ParquetWriter(f, table.schema)
             writer.write_table(table)
         if writer is None:
-            raise ValueError(f"shard group {group.name} has no visible rows")
+            raise InputError(f"shard group {group.name} has no visible rows")
         writer.close()
     return _save_work(out, {"Y": y.cpu()})
 
@@ -407,6 +412,7 @@ def finalise(
     card = {
         "format": 1,
         "dataset": dataset_uri,
+        "dataset_relative": relative_ref(dataset_uri, out_uri),  # a dataset moved with its subspace is found
         "layout_fingerprint": layout.fingerprint,
         "layout": json.loads(layout_json),
         "components": k,
@@ -487,22 +493,27 @@ def default_work_uri(out_uri: str) -> str:
 
 def fit_subspace(
     dataset_uri: str, out_uri: str, options: SubspaceOptions | None = None, work_uri: str | None = None,
-    map_shards: Mapper = _serial_map, run: Runner = _call,
+    map_shards: Mapper = _serial_map, run: Runner = _call, progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Fit the subspace of ``dataset_uri`` into ``out_uri`` (q + 2 passes over the weights).
 
     ``map_shards(fn, groups, **kwargs)`` runs ``fn(group=g, **kwargs)`` for every shard group and
     returns the results in order; ``run(fn, **kwargs)`` runs one reduce step. Both call directly by default; the
     Prefect flow passes ones that submit tasks, so this is the one implementation of the algorithm.
+    ``progress(passes done, q + 2)`` follows the passes; by default the command's terminal bar, if any.
     """
     options = options or SubspaceOptions()
     work = work_uri or default_work_uri(out_uri)
     refs = shard_refs(dataset_uri)
     if not refs:
-        raise ValueError(f"dataset {dataset_uri} has no committed rows")
+        raise NotFoundError(f"dataset {dataset_uri} has no committed rows")
     groups = group_shards(refs, options.tasks_per_pass)
     common = {"dataset_uri": dataset_uri, "work_uri": work, "options": options}
+    tick = progress or report
+    passes = options.power_iters + 2
+    tick(0, passes)
     stats = run(reduce_moments, partials=map_shards(group_moments, groups, **common), work_uri=work)
+    tick(1, passes)
     bases = [run(initial_basis, stats_uri=stats, work_uri=work, options=options)]
     products: list[str] = []
     parts: list[list[str]] = []
@@ -516,6 +527,7 @@ def fit_subspace(
             bases.append(nxt)
         if not options.keep_work:
             discard(partials)
+        tick(step + 2, passes)
     layout = shard_layout(dataset_uri, refs[0])
     result = run(finalise, dataset_uri=dataset_uri, out_uri=out_uri, bases=bases, products=products, parts=parts,
                  stats_uri=stats, options=options, layout_json=layout.to_json())
@@ -585,6 +597,11 @@ class Subspace:
         """Coordinates (…, k) → float32 weights (…, D); differentiable in ``coords``."""
         return self.mean + self.std * (coords @ self.components)
 
+    @property
+    def dataset(self) -> str:
+        """The URI of the dataset it was fitted on (see ``card_dataset``)."""
+        return card_dataset(self.uri, self.card)
+
     def coords_table(self) -> pa.Table:
         fs, path = filesystem(join(self.uri, COORDS_FILE))
         with fs.open(path, "rb") as f:
@@ -596,12 +613,61 @@ class Subspace:
         return t.drop_columns(["coords"]), _unfixed(t, "coords")
 
 
+def _split(uri: str) -> tuple[str, str]:
+    """(protocol, path): ``file`` and an absolute path for local URIs."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return "file", os.path.abspath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, path
+
+
+def relative_ref(target: str, card_dir: str) -> str | None:
+    """``target`` relative to the folder ``card_dir``, when both are on local disk or in the same bucket
+    (so the pair can move together); None otherwise."""
+    (tp, tpath), (cp, cpath) = _split(target), _split(card_dir)
+    if tp != cp or (tp != "file" and tpath.split("/", 1)[0] != cpath.split("/", 1)[0]):
+        return None
+    return (os.path.relpath if tp == "file" else posixpath.relpath)(tpath, cpath)
+
+
+def resolve_ref(relative: str, card_dir: str) -> str:
+    """The inverse of ``relative_ref``: ``relative`` resolved against the folder ``card_dir``."""
+    protocol, path = _split(card_dir)
+    if protocol == "file":
+        return os.path.normpath(os.path.join(path, relative))
+    return f"{protocol}://{posixpath.normpath(posixpath.join(path, relative))}"
+
+
+def same_uri(a: str, b: str) -> bool:
+    """Whether two URIs name the same place (a relative and an absolute local path included)."""
+    return _split(a) == _split(b)
+
+
+def _exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))
+
+
+def card_dataset(card_dir: str, card: dict[str, Any], card_file: str = CARD_FILE) -> str:
+    """The dataset a card (a subspace's, a weight-diffusion model's) names: ``dataset_relative`` resolved
+    against the card's folder first (the two moved together), else ``dataset`` as recorded at the time;
+    ``NotFoundError`` if neither exists."""
+    relative = card.get("dataset_relative")
+    candidates = ([resolve_ref(relative, card_dir)] if relative else []) + [card["dataset"]]
+    for uri in candidates:
+        if _exists(uri):
+            return uri
+    also = f" nor at {card['dataset']}" if relative and candidates[0] != card["dataset"] else ""
+    raise NotFoundError(f"dataset not found at {candidates[0]}{also} (recorded in {join(card_dir, card_file)})")
+
+
 def load_subspace(uri: str) -> Subspace:
     """Read ``subspace.safetensors`` and ``card.json`` from a subspace URI (local or any fsspec URI)."""
     uri = str(uri).rstrip("/")
     fs, path = filesystem(join(uri, CARD_FILE))
     if not fs.exists(path):
-        raise FileNotFoundError(f"no subspace at {uri} (missing {CARD_FILE})")
+        raise NotFoundError(f"no subspace at {uri} (missing {CARD_FILE})")
     card = json.loads(fs.cat_file(path))
     t = load_tensors(join(uri, SUBSPACE_FILE))
     return Subspace(
