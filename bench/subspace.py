@@ -74,9 +74,9 @@ def run_method(method: str, uri: str, k: int, opts: dict, out: str) -> dict:
     t0 = time.perf_counter()
     load = 0.0
     if method == "weightzoo":
-        from weightzoo.tasks.subspace.pca import SubspaceOptions, fit_subspace, load_subspace
+        from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
 
-        fit_subspace(uri, out + "-sub", SubspaceOptions(components=k, block_size=opts["block_size"],
+        fit_subspace(uri, out + "-sub", SubspaceConfig(components=k, block_size=opts["block_size"],
                                                         power_iters=opts["power_iters"], device="cpu"))
         sub = load_subspace(out + "-sub")
         s2, comps = sub.singular_values.double().square(), sub.components

@@ -259,7 +259,7 @@ def main() -> None:
     model_dir = work / f"wd-{Path(dataset).name}-{args.diffusion_steps}"
     wcfg = WeightDiffusionConfig(dataset=dataset, base=str(base), out=str(model_dir), holdout_ids=tuple(holdout),
                                  steps=args.diffusion_steps, block_size=args.block_size, width=args.width,
-                                 depth=args.depth, lr=args.lr, warmup_steps=50, batch_size=32, device="cpu",
+                                 depth=args.depth, learning_rate=args.lr, lr_warmup_steps=50, batch_size=32, device="cpu",
                                  checkpoint_every=max(args.diffusion_steps, 1))
     t0 = time.perf_counter()
     trained = train_weight_diffusion(wcfg)

@@ -17,8 +17,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from weightzoo.flows.common import artifact_key
-from weightzoo.flows.config import BuildRequest
+from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch
+from weightzoo.progress import COMMITTED, report
 from weightzoo.storage import card
 from weightzoo.storage.card import Recipe
 from weightzoo.storage.fs import redact
@@ -32,7 +33,7 @@ MAX_FAILURES_SHOWN = 50
 LEASED = "LEASED"  # a batch state of our own: another live build holds the batch
 
 
-def validate(request: BuildRequest) -> list[str]:
+def validate(request: BuildConfig) -> list[str]:
     """Manifest ids, after checking every row and image; bad rows go to the log and an artifact, then raise."""
     try:
         return [r.id for r in load_and_validate(request.manifest)]
@@ -47,7 +48,7 @@ def validate(request: BuildRequest) -> list[str]:
         raise
 
 
-def check_recipe(request: BuildRequest) -> None:
+def check_recipe(request: BuildConfig) -> None:
     """Refuse, before anything trains, a build whose base model or fine-tune config differs from the
     dataset's card (one dataset, one recipe)."""
     base_fp = cached_fingerprint(request.engine, request.base)
@@ -55,7 +56,7 @@ def check_recipe(request: BuildRequest) -> None:
     with_retries(lambda: card.check_recipe(Ledger(request.dataset), recipe), "reading the dataset card")
 
 
-def plan(request: BuildRequest, ids: list[str]) -> list[BatchPlan]:
+def plan(request: BuildConfig, ids: list[str]) -> list[BatchPlan]:
     """Batches of the ids that still need training (manifest − committed, minus failed unless retried)."""
     ledger = Ledger(request.dataset)
     pending = with_retries(lambda: ledger.pending(ids, include_failed=request.retry_failed), "reading the ledger")
@@ -65,13 +66,15 @@ def plan(request: BuildRequest, ids: list[str]) -> list[BatchPlan]:
 class CommitProgress:
     """The parent's progress artifact: committed / total manifest ids, read from the ledger."""
 
-    def __init__(self, request: BuildRequest, total: int) -> None:
+    def __init__(self, request: BuildConfig, total: int) -> None:
         self.ledger, self.total = Ledger(request.dataset), total
         self.id: UUID = create_progress_artifact(progress=self.percent(), key=artifact_key("build", "progress"),
                                                  description=f"committed of {total} manifest ids")
 
     def percent(self) -> float:
-        return 100.0 * len(with_retries(self.ledger.committed_ids, "reading the ledger")) / max(self.total, 1)
+        committed = len(with_retries(self.ledger.committed_ids, "reading the ledger"))
+        report(committed, self.total, bar=COMMITTED)  # the command's terminal bar, when this runs in its process
+        return 100.0 * committed / max(self.total, 1)
 
     def update(self) -> None:
         try:
@@ -80,15 +83,23 @@ class CommitProgress:
             get_run_logger().warning("progress not updated: %s", describe(exc))
 
 
-def _run_batch_subflow(request: BuildRequest, b: BatchPlan) -> str:
+def _build_id() -> str | None:
+    """This build's flow-run id: its batches' leases name it, so a rerun takes over its own crashed attempt."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    return str(run_id) if run_id else None
+
+
+def _run_batch_subflow(request: BuildConfig, b: BatchPlan) -> str:
     """One batch as a subflow run: its final state, or LEASED when another live build is training it."""
-    state = finetune_batch(request.batch(b.batch_id, list(b.ids)), return_state=True)
+    state = finetune_batch(request.batch(b.batch_id, list(b.ids), _build_id()), return_state=True)
     if state.is_completed() and state.result().get("leased"):
         return LEASED
     return state.type.value
 
 
-def run_local(request: BuildRequest, batches: list[BatchPlan], progress: CommitProgress) -> dict[str, str]:
+def run_local(request: BuildConfig, batches: list[BatchPlan], progress: CommitProgress) -> dict[str, str]:
     """Each batch as a subflow run in this process, one after another; a failed batch does not stop the rest.
 
     A batch another build holds is passed over, then taken up again once its lease is released or expired
@@ -111,7 +122,7 @@ def run_local(request: BuildRequest, batches: list[BatchPlan], progress: CommitP
     return states
 
 
-def run_on_deployment(request: BuildRequest, batches: list[BatchPlan], progress: CommitProgress) -> dict[str, str]:
+def run_on_deployment(request: BuildConfig, batches: list[BatchPlan], progress: CommitProgress) -> dict[str, str]:
     """Submit every batch to the deployment at once (workers pick them up) and wait for all of them; then
     re-plan the still-pending ids of runs that crashed or failed, for up to ``request.rounds`` rounds.
 
@@ -139,13 +150,13 @@ def run_on_deployment(request: BuildRequest, batches: list[BatchPlan], progress:
     return states
 
 
-def _submit_and_wait(request: BuildRequest, batches: list[BatchPlan], progress: CommitProgress,
+def _submit_and_wait(request: BuildConfig, batches: list[BatchPlan], progress: CommitProgress,
                      deadline: float) -> dict[str, str]:
     """One round: submit every batch as a deployment run, poll until each is final or ``deadline`` passes."""
     logger = get_run_logger()
     runs: dict[UUID, str] = {}
     for b in batches:
-        fr = run_deployment(request.deployment, parameters={"batch": request.batch(b.batch_id, list(b.ids)).model_dump(mode="json")},
+        fr = run_deployment(request.deployment, parameters={"batch": request.batch(b.batch_id, list(b.ids), _build_id()).model_dump(mode="json")},
                             flow_run_name=f"finetune-{b.batch_id}", timeout=0, as_subflow=True)
         runs[fr.id] = b.batch_id
     logger.info("submitted %d batch runs to %s", len(runs), request.deployment)
@@ -172,7 +183,7 @@ def _submit_and_wait(request: BuildRequest, batches: list[BatchPlan], progress: 
 REPLAN_STATES = {"CRASHED", "FAILED", "COMPLETED"}
 
 
-def _still_pending(request: BuildRequest, batches: list[BatchPlan], states: dict[str, str]) -> list[BatchPlan]:
+def _still_pending(request: BuildConfig, batches: list[BatchPlan], states: dict[str, str]) -> list[BatchPlan]:
     """Batches of this round whose run crashed, failed, or completed without committing (leased elsewhere),
     reduced to their ids that are neither committed nor recorded as failed items (those wait for a rerun)."""
     ledger = Ledger(request.dataset)
@@ -186,7 +197,7 @@ def _still_pending(request: BuildRequest, batches: list[BatchPlan], states: dict
     return out
 
 
-def _replan(request: BuildRequest, batches: list[BatchPlan], states: dict[str, str]) -> list[BatchPlan]:
+def _replan(request: BuildConfig, batches: list[BatchPlan], states: dict[str, str]) -> list[BatchPlan]:
     """Each batch's pending ids as batches again: the same batch id when none of its ids was committed
     meanwhile; a batch whose ids moved to a new batch id leaves the states (its ids are reported there)."""
     out = []
@@ -198,7 +209,7 @@ def _replan(request: BuildRequest, batches: list[BatchPlan], states: dict[str, s
     return out
 
 
-def _wait_for_leases(request: BuildRequest, batches: list[BatchPlan], deadline: float) -> None:
+def _wait_for_leases(request: BuildConfig, batches: list[BatchPlan], deadline: float) -> None:
     """Hold the next round until no other holder's lease covers its batches (a killed worker's lease expires
     within the lease TTL), so a re-submitted run trains instead of finding its batch leased."""
     ledger = Ledger(request.dataset)
@@ -206,7 +217,7 @@ def _wait_for_leases(request: BuildRequest, batches: list[BatchPlan], deadline: 
         time.sleep(request.poll_s)
 
 
-def summarise(request: BuildRequest, ids: list[str], states: dict[str, str]) -> dict[str, Any]:
+def summarise(request: BuildConfig, ids: list[str], states: dict[str, str]) -> dict[str, Any]:
     """Counts from the ledger (the truth, whatever the runs reported), plus each batch run's final state."""
     ledger = Ledger(request.dataset)
     committed = with_retries(ledger.committed_ids, "reading the ledger")
@@ -245,7 +256,7 @@ def publish_summary(summary: dict[str, Any]) -> None:
 
 
 @flow(name="build-dataset", flow_run_name="build-{request.batch_size}-per-batch", log_prints=False)
-def build_dataset(request: BuildRequest) -> dict[str, Any]:
+def build_dataset(request: BuildConfig) -> dict[str, Any]:
     """Validate the manifest, train every id not yet committed in batches, and report the ledger's counts."""
     logger = get_run_logger()
     ids = validate(request)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from weightzoo.flows.common import ThrottledProgress, artifact_key
-from weightzoo.flows.config import BatchRequest
+from weightzoo.flows.config import BatchConfig
 from weightzoo.storage.fs import redact
 from weightzoo.storage.retry import is_transient
 from weightzoo.tasks.finetune.batch import BatchOutcome, run_batch
@@ -37,10 +37,10 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_retry_condition,
     cache_policy=NO_CACHE,  # the ledger is the resume mechanism, never Prefect's cache
 )
-def train_and_commit(batch: BatchRequest, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def train_and_commit(batch: BatchConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run one batch (a rerun skips what is committed, so a retry never duplicates rows)."""
     outcome = run_batch(batch.batch_id, batch.ids, batch.manifest, batch.base, batch.dataset, batch.finetune,
-                        engine=batch.engine, cache_dir=batch.cache_dir, progress=progress)
+                        engine=batch.engine, cache_dir=batch.cache_dir, progress=progress, owner=batch.build_id)
     return outcome.to_dict()
 
 
@@ -58,7 +58,7 @@ def publish_items(outcome: BatchOutcome | dict[str, Any]) -> None:
 
 
 @flow(name="finetune-batch", flow_run_name="finetune-{batch.batch_id}", log_prints=False)
-def finetune_batch(batch: BatchRequest) -> dict[str, Any]:
+def finetune_batch(batch: BatchConfig) -> dict[str, Any]:
     """Fine-tune one batch into one committed shard; failed items are recorded, not raised.
 
     Idempotent: a batch whose ids are all committed returns at once without loading the base.

@@ -13,15 +13,15 @@ from prefect import flow, task
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightzoo.flows.build_dataset import build_dataset
-from weightzoo.flows.config import BuildRequest
-from weightzoo.flows.fit_subspace import FitSubspaceParams, fit_subspace
+from weightzoo.flows.config import BuildConfig
+from weightzoo.flows.fit_subspace import FitSubspaceConfig, fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
 from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
 from weightzoo.tasks.finetune.engine import FinetuneConfig
-from weightzoo.tasks.subspace.pca import SubspaceOptions
+from weightzoo.tasks.subspace.pca import SubspaceConfig
 
 
-class PipelineRequest(BaseModel):
+class PipelineConfig(BaseModel):
     """One end-to-end run in a work folder; defaults finish in about two minutes on 2 CPU cores."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,17 +60,17 @@ def make_subjects(workdir: str, n: int, images_per_subject: int) -> str:
 
 
 @flow(name="pipeline", flow_run_name="pipeline-{request.subjects}-subjects")
-def pipeline(request: PipelineRequest) -> dict[str, Any]:
+def pipeline(request: PipelineConfig) -> dict[str, Any]:
     """Build a dataset from scratch and learn from it: every stage is its own subflow run."""
     work = Path(request.workdir)
     base = make_base(str(work))
     manifest = make_subjects(str(work), request.subjects, request.images_per_subject)
     dataset, subspace, wdiff = str(work / "dataset"), str(work / "subspace"), str(work / "wdiff")
     built = build_dataset(
-        BuildRequest(manifest=manifest, base=base, dataset=dataset, batch_size=request.batch_size, finetune=request.finetune)
+        BuildConfig(manifest=manifest, base=base, dataset=dataset, batch_size=request.batch_size, finetune=request.finetune)
     )
     components = min(request.components, max(int(built["committed"]) - 1, 1))
-    fit_subspace(FitSubspaceParams(dataset=dataset, out=subspace, options=SubspaceOptions(components=components)))
+    fit_subspace(FitSubspaceConfig(dataset=dataset, out=subspace, options=SubspaceConfig(components=components)))
     train_weight_diffusion_flow(
         WeightDiffusionConfig(dataset=dataset, base=base, out=wdiff, steps=request.diffusion_steps, checkpoint_every=100)
     )

@@ -56,7 +56,7 @@ def build_demo(work: Path, subjects: int) -> str:
     from prefect.client.orchestration import get_client
 
     from weightzoo.flows.build_dataset import build_dataset
-    from weightzoo.flows.config import BuildRequest
+    from weightzoo.flows.config import BuildConfig
     from weightzoo.flows.finetune_batch import finetune_batch
     from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
     from weightzoo.tasks.finetune.engine import FinetuneConfig
@@ -65,7 +65,7 @@ def build_demo(work: Path, subjects: int) -> str:
     base = save_tiny_pipeline(work / "base")
     manifest = write_demo_manifest(str(work / "m"), subjects)
     ft = FinetuneConfig(steps=4, num_class_images=1, class_inference_steps=1, pack=2, check_every=1)
-    req = BuildRequest(manifest=manifest, base=str(base), dataset=str(work / "ds"), batch_size=2, finetune=ft)
+    req = BuildConfig(manifest=manifest, base=str(base), dataset=str(work / "ds"), batch_size=2, finetune=ft)
     # One batch meets a corrupt image (as if it broke after validation): its table shows the failure.
     bad = work / "m" / "images" / "subject-00001" / "0.png"
     bad.write_bytes(bad.read_bytes()[:33] + b"not image data")  # header parses, decoding fails

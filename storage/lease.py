@@ -40,9 +40,9 @@ class LeaseState:
 class Lease:
     """One batch's lease file. ``acquire`` returns False while another live holder has it."""
 
-    def __init__(self, ledger: Ledger, batch: str, ttl_s: float, holder: str | None = None) -> None:
-        self.ledger, self.batch, self.ttl_s = ledger, check_id(batch), ttl_s
-        self.holder = holder or new_holder()
+    def __init__(self, ledger: Ledger, batch: str, ttl_s: float, owner: str | None = None) -> None:
+        self.ledger, self.batch, self.ttl_s, self.owner = ledger, check_id(batch), ttl_s, owner
+        self.holder = f"{owner}|{new_holder()}" if owner else new_holder()
         self.path = join(ledger.root, LEASES, f"{batch}.json")
 
     def read(self) -> LeaseState | None:
@@ -58,11 +58,15 @@ class Lease:
         body = {"holder": self.holder, "expires": time.time() + self.ttl_s, "batch": self.batch}
         write_bytes(self.ledger.fs, self.path, json.dumps(body).encode(), durable=False)
 
+    def _ours(self, state: LeaseState) -> bool:
+        """This attempt's lease, or one of the same owner's (a build re-running its own crashed batch)."""
+        return state.holder == self.holder or bool(self.owner) and state.holder.startswith(f"{self.owner}|")
+
     def acquire(self, settle_s: float = 0.2) -> bool:
         """Take the lease unless a live other holder has it; after writing, wait ``settle_s`` and read it
         back, so of two builds taking it at once, the one whose write landed last keeps it."""
         state = self.read()
-        if state is not None and state.holder != self.holder and state.expires > time.time():
+        if state is not None and not self._ours(state) and state.expires > time.time():
             return False
         self._write()
         time.sleep(settle_s)
@@ -84,9 +88,10 @@ class Lease:
 
 
 @contextlib.contextmanager
-def hold(ledger: Ledger, batch: str, ttl_s: float) -> Iterator[Lease | None]:
-    """Hold ``batch``'s lease for the block, renewed every ttl/3 s; yields None if another holder has it."""
-    lease = Lease(ledger, batch, ttl_s)
+def hold(ledger: Ledger, batch: str, ttl_s: float, owner: str | None = None) -> Iterator[Lease | None]:
+    """Hold ``batch``'s lease for the block, renewed every ttl/3 s; yields None if another holder has it.
+    ``owner`` (a build's run id) lets a build take over the lease of its own earlier, crashed attempt."""
+    lease = Lease(ledger, batch, ttl_s, owner)
     if not lease.acquire():
         yield None
         return

@@ -36,7 +36,7 @@ def test_every_cli_default_is_its_models_default() -> None:
                 assert action.default is None, where
                 default = None if info.is_required() else info.get_default(call_default_factory=True)
                 if default is not None and not isinstance(default, BaseModel):
-                    shown = " ".join(map(str, default)) if isinstance(default, tuple | list) else str(default)
+                    shown = (" ".join(map(str, default)) or "none") if isinstance(default, tuple | list) else str(default)
                     assert f"(default {shown})" in action.help, where
             elif action.default is not None:  # the formatter appends the real default: none written by hand
                 assert not re.search(r"\(default[ :]", action.help or ""), f"{where}: hand-written default"

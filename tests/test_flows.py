@@ -16,7 +16,7 @@ from helpers import REPO, TINY_FINETUNE, corrupt_image
 
 from weightzoo.cli import main as cli
 from weightzoo.flows.build_dataset import build_dataset
-from weightzoo.flows.config import BuildRequest
+from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch, train_and_commit
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
@@ -28,8 +28,8 @@ from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _request(manifest: str, base: Path, dataset: Path, **kw) -> BuildRequest:
-    return BuildRequest(manifest=manifest, base=str(base), dataset=str(dataset),
+def _request(manifest: str, base: Path, dataset: Path, **kw) -> BuildConfig:
+    return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset),
                         finetune=FinetuneConfig(**TINY_FINETUNE), **kw)
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.tasks.finetune.manifest import (
-    ImageOptions,
+    ImageConfig,
     ManifestError,
     ManifestProblem,
     ManifestRow,
@@ -133,7 +133,7 @@ def _bad_cases(tmp_path: Path, good: ManifestRow) -> dict[str, tuple[dict[str, o
         "separator": (_raw(good, id="a/b"), "id contains a path separator"),
         "dotdot": (_raw(good, id="a..b"), "id contains '..'"),
         "empty-id": (_raw(good, id=""), "id is empty"),
-        "kind": (_raw(good, id="k", kind="animal"), "unknown kind 'animal' (expected 'identity' or 'concept')"),
+        "kind": (_raw(good, id="k", kind="animal"), "unknown kind 'animal' (expected 'identity', 'concept' or 'edit')"),
         "no-images": (_raw(good, id="n", images=[]), "no images (neither 'images' nor 'image_dir' is given)"),
         "empty-dir": (_raw(good, id="e", images=[], image_dir="images/none"), "no images: image_dir 'images/none'"),
         "missing": (_raw(good, id="m", images=[missing]), f"image not found: {missing}"),
@@ -183,7 +183,7 @@ def test_a_row_with_several_problems_lists_them_all(tmp_path: Path, subjects: li
     with pytest.raises(ManifestError) as info:
         validate_manifest(rows, str(tmp_path))
     assert [(p.row, p.reason.split(":")[0]) for p in info.value.problems] == [
-        (2, "unknown kind 'animal' (expected 'identity' or 'concept')"),
+        (2, "unknown kind 'animal' (expected 'identity', 'concept' or 'edit')"),
         (2, "id contains a path separator"),
         (2, "image not found"),  # checked even though the row does not parse, so one pass finds everything
         (3, "image not found"),
@@ -211,7 +211,7 @@ def test_read_manifest_reports_every_unparseable_row(tmp_path: Path, subjects: l
     with pytest.raises(ManifestError) as info:
         read_manifest(str(tmp_path / "m.csv"))
     assert [str(p) for p in info.value.problems] == [
-        "row 1 (id 'a'): unknown kind 'animal' (expected 'identity' or 'concept')",
+        "row 1 (id 'a'): unknown kind 'animal' (expected 'identity', 'concept' or 'edit')",
         "row 3 (id 'c'): 1 more cell(s) than the header has columns",
     ]
 
@@ -281,7 +281,7 @@ def _save(image: Image.Image, path: Path, **kwargs: object) -> str:
     return str(path)
 
 
-def _validate_counting(rows: list[dict[str, object]], base: Path, options: ImageOptions) -> tuple[int, list[ManifestProblem]]:
+def _validate_counting(rows: list[dict[str, object]], base: Path, options: ImageConfig) -> tuple[int, list[ManifestProblem]]:
     """(rows that validate, problems): rows without a problem are validated again alone, to count them for real."""
     try:
         return len(validate_manifest(rows, str(base), image_options=options)), []
@@ -332,7 +332,7 @@ def _expected_composite(rgba: np.ndarray, background: tuple[int, int, int]) -> n
 def test_rgba_is_composited_on_the_background(tmp_path: Path, background: tuple[int, int, int]) -> None:
     rgba = np.array([[[255, 0, 0, 128], [0, 0, 255, 0]], [[0, 255, 0, 255], [10, 20, 30, 64]]], dtype=np.uint8)
     path = _save(Image.fromarray(rgba), tmp_path / "cutout.png")
-    image = np.asarray(load_image(path, ImageOptions(background=background)))
+    image = np.asarray(load_image(path, ImageConfig(background=background)))
     assert np.array_equal(image, _expected_composite(rgba, background))
     if background == (255, 255, 255):
         assert tuple(image[0, 0]) == (255, 127, 127)  # half-transparent red over white is pink, not red
@@ -343,7 +343,7 @@ def test_grey_alpha_and_palette_transparency_are_composited_too(tmp_path: Path) 
     palette = Image.new("P", (2, 1))
     palette.putpalette([0, 0, 0, 255, 0, 0])
     palette.putpixel((1, 0), 1)
-    options = ImageOptions(background=(0, 0, 255))
+    options = ImageConfig(background=(0, 0, 255))
     assert np.asarray(load_image(_save(grey_alpha, tmp_path / "la.png"), options)).tolist() == [[[0, 0, 255], [0, 0, 0]]]
     path = _save(palette, tmp_path / "p.png", transparency=0)  # palette entry 0 (black) is transparent
     assert np.asarray(load_image(path, options)).tolist() == [[[0, 0, 255], [255, 0, 0]]]
@@ -357,12 +357,12 @@ def test_transparent_image_is_refused_under_refuse_and_its_row_is_named(tmp_path
     _save(Image.fromarray(opaque), tmp_path / "images" / "opaque.png")
     rows = [_raw(subjects[0]), _raw(subjects[1], images=["images/cutout.png"]), _raw(subjects[2], images=["images/opaque.png"])]
 
-    validated, problems = _validate_counting(rows, tmp_path, ImageOptions(alpha="refuse"))
+    validated, problems = _validate_counting(rows, tmp_path, ImageConfig(alpha="refuse"))
     assert [str(p) for p in problems] == [
         f"row 2 (id {subjects[1].id!r}): image has transparent pixels: {tmp_path / 'images/cutout.png'} (the alpha policy is 'refuse')"
     ]
     assert validated == 2  # an alpha channel with no transparent pixel is accepted
-    assert _validate_counting(rows, tmp_path, ImageOptions()) == (3, [])
+    assert _validate_counting(rows, tmp_path, ImageConfig()) == (3, [])
 
 
 def test_an_image_over_max_pixels_is_that_rows_problem(tmp_path: Path, subjects: list[ManifestRow]) -> None:
@@ -370,7 +370,7 @@ def test_an_image_over_max_pixels_is_that_rows_problem(tmp_path: Path, subjects:
     _save(Image.new("RGB", (11, 10)), tmp_path / "images" / "over.png")
     rows = [_raw(subjects[0], images=["images/at-limit.png"]), _raw(subjects[1], images=["images/over.png"]),
             _raw(subjects[2], id="a/b", images=["images/at-limit.png"])]
-    validated, problems = _validate_counting(rows, tmp_path, ImageOptions(max_pixels=100))
+    validated, problems = _validate_counting(rows, tmp_path, ImageConfig(max_pixels=100))
     assert [str(p) for p in problems] == [
         f"row 2 (id {subjects[1].id!r}): image too large: {tmp_path / 'images/over.png'} is 11x10 = 110 pixels, "
         "over the limit of 100 (max_pixels)",
@@ -386,7 +386,7 @@ def test_a_decompression_bomb_gets_our_error_not_pils(tmp_path: Path, size: tupl
     path = _png(tmp_path / "images" / "bomb.png", *size, 8, 2, b"\x00" * 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
-        validated, problems = _validate_counting([{"id": "bomb", "images": ["images/bomb.png"]}], tmp_path, ImageOptions())
+        validated, problems = _validate_counting([{"id": "bomb", "images": ["images/bomb.png"]}], tmp_path, ImageConfig())
     assert [str(p) for p in problems] == [
         f"row 1 (id 'bomb'): image too large: {path} {said}, over the limit of 50,000,000 (max_pixels)"
     ]
@@ -395,7 +395,7 @@ def test_a_decompression_bomb_gets_our_error_not_pils(tmp_path: Path, size: tupl
 
 def test_an_id_ending_in_a_newline_is_refused(tmp_path: Path, subjects: list[ManifestRow]) -> None:
     rows = [_raw(subjects[0]), _raw(subjects[1], id="subject-x\n"), _raw(subjects[2])]
-    validated, problems = _validate_counting(rows, tmp_path, ImageOptions())
+    validated, problems = _validate_counting(rows, tmp_path, ImageConfig())
     assert [(p.row, p.id) for p in problems] == [(2, "subject-x\n")]
     assert str(problems[0]).startswith("row 2 (id 'subject-x\\n'): id must be 1-128 characters")
     assert validated == 2

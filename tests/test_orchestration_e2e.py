@@ -43,10 +43,10 @@ def api(prefect_server: str) -> Iterator[str]:
 
 
 def _request(manifest: str, base: Path, dataset: Path, finetune: dict):
-    from weightzoo.flows.config import BuildRequest
+    from weightzoo.flows.config import BuildConfig
     from weightzoo.tasks.finetune.engine import FinetuneConfig
 
-    return BuildRequest(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
+    return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
                         deployment=DEPLOYMENT, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=WAIT_S)
 
 

@@ -16,7 +16,7 @@ from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.subspace.pca import (
     ShardRef,
-    SubspaceOptions,
+    SubspaceConfig,
     fit_subspace,
     group_shards,
     load_subspace,
@@ -97,7 +97,7 @@ def test_streaming_matches_exact_svd_for_any_sharding(tmp_path: Path, matrix: np
     for i, (rows, rg, tasks) in enumerate([(600, 600, 8), (77, 13, 8), (77, 13, 3)]):
         if not (tmp_path / f"ds{rows}").exists():
             write_matrix(str(tmp_path / f"ds{rows}"), matrix, rows, rg)
-        opts = SubspaceOptions(components=K, tasks_per_pass=tasks)
+        opts = SubspaceConfig(components=K, tasks_per_pass=tasks)
         result = fit_subspace(str(tmp_path / f"ds{rows}"), str(tmp_path / f"s{i}"), opts)
         assert result.rows == N
         check_against_exact(matrix, str(tmp_path / f"s{i}"))
@@ -134,7 +134,7 @@ def test_fp16_rows_and_only_committed_rows(tmp_path: Path, matrix: np.ndarray) -
     dup = np.concatenate([x16[590:600], new]).astype(np.float16)
     ledger.commit("dup", write_shard(ledger.fs, ledger.new_shard_path("dup"), layout, extra, dup))
     write_shard(ledger.fs, ledger.new_shard_path("orphan"), layout, [RowMeta("ghost")], dup[:1])  # never committed
-    fit_subspace(uri, str(tmp_path / "sub"), SubspaceOptions(components=K))
+    fit_subspace(uri, str(tmp_path / "sub"), SubspaceConfig(components=K))
     sub = load_subspace(str(tmp_path / "sub"))
     assert sub.card["rows"] == N + 1
     ids = sub.coords_table().column("id").to_pylist()
@@ -144,7 +144,7 @@ def test_fp16_rows_and_only_committed_rows(tmp_path: Path, matrix: np.ndarray) -
 
 def test_on_s3(s3_bucket: str, matrix: np.ndarray) -> None:
     write_matrix(f"{s3_bucket}/ds", matrix, 200, 100)
-    fit_subspace(f"{s3_bucket}/ds", f"{s3_bucket}/sub", SubspaceOptions(components=K))
+    fit_subspace(f"{s3_bucket}/ds", f"{s3_bucket}/sub", SubspaceConfig(components=K))
     check_against_exact(matrix, f"{s3_bucket}/sub")
     fs, path = filesystem(f"{s3_bucket}/sub")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
@@ -156,9 +156,9 @@ def test_on_s3(s3_bucket: str, matrix: np.ndarray) -> None:
 def test_rejects_impossible_width(tmp_path: Path) -> None:
     write_matrix(str(tmp_path / "ds"), low_rank_matrix(20, 30, 3), 20, 20)
     with pytest.raises(ValueError, match="exceeds the dimension"):
-        fit_subspace(str(tmp_path / "ds"), str(tmp_path / "sub"), SubspaceOptions(components=25))
+        fit_subspace(str(tmp_path / "ds"), str(tmp_path / "sub"), SubspaceConfig(components=25))
     with pytest.raises(ValueError, match="below components"):  # before any pass: the Ritz problem would be too small
-        SubspaceOptions(components=8, block_size=2, power_iters=2)
+        SubspaceConfig(components=8, block_size=2, power_iters=2)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -166,13 +166,13 @@ def test_flow_maps_passes_and_publishes(tmp_path: Path) -> None:
     """The Prefect flow runs the same algorithm as tasks and leaves the plot and the artifacts."""
     from prefect.client.orchestration import get_client
 
-    from weightzoo.flows.fit_subspace import FitSubspaceParams
+    from weightzoo.flows.fit_subspace import FitSubspaceConfig
     from weightzoo.flows.fit_subspace import fit_subspace as fit_flow
 
     x = low_rank_matrix(120, 300, 6, seed=1)
     write_matrix(str(tmp_path / "ds"), x, 40, 16)
-    params = FitSubspaceParams(dataset=str(tmp_path / "ds"), out=str(tmp_path / "sub"),
-                               options=SubspaceOptions(components=4, block_size=4, power_iters=2))
+    params = FitSubspaceConfig(dataset=str(tmp_path / "ds"), out=str(tmp_path / "sub"),
+                               options=SubspaceConfig(components=4, block_size=4, power_iters=2))
     result = fit_flow(params)
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}

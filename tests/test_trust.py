@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import torch
-from helpers import TINY_FINETUNE, TcpProxy, can_mount, tmpfs
+from helpers import TINY_FINETUNE, TcpProxy, can_mount, tmpfs, worker_env
 
 from weightzoo.cli import main as cli
 from weightzoo.errors import RecipeMismatchError
-from weightzoo.flows.config import BatchRequest, BuildRequest
+from weightzoo.flows.config import BatchConfig, BuildConfig
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.lease import Lease
 from weightzoo.storage.ledger import Ledger
@@ -129,10 +129,10 @@ def test_engine_outside_the_registry_is_refused_by_both_request_models() -> None
     common = {"manifest": "m.jsonl", "base": "b", "dataset": "d"}
     for bad in ("os:system", "weightzoo.tasks.finetune.batch:null_finetune", "null", "builtins:eval"):
         with pytest.raises(ValueError, match="unknown engine"):
-            BuildRequest(**common, engine=bad)
+            BuildConfig(**common, engine=bad)
         with pytest.raises(ValueError, match="unknown engine"):
-            BatchRequest(**common, batch_id="b-1", ids=["a"], engine=bad)
-    legacy = BuildRequest(**common, engine="weightzoo.tasks.finetune:finetune_batch")
+            BatchConfig(**common, batch_id="b-1", ids=["a"], engine=bad)
+    legacy = BuildConfig(**common, engine="weightzoo.tasks.finetune:finetune_batch")
     assert legacy.engine == engines.DEFAULT_ENGINE
     assert "os" not in engines.names() and engines.DEFAULT_ENGINE in engines.names()
     assert len(engines.names()) == len(set(engines.names()))
@@ -296,17 +296,22 @@ def test_a_live_lease_is_respected_and_an_expired_one_taken_over(tmp_path: Path)
     assert Lease(ledger, "b-2", ttl_s=60).acquire(settle_s=0)  # the first holder is gone: taken over
     a.release()
     assert not Lease(ledger, "b-1", 60).held_by_other()
+    # A build re-running its own crashed batch takes over at once; another build still waits.
+    first = Lease(ledger, "b-3", ttl_s=60, owner="build-1")
+    assert first.acquire(settle_s=0)
+    assert Lease(ledger, "b-3", ttl_s=60, owner="build-1").acquire(settle_s=0)
+    assert not Lease(ledger, "b-3", ttl_s=60, owner="build-2").acquire(settle_s=0)
 
 
-def test_two_concurrent_builds_train_each_batch_about_once(tmp_path: Path, tiny_base: Path) -> None:
-    n, batch = 12, 3
+def test_two_concurrent_builds_train_each_batch_about_once(tmp_path: Path, tiny_base: Path, prefect_server: str) -> None:
+    """Two ``weightzoo build`` processes on one dataset, against one real Prefect server."""
+    n, batch = 8, 2
     manifest, ids = _manifest(tmp_path, n)
     dataset = tmp_path / "ds"
-    ft = {**TINY_FINETUNE, "steps": 20}
+    ft = {**TINY_FINETUNE, "steps": 10, "pack": 2}  # each batch trains long enough for the builds to overlap
     procs = []
     for k in range(2):
-        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # each its own ephemeral API
-        env["PREFECT_HOME"] = str(tmp_path / f"home{k}")
+        env = worker_env(prefect_server, tmp_path / f"home{k}")
         cmd = [sys.executable, "-m", "weightzoo.cli", "build", "--manifest", manifest, "--base", str(tiny_base),
                "--dataset", str(dataset), "--batch-size", str(batch), "--finetune-json", json.dumps(ft)]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

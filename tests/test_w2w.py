@@ -17,7 +17,7 @@ import torch
 
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
-from weightzoo.tasks.subspace.pca import Subspace, SubspaceOptions, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.pca import Subspace, SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     LoRAUNet,
     attribute_directions,
@@ -38,36 +38,40 @@ SHAPES = ("circle", "square")
 N, K = 96, 10
 
 
-
-
-@pytest.fixture(scope="module")
-def lora_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[str, Subspace]:
+def write_lora_dataset(uri: str, pipe, n: int = N) -> None:
+    """``n`` synthetic rows of ``pipe``'s real LoRA layout (see the module docstring), committed at ``uri``;
+    also used by tests/test_terminal.py."""
     from weightzoo.tasks.finetune.engine import FinetuneConfig, lora_layout, resolved_hparams
 
     config = FinetuneConfig(prior_preservation=False)
-    layout = lora_layout(tiny_pipe, config)
-    hparams = resolved_hparams(tiny_pipe, config)
+    layout = lora_layout(pipe, config)
+    hparams = resolved_hparams(pipe, config)
     g = torch.Generator().manual_seed(0)
     d = layout.numel
     init = 0.05 * torch.randn(d, generator=g)
     label_dirs = {v: 0.03 * torch.randn(d, generator=g) for v in COLOURS + SHAPES}
     identity = 0.01 * torch.randn(6, d, generator=g)
     rows, weights = [], []
-    for i in range(N):
+    for i in range(n):
         colour, shape = COLOURS[i % 3], SHAPES[(i // 3) % 2]
         x = init + label_dirs[colour] + label_dirs[shape] + torch.randn(6, generator=g) @ identity
         weights.append(x + 1e-4 * torch.randn(d, generator=g))
         rows.append(RowMeta(f"s{i:03d}", prompt="sks person", attributes={"colour": colour, "shape": shape},
                             hparams=hparams))
-    root = tmp_path_factory.mktemp("w2w")
-    ledger = Ledger(str(root / "ds"))
+    ledger = Ledger(uri)
     w = torch.stack(weights)
-    for start in range(0, N, 40):
+    for start in range(0, n, 40):
         batch = f"b{start}"
         info = write_shard(ledger.fs, ledger.new_shard_path(batch), layout, rows[start : start + 40],
                            w[start : start + 40], row_group_size=16)
         ledger.commit(batch, info)
-    fit_subspace(str(root / "ds"), str(root / "sub"), SubspaceOptions(components=K))
+
+
+@pytest.fixture(scope="module")
+def lora_dataset(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[str, Subspace]:
+    root = tmp_path_factory.mktemp("w2w")
+    write_lora_dataset(str(root / "ds"), tiny_pipe)
+    fit_subspace(str(root / "ds"), str(root / "sub"), SubspaceConfig(components=K))
     return str(root / "ds"), load_subspace(str(root / "sub"))
 
 
@@ -167,17 +171,27 @@ def test_invert_lowers_the_loss_and_leaves_the_pipeline_alone(lora_dataset: tupl
     assert all(p.grad is None for p in tiny_pipe.unet.parameters())
 
 
-def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tmp_path: Path,
+def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tiny_base: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
     from weightzoo.cli import main
+    from weightzoo.tasks.finetune.base_model import load_base
 
     uri, _ = lora_dataset
     sub_uri = str(tmp_path / "sub")
     assert main(["fit-subspace", "--dataset", uri, "--out", sub_uri, "-k", str(K), "--no-prefect"]) == 0
     assert main(["sample", "--subspace", sub_uri, "--out", str(tmp_path / "samples"), "-n", "2"]) == 0
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["sample-000.safetensors", "sample-001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["sample-000", "sample-001"]
+    # each sample is a folder diffusers loads by its default weight name, and it changes the UNet
+    pipe = load_base(str(tiny_base))
+    g = torch.Generator().manual_seed(0)
+    noisy, cond, t = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 32, generator=g), torch.tensor([500])
+    with torch.no_grad():
+        plain = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+        pipe.load_lora_weights(str(tmp_path / "samples" / "sample-001"))
+        with_lora = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+    assert pipe.get_active_adapters() and (with_lora - plain).abs().max() > 1e-4
     edited = str(tmp_path / "edited.safetensors")
     assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=red", "--strength", "2",
                  "--disentangle", "shape", "--out", edited]) == 0
@@ -185,7 +199,64 @@ def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tmp_pat
     assert main(["project", "--subspace", sub_uri, "--lora", edited, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["coords"]) == K and out["rel_error"] < 0.05
-    assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour", "--out", edited]) == 2
+    assert main(["project", "--subspace", sub_uri, "--lora", str(tmp_path / "samples" / "sample-000")]) == 0
+    capsys.readouterr()
+    # user errors: one line each, before anything heavy
+    for argv, message in [
+        (["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour", "--out", edited],
+         "--attribute must be NAME=VALUE"),
+        (["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=purple", "--out", edited], "no label"),
+        (["edit", "--subspace", sub_uri, "--id", "nope", "--attribute", "colour=red", "--out", edited],
+         "id 'nope' is not committed"),
+        (["project", "--subspace", str(tmp_path / "nowhere"), "--id", "s001"], "no subspace at"),
+        (["project", "--subspace", sub_uri, "--lora", str(tmp_path / "missing.safetensors")], "--lora not found at"),
+        (["project", "--subspace", sub_uri, "--id", "s001", "--dataset", str(tmp_path / "gone")],
+         "dataset not found at"),
+        (["sample", "--subspace", sub_uri, "--out", str(tmp_path / "s"), "-n", "0"], "--num must be at least 1"),
+        (["export", "--dataset", str(tmp_path / "gone"), "--id", "s001", "--out", edited], "dataset not found at"),
+        (["export", "--dataset", uri, "--id", "nope", "--out", edited], "id 'nope' is not committed"),
+        (["generate", "--model", str(tmp_path / "gone"), "--prompt", "x", "--out", edited], "no weight-diffusion model"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_cards_find_a_dataset_moved_with_them(tmp_path: Path, tiny_pipe, capsys: pytest.CaptureFixture[str]) -> None:
+    """A subspace fitted beside its dataset keeps working when both folders move together; a dataset that
+    is really gone is named as such, not reported as a missing id."""
+    import json
+    import shutil
+
+    from weightzoo.cli import main
+
+    write_lora_dataset(str(tmp_path / "a" / "ds"), tiny_pipe, n=12)
+    assert main(["fit-subspace", "--dataset", str(tmp_path / "a" / "ds"), "--out", str(tmp_path / "a" / "sub"),
+                 "-k", "3", "--no-prefect"]) == 0
+    card = json.loads((tmp_path / "a" / "sub" / "card.json").read_text())
+    assert card["dataset_relative"] == "../ds" and card["dataset"] == str(tmp_path / "a" / "ds")
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    sub_uri, out = str(tmp_path / "b" / "sub"), str(tmp_path / "edited.safetensors")
+    assert load_subspace(sub_uri).dataset == str(tmp_path / "b" / "ds")
+    assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=red", "--out", out]) == 0
+    assert main(["project", "--subspace", sub_uri, "--id", "s001", "--json"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(tmp_path / "b" / "ds")
+    for argv in (["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=red", "--out", out],
+                 ["project", "--subspace", sub_uri, "--id", "s001"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"dataset not found at {tmp_path / 'b' / 'ds'}" in err and "not committed" not in err, err
+
+
+def test_relative_refs_on_local_disk_and_buckets() -> None:
+    from weightzoo.tasks.subspace.pca import relative_ref, resolve_ref
+
+    assert relative_ref("s3://bkt/data/ds", "s3://bkt/subs/one") == "../../data/ds"
+    assert resolve_ref("../../data/ds", "s3://bkt/subs/one") == "s3://bkt/data/ds"
+    assert relative_ref("s3://other/ds", "s3://bkt/sub") is None  # another bucket: kept absolute
+    assert relative_ref("s3://bkt/ds", "/local/sub") is None
+    assert resolve_ref(relative_ref("/x/y/ds", "/x/z/sub") or "", "/w/z/sub") == "/w/y/ds"
 
 
 # -- on real fine-tuned rows of the tiny model ------------------------------------------------------------
@@ -210,7 +281,7 @@ def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[
     info = write_shard(ledger.fs, ledger.new_shard_path("b0"), out.layout, meta,
                        torch.stack([r.weights for r in out.results]))
     ledger.commit("b0", info)
-    fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceOptions(components=4))
+    fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceConfig(components=4))
     return load_subspace(f"{root}/sub"), subjects, root
 
 
@@ -246,3 +317,28 @@ def test_real_rows_edit_sample_invert(real_subspace: tuple[Subspace, list, str],
     image = load_images(subjects[1], root)[0]
     inv = invert(sub, tiny_pipe, image, "sks person", steps=12, lr=0.1, batch=4, seed=0, eval_samples=8)
     assert inv.final_loss < inv.initial_loss
+
+
+def test_invert_checks_its_images_before_loading_anything(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--image and --mask are read and decoded first: nothing else exists here, so any load would fail otherwise."""
+    from helpers import corrupt_image
+    from PIL import Image
+
+    from weightzoo.cli import main
+
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    Image.new("RGB", (8, 8)).save(good)
+    Image.new("RGB", (8, 8)).save(bad)
+    corrupt_image(bad)
+    common = ["invert", "--subspace", str(tmp_path / "no-sub"), "--base", str(tmp_path / "no-base"),
+              "--out", str(tmp_path / "o.safetensors")]
+    for extra, message in [
+        (["--image", str(tmp_path / "missing.png")], "--image not found at"),
+        (["--image", str(bad)], "--image"),
+        (["--image", str(good), "--mask", str(bad)], "--mask"),
+        (["--image", str(good), "--steps", "0"], "--steps and --batch must be at least 1"),
+        (["--image", str(good)], "--base: no diffusers pipeline"),
+    ]:
+        assert main(common + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (extra, err)

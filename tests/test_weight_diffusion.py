@@ -86,7 +86,7 @@ def dataset(layout, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _config(dataset: str, base: Path, out: Path, **kw) -> WeightDiffusionConfig:
-    opts = dict(block_size=128, width=64, depth=1, heads=2, batch_size=16, lr=1e-2, warmup_steps=10,
+    opts = dict(block_size=128, width=64, depth=1, heads=2, batch_size=16, learning_rate=1e-2, lr_warmup_steps=10,
                 checkpoint_every=10, device="cpu", holdout_ids=("subject-00000",), holdout_fraction=0.1)
     return WeightDiffusionConfig(dataset=dataset, base=str(base), out=str(out), **{**opts, **kw})
 
@@ -216,7 +216,7 @@ def test_resume_continues_the_same_trajectory(dataset: str, tiny_base: Path, tmp
     lb = json.loads((tmp_path / "b" / "losses.json").read_text())
     assert len(lb) == 16 and np.allclose(la, lb, rtol=1e-4)
     with pytest.raises(ValueError, match="different config"):
-        train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=20, lr=3e-3))
+        train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=20, learning_rate=3e-3))
 
 
 def test_generation_is_seeded_and_un_normalised(trained) -> None:

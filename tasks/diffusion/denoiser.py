@@ -28,19 +28,24 @@ from torch import nn
 COSINE_S = 0.008
 
 
-class DenoiserConfig(BaseModel):
-    """Shape of the denoiser (saved in the model folder's ``config.json``)."""
+class DenoiserSize(BaseModel):
+    """The denoiser's size, as a user chooses it (a weight-diffusion run's config inherits these fields)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Small on purpose: datasets have tens to thousands of models, each one training example.
+    width: int = Field(128, ge=8, description="Denoiser transformer width.")
+    depth: int = Field(3, ge=1, description="Denoiser transformer layers (self-attention, cross-attention, MLP).")
+    heads: int = Field(4, ge=1, description="Denoiser attention heads.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the denoiser's attention and MLP.")
+
+
+class DenoiserConfig(DenoiserSize):
+    """Shape of the denoiser: its size plus what the data fixes (saved in the model folder's ``config.json``)."""
 
     n_blocks: int = Field(ge=1, description="Blocks per model (set from the layout and block size).")
     block_size: int = Field(ge=1, description="Values per block.")
     text_dim: int = Field(ge=1, description="Width of the base text encoder's hidden states.")
-    # Small on purpose: datasets have tens to thousands of models, each one training example.
-    width: int = Field(128, ge=8, description="Transformer width.")
-    depth: int = Field(3, ge=1, description="Transformer layers (self-attention, cross-attention, MLP).")
-    heads: int = Field(4, ge=1, description="Attention heads.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in attention and MLP.")
 
 
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:

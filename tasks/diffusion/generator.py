@@ -27,19 +27,19 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, is_local, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
-from weightzoo.tasks.device import resolve_device
+from weightzoo.tasks.device import autocast, resolve_device
 from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
     Condition,
@@ -54,18 +54,29 @@ from weightzoo.tasks.diffusion.blocks import (
     split_ids,
     text_stats,
 )
-from weightzoo.tasks.diffusion.denoiser import Denoiser, DenoiserConfig, ddim_sample, masked_mse, noisy
+from weightzoo.tasks.diffusion.denoiser import (
+    Denoiser,
+    DenoiserConfig,
+    DenoiserSize,
+    ddim_sample,
+    masked_mse,
+    noisy,
+)
 from weightzoo.tasks.seeds import stable_seed
+from weightzoo.tasks.subspace.pca import card_dataset, relative_ref, resolve_ref, same_uri
 
 FORMAT_VERSION = 1
+# Attributes as numbers and one-hots (tasks/concepts/condition.py) instead of text: for editing concepts,
+# whose attributes are the concept. The features enter where the text states do, as one "token".
+STRUCTURED = "structured"
+CONDITION_NAME = "condition.json"
 # Changing these does not change what is learnt, so a resume may change them.
 _RESUMABLE = {"steps", "checkpoint_every", "device", "out"}
 
 
-class WeightDiffusionConfig(BaseModel):
-    """Everything that defines a weight-diffusion training run (the flow's form; saved as config.json)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class WeightDiffusionConfig(DenoiserSize):
+    """Everything that defines a weight-diffusion training run (the flow's form; saved as config.json).
+    The denoiser's size fields (width, depth, heads, dropout) come from ``DenoiserSize``."""
 
     dataset: str = Field(description="Dataset URI (local path or s3://...) of fine-tuned rows.")
     base: str = Field(description="The base model URI: its tokenizer and text encoder embed the condition.")
@@ -74,23 +85,19 @@ class WeightDiffusionConfig(BaseModel):
     # 256 values per token: SD 1.5's 99,648-value rank-1 LoRA becomes 390 tokens, the tiny model's ~20.
     block_size: int = Field(256, ge=1, description="Values per block; the last block is zero-padded and masked.")
     # Synthetic subjects all share "sks person"; their attributes are what tells them apart.
-    condition: Condition = Field(
-        "prompt+attributes", description="Text condition: 'prompt' or 'prompt+attributes' (prompt, then 'key value' pairs)."
+    condition: Condition | Literal["structured"] = Field(
+        "prompt+attributes", description="Text condition: 'prompt' or 'prompt+attributes' (prompt, then 'key value' "
+        "pairs); or 'structured': attributes as numbers and one-hots (no text encoder; `base` is not read).",
     )
     stats: str | None = Field(None, description="A subspace.safetensors with mean/std to reuse; default: computed on the training rows.")
     holdout_ids: tuple[str, ...] = Field((), description="Ids never trained on (kept for evaluation).")
     holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of ids held out at random (with split_seed).")
     split_seed: int = Field(0, ge=0, description="Seed of the random held-out choice.")
-    # -- denoiser -----------------------------------------------------------------------------------
-    width: int = Field(128, ge=8, description="Denoiser transformer width.")
-    depth: int = Field(3, ge=1, description="Denoiser transformer layers.")
-    heads: int = Field(4, ge=1, description="Attention heads.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the denoiser.")
     # -- optimisation -------------------------------------------------------------------------------
     steps: int = Field(2000, ge=1, description="Optimiser steps (total, including any resumed ones).")
     batch_size: int = Field(32, ge=1, description="Models per step (drawn with replacement).")
-    lr: float = Field(1e-3, gt=0, description="AdamW learning rate, after a linear warm-up.")
-    warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate, after a linear warm-up.")
+    lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     seed: int = Field(0, ge=0, description="Seed of the init and of every step's batch, timesteps and noise.")
@@ -198,16 +205,86 @@ def _model_tensors(out: str, latest: dict) -> dict[str, torch.Tensor]:
 # -- training -------------------------------------------------------------------------------------------
 
 
+# Field names of model folders written before the names were shared with FinetuneConfig.
+_RENAMED_FIELDS = {"lr": "learning_rate", "warmup_steps": "lr_warmup_steps"}
+
+
+def _renamed(saved: dict) -> dict:
+    return {_RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
+
+
 def _check_resumable(out: str, config: WeightDiffusionConfig) -> None:
-    saved = _read_json(join(out, "config.json"))["config"]
+    card = _read_json(join(out, "config.json"))
+    saved = _renamed(card["config"])
     now = config.model_dump(mode="json")
-    diff = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+    diff = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k]
+                  and not (k == "dataset" and _moved_dataset(out, card, now[k])))
     if diff:
-        raise ValueError(f"{out} holds a run with a different config ({', '.join(diff)}); use a new --out to start over")
+        raise InputError(f"{out} holds a run with a different config ({', '.join(diff)}); use a new --out to start over")
+
+
+def _moved_dataset(out: str, card: dict, dataset: str) -> bool:
+    """Whether ``dataset`` is the run's dataset where the model folder's card finds it (moved together)."""
+    relative = card.get("dataset_relative")
+    return bool(relative) and same_uri(resolve_ref(relative, out), dataset)
+
+
+def model_dataset(uri: str, card: dict) -> str:
+    """The dataset a model folder was trained on: beside the folder as recorded (the two moved together),
+    else where it was; ``NotFoundError`` if neither exists."""
+    recorded = {"dataset": card["config"]["dataset"], "dataset_relative": card.get("dataset_relative")}
+    return card_dataset(uri, recorded, "config.json")
+
+
+def _dataset_if_found(uri: str, card: dict) -> str:
+    """``model_dataset``, or the recorded URI when the dataset is gone (generating needs no dataset)."""
+    try:
+        return model_dataset(uri, card)
+    except FileNotFoundError:
+        return card["config"]["dataset"]
+
+
+def _structured_inputs(ds: Dataset, train: list[str], stats: Stats):
+    """Rows, condition keys, (n, 1, F) feature "states", masks and the fitted encoder of a structured condition."""
+    from weightzoo.tasks.concepts.condition import StructuredCondition
+
+    data = load_rows(ds, train, stats, "prompt")
+    meta = ds.metadata(["id", "attributes"])
+    attrs = dict(zip(meta.column("id").to_pylist(), (dict(a or []) for a in meta.column("attributes").to_pylist()),
+                     strict=True))
+    encoder = StructuredCondition.fit([attrs[i] for i in train])
+    data.texts = [json.dumps(attrs[i], sort_keys=True) for i in train]
+    texts = sorted(set(data.texts))
+    feats = encoder.encode_many([json.loads(t) for t in texts])
+    return data, texts, feats[:, None, :], torch.ones(len(texts), 1, dtype=torch.bool), encoder
+
+
+def _condition_inputs(config: WeightDiffusionConfig, ds: Dataset, train: list[str], stats: Stats):
+    """(rows, distinct condition texts, states, masks, encoder): text-encoder states, or structured features."""
+    if config.condition == STRUCTURED:
+        return _structured_inputs(ds, train, stats)
+    data = load_rows(ds, train, stats, config.condition)
+    tok, enc = load_text_encoder(config.base)
+    texts = sorted(set(data.texts))  # each distinct condition is encoded once
+    states, masks = encode_texts(tok, enc, texts)
+    return data, texts, states, masks, (tok, enc)
+
+
+def _save_encoder(out: str, encoder) -> None:
+    """The condition's encoder into the model folder: condition.json, or the text encoder's folders."""
+    if not isinstance(encoder, tuple):
+        fs, root = filesystem(out)
+        write_bytes(fs, join(root, CONDITION_NAME), encoder.to_json())
+        return
+    tok, enc = encoder
+    local, upload = _local_folder(out)
+    tok.save_pretrained(Path(local, "tokenizer"))
+    enc.save_pretrained(Path(local, "text_encoder"), safe_serialization=True)
+    upload()
 
 
 def _prepare_folder(config: WeightDiffusionConfig, ds: Dataset, train: list[str], holdout: list[str],
-                    stats: Stats, tstats: Stats, denoiser: DenoiserConfig, tok, enc) -> None:
+                    stats: Stats, tstats: Stats, denoiser: DenoiserConfig, encoder) -> None:
     """Write everything ``generate`` needs besides the denoiser weights (once, at the first run)."""
     out = config.out
     fs, root = filesystem(out)
@@ -218,71 +295,77 @@ def _prepare_folder(config: WeightDiffusionConfig, ds: Dataset, train: list[str]
     write_bytes(fs, join(root, "split.json"), dump_json({"train": train, "holdout": holdout}))
     save_tensors(join(out, "stats.safetensors"),
                  {"mean": stats.mean, "std": stats.std, "text_mean": tstats.mean, "text_std": tstats.std})
-    local, upload = _local_folder(out)
-    tok.save_pretrained(Path(local, "tokenizer"))
-    enc.save_pretrained(Path(local, "text_encoder"), safe_serialization=True)
-    upload()
+    _save_encoder(out, encoder)
     # config.json last: its presence says the folder is complete.
     write_bytes(fs, join(root, "config.json"), dump_json({
         "format": FORMAT_VERSION, "config": config.model_dump(mode="json"), "denoiser": denoiser.model_dump(),
         "numel": ds.layout.numel, "layout_fingerprint": ds.layout.fingerprint,
+        "dataset_relative": relative_ref(config.dataset, out),  # a dataset moved with the folder is found
     }))
 
 
-def _autocast(config: WeightDiffusionConfig, device: torch.device):
-    use = config.mixed_precision == "bf16" or (config.mixed_precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+@dataclass
+class _Prepared:
+    """A run's inputs, computed once: the standardised rows as blocks, the conditions, the denoiser shape."""
+
+    spec: BlockSpec
+    blocks: torch.Tensor  # (n, B, S) standardised training rows
+    states: torch.Tensor  # (m, L, d) condition states, one per distinct condition
+    masks: torch.Tensor
+    pooled: torch.Tensor  # (m, d) normalised pooled conditions
+    text_index: torch.Tensor  # (n,) row → condition
+    dcfg: DenoiserConfig
+    train: list[str]
+    holdout: list[str]
 
 
-def train_weight_diffusion(
-    config: WeightDiffusionConfig, progress: Callable[[int, int, float], None] | None = None
-) -> TrainResult:
-    """Train (or resume) the weight denoiser on ``config.dataset`` minus the held-out ids; returns the model URI.
-
-    ``progress(step, total, loss)`` is called every 10 steps and at each checkpoint.
-    """
-    device = resolve_device(config.device)
-    ds = Dataset(config.dataset)
+def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Prepared:
+    """Split, statistics and conditions; a first run writes the model folder, a resumed one is checked
+    against it (same split, same statistics), never silently restarted."""
     train, holdout = split_ids(ds.ids, config.holdout_ids, config.holdout_fraction, config.split_seed)
     spec = BlockSpec(ds.layout.numel, config.block_size)
-    resuming = _exists(join(config.out, "config.json"))
     if resuming:
         _check_resumable(config.out, config)
         if _read_json(join(config.out, "split.json"))["train"] != train:
-            raise ValueError(f"the dataset's rows changed since {config.out} was started; use a new --out")
+            raise InputError(f"the dataset's rows changed since {config.out} was started; use a new --out")
         saved = load_tensors(join(config.out, "stats.safetensors"))
         stats = Stats(saved["mean"], saved["std"])
     else:
         stats = load_stats(config.stats, spec.numel) if config.stats else compute_stats(ds, train)
-    data = load_rows(ds, train, stats, config.condition)
-    tok, enc = load_text_encoder(config.base)
-    texts = sorted(set(data.texts))  # each distinct condition is encoded once
-    states, masks = encode_texts(tok, enc, texts)
-    dcfg = DenoiserConfig(n_blocks=spec.n_blocks, block_size=spec.block_size, text_dim=states.shape[-1],
-                          width=config.width, depth=config.depth, heads=config.heads, dropout=config.dropout)
+    data, texts, states, masks, encoder = _condition_inputs(config, ds, train, stats)
+    size = {k: getattr(config, k) for k in DenoiserSize.model_fields}
+    dcfg = DenoiserConfig(n_blocks=spec.n_blocks, block_size=spec.block_size, text_dim=states.shape[-1], **size)
     if resuming:
         tstats = Stats(saved["text_mean"], saved["text_std"])
     else:
         tstats = text_stats(pool_text(states, masks))
-        _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, tok, enc)
-    del enc
-    latest = latest_checkpoint(config.out) if resuming else None
+        _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, encoder)
     pooled = tstats.normalise(pool_text(states, masks))
     text_index = torch.tensor([texts.index(t) for t in data.texts])
+    return _Prepared(spec, spec.cut(data.z), states, masks, pooled, text_index, dcfg, train, holdout)
 
+
+def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device,
+            latest: dict | None) -> tuple[Denoiser, torch.optim.Optimizer, int, list[float]]:
+    """The seeded model and optimiser, restored from the latest checkpoint when there is one."""
     torch.manual_seed(stable_seed(config.seed, "init"))
-    model = Denoiser(dcfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    losses: list[float] = []
-    start = 0
-    if latest is not None:
-        tensors = _model_tensors(config.out, latest)
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        _load_optimizer(opt, tensors, latest["param_groups"])
-        start, losses = int(latest["step"]), list(latest["losses"])
-    blocks = spec.cut(data.z).to(device)
-    mask = spec.mask().to(device)
-    states, masks, pooled, text_index = states.to(device), masks.to(device), pooled.to(device), text_index.to(device)
+    model = Denoiser(prep.dcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    if latest is None:
+        return model, opt, 0, []
+    tensors = _model_tensors(config.out, latest)
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    _load_optimizer(opt, tensors, latest["param_groups"])
+    return model, opt, int(latest["step"]), list(latest["losses"])
+
+
+def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser, opt: torch.optim.Optimizer,
+                start: int, losses: list[float], device: torch.device,
+                progress: Callable[[int, int, float], None] | None) -> list[float]:
+    """Steps ``start`` .. ``config.steps``; each step's batch, timesteps and noise come from ``(seed, step)``."""
+    spec, blocks, mask = prep.spec, prep.blocks.to(device), prep.spec.mask().to(device)
+    states, masks, pooled = prep.states.to(device), prep.masks.to(device), prep.pooled.to(device)
+    text_index = prep.text_index.to(device)
     model.train()
     pending: list[torch.Tensor] = []
     for step in range(start, config.steps):
@@ -290,13 +373,13 @@ def train_weight_diffusion(
         idx = torch.randint(0, len(blocks), (config.batch_size,), generator=g).to(device)
         t = torch.rand(config.batch_size, generator=g).to(device)
         noise = torch.randn(config.batch_size, spec.n_blocks, spec.block_size, generator=g).to(device)
-        x0 = blocks[idx]
+        warm = config.lr_warmup_steps
         for group in opt.param_groups:
-            group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
-        with _autocast(config, device):
+            group["lr"] = config.learning_rate * (min(1.0, (step + 1) / warm) if warm else 1.0)
+        with autocast(config.mixed_precision, device):
             c = text_index[idx]
-            pred = model(noisy(x0, t, noise) * mask, t, states[c], masks[c], pooled[c])
-        loss = masked_mse(pred, x0, mask)
+            pred = model(noisy(blocks[idx], t, noise) * mask, t, states[c], masks[c], pooled[c])
+        loss = masked_mse(pred, blocks[idx], mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -311,11 +394,25 @@ def train_weight_diffusion(
                 progress(done, config.steps, losses[-1])
         if checkpoint:
             save_checkpoint(config.out, done, model, opt, losses)
-    if start >= config.steps and latest is not None:
-        losses = list(latest["losses"])
+    return losses
+
+
+def train_weight_diffusion(
+    config: WeightDiffusionConfig, progress: Callable[[int, int, float], None] | None = None
+) -> TrainResult:
+    """Train (or resume) the weight denoiser on ``config.dataset`` minus the held-out ids; returns the model URI.
+
+    ``progress(step, total, loss)`` is called every 10 steps and at each checkpoint.
+    """
+    device = resolve_device(config.device)
+    resuming = _exists(join(config.out, "config.json"))
+    prep = _prepare(config, Dataset(config.dataset), resuming)
+    latest = latest_checkpoint(config.out) if resuming else None
+    model, opt, start, losses = _resume(config, prep, device, latest)
+    losses = _train_loop(config, prep, model, opt, start, losses, device, progress)
     write_loss_curve(config.out, losses)
     return TrainResult(config.out, max(start, config.steps), _smoothed(losses)[-1] if losses else math.nan,
-                       start, len(train), len(holdout))
+                       start, len(prep.train), len(prep.holdout))
 
 
 def _smoothed(losses: Sequence[float], window: int = 50) -> list[float]:
@@ -366,15 +463,16 @@ class WeightDiffusionModel:
     tokenizer: object
     text_encoder: object
     step: int
+    structured: object = None  # tasks.concepts.condition.StructuredCondition when condition == "structured"
 
     @classmethod
     def load(cls, uri: str, device: str = "cpu") -> WeightDiffusionModel:
         if not _exists(join(uri, "config.json")):
-            raise FileNotFoundError(f"no weight-diffusion model (config.json) at {uri}")
+            raise NotFoundError(f"no weight-diffusion model (config.json) at {uri}")
         card = _read_json(join(uri, "config.json"))
         latest = latest_checkpoint(uri)
         if latest is None:
-            raise FileNotFoundError(f"{uri} has no checkpoint yet (training has not saved one)")
+            raise NotFoundError(f"{uri} has no checkpoint yet (training has not saved one)")
         dev = resolve_device(device)
         dcfg = DenoiserConfig(**card["denoiser"])
         model = Denoiser(dcfg)
@@ -383,20 +481,42 @@ class WeightDiffusionModel:
         st = load_tensors(join(uri, "stats.safetensors"))
         fs, root = filesystem(uri)
         layout = Layout.from_json(fs.cat_file(join(root, "layout.json")))
-        tok, enc = load_text_encoder(uri, dev)
-        return cls(uri, WeightDiffusionConfig(**card["config"]), model.to(dev).eval(),
+        config = WeightDiffusionConfig(**{**_renamed(card["config"]), "dataset": _dataset_if_found(uri, card)})
+        tok = enc = structured = None
+        if config.condition == STRUCTURED:
+            from weightzoo.tasks.concepts.condition import StructuredCondition
+
+            structured = StructuredCondition.from_json(fs.cat_file(join(root, CONDITION_NAME)))
+        else:
+            tok, enc = load_text_encoder(uri, dev)
+        return cls(uri, config, model.to(dev).eval(),
                    BlockSpec(card["numel"], dcfg.block_size), Stats(st["mean"], st["std"]),
                    Stats(st["text_mean"], st["text_std"]), layout,
-                   _read_json(join(uri, "hparams.json")), tok, enc, int(latest["step"]))
+                   _read_json(join(uri, "hparams.json")), tok, enc, int(latest["step"]), structured)
 
     def text(self, prompt: str, attributes: Mapping[str, str] | None = None) -> str:
-        """The condition text, built the way training built it."""
+        """The condition text, built the way training built it (structured: the attributes as JSON)."""
+        if self.config.condition == STRUCTURED:
+            return json.dumps(dict(attributes or {}), sort_keys=True)
         return condition_text(prompt, attributes, self.config.condition)
 
     @torch.no_grad()
     def generate(self, texts: Sequence[str], steps: int = 1, seed: int = 0) -> torch.Tensor:
         """(n, D) float32 weight vectors (un-normalised, in layout order) for condition ``texts``."""
+        if self.structured is not None:
+            return self.generate_attributes([json.loads(t) for t in texts], steps, seed)
         states, masks = encode_texts(self.tokenizer, self.text_encoder, texts)
+        return self._sample(states, masks, steps, seed)
+
+    @torch.no_grad()
+    def generate_attributes(self, rows: Sequence[Mapping[str, object]], steps: int = 1, seed: int = 0) -> torch.Tensor:
+        """(n, D) vectors for attribute dicts (structured models; an unseen categorical value is refused)."""
+        if self.structured is None:
+            return self.generate([self.text("", {k: str(v) for k, v in r.items()}) for r in rows], steps, seed)
+        feats = self.structured.encode_many(rows)
+        return self._sample(feats[:, None, :], torch.ones(len(rows), 1, dtype=torch.bool), steps, seed)
+
+    def _sample(self, states: torch.Tensor, masks: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(stable_seed(seed, "generate"))
         pooled = self.text_stats.normalise(pool_text(states, masks))
         blocks = ddim_sample(self.denoiser, states, masks, pooled, steps=steps, generator=g, mask=self.spec.mask())

@@ -236,11 +236,13 @@ def run_batch(
     cache_dir: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     lease_ttl_s: float = LEASE_TTL_S,
+    owner: str | None = None,
 ) -> BatchOutcome:
     """Train the not-yet-committed ``ids`` of one batch, write their shard, commit it, record failures.
 
     Before anything loads: skip committed ids, and refuse a recipe the dataset card does not allow. Then
-    take the batch's lease (another live build training it: return with ``leased`` set, ids pending).
+    take the batch's lease (another live build training it: return with ``leased`` set, ids pending;
+    ``owner``, the parent build's run id, takes over the lease of the same build's crashed attempt).
     Order matters for exactly-once: the shard is written whole first, then the ledger entry commits it,
     and failures are recorded last (a crash before the commit leaves an invisible orphan shard and the
     items pending). Transient storage errors retry the commit, never the training; permanent ones fail
@@ -258,7 +260,7 @@ def run_batch(
     recipe = Recipe.of(engines.canonical(engine), cached_fingerprint(engine, str(base)), config)
     with_retries(lambda: check_recipe(ledger, recipe), "reading the dataset card")
     try:
-        with hold(ledger, batch_id, lease_ttl_s) as lease:
+        with hold(ledger, batch_id, lease_ttl_s, owner) as lease:
             if lease is None:
                 outcome.leased = True
                 outcome.items += [ItemRecord(i, "leased") for i in todo]

@@ -5,7 +5,7 @@ LoRA (canonical ``Layout``), its final loss and timing, or a recorded failure. R
 
 1. inputs, once per batch: VAE latents of each row's images, one text embedding per distinct prompt,
    shared prior-preservation class latents (generated once per base model, cached on disk);
-2. packs of ``config.pack`` rows: the method's recipe (``recipes/``: LoRA, orthogonal, Celeb Basis)
+2. packs of ``config.pack`` rows: the method's recipe (``recipes/``: LoRA, orthogonal, Celeb Basis, Perfusion)
    injects K stacked adapters into the base, one forward/backward per step for the whole pack, per-row
    loss, per-row gradient clipping, AdamW;
 3. flatten each surviving adapter with the layout; the pipeline is restored exactly as it was.
@@ -60,7 +60,8 @@ class FinetuneConfig(BaseModel):
     # -- method ------------------------------------------------------------------------------------
     # A registered recipe (tasks/finetune/recipes/, docs/RECIPES.md): "lora" trains A and B; "orthogonal"
     # fixes A to id-derived orthogonal rows (Po et al. 2024) so models can be summed; "celeb_basis" learns
-    # word-embedding coefficients over a basis of celebrity-name embeddings (Yuan et al. 2023).
+    # word-embedding coefficients over a basis of celebrity-name embeddings (Yuan et al. 2023); "perfusion"
+    # learns gated, key-locked rank-1 edits of cross-attention K/V and a concept embedding (Tewel et al. 2023).
     method: Literal[recipes.names()] = Field(  # type: ignore[valid-type]
         "lora", description="Personalisation recipe: " + "; ".join(f"'{n}': {r.doc}" for n, r in recipes.RECIPES.items())
     )

@@ -46,8 +46,16 @@ def _diffusers_lora() -> Engine:
                   finetune_batch, FinetuneConfig)
 
 
+def _edit_lora() -> Engine:
+    from weightzoo.tasks.concepts.base import base_fingerprint, load_base
+    from weightzoo.tasks.concepts.engine import EditFinetuneConfig
+    from weightzoo.tasks.concepts.finetune import edit_finetune_batch
+
+    return Engine("edit-lora", load_base, base_fingerprint, edit_finetune_batch, EditFinetuneConfig)
+
+
 # Factories, so that naming an engine imports nothing heavy until it is used.
-_BUILTIN: dict[str, Callable[[], Engine]] = {DEFAULT_ENGINE: _diffusers_lora}
+_BUILTIN: dict[str, Callable[[], Engine]] = {DEFAULT_ENGINE: _diffusers_lora, "edit-lora": _edit_lora}
 _REGISTERED: dict[str, Engine] = {}
 
 

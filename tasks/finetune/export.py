@@ -12,11 +12,19 @@ only: a weights file is never a pickle.
 peft's keys (``base_model.model.<module>.lora_A.weight``) holding A and B **unscaled**, exactly as
 trained: peft applies ``lora_alpha / r`` itself. So the file's hparams (alpha 27) and the weights
 agree; baking the scale in as well would make a peft user's update 27x too large.
+
+**Other recipes** (``celeb_basis``, ...): ``export`` hands a row whose ``method`` is not a LoRA recipe to
+that recipe's own export (docs/RECIPES.md); only the diffusers format applies to them.
+
+**Merged** (``export_merged``, ``weightzoo merge``): several LoRA rows as one diffusers LoRA whose update
+is the sum of theirs, ``ΔW = Σ_i s_i (alpha_i / r_i) B_i A_i``. The A's are stacked (rows) and the scaled
+B's concatenated (columns) into one rank-Σr LoRA, so the sum is exact, not a re-factorisation.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import safetensors.torch
@@ -102,7 +110,16 @@ def export_peft(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dic
 
 
 def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str, fmt: str = "diffusers") -> str:
-    """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder)."""
+    """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder).
+
+    A row of a recipe outside the LoRA family is written by that recipe (its documented loader)."""
+    from weightzoo.tasks.finetune.recipes import RECIPES
+
+    recipe = RECIPES.get(str(hparams.get("method", "lora")))
+    if recipe is not None and not recipe.lora_family:
+        if fmt != "diffusers":
+            raise InputError(f"--format {fmt} is for LoRA rows; a {recipe.name} row exports as its own file (diffusers)")
+        return recipe.export(weights, layout, hparams, out)
     if fmt == "diffusers":
         return export_lora(weights, layout, hparams, out)
     if fmt == "peft":
@@ -120,6 +137,40 @@ def export_lora(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dic
     path = out_path if str(out_path).endswith(".safetensors") else join(str(out_path), WEIGHT_NAME)
     metadata = _metadata(layout, hparams, float(hparams["alpha"]) / float(hparams["rank"]))
     data = safetensors.torch.save(lora_state_dict(weights, layout, hparams), metadata=metadata)
+    fs, fs_path = filesystem(path)
+    write_bytes(fs, fs_path, data)
+    return path
+
+
+def merged_state_dict(rows: Sequence[tuple[torch.Tensor | np.ndarray, dict]], layout: Layout,
+                      scales: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """Rows (weights, hparams) of one LoRA layout as one diffusers state dict of rank Σr: ΔW = Σ s_i (α_i/r_i) B_i A_i."""
+    if not rows:
+        raise InputError("nothing to merge: no rows given")
+    scales = [1.0] * len(rows) if scales is None else list(scales)
+    if len(scales) != len(rows):
+        raise InputError(f"{len(scales)} scales for {len(rows)} rows")
+    dicts = [lora_state_dict(w, layout, h) for w, h in rows]  # alpha/rank baked into each B already
+    out: dict[str, torch.Tensor] = {}
+    for name in _modules(layout):
+        a, b = f"unet.{name}.lora_A.weight", f"unet.{name}.lora_B.weight"
+        out[a] = torch.cat([d[a] for d in dicts], 0).contiguous()
+        out[b] = torch.cat([s * d[b] for s, d in zip(scales, dicts, strict=True)], 1).contiguous()
+    return out
+
+
+def export_merged(rows: Sequence[tuple[torch.Tensor | np.ndarray, dict]], layout: Layout, out_path: str,
+                  scales: Sequence[float] | None = None, ids: Sequence[str] = ()) -> str:
+    """Write the merge of ``rows`` as one diffusers LoRA (a .safetensors file or a folder); returns its URI."""
+    path = out_path if str(out_path).endswith(".safetensors") else join(str(out_path), WEIGHT_NAME)
+    metadata = {
+        "format": "pt",
+        "weightzoo.layout": layout.fingerprint,
+        "weightzoo.merged_ids": json.dumps(list(ids)),
+        "weightzoo.merged_methods": json.dumps(sorted({str(h.get("method")) for _, h in rows})),
+        "weightzoo.scale_baked_into_lora_B": "alpha/rank of each row, times its merge scale",
+    }
+    data = safetensors.torch.save(merged_state_dict(rows, layout, scales), metadata=metadata)
     fs, fs_path = filesystem(path)
     write_bytes(fs, fs_path, data)
     return path

@@ -3,7 +3,7 @@
 Image references are URIs (any fsspec URL) or paths relative to the manifest's own folder.
 
 A manifest is checked whole before any GPU time is spent: ``load_and_validate`` reads every row,
-checks ids, duplicates, fields and that every image exists, fully decodes and passes ``ImageOptions``,
+checks ids, duplicates, fields and that every image exists, fully decodes and passes ``ImageConfig``,
 and raises one ``ManifestError`` that lists every problem, so a bad manifest is fixed in one pass, not one
 row per run. ``load_image`` is also what training reads images with, so a validated image is trained on
 exactly as it was checked. The format and the image rules are documented in docs/MANIFEST.md.
@@ -36,7 +36,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
 # Image checks are bound by storage latency (an S3 GET is ~10-50 ms), not by CPU, so many threads pay off.
 VALIDATE_WORKERS = 16
-# The most ImageOptions.max_pixels may be (about 1.07 gigapixels); PIL's own bomb guard is kept above it.
+# The most ImageConfig.max_pixels may be (about 1.07 gigapixels); PIL's own bomb guard is kept above it.
 PIXEL_CEILING = 1 << 30
 # 16-bit grey as PIL opens it ("I" is how older Pillow opened 16-bit PNGs); PIL's convert() clips these at 255.
 SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -182,7 +182,7 @@ def edit_pairs(row: ManifestRow, base_uri: str | None = None) -> list[tuple[str,
 Byte = Annotated[int, Field(ge=0, le=255)]
 
 
-class ImageOptions(BaseModel):
+class ImageConfig(BaseModel):
     """How an image file becomes the 8-bit RGB that is checked and trained on."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -207,11 +207,11 @@ class ImageOptions(BaseModel):
     )
 
 
-DEFAULT_IMAGE_OPTIONS = ImageOptions()
+DEFAULT_IMAGE_OPTIONS = ImageConfig()
 
 
 class UnusableImageError(InputError):
-    """An image that ``ImageOptions`` refuse: too many pixels, or transparent pixels under ``alpha='refuse'``."""
+    """An image that ``ImageConfig`` refuse: too many pixels, or transparent pixels under ``alpha='refuse'``."""
 
 
 def _keep_pil_guard_behind_ours() -> None:
@@ -269,7 +269,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.merge("LA", [grey, alpha])
 
 
-def _flatten(im: Image.Image, uri: str, options: ImageOptions) -> Image.Image:
+def _flatten(im: Image.Image, uri: str, options: ImageConfig) -> Image.Image:
     """``im`` as RGB; transparent pixels composited on ``options.background``, or refused, never silently dropped."""
     if not im.has_transparency_data:
         return im.convert("RGB")
@@ -281,8 +281,8 @@ def _flatten(im: Image.Image, uri: str, options: ImageOptions) -> Image.Image:
     return Image.fromarray(((colour * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8))
 
 
-def load_image(uri: str, options: ImageOptions = DEFAULT_IMAGE_OPTIONS) -> Image.Image:
-    """Read and fully decode one image as the 8-bit RGB that is trained on (see ``ImageOptions``).
+def load_image(uri: str, options: ImageConfig = DEFAULT_IMAGE_OPTIONS) -> Image.Image:
+    """Read and fully decode one image as the 8-bit RGB that is trained on (see ``ImageConfig``).
 
     Turned upright by its EXIF orientation, 16-bit grey scaled to 8 bits, transparency composited or refused,
     oversize refused before decoding. Raises FileNotFoundError, UnusableImageError, or PIL's error for a
@@ -297,7 +297,7 @@ def load_image(uri: str, options: ImageOptions = DEFAULT_IMAGE_OPTIONS) -> Image
 
 
 def load_images(
-    row: ManifestRow, base_uri: str | None = None, image_options: ImageOptions = DEFAULT_IMAGE_OPTIONS
+    row: ManifestRow, base_uri: str | None = None, image_options: ImageConfig = DEFAULT_IMAGE_OPTIONS
 ) -> list[Image.Image]:
     """Every image of a row, read as training reads them; raises on the first that cannot be used."""
     uris = image_uris(row, base_uri)
@@ -583,7 +583,7 @@ def _image_probe(entry: ManifestRow | Mapping[str, Any] | ManifestProblem) -> Ma
         return None
 
 
-def _check_image(uri: str, options: ImageOptions) -> str | None:
+def _check_image(uri: str, options: ImageConfig) -> str | None:
     """Why the image at ``uri`` cannot be used, or None if it fully decodes and ``options`` accept it."""
     try:
         load_image(uri, options)
@@ -601,7 +601,7 @@ def validate_manifest(
     base_uri: str | None,
     *,
     max_workers: int = VALIDATE_WORKERS,
-    image_options: ImageOptions = DEFAULT_IMAGE_OPTIONS,
+    image_options: ImageConfig = DEFAULT_IMAGE_OPTIONS,
 ) -> list[ManifestRow]:
     """Check every row, then return them all or raise one ``ManifestError`` listing every problem.
 
@@ -646,7 +646,7 @@ def validate_manifest(
 
 
 def load_and_validate(
-    uri: str, *, max_workers: int = VALIDATE_WORKERS, image_options: ImageOptions = DEFAULT_IMAGE_OPTIONS
+    uri: str, *, max_workers: int = VALIDATE_WORKERS, image_options: ImageConfig = DEFAULT_IMAGE_OPTIONS
 ) -> list[ManifestRow]:
     """Read the manifest at ``uri`` and validate every row, with relative image paths taken against its folder.
 

@@ -65,7 +65,7 @@ META_COLUMNS = ["id", "kind", "prompt", "attributes", "hparams"]
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class SubspaceOptions(BaseModel):
+class SubspaceConfig(BaseModel):
     """How to fit the subspace (saved in ``card.json``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -88,7 +88,7 @@ class SubspaceOptions(BaseModel):
     tasks_per_pass: int = Field(8, ge=1, description="Shard groups per pass: parallel tasks, one partial file each.")
 
     @model_validator(mode="after")
-    def _wide_enough(self) -> SubspaceOptions:
+    def _wide_enough(self) -> SubspaceConfig:
         if self.width < self.components:
             raise ValueError(f"the Krylov width (power_iters + 1) · block_size = {self.width} is below "
                              f"components = {self.components}")
@@ -199,7 +199,7 @@ class _RowBuffer:
 class _Standardiser:
     """z = (x − mean) / std for one row group, on the compute device and dtype (valid until the next call)."""
 
-    def __init__(self, stats_uri: str, options: SubspaceOptions) -> None:
+    def __init__(self, stats_uri: str, options: SubspaceConfig) -> None:
         st = load_tensors(stats_uri)
         self.device = resolve_device(options.device)
         self.dtype = COMPUTE_DTYPES[options.dtype]
@@ -235,7 +235,7 @@ def _iter_group(
             yield layout, meta, w
 
 
-def group_moments(dataset_uri: str, group: ShardGroup, work_uri: str, options: SubspaceOptions) -> str:
+def group_moments(dataset_uri: str, group: ShardGroup, work_uri: str, options: SubspaceConfig) -> str:
     """Per-column count, mean and M2 of a group of shards (float64) → a partial file; returns its URI."""
     rows = _RowBuffer(resolve_device(options.device), torch.float32)
     acc: tuple[float, torch.Tensor, torch.Tensor] = (0, torch.zeros(0), torch.zeros(0))
@@ -274,7 +274,7 @@ def reduce_moments(partials: Sequence[str], work_uri: str) -> str:
 # -- passes 1..q+1: block Krylov ------------------------------------------------------------------------
 
 
-def initial_basis(stats_uri: str, work_uri: str, options: SubspaceOptions) -> str:
+def initial_basis(stats_uri: str, work_uri: str, options: SubspaceConfig) -> str:
     """Q₀ = qr(Ω), Ω a D×b Gaussian (seeded; generated on CPU so every device gets the same one) → basis-0."""
     d = load_tensors(stats_uri)["mean"].numel()
     if options.width > d:
@@ -286,7 +286,7 @@ def initial_basis(stats_uri: str, work_uri: str, options: SubspaceOptions) -> st
 
 
 def group_power(
-    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceOptions,
+    dataset_uri: str, group: ShardGroup, basis_uri: str, stats_uri: str, work_uri: str, options: SubspaceConfig,
     step: int,
 ) -> str:
     """Σ over the group's row groups of Zᵀ(Z Qⱼ) → a D×b partial; Bⱼ = Z Qⱼ goes to a Parquet part beside it.
@@ -345,7 +345,7 @@ def reduce_power(partials: Sequence[str], bases: Sequence[str], work_uri: str, s
     aq = _save_work(join(work_uri, f"aq-{step}.safetensors"), {"AQ": y})
     if not extend:
         return aq, ""
-    basis = _load_blocks(bases, "Q")
+    basis = _load_blocks(bases, "Q").to(y.dtype)  # Q₀ is drawn in float32 whatever the compute dtype
     for _ in range(2):
         y = torch.linalg.qr(y - basis @ (basis.T @ y))[0]  # Householder QR: orthonormal to working precision
     return aq, _save_work(join(work_uri, f"basis-{step + 1}.safetensors"), {"Q": y})
@@ -378,7 +378,7 @@ class FitResult:
 
 def finalise(
     dataset_uri: str, out_uri: str, bases: Sequence[str], products: Sequence[str], parts: Sequence[Sequence[str]],
-    stats_uri: str, options: SubspaceOptions, layout_json: str,
+    stats_uri: str, options: SubspaceConfig, layout_json: str,
 ) -> FitResult:
     """Rayleigh–Ritz on the Krylov basis, then write subspace.safetensors, coords.parquet and card.json.
 
@@ -492,7 +492,7 @@ def default_work_uri(out_uri: str) -> str:
 
 
 def fit_subspace(
-    dataset_uri: str, out_uri: str, options: SubspaceOptions | None = None, work_uri: str | None = None,
+    dataset_uri: str, out_uri: str, options: SubspaceConfig | None = None, work_uri: str | None = None,
     map_shards: Mapper = _serial_map, run: Runner = _call, progress: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Fit the subspace of ``dataset_uri`` into ``out_uri`` (q + 2 passes over the weights).
@@ -502,7 +502,7 @@ def fit_subspace(
     Prefect flow passes ones that submit tasks, so this is the one implementation of the algorithm.
     ``progress(passes done, q + 2)`` follows the passes; by default the command's terminal bar, if any.
     """
-    options = options or SubspaceOptions()
+    options = options or SubspaceConfig()
     work = work_uri or default_work_uri(out_uri)
     refs = shard_refs(dataset_uri)
     if not refs:

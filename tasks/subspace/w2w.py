@@ -9,7 +9,7 @@ from the rows' ``hparams`` (kept in coords.parquet, so a subspace works without 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +70,22 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes (a JSON header after its 8-byte length)."""
     n = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+
+
+def dataset_row(sub: Subspace, item_id: str, dataset: str | None = None) -> tuple[dict, np.ndarray]:
+    """One row of ``dataset`` (default: the subspace's own, found through its card), with errors that say
+    which is missing: the dataset (``dataset not found at …``) or the id in it."""
+    from weightzoo.errors import NotFoundError
+    from weightzoo.storage.dataset import Dataset
+
+    uri = dataset or sub.dataset
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise NotFoundError(f"dataset not found at {uri}")
+    try:
+        return Dataset(uri).row(item_id)
+    except KeyError:
+        raise NotFoundError(f"id {item_id!r} is not committed in {uri}") from None
 
 
 # -- project ---------------------------------------------------------------------------------------------
@@ -222,21 +238,16 @@ def _mask_latent(mask: Image.Image | np.ndarray | None, shape: torch.Size) -> to
     return F.interpolate(m, size=tuple(shape[-2:]), mode="area")
 
 
-def invert(
-    sub: Subspace, pipe, image: Image.Image, prompt: str, *, mask: Image.Image | np.ndarray | None = None,
-    steps: int = 200, lr: float = 0.1, batch: int = 4, seed: int = 0, hparams: dict | None = None,
-    eval_samples: int = 16,
-) -> Inversion:
-    """Fit k coefficients so the base model with the resulting LoRA denoises ``image`` (prompted with
-    ``prompt``) well: the standard noise-prediction loss with the base's noise scheduler, optionally
-    masked; starts from the mean model. Coefficients are optimised in units of each component's dataset
-    std, so one learning rate suits every component."""
+def _inversion_loss(sub: Subspace, pipe, image: Image.Image, prompt: str, mask: Image.Image | np.ndarray | None,
+                    hparams: dict) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                                        tuple[int, ...], int]:
+    """The inversion objective ``loss(u, t, noise)`` over standardised coefficients ``u``, the latent shape
+    and the scheduler's number of timesteps: image and prompt encoded once, the LoRA applied functionally."""
     from diffusers import DDPMScheduler
 
     from weightzoo.tasks.finetune.class_images import encode_images
     from weightzoo.tasks.finetune.engine import default_resolution, encode_prompt
 
-    hparams = hparams or subspace_hparams(sub)
     device = pipe.unet.device
     resolution = int(hparams.get("resolution") or default_resolution(pipe))
     with torch.no_grad():
@@ -258,25 +269,42 @@ def invert(
         err = (model(w, noisy, t, cond.expand(len(t), -1, -1)) - target).square()
         return err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[1] * len(t))
 
+    return loss_fn, tuple(latents.shape[1:]), int(scheduler.config.num_train_timesteps)
+
+
+def invert(
+    sub: Subspace, pipe, image: Image.Image, prompt: str, *, mask: Image.Image | np.ndarray | None = None,
+    steps: int = 200, lr: float = 0.1, batch: int = 4, seed: int = 0, hparams: dict | None = None,
+    eval_samples: int = 16, progress: Callable[[int, int, float], None] | None = None,
+) -> Inversion:
+    """Fit k coefficients so the base model with the resulting LoRA denoises ``image`` (prompted with
+    ``prompt``) well: the standard noise-prediction loss with the base's noise scheduler, optionally
+    masked; starts from the mean model. Coefficients are optimised in units of each component's dataset
+    std, so one learning rate suits every component. ``progress(step, steps, loss)`` follows every step
+    (the loss is read back each step anyway)."""
+    loss_fn, shape, n_t = _inversion_loss(sub, pipe, image, prompt, mask, hparams or subspace_hparams(sub))
+    mu, sigma = coefficient_gaussians(sub)
+    device = pipe.unet.device
     g = torch.Generator().manual_seed(seed)
-    n_t = scheduler.config.num_train_timesteps
     eval_t = torch.randint(0, n_t, (eval_samples,), generator=g).to(device)
-    eval_noise = torch.randn((eval_samples, *latents.shape[1:]), generator=g).to(device)
+    eval_noise = torch.randn((eval_samples, *shape), generator=g).to(device)
     u = torch.zeros(sub.k, device=device, requires_grad=True)
     with torch.no_grad():
         initial = float(loss_fn(u, eval_t, eval_noise))
     opt = torch.optim.Adam([u], lr=lr)
     history = []
-    for _ in range(steps):
+    for step in range(steps):
         t = torch.randint(0, n_t, (batch,), generator=g).to(device)
-        noise = torch.randn((batch, *latents.shape[1:]), generator=g).to(device)
+        noise = torch.randn((batch, *shape), generator=g).to(device)
         loss = loss_fn(u, t, noise)
         opt.zero_grad(set_to_none=True)
         (grad,) = torch.autograd.grad(loss, [u])
         u.grad = grad
         opt.step()
         history.append(float(loss.detach()))
+        if progress is not None:
+            progress(step + 1, steps, history[-1])
     with torch.no_grad():
         final = float(loss_fn(u, eval_t, eval_noise))
-        coords = (mu + sigma * u).detach().cpu()
+        coords = (mu.to(device) + sigma.to(device) * u).detach().cpu()
     return Inversion(sub.to_weights(coords), coords, initial, final, history)

@@ -16,13 +16,13 @@ FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
 
 def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.commands.options import add_field, add_fields
-    from weightzoo.flows.config import BuildRequest
+    from weightzoo.flows.config import BuildConfig
     from weightzoo.tasks.finetune.engine import FinetuneConfig
 
     p = sub.add_parser("build", help="Fine-tune every manifest row not yet committed in the dataset (resumable).")
     for name in ("manifest", "base", "dataset"):
-        add_field(p, BuildRequest, name, required=True)
-    add_fields(p, BuildRequest, [f for f in BUILD_FIELDS if f in BuildRequest.model_fields])
+        add_field(p, BuildConfig, name, required=True)
+    add_fields(p, BuildConfig, [f for f in BUILD_FIELDS if f in BuildConfig.model_fields])
     ft = p.add_argument_group("fine-tune (FinetuneConfig; any other field through --finetune-json)")
     add_fields(ft, FinetuneConfig, FINETUNE_FIELDS)
     ft.add_argument("--finetune-json", default=None,
@@ -32,26 +32,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_request(args: argparse.Namespace):
-    """The flow's ``BuildRequest`` from the flags the user set (the models supply every other default)."""
+    """The flow's ``BuildConfig`` from the flags the user set (the models supply every other default)."""
     from weightzoo.commands.options import set_fields
     from weightzoo.errors import InputError
-    from weightzoo.flows.config import BuildRequest
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.flows.config import BuildConfig
+    from weightzoo.tasks.finetune import engines
 
     try:
         ft = json.loads(args.finetune_json) if args.finetune_json else {}
     except json.JSONDecodeError as e:
         raise InputError(f"--finetune-json is not valid JSON: {e}") from e
     ft |= set_fields(args, FINETUNE_FIELDS)
-    return BuildRequest(manifest=args.manifest, base=args.base, dataset=args.dataset,
-                        finetune=FinetuneConfig(**ft), **set_fields(args, BUILD_FIELDS))
+    fields = set_fields(args, BUILD_FIELDS)
+    config = engines.get(fields.get("engine", engines.DEFAULT_ENGINE)).config  # each engine's own settings
+    return BuildConfig(manifest=args.manifest, base=args.base, dataset=args.dataset, finetune=config(**ft), **fields)
 
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.commands.status import dataset_status
     from weightzoo.flows.build_dataset import build_dataset
+    from weightzoo.progress import COMMITTED, Bar, terminal_progress
 
-    summary = build_dataset(build_request(args))
+    request = build_request(args)
+    # In-process batches (the local executor) move the batch bar; every executor moves the committed one.
+    steps = int(getattr(request.finetune, "steps", 0) or 0)  # every engine's config has steps; 0 hides the items
+    with terminal_progress(Bar("batch", "row-steps", steps_per_item=steps),
+                           Bar("committed", "ids", name=COMMITTED)):
+        summary = build_dataset(request)
     status = dataset_status(args.dataset, args.manifest)
     if args.json:
         print(json.dumps({"summary": summary, "status": status}, indent=2))

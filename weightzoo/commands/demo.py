@@ -14,21 +14,59 @@ def register(sub: argparse._SubParsersAction) -> None:
         "fine-tunes one LoRA per subject into DIR/dataset, fits DIR/subspace and trains DIR/wdiff. "
         "Rerunning resumes: committed subjects are not trained again.",
     )
-    p.add_argument("--workdir", default="work/demo", help="Work folder (default work/demo).")
-    p.add_argument("--subjects", type=int, default=16, help="Synthetic subjects, one LoRA each (default 16).")
-    p.add_argument("--steps", type=int, default=None, help="Fine-tune steps per subject (default 60 for the tiny model).")
+    from weightzoo.flows.concept_pipeline import ConceptPipelineConfig
+    from weightzoo.flows.pipeline import PipelineConfig
+
+    identity, edit = PipelineConfig.model_fields, ConceptPipelineConfig.model_fields
+    p.add_argument("--workdir", default="work/demo", help="Work folder.")
+    p.add_argument("--kind", choices=["identity", "edit"], default="identity",
+                   help="identity: the text-to-image pipeline; edit: image-editing concepts on a small "
+                   "image-to-image base (docs/CONCEPTS.md).")
+    p.add_argument("--subjects", type=int, default=None,
+                   help=f"Synthetic subjects (identity; default {identity['subjects'].default}) or editing concepts "
+                   f"(edit; default {edit['concepts'].default}), one LoRA each.")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"Fine-tune steps per LoRA (default {identity['finetune'].default.steps} for identity, "
+                   f"{edit['finetune'].default.steps} for edit: the tiny bases learn fast).")
     p.set_defaults(func=run)
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """The concept workload: edit base, concept manifest, edit-lora dataset, structured weight generator."""
+    from pathlib import Path
+
+    from weightzoo.flows.concept_pipeline import ConceptPipelineConfig, concept_pipeline
+
+    fields: dict = {"workdir": str(Path(args.workdir).resolve())}
+    if args.subjects is not None:
+        fields["concepts"] = args.subjects
+    if args.steps is not None:
+        fields["finetune"] = ConceptPipelineConfig.model_fields["finetune"].default.model_copy(update={"steps": args.steps})
+    out = concept_pipeline(ConceptPipelineConfig(**fields))
+    build = out["build"]
+    print(f"\nweightzoo demo --kind edit finished in {fields['workdir']}")
+    print(f"  edit base    {out['base']}  (SkipUNetGenerator, config.json + model.safetensors)")
+    print(f"  manifest     {out['manifest']}  (procedural edit specs)")
+    print(f"  dataset      {out['dataset']}  ({build['committed']} committed, {build['failed']} failed of {build['total']})")
+    print(f"  weight gen.  {out['wdiff']}  (structured condition)")
+    print(f"\nNext:\n  weightzoo export --dataset {out['dataset']} --id edit-00000 --format peft --out lora-edit")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from weightzoo.flows.pipeline import PipelineRequest, pipeline
+    if args.kind == "edit":
+        return run_edit(args)
 
-    fields: dict = {"workdir": str(Path(args.workdir).resolve()), "subjects": args.subjects}
+    from weightzoo.flows.pipeline import PipelineConfig, pipeline
+
+    fields: dict = {"workdir": str(Path(args.workdir).resolve())}
+    if args.subjects is not None:
+        fields["subjects"] = args.subjects
     if args.steps is not None:
-        fields["finetune"] = PipelineRequest.model_fields["finetune"].default.model_copy(update={"steps": args.steps})
-    out = pipeline(PipelineRequest(**fields))
+        fields["finetune"] = PipelineConfig.model_fields["finetune"].default.model_copy(update={"steps": args.steps})
+    out = pipeline(PipelineConfig(**fields))
     build = out["build"]
     print()
     print(f"weightzoo demo finished in {fields['workdir']}")

@@ -19,18 +19,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.subspace.pca import load_subspace
-    from weightzoo.tasks.subspace.w2w import edit, edit_direction, export
+def parse_attribute(text: str) -> tuple[str, str]:
+    from weightzoo.errors import InputError
 
-    name, sep, value = args.attribute.partition("=")
-    if not sep or not name or not value:
-        raise ValueError(f"--attribute must be NAME=VALUE, got {args.attribute!r}")
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise InputError(f"--attribute must be NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    name, value = parse_attribute(args.attribute)
+    from weightzoo.errors import InputError
+    from weightzoo.tasks.subspace.pca import load_subspace
+    from weightzoo.tasks.subspace.w2w import dataset_row, edit, edit_direction, export
+
     sub = load_subspace(args.subspace)
-    meta, x = Dataset(args.dataset or sub.card["dataset"]).row(args.id)
     others = [a.strip() for a in args.disentangle.split(",") if a.strip()]
-    d = edit_direction(sub, name, value, disentangle=others)
+    try:
+        d = edit_direction(sub, name, value, disentangle=others)
+    except (KeyError, ValueError) as e:  # an attribute or label the fitted rows do not have
+        raise InputError(str(e.args[0] if e.args else e)) from None
+    meta, x = dataset_row(sub, args.id, args.dataset)
     path = export(sub, edit(sub, x, d, args.strength), args.out, meta["hparams"] or None)
     print(f"wrote {path} ({args.id} moved {args.strength:+g} std towards {name}={value})")
     return 0

@@ -26,12 +26,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The dataset exists and --out fits the format, before any shard is read."""
+    from weightzoo.errors import InputError, NotFoundError
+    from weightzoo.storage.ledger import Ledger
+
+    if args.format == "peft" and str(args.out).endswith(".safetensors"):
+        raise InputError(f"--format peft writes a folder (adapter_config.json + adapter_model.safetensors), "
+                         f"not the file {args.out}")
+    if not Ledger(args.dataset).exists():
+        raise NotFoundError(f"dataset not found at {args.dataset}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    from weightzoo.errors import NotFoundError
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.finetune.export import export
 
     ds = Dataset(args.dataset)
-    meta, vector = ds.row(args.id)
+    try:
+        meta, vector = ds.row(args.id)
+    except KeyError:
+        raise NotFoundError(f"id {args.id!r} is not committed in {args.dataset}") from None
     path = export(vector, ds.layout, meta["hparams"], args.out, args.format)
     print(f"wrote {path} ({args.format}; id {args.id}, loss {meta['loss']}, method {meta['method']})")
     return 0

@@ -24,7 +24,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Steps, and a model folder that holds a config and a checkpoint, before torch or the model loads."""
+    from weightzoo.errors import InputError, NotFoundError
+    from weightzoo.storage.fs import filesystem, join
+
+    if args.steps < 1:
+        raise InputError(f"--steps must be at least 1, got {args.steps}")
+    for name, what in (("config.json", "no weight-diffusion model (config.json)"),
+                       ("checkpoints/latest.json", "no checkpoint (checkpoints/latest.json)")):
+        fs, path = filesystem(join(args.model, name))
+        if not fs.exists(path):
+            raise NotFoundError(f"--model: {what} at {args.model}")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     from weightzoo.tasks.diffusion.generator import generate_lora
 
     path = generate_lora(args.model, args.prompt, args.out, dict(args.attr), steps=args.steps, seed=args.seed)

@@ -21,19 +21,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def read_image(uri: str, flag: str):
+    """The image at ``uri``, fully decoded; a missing or undecodable file is the user's error, named by ``flag``."""
+    from PIL import UnidentifiedImageError
+
+    from weightzoo.errors import InputError, NotFoundError, WeightzooError
+    from weightzoo.tasks.finetune.manifest import load_image
+
+    try:
+        return load_image(uri)
+    except WeightzooError:
+        raise
+    except FileNotFoundError:
+        raise NotFoundError(f"{flag} not found at {uri}") from None
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"{flag} {uri} does not decode as an image: {e}") from None
+
+
+def check_pipeline(uri: str) -> None:
+    """Refuse a --base that is no diffusers pipeline folder before anything loads."""
+    from weightzoo.errors import NotFoundError
+    from weightzoo.storage.fs import filesystem, join
+
+    fs, path = filesystem(join(uri, "model_index.json"))
+    if not fs.exists(path):
+        raise NotFoundError(f"--base: no diffusers pipeline (model_index.json) at {uri}")
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    from weightzoo.errors import InputError
+
+    if args.steps < 1 or args.batch < 1:
+        raise InputError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
+    if args.learning_rate <= 0:
+        raise InputError(f"--learning-rate must be positive, got {args.learning_rate}")
+
+
 def run(args: argparse.Namespace) -> int:
+    # Every input is checked, images decoded included, before the subspace and the base model load.
+    check_numbers(args)
+    image = read_image(args.image, "--image")
+    mask = read_image(args.mask, "--mask") if args.mask else None
+    check_pipeline(args.base)
+
+    from weightzoo.progress import Bar, report, terminal_progress
     from weightzoo.tasks.device import resolve_device
     from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.manifest import load_image
     from weightzoo.tasks.subspace.pca import load_subspace
     from weightzoo.tasks.subspace.w2w import export, invert
 
     sub = load_subspace(args.subspace)
     prompt = args.prompt or sub.coords_table().column("prompt")[0].as_py()
     pipe = load_base(args.base, device=resolve_device(args.device))
-    mask = load_image(args.mask) if args.mask else None
-    inv = invert(sub, pipe, load_image(args.image), prompt, mask=mask, steps=args.steps, lr=args.learning_rate,
-                 batch=args.batch, seed=args.seed)
+    with terminal_progress(Bar("invert", "steps", loss=True)):
+        inv = invert(sub, pipe, image, prompt, mask=mask, steps=args.steps, lr=args.learning_rate,
+                     batch=args.batch, seed=args.seed, progress=report)
     path = export(sub, inv.weights, args.out)
     print(f"wrote {path}: loss on the image {inv.initial_loss:.5f} (mean model) → {inv.final_loss:.5f}")
     return 0

@@ -17,17 +17,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def lora_file(uri: str) -> str:
+    """``--lora`` as a file: a folder stands for its ``pytorch_lora_weights.safetensors`` (as sample writes)."""
+    from weightzoo.errors import NotFoundError
+    from weightzoo.storage.fs import filesystem, join
+
+    fs, path = filesystem(uri)
+    if fs.isdir(path):
+        uri, path = join(uri, "pytorch_lora_weights.safetensors"), join(path, "pytorch_lora_weights.safetensors")
+    if not fs.isfile(path):
+        raise NotFoundError(f"--lora not found at {uri}")
+    return uri
+
+
 def run(args: argparse.Namespace) -> int:
+    lora = lora_file(args.lora) if args.lora else None
     from weightzoo.tasks.subspace.pca import load_subspace
-    from weightzoo.tasks.subspace.w2w import load_lora_vector, project
+    from weightzoo.tasks.subspace.w2w import dataset_row, load_lora_vector, project
 
     sub = load_subspace(args.subspace)
-    if args.lora:
-        x = load_lora_vector(args.lora, sub.layout)
-    else:
-        from weightzoo.storage.dataset import Dataset
-
-        _, x = Dataset(args.dataset or sub.card["dataset"]).row(args.id)
+    x = load_lora_vector(lora, sub.layout) if lora else dataset_row(sub, args.id, args.dataset)[1]
     p = project(sub, x)
     out = {"source": args.lora or args.id, "rel_error": p.rel_error, "rel_error_standardised": p.rel_error_standardised,
            "coords": [round(float(c), 6) for c in p.coords]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-FIELDS = ("steps", "block_size", "batch_size", "lr", "warmup_steps", "width", "depth", "heads", "condition", "stats",
+FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps", "width", "depth", "heads", "condition", "stats",
           "holdout_ids", "holdout_fraction", "split_seed", "seed", "checkpoint_every", "device", "mixed_precision")
 
 
@@ -22,15 +22,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.commands.options import set_fields
+    from weightzoo.progress import Bar, report, terminal_progress
     from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig, train_weight_diffusion
 
     config = WeightDiffusionConfig(dataset=args.dataset, base=args.base, out=args.out, **set_fields(args, FIELDS))
     if args.no_prefect:
-        result = train_weight_diffusion(config)
+        with terminal_progress(Bar("train-diffusion", "steps", loss=True)):
+            result = train_weight_diffusion(config, report)
     else:
         from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
 
-        result = train_weight_diffusion_flow(config)
+        # The flow's training task runs in this process: its ThrottledProgress moves the bar.
+        with terminal_progress(Bar("train-diffusion", "steps", loss=True)):
+            result = train_weight_diffusion_flow(config)
     print(f"model {result.uri}: step {result.step} (resumed from {result.resumed_from}), loss {result.loss:.4g}, "
           f"{result.train_ids} rows trained on, {result.holdout_ids} held out")
     return 0

@@ -1,0 +1,102 @@
+"""Packed LoRA on conv layers: K concepts' adapters in one forward, each sample through its own adapter.
+
+A batch is concept-major (``K * b`` samples, concept ``k`` owns samples ``k*b .. k*b+b-1``). Each
+adapted ``nn.Conv2d`` computes the frozen base conv once for everyone, plus ``scale * B_k(A_k(x_k))``
+as two *grouped* convs (``groups=K``): concept ``k``'s samples only ever meet its own factors, so a
+packed concept gets exactly the gradients it would get alone.
+
+The factors follow peft's conv LoRA exactly, so a row exports as a peft adapter that ``PeftModel``
+loads onto the base: ``lora_A`` is a conv with the base's kernel, stride and padding, ``(r, in, kh, kw)``;
+``lora_B`` a 1x1 conv, ``(out, r, 1, 1)``; the update is scaled by ``alpha / r``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from weightzoo.tasks.seeds import stable_seed
+
+
+class PackedConvLoRA(nn.Module):
+    """A frozen ``nn.Conv2d`` plus K stacked LoRA adapters applied per concept."""
+
+    def __init__(self, base: nn.Conv2d, k: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.base, self.k, self.rank, self.scale = base, k, rank, scale
+        out, cin, kh, kw = base.weight.shape
+        self.A = nn.Parameter(torch.zeros(k, rank, cin, kh, kw))
+        self.B = nn.Parameter(torch.zeros(k, out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        n, c, h, w = x.shape
+        k, b = self.k, n // self.k
+        xk = x.view(k, b, c, h, w).transpose(0, 1).reshape(b, k * c, h, w)
+        a = F.conv2d(xk, self.A.reshape(k * self.rank, c, *self.A.shape[-2:]), stride=self.base.stride,
+                     padding=self.base.padding, dilation=self.base.dilation, groups=k)
+        z = F.conv2d(a, self.B.reshape(-1, self.rank, 1, 1), groups=k)
+        z = z.view(b, k, -1, *z.shape[-2:]).transpose(0, 1).reshape(n, -1, *z.shape[-2:])
+        return y + self.scale * z
+
+    def factors(self, slot: int) -> dict[str, torch.Tensor]:
+        """Concept ``slot``'s adapter with peft's key suffixes and shapes."""
+        return {"lora_A.weight": self.A[slot].detach(), "lora_B.weight": self.B[slot].detach()[..., None, None]}
+
+
+def find_convs(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the ``nn.Conv2d`` modules whose name ends with one of ``targets`` (sorted)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n.split(".")[-1] in targets]
+    if not names:
+        raise ValueError(f"no nn.Conv2d matches target modules {list(targets)}")
+    return sorted(names)
+
+
+def shared_init(name: str, conv: nn.Conv2d, rank: int, seed: int) -> torch.Tensor:
+    """peft's default A init (Kaiming-uniform, a=sqrt(5)) from a seed per layer: the same for every row."""
+    g = torch.Generator().manual_seed(stable_seed(seed, "edit-lora-init", name))
+    out, cin, kh, kw = conv.weight.shape
+    bound = 1 / math.sqrt(cin * kh * kw)  # kaiming_uniform_ with a=sqrt(5) gives exactly this bound
+    return (torch.rand(rank, cin, kh, kw, generator=g) * 2 - 1) * bound
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+@contextmanager
+def packed(model: nn.Module, names: Sequence[str], k: int, rank: int, scale: float) -> Iterator[dict[str, PackedConvLoRA]]:
+    """Inject K adapters into ``model``'s ``names`` convs; the model is restored exactly on exit."""
+    convs = {n: model.get_submodule(n) for n in names}
+    grads = [p.requires_grad for p in model.parameters()]
+    wrappers = {n: PackedConvLoRA(c, k, rank, scale) for n, c in convs.items()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n, w in wrappers.items():
+            _set(model, n, w)
+        yield wrappers
+    finally:
+        for n, c in convs.items():
+            _set(model, n, c)
+        for p, g in zip(model.parameters(), grads, strict=True):
+            p.requires_grad_(g)
+
+
+def merge(model: nn.Module, adapter: Mapping[str, torch.Tensor], scale: float) -> nn.Module:
+    """``model`` with a flat adapter state dict (``<conv>.lora_A.weight`` …) merged into its conv weights, in place."""
+    for key, a in adapter.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[: -len(".lora_A.weight")]
+        b = adapter[f"{name}.lora_B.weight"].float()[..., 0, 0]
+        conv = model.get_submodule(name)
+        with torch.no_grad():
+            conv.weight += scale * torch.einsum("or,rikl->oikl", b, a.float())
+    return model

@@ -1,0 +1,103 @@
+"""The recipe contract: what the shared training loop (``engine.py``) asks of a personalisation method.
+
+A recipe is one way to personalise a base text-to-image model (LoRA, Orthogonal Adaptation, Celeb
+Basis, ...). It declares which tensors it trains (their shapes become the dataset's ``Layout``, so a
+row *is* the recipe's learned tensors), injects K independent copies of them into one loaded base
+(``attach``: a pack trains in one forward/backward), and exports a row as a file that diffusers (or
+the recipe's documented loader) applies to the base. Everything else (inputs, schedule, per-row
+randomness, NaN handling, OOM splitting, AdamW) is the engine's and identical for every recipe.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from weightzoo.errors import InputError
+from weightzoo.storage.layout import Layout
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
+
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.manifest import ManifestRow
+
+
+class Adapters(Protocol):
+    """K independent copies of a recipe's trainable tensors, live in the base model while the ``with`` lasts.
+
+    Slot k is row k of the pack. ``condition`` may rewrite the UNet's text conditioning of the active
+    rows' samples (a recipe that learns word embeddings does; weight recipes return ``ehs`` as is).
+    """
+
+    def __enter__(self) -> Adapters: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
+    def set_active(self, slots: list[int] | None) -> None: ...
+    def load_slot(self, slot: int, state_dict: dict[str, torch.Tensor]) -> None: ...
+    def state_dict_for(self, slot: int) -> dict[str, torch.Tensor]: ...
+    def condition(self, ehs: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
+
+
+class NoRecipeConfig(BaseModel):
+    """A recipe without options of its own (``FinetuneConfig.recipe_options`` must stay empty)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Recipe(ABC):
+    """One personalisation method. Subclasses set ``name``, ``doc`` and, if they have options, ``Options``."""
+
+    name: str
+    doc: str  # one line for --help and docs
+    Options: type[BaseModel] = NoRecipeConfig
+    lora_family: bool = False  # rows are peft LoRA layouts (``merge``, the peft export and subspace tools read them)
+
+    def options(self, config: FinetuneConfig) -> BaseModel:
+        """``config.recipe_options`` validated by this recipe's ``Options`` model."""
+        try:
+            return self.Options(**config.recipe_options)
+        except ValueError as exc:
+            raise InputError(f"recipe_options for method {self.name!r}: {exc}") from exc
+
+    @abstractmethod
+    def layout(self, pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
+        """The row layout on ``pipe`` (from shapes only, nothing trained)."""
+
+    def prepare(self, pipe: StableDiffusionPipeline, config: FinetuneConfig, rows: Sequence[ManifestRow],
+                cache_dir: str | None) -> Any:
+        """Once per batch, before any pack: whatever ``attach`` needs (fitted bases, tokenised prompts)."""
+        return None
+
+    @abstractmethod
+    def attach(self, pipe: StableDiffusionPipeline, config: FinetuneConfig, rows: Sequence[ManifestRow],
+               prepared: Any) -> Adapters:
+        """K = len(rows) fresh adapters, every one at the recipe's shared seeded init."""
+
+    def hparams(self, config: FinetuneConfig, prepared: Any) -> dict:
+        """What a row records beyond the config (resolved options, where a fitted basis is cached)."""
+        return {}
+
+    @abstractmethod
+    def export(self, weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str) -> str:
+        """Write one row as the recipe's loadable file; returns its URI."""
+
+
+@torch.no_grad()
+def clip_per_item(params: list[nn.Parameter], k: int, max_norm: float) -> torch.Tensor:
+    """Clip each item's gradient (dim 0 of every stacked tensor) to ``max_norm`` on its own; returns the (K,) norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(k)
+    norms = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
+    return norms
