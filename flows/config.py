@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE
+from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE, LEASE_TTL_S
 from weightzoo.tasks.finetune.engine import FinetuneConfig
 
 # The fine-tune settings of any built-in engine, told apart by their ``method`` (the UI renders one form each).
@@ -49,6 +49,8 @@ class _JobConfig(BaseModel):
     finetune: AnyFinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tune method and hyperparameters.")
     cache_dir: str | None = Field(None, description="URI caching class latents across batches (default: <dataset>/cache).")
     engine: str = Field(engines.DEFAULT_ENGINE, description="Fine-tune engine, by registered name (never a module path).")
+    # Renewed every third of it while a batch trains: a killed holder delays its batch by at most this long.
+    lease_ttl_s: float = Field(LEASE_TTL_S, ge=1, description="Lifetime of a batch's lease (seconds) without renewal.")
 
     _engine = field_validator("engine")(engines.canonical)
     _default_config = model_validator(mode="before")(lambda data: _engine_default_config(data))
@@ -89,4 +91,5 @@ class BuildConfig(_JobConfig):
 
     def batch(self, batch_id: str, ids: list[str], build_id: str | None = None) -> BatchConfig:
         return BatchConfig(batch_id=batch_id, ids=ids, manifest=self.manifest, base=self.base, dataset=self.dataset,
-                           finetune=self.finetune, cache_dir=self.cache(), engine=self.engine, build_id=build_id)
+                           finetune=self.finetune, cache_dir=self.cache(), engine=self.engine, build_id=build_id,
+                           lease_ttl_s=self.lease_ttl_s)

@@ -40,7 +40,8 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
 def train_and_commit(batch: BatchConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run one batch (a rerun skips what is committed, so a retry never duplicates rows)."""
     outcome = run_batch(batch.batch_id, batch.ids, batch.manifest, batch.base, batch.dataset, batch.finetune,
-                        engine=batch.engine, cache_dir=batch.cache_dir, progress=progress, owner=batch.build_id)
+                        engine=batch.engine, cache_dir=batch.cache_dir, progress=progress, owner=batch.build_id,
+                        lease_ttl_s=batch.lease_ttl_s)
     return outcome.to_dict()
 
 

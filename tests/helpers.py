@@ -104,27 +104,67 @@ def worker_env(api_url: str, home: Path) -> dict[str, str]:
     return {**os.environ, **_isolated_env(home), "PREFECT_API_URL": api_url}
 
 
-@pytest.fixture
-def process_worker(prefect_server: str, tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen]]:
-    """Start ``prefect worker start --pool <pool>`` processes; each is stopped (tree and all) at teardown."""
+@contextlib.contextmanager
+def process_workers(pool: str, env: dict[str, str], logs: Path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """``start(limit=...)`` starts a real ``prefect worker start --pool <pool>`` process; all of them are
+    stopped (tree and all, flow-run children included) when the block ends."""
     started: list[subprocess.Popen] = []
+    logs.mkdir(parents=True, exist_ok=True)
 
-    def start(pool: str, limit: int = 2) -> subprocess.Popen:
-        log = tmp_path / f"worker-{len(started)}.log"
+    def start(limit: int = 1) -> subprocess.Popen:
+        log = logs / f"worker-{len(started)}.log"
         with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", str(limit)],
-                env=worker_env(prefect_server, tmp_path / "worker-home"), cwd=REPO, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            proc = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--limit", str(limit)],
+                                    env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         proc.log = log  # type: ignore[attr-defined]
         started.append(proc)
         return proc
 
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            stop_tree(proc)
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                stop_tree(proc)
+
+
+@pytest.fixture
+def process_worker(prefect_server: str, tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen]]:
+    """Start ``prefect worker start --pool <pool>`` processes on the session server; stopped at teardown."""
+    env = worker_env(prefect_server, tmp_path / "worker-home")
+    with contextlib.ExitStack() as stack:
+        starters: dict[str, Callable[..., subprocess.Popen]] = {}
+
+        def start(pool: str, limit: int = 2) -> subprocess.Popen:
+            if pool not in starters:
+                starters[pool] = stack.enter_context(process_workers(pool, env, tmp_path / f"workers-{pool}"))
+            return starters[pool](limit)
+
+        yield start
+
+
+LEASE_TTL_S = 6.0  # kill tests: a killed worker's lease expires in seconds, not the default minutes
+
+
+def deployment_build(manifest: str, base: Path, dataset: Path, finetune: dict, deployment: str, wait_s: float):
+    """A build that sends 2-item batches to ``deployment`` and polls every 2 s."""
+    from weightzoo.flows.config import BuildConfig
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
+
+    return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
+                       deployment=deployment, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=wait_s,
+                       lease_ttl_s=LEASE_TTL_S)
+
+
+def deployment_runs(deployment: str, batch_ids: set[str] | None = None) -> list:
+    """Flow runs of ``deployment`` (optionally only those of some batches)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        runs = client.read_flow_runs(limit=200)
+    return [r for r in runs if r.deployment_id == dep.id
+            and (batch_ids is None or r.name.removeprefix("finetune-") in batch_ids)]
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_FINETUNE, stop_tree, worker_env
+from helpers import LEASE_TTL_S, REPO, TINY_FINETUNE, deployment_build, deployment_runs, stop_tree, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,22 +43,11 @@ def api(prefect_server: str) -> Iterator[str]:
 
 
 def _request(manifest: str, base: Path, dataset: Path, finetune: dict):
-    from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
-
-    return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
-                        deployment=DEPLOYMENT, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=WAIT_S)
+    return deployment_build(manifest, base, dataset, finetune, DEPLOYMENT, WAIT_S)
 
 
 def _batch_runs(batch_ids: set[str] | None = None) -> list:
-    """Flow runs of the e2e deployment (optionally only those of some batches)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name(DEPLOYMENT)
-        runs = client.read_flow_runs(limit=200)
-    runs = [r for r in runs if r.deployment_id == dep.id]
-    return [r for r in runs if batch_ids is None or r.name.removeprefix("finetune-") in batch_ids]
+    return deployment_runs(DEPLOYMENT, batch_ids)
 
 
 def _raw_commit_ids(dataset: Path) -> list[str]:
@@ -121,7 +110,7 @@ def test_kill_worker_mid_batch_then_resume_commits_each_id_exactly_once(
     parent = subprocess.Popen(
         [str(Path(sys.executable).with_name("weightzoo")), "build", "--manifest", manifest, "--base", str(tiny_base),
          "--dataset", str(dataset), "--batch-size", "2", "--executor", "deployment", "--deployment", DEPLOYMENT,
-         "--finetune-json", json.dumps(slow)],
+         "--finetune-json", json.dumps(slow), "--lease-ttl-s", str(LEASE_TTL_S)],
         env=worker_env(api, tmp_path / "parent-home"), cwd=REPO, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True,
     )

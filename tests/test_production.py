@@ -25,7 +25,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY_FINETUNE, stop_tree
+from helpers import REPO, TINY_FINETUNE, deployment_build, deployment_runs, process_workers, stop_tree
 
 from weightzoo import server as srv
 from weightzoo.net import free_port
@@ -199,40 +199,17 @@ def _env(api: str, home: Path) -> dict[str, str]:
 @pytest.fixture
 def prod_workers(prod_api: str, tmp_path: Path) -> Iterator[Callable[[], subprocess.Popen]]:
     """Start real ``prefect worker start`` process workers (limit 1 each) on the postgres-backed API."""
-    started: list[subprocess.Popen] = []
-
-    def start() -> subprocess.Popen:
-        log = tmp_path / f"worker-{len(started)}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([srv.PREFECT, "worker", "start", "--pool", POOL, "--type", "process", "--limit", "1"],
-                                    env=_env(prod_api, tmp_path), cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            stop_tree(proc)
+    with process_workers(POOL, _env(prod_api, tmp_path), tmp_path) as start:
+        yield start
 
 
 def _request(manifest: str, base: Path, dataset: Path, finetune: dict):
-    from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
-
-    return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
-                        deployment=DEPLOYMENT, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=WAIT_S)
+    return deployment_build(manifest, base, dataset, finetune, DEPLOYMENT, WAIT_S)
 
 
 def _runs(batch_ids: set[str] | None = None) -> list:
     """Runs of the deployment (of some batches only); tests share batch ids, so callers exclude earlier runs."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        dep = client.read_deployment_by_name(DEPLOYMENT)
-        runs = client.read_flow_runs(limit=200)
-    return [r for r in runs if r.deployment_id == dep.id
-            and (batch_ids is None or r.name.removeprefix("finetune-") in batch_ids)]
+    return deployment_runs(DEPLOYMENT, batch_ids)
 
 
 def _assert_exactly(dataset: Path, n: int) -> None:

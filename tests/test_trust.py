@@ -237,49 +237,44 @@ def test_missing_bucket_fails_fast_with_the_cause_in_status(
 needs_mount = pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs root")
 
 
-@needs_mount
-def test_full_disk_fails_fast_with_the_cause_in_status(
-    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
-) -> None:
-    manifest, ids = _manifest(tmp_path, 3)
-    with tmpfs(tmp_path / "mnt", "512k") as mnt:
-        dataset = str(mnt / "ds")
-        big = CONFIG.model_copy(update={"rank": 16, "weights_dtype": "float32"})  # a shard of ~50 KB per row
-        engine = Counting("counting-full")
-        stat = os.statvfs(mnt)
-        (mnt / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 48 * 1024))
-        with pytest.raises(OSError) as raised:
-            _batch(manifest, tiny_base, dataset, ids, engine.name, big)
-        assert raised.value.errno == errno.ENOSPC and is_permanent(raised.value)
-        assert engine.rows == ids  # trained once; never retried
-        failed = Ledger(dataset).failed()
-        assert sorted(failed) == sorted(ids) and "No space left" in failed[ids[0]].reason
-        assert not list((mnt / "ds" / "shards").rglob("*.parquet*"))  # no temp or partial shard left
-        capsys.readouterr()
-        cli(["status", "--dataset", dataset])
-        out = capsys.readouterr()
-        assert "no space left" in out.out + out.err and "No space left" in out.out
-        assert _visible(dataset) == (0, 0)
+def _status_output(dataset: str, capsys: pytest.CaptureFixture) -> str:
+    capsys.readouterr()
+    cli(["status", "--dataset", dataset])
+    out = capsys.readouterr()
+    return out.out + out.err
 
 
 @needs_mount
-def test_read_only_dataset_fails_fast_and_loses_nothing(
-    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize("fault", ["full-disk", "read-only"])
+def test_storage_that_refuses_writes_fails_fast_with_the_cause_in_status(
+    fault: str, tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    """A full disk: the batch trains once, its shard does not fit, it fails at once (no retry), its rows are
+    recorded as failed with the reason, no partial file is left. A read-only dataset: the lease write fails
+    before any training and the committed rows are intact. ``status`` names the cause either way."""
     manifest, ids = _manifest(tmp_path, 4)
-    with tmpfs(tmp_path / "mnt", "16m") as mnt:
-        dataset = str(mnt / "ds")
-        engine = Counting("counting-ro")
-        _batch(manifest, tiny_base, dataset, ids[:2], engine.name)
-        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    with tmpfs(tmp_path / "mnt", "512k" if fault == "full-disk" else "16m") as mnt:
+        dataset, engine = str(mnt / "ds"), Counting(f"counting-{fault}")
+        if fault == "full-disk":
+            config = CONFIG.model_copy(update={"rank": 16, "weights_dtype": "float32"})  # ~50 KB shard rows
+            stat = os.statvfs(mnt)
+            (mnt / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 48 * 1024))
+            todo, errno_, cause, trained, visible = ids, errno.ENOSPC, "no space left", ids, (0, 0)
+        else:
+            config = CONFIG
+            _batch(manifest, tiny_base, dataset, ids[:2], engine.name)
+            subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+            todo, errno_, cause, trained, visible = ids[2:], errno.EROFS, "read-only file system", ids[:2], (2, 2)
         with pytest.raises(OSError) as raised:
-            _batch(manifest, tiny_base, dataset, ids[2:], engine.name)
-        assert raised.value.errno == errno.EROFS and is_permanent(raised.value)
-        assert engine.rows == ids[:2]  # the lease write failed before any training
-        capsys.readouterr()
-        cli(["status", "--dataset", dataset])
-        assert "read-only file system" in capsys.readouterr().out
-        assert _visible(dataset) == (2, 2)
+            _batch(manifest, tiny_base, dataset, todo, engine.name, config)
+        assert raised.value.errno == errno_ and is_permanent(raised.value)
+        assert engine.rows == trained  # never retried: a full disk trained once, a read-only one not at all
+        if fault == "full-disk":
+            failed = Ledger(dataset).failed()
+            assert sorted(failed) == sorted(ids) and "No space left" in failed[ids[0]].reason
+            assert not list((mnt / "ds" / "shards").rglob("*.parquet*"))  # no temp or partial shard left
+        assert cause in _status_output(dataset, capsys)
+        assert _visible(dataset) == visible
 
 
 # -- leases --------------------------------------------------------------------------------------------
@@ -320,3 +315,45 @@ def test_two_concurrent_builds_train_each_batch_about_once(tmp_path: Path, tiny_
     trained = sum(pq.ParquetFile(f).metadata.num_rows for f in (dataset / "shards").glob("*.parquet"))
     assert trained <= n + batch, outputs  # every shard file, committed or not, holds rows that were trained
     assert _visible(str(dataset)) == (n, n)
+
+
+# -- corruption, end to end ----------------------------------------------------------------------------
+
+
+def _flip_a_weights_byte(path: Path) -> None:
+    """Flip one byte of the first row's weights where they sit in the file (it stays valid Parquet)."""
+    first = pq.read_table(path, columns=["weights"]).column("weights")[0].as_py()[:32]
+    data = bytearray(path.read_bytes())
+    data[data.index(first) + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", ["flipped-byte", "deleted-shard"])
+def test_corrupt_shard_is_caught_by_every_reader_then_repaired_and_rebuilt(
+    fault: str, tmp_path: Path, tiny_base: Path, prefect_harness: None, capsys: pytest.CaptureFixture
+) -> None:
+    """A real build; one committed shard damaged; export, fit-subspace and verify each refuse it, naming the
+    shard; verify --repair quarantines it; the next build retrains exactly its rows: N unique ids again."""
+    manifest, ids = _manifest(tmp_path, 4)
+    dataset = str(tmp_path / "ds")
+    build = ["build", "--manifest", manifest, "--base", str(tiny_base), "--dataset", dataset, "--batch-size", "2",
+             "--finetune-json", json.dumps({**TINY_FINETUNE, "pack": 2})]
+    assert cli(build) == 0
+    entry = Ledger(dataset).commits()[0]
+    shard = tmp_path / "ds" / entry.shard
+    if fault == "flipped-byte":
+        _flip_a_weights_byte(shard)
+    else:
+        shard.unlink()
+    capsys.readouterr()
+    for command in (["export", "--dataset", dataset, "--id", entry.ids[0], "--out", str(tmp_path / "x.safetensors")],
+                    ["fit-subspace", "--dataset", dataset, "--out", str(tmp_path / "sub"), "-k", "1", "--no-prefect"],
+                    ["verify", "--dataset", dataset]):
+        assert cli(command) != 0, command
+        out = capsys.readouterr()
+        assert entry.shard.rsplit("/", 1)[-1] in out.out + out.err, command
+    assert cli(["verify", "--dataset", dataset, "--repair"]) == 1  # found (and quarantined) one
+    assert sorted(Ledger(dataset).pending(ids)) == sorted(entry.ids)
+    assert cli(build) == 0
+    assert cli(["verify", "--dataset", dataset]) == 0
+    assert _visible(dataset) == (4, 4)

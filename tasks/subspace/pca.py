@@ -155,7 +155,12 @@ def shard_refs(dataset_uri: str) -> list[ShardRef]:
 def shard_layout(dataset_uri: str, ref: ShardRef) -> Layout:
     """The layout of one shard (its footer; no ledger listing per task), checked against its commit entry."""
     fs, root = filesystem(dataset_uri)
-    layout = read_layout(fs, join(root, ref.shard))
+    try:
+        layout = read_layout(fs, join(root, ref.shard))
+    except FileNotFoundError as e:  # a committed shard that is gone: the ledger's word against the storage's
+        raise CorruptShardError(f"shard {ref.shard} is missing: run weightzoo verify --repair") from e
+    except (OSError, pa.ArrowException) as e:  # truncated or overwritten: its footer no longer parses
+        raise CorruptShardError(f"shard {ref.shard} cannot be read ({e}): run weightzoo verify --repair") from e
     if layout.fingerprint != ref.layout:
         raise LayoutMismatchError(f"shard {ref.shard} has layout {layout.fingerprint}, its ledger entry says {ref.layout}")
     return layout

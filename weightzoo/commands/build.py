@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir")
+BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir", "lease_ttl_s")
 FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
 
 

@@ -31,20 +31,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run_edit(args: argparse.Namespace) -> int:
-    """The concept workload: edit base, concept manifest, edit-lora dataset, structured weight generator."""
+def _config(args: argparse.Namespace, model: type, count_field: str):
+    """The pipeline's config from the flags the user set (the model supplies every other default)."""
     from pathlib import Path
-
-    from weightzoo.flows.concept_pipeline import ConceptPipelineConfig, concept_pipeline
 
     fields: dict = {"workdir": str(Path(args.workdir).resolve())}
     if args.subjects is not None:
-        fields["concepts"] = args.subjects
+        fields[count_field] = args.subjects
     if args.steps is not None:
-        fields["finetune"] = ConceptPipelineConfig.model_fields["finetune"].default.model_copy(update={"steps": args.steps})
-    out = concept_pipeline(ConceptPipelineConfig(**fields))
+        fields["finetune"] = model.model_fields["finetune"].default.model_copy(update={"steps": args.steps})
+    return model(**fields)
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    """The concept workload: edit base, concept manifest, edit-lora dataset, structured weight generator."""
+    from weightzoo.flows.concept_pipeline import ConceptPipelineConfig, concept_pipeline
+
+    config = _config(args, ConceptPipelineConfig, "concepts")
+    out = concept_pipeline(config)
     build = out["build"]
-    print(f"\nweightzoo demo --kind edit finished in {fields['workdir']}")
+    print(f"\nweightzoo demo --kind edit finished in {config.workdir}")
     print(f"  edit base    {out['base']}  (SkipUNetGenerator, config.json + model.safetensors)")
     print(f"  manifest     {out['manifest']}  (procedural edit specs)")
     print(f"  dataset      {out['dataset']}  ({build['committed']} committed, {build['failed']} failed of {build['total']})")
@@ -61,15 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
     from weightzoo.flows.pipeline import PipelineConfig, pipeline
 
-    fields: dict = {"workdir": str(Path(args.workdir).resolve())}
-    if args.subjects is not None:
-        fields["subjects"] = args.subjects
-    if args.steps is not None:
-        fields["finetune"] = PipelineConfig.model_fields["finetune"].default.model_copy(update={"steps": args.steps})
-    out = pipeline(PipelineConfig(**fields))
+    config = _config(args, PipelineConfig, "subjects")
+    out = pipeline(config)
     build = out["build"]
     print()
-    print(f"weightzoo demo finished in {fields['workdir']}")
+    print(f"weightzoo demo finished in {config.workdir}")
     print(f"  base model   {out['base']}  (tiny SD-style pipeline, save_pretrained format)")
     print(f"  manifest     {out['manifest']}  (images in {Path(out['manifest']).parent / 'images'})")
     print(f"  dataset      {out['dataset']}  ({build['committed']} committed, {build['failed']} failed, {build['pending']} pending)")
