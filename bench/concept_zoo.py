@@ -8,7 +8,10 @@ Builds (or reuses, in --work) an edit base, ``--train`` training concepts as a d
   (b) base + standard LoRA init   (c) the training rows' mean   (d) the nearest training concept by
   condition   (e) (d) plus Gaussian noise (memorisation baseline, Zeng et al. 2025)   (f) generated (1 step)
 
-Steps to target = first evaluation (every ``--eval-every`` steps) whose held-out PSNR reaches the target.
+Steps to target = first evaluation (every ``--eval-every`` steps) whose held-out PSNR reaches the target;
+time to target = steps x seconds per step of one concept trained alone (measured here for LoRA and full
+training), plus the time to generate one LoRA for (f). Base, manifest, dataset and generator go to folders
+named by their settings under ``--work``, so a rerun with other start or generator settings reuses them.
 Run: ``.venv/bin/python bench/concept_zoo.py --work /tmp/czoo`` (see docs/BENCHMARKS.md for figures).
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from weightzoo.storage.dataset import Dataset
 from weightzoo.tasks.concepts.base import build_base, load_base, make_base
 from weightzoo.tasks.concepts.condition import StructuredCondition
-from weightzoo.tasks.concepts.engine import EditFinetuneConfig, train_concepts
+from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, train_concepts
 from weightzoo.tasks.concepts.pairs import concept_pairs, psnr
 from weightzoo.tasks.concepts.zoo import concept_rows, heldout_rows, write_concept_manifest
 from weightzoo.tasks.diffusion.generator import (
@@ -41,11 +45,12 @@ STARTS = ("b_lora_init", "c_mean", "d_nearest", "e_noisy_nearest", "f_generated"
 
 
 def build(args, work: Path, cfg: EditFinetuneConfig) -> tuple[str, str, list]:
-    base = make_base(str(work / "base"), args.base_steps)
-    manifest = str(work / "manifest.jsonl")
+    """The base, manifest and dataset, each in a folder named by its settings (kept and reused)."""
+    base = make_base(str(work / f"base-{args.base_steps}"), args.base_steps)
+    manifest = str(work / f"manifest-{args.train}.jsonl")
     if not Path(manifest).exists():
         write_concept_manifest(concept_rows(args.train), manifest)
-    dataset = str(work / "dataset")
+    dataset = str(work / f"dataset-{args.train}-{args.base_steps}-{cfg.steps}-{cfg.learning_rate}-{cfg.rank}-{cfg.adam_epsilon}")
     t0 = time.perf_counter()
     rows = read_manifest(manifest)
     for plan in plan_batches([r.id for r in rows], 64):
@@ -54,9 +59,9 @@ def build(args, work: Path, cfg: EditFinetuneConfig) -> tuple[str, str, list]:
     return base, dataset, rows
 
 
-def full_training(pairs, steps: int, eval_every: int, lr: float, batch: int) -> tuple[list[tuple[int, float]], float]:
-    """(a): the base architecture from a random init, every weight trained on the concept's pairs."""
-    model = build_base(load_base_config, seed=1)
+def full_training(config, pairs, steps: int, eval_every: int, lr: float, batch: int) -> tuple[list[tuple[int, float]], float]:
+    """(a): the base architecture (``config``) from a random init, every weight trained on the concept's pairs."""
+    model = build_base(config, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     curve, t0 = [], time.perf_counter()
     for step in range(steps + 1):
@@ -89,13 +94,26 @@ def starts(args, dataset: str, wdiff: str, train_rows, held) -> dict[str, list]:
     cond = StructuredCondition.fit([r.attributes for r in train_rows])
     feats = cond.encode_many([r.attributes for r in train_rows if r.id in by_id])
     model = WeightDiffusionModel.load(wdiff)
+    t0 = time.perf_counter()
     gen = model.generate_attributes([r.attributes for r in held])
+    gen_s = (time.perf_counter() - t0) / len(held)
     g = torch.Generator().manual_seed(0)
     nearest = [x[int(torch.cdist(cond.encode(r.attributes)[None], feats).argmin())] for r in held]
     noise = x.std(0)
     return {"b_lora_init": [None] * len(held), "c_mean": [x.mean(0)] * len(held), "d_nearest": nearest,
             "e_noisy_nearest": [n + args.noise * noise * torch.randn(n.shape, generator=g) for n in nearest],
-            "f_generated": list(gen), "_train": x, "_gen": gen}
+            "f_generated": list(gen), "_train": x, "_gen": gen, "_gen_s": gen_s}
+
+
+def step_seconds(model, pairs, cfg: EditFinetuneConfig, layout, steps: int = 60) -> dict[str, float]:
+    """Seconds per optimiser step of one concept trained alone (no packing), LoRA and full: the fair unit."""
+    one = cfg.model_copy(update={"steps": steps, "check_every": steps})
+    train_concepts(model, pairs[:1], one.model_copy(update={"steps": 5}), layout)  # warm-up
+    t0 = time.perf_counter()
+    train_concepts(model, pairs[:1], one, layout)
+    lora = (time.perf_counter() - t0) / steps
+    full = full_training(model.config, pairs[0], steps, steps, 2e-3, cfg.batch_size)[1]
+    return {"lora": lora, "full": full}
 
 
 def main() -> None:
@@ -103,83 +121,107 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/czoo")
     p.add_argument("--train", type=int, default=512)
     p.add_argument("--heldout", type=int, default=32)
-    p.add_argument("--base-steps", type=int, default=300)
-    p.add_argument("--ft-steps", type=int, default=60, help="fine-tune steps of each training concept")
-    p.add_argument("--budget", type=int, default=60, help="LoRA steps per held-out start")
+    p.add_argument("--base-steps", type=int, default=2000)
+    p.add_argument("--ft-steps", type=int, default=300, help="fine-tune steps of each training concept")
+    p.add_argument("--ft-lr", type=float, default=1e-2, help="LoRA learning rate (training rows and every start)")
+    p.add_argument("--rank", type=int, default=2)
+    p.add_argument("--adam-eps", type=float, default=EditFinetuneConfig().adam_epsilon, help="LoRA AdamW epsilon")
+    p.add_argument("--budget", type=int, default=300, help="LoRA steps per held-out start")
     p.add_argument("--full-steps", type=int, default=300, help="steps of (a), the from-scratch baseline")
     p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--diffusion-steps", type=int, default=600)
+    p.add_argument("--diffusion-steps", type=int, default=4000)
+    p.add_argument("--diffusion-width", type=int, default=128)
+    p.add_argument("--diffusion-depth", type=int, default=3)
+    p.add_argument("--diffusion-lr", type=float, default=1e-3)
     p.add_argument("--noise", type=float, default=0.5, help="(e): noise std as a multiple of each parameter's std")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = EditFinetuneConfig(steps=args.ft_steps, learning_rate=1e-2, pack=32)
+    cfg = EditFinetuneConfig(steps=args.ft_steps, learning_rate=args.ft_lr, rank=args.rank, alpha=args.rank,
+                             adam_epsilon=args.adam_eps, pack=32)
     t0 = time.perf_counter()
     base, dataset, train_rows = build(args, work, cfg)
-    wdiff = str(work / "wdiff")
-    train_weight_diffusion(WeightDiffusionConfig(dataset=dataset, base=base, out=wdiff, condition="structured",
-                                                 steps=args.diffusion_steps, block_size=256, width=64, depth=2,
-                                                 learning_rate=3e-3, checkpoint_every=args.diffusion_steps))
-    print(f"generator: {time.perf_counter() - t0:.0f} s", flush=True)
+    wdiff = f"{dataset}-wdiff-{args.diffusion_steps}-{args.diffusion_width}-{args.diffusion_depth}-{args.diffusion_lr}"
+    t1 = time.perf_counter()
+    train_weight_diffusion(WeightDiffusionConfig(
+        dataset=dataset, base=base, out=wdiff, condition="structured", steps=args.diffusion_steps, block_size=256,
+        width=args.diffusion_width, depth=args.diffusion_depth, learning_rate=args.diffusion_lr,
+        checkpoint_every=args.diffusion_steps))
+    print(f"generator: {time.perf_counter() - t1:.0f} s", flush=True)
     held = heldout_rows(args.heldout)
     model = load_base(base)
-    global load_base_config
-    load_base_config = model.config
     size = model.config.image_size
     pairs = [concept_pairs(r, None, train=cfg.train_pairs, held_out=cfg.eval_pairs, size=size, data_seed=0) for r in held]
     init = starts(args, dataset, wdiff, train_rows, held)
     run_cfg = cfg.model_copy(update={"steps": args.budget, "check_every": args.budget})
-    from weightzoo.tasks.concepts.engine import edit_layout
-
     layout = edit_layout(model, run_cfg)
     curves: dict[str, list] = {}
-    secs: dict[str, float] = {}
     for name in STARTS:
         t1 = time.perf_counter()
         runs = train_concepts(model, pairs, run_cfg, layout, init[name], eval_every=args.eval_every)
-        secs[name] = (time.perf_counter() - t1) / (len(held) * args.budget)
         curves[name] = [r.psnr for r in runs]
         print(f"{name}: {time.perf_counter() - t1:.0f} s", flush=True)
-    full = [full_training(pr, args.full_steps, args.eval_every, 2e-3, cfg.batch_size) for pr in pairs]
-    secs["a_pix2pix"] = statistics.mean(s for _, s in full)
+    full = [full_training(model.config, pr, args.full_steps, args.eval_every, 2e-3, cfg.batch_size) for pr in pairs]
     curves["a_pix2pix"] = [c for c, _ in full]
+    secs = step_seconds(model, pairs, cfg, layout)
     report(args, held, curves, secs, init, work, time.perf_counter() - t0)
+
+
+def seconds_to_target(name: str, steps: int | None, secs: dict[str, float]) -> float:
+    """Wall time of one concept trained alone to its target: steps x seconds per step (+ generating it)."""
+    if steps is None:
+        return math.inf
+    return steps * secs["full" if name == "a_pix2pix" else "lora"] + (secs["generate"] if name == "f_generated" else 0.0)
 
 
 def report(args, held, curves, secs, init, work: Path, total: float) -> None:
     names = ("a_pix2pix", *STARTS)
+    secs = {**secs, "generate": init["_gen_s"]}
     table, rows = [], []
     for k, r in enumerate(held):
         target = curves["a_pix2pix"][k][-1][1]
         steps = {n: first_at(curves[n][k], target) for n in names}
-        at_equal = {n: dict(curves[n][k]).get(args.budget) for n in names}
-        rows.append({"id": r.id, "prompt": r.prompt, "target": target, "steps": steps, "psnr_at_budget": at_equal})
-        cells = " | ".join(str(steps[n]) if steps[n] is not None else f">{args.budget if n != 'a_pix2pix' else args.full_steps}"
+        rows.append({"id": r.id, "prompt": r.prompt, "target": target, "steps": steps,
+                     "seconds": {n: seconds_to_target(n, steps[n], secs) for n in names},
+                     "psnr_at": {n: dict(curves[n][k]) for n in names}})
+        cells = " | ".join(str(steps[n]) if steps[n] is not None else f">{args.full_steps if n == 'a_pix2pix' else args.budget}"
                            for n in names)
         table.append(f"| {r.prompt} | {target:.1f} | {cells} |")
     x, gen = init["_train"], init["_gen"]
     d_gen = torch.cdist(gen, x).min(1).values
-    d_train = torch.cdist(x[:200], x[:200])
-    typical = d_train[~torch.eye(len(d_train), dtype=torch.bool)].median()
-    summary = {"total_s": total, "seconds_per_step": secs, "gen_to_nearest_train_median": float(d_gen.median()),
-               "train_pairwise_median": float(typical), "rows": rows}
+    d_train = torch.cdist(x, x)
+    d_train.fill_diagonal_(math.inf)
+    nearest_train = d_train.min(1).values
+    off = ~torch.eye(len(x), dtype=torch.bool)
+    typical = torch.cdist(x, x)[off].median()
+    summary = {"args": vars(args), "total_s": total, "seconds_per_step": secs, "rows": rows,
+               "gen_to_nearest_train_median": float(d_gen.median()),
+               "train_to_nearest_train_median": float(nearest_train.median()),
+               "train_pairwise_median": float(typical)}
     (work / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     print("| held-out concept | target dB | " + " | ".join(names) + " |")
+    print("|---|---:|" + "---:|" * len(names))
     print("\n".join(table))
+    print(f"\nseconds per step, one concept alone: full {secs['full']:.4f}, LoRA {secs['lora']:.4f}; "
+          f"generating one LoRA {secs['generate']:.4f} s")
+    print("| start | reached | median steps | median s to target | (a) / this, median s | PSNR at 0 | PSNR at 20 | PSNR at 60 | PSNR at budget |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    med_a = statistics.median(r["seconds"]["a_pix2pix"] for r in rows)
     for n in names:
         got = [r["steps"][n] for r in rows if r["steps"][n] is not None]
-        eq = [r["psnr_at_budget"][n] for r in rows if r["psnr_at_budget"][n] is not None]
-        print(f"{n}: reached {len(got)}/{len(rows)}, median steps {statistics.median(got) if got else None}, "
-              f"median PSNR at {args.budget} steps {statistics.median(eq) if eq else None}, s/step {secs[n]:.4f}")
+        med = statistics.median(r["seconds"][n] for r in rows)
+        end = args.full_steps if n == "a_pix2pix" else args.budget
+        at = [statistics.median(r["psnr_at"][n].get(s, math.nan) for r in rows) for s in (0, 20, 60, end)]
+        steps_med = statistics.median([r["steps"][n] if r["steps"][n] is not None else math.inf for r in rows])
+        print(f"| {n} | {len(got)}/{len(rows)} | {steps_med} | {med:.3f} | {med_a / med:.1f}x | "
+              + " | ".join(f"{v:.1f}" for v in at) + " |")
     f_vs = {o: sum(1 for r in rows if r["steps"]["f_generated"] is not None and
                    (r["steps"][o] is None or r["steps"]["f_generated"] < r["steps"][o])) for o in STARTS[:-1]}
     print(f"(f) strictly fewer steps than: {f_vs} of {len(rows)}")
-    print(f"distance generated→nearest train row (median) {float(d_gen.median()):.3f}; "
-          f"typical train-train distance {float(typical):.3f}; total {total:.0f} s")
-
-
-load_base_config = None
+    print(f"distance of each generated row to its nearest training row (median) {float(d_gen.median()):.3f}; "
+          f"training row to its nearest other training row {float(nearest_train.median()):.3f}; "
+          f"between training rows {float(typical):.3f}; total {total:.0f} s")
 
 if __name__ == "__main__":
     main()

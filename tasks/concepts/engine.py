@@ -54,6 +54,10 @@ class EditFinetuneConfig(BaseModel):
     steps: int = Field(100, ge=1, description="Optimiser steps per concept.")
     batch_size: int = Field(4, ge=1, description="Image pairs per concept per step.")
     learning_rate: float = Field(5e-3, gt=0, description="AdamW learning rate (constant).")
+    # torch's default. A larger epsilon (1e-3, 1e-2) makes rows smoother in the edit (a coordinate with a tiny
+    # gradient then barely moves instead of stepping ~lr·sign(g)), but slows fine-tuning more than it helps a
+    # weight generator: docs/BENCHMARKS.md, "Concept zoo" and "Edit LoRA rows".
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     # No decay: it would pull every row toward zero by an amount that depends on the steps, not the edit.
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     # Per row (never across a pack), so packing cannot change a row's update.
@@ -141,7 +145,7 @@ def train_concepts(model: SkipUNetGenerator, pairs: Sequence[Pairs], config: Edi
         for slot in range(k):
             _load_slot(wrappers, slot, layout, (inits or [None] * k)[slot], c)
         params = [p for w in wrappers.values() for p in (w.A, w.B)]
-        opt = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+        opt = torch.optim.AdamW(params, lr=c.learning_rate, eps=c.adam_epsilon, weight_decay=c.weight_decay)
         active = list(range(k))
         if eval_every:
             for r, v in zip(runs, _eval_psnr(model, pairs, device), strict=True):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.commands.options import add_dataset
+
 FORMATS = ("diffusers", "peft")  # the same as tasks/finetune/export.py's; kept here so --help imports nothing heavy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="Write one row of a dataset as a diffusers LoRA file or a peft adapter folder.")
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument("--id", required=True, help="The row's id.")
     p.add_argument(
         "--out",

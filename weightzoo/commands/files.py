@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from weightzoo.commands.options import add_dataset
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("files", help="List the committed shard files and the ids visible in each.")
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument("--json", action="store_true", help="Print JSON: the layout, and each file's URI, ids, rows and bytes.")
     p.set_defaults(func=run)
 

@@ -8,6 +8,8 @@ import re
 import sys
 from datetime import timedelta
 
+from weightzoo.commands.options import add_dataset
+
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
@@ -23,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gc", help="Remove orphan shards (written but never committed) and stale temp files; a dry run by default."
     )
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument(
         "--older-than",
         type=parse_duration,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.commands.options import add_dataset
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="Sum LoRA rows of a dataset into one diffusers LoRA file (orthogonal rows "
                        "merge without interference).")
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument("--ids", required=True, nargs="+", metavar="ID", help="The rows to merge.")
     p.add_argument("--out", required=True,
                    help="Output file (…/pytorch_lora_weights.safetensors) or folder, for pipe.load_lora_weights.")

@@ -87,3 +87,8 @@ def set_fields(args: argparse.Namespace, names: Iterable[str]) -> dict[str, Any]
         if value is not None:
             out[name] = tuple(value) if isinstance(value, list) else value
     return out
+
+
+def add_dataset(parser: argparse._ActionsContainer) -> argparse.Action:
+    """The ``--dataset`` flag every dataset command takes."""
+    return parser.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")

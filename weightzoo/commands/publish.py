@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.commands.options import add_dataset
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "publish", help="Write the committed rows as a Hub-style dataset: data/train-*.parquet, layout.json, README.md."
     )
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument("--out", required=True, help="Output folder (local path or s3://...); a rerun resumes it.")
     p.add_argument("--max-file-mb", type=int, default=512, help="Weights per output file, in MiB.")
     p.set_defaults(func=run)

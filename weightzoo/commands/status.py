@@ -8,13 +8,15 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from weightzoo.commands.options import add_dataset
+
 if TYPE_CHECKING:  # storage imports pyarrow and torch: loaded only when the command runs
     from weightzoo.storage.ledger import CommitEntry, Ledger
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="Show how much of a dataset is committed, failed and pending.")
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument("--manifest", help="Manifest URI; with it, pending = manifest ids not yet committed.")
     p.add_argument("--json", action="store_true", help="Print JSON (integer counts, failure reasons).")
     p.add_argument("--limit", type=int, default=20, help="How many failures to list.")

@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from weightzoo.commands.options import add_dataset
 from weightzoo.errors import WeightzooError
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "verify", help="Check every committed shard and ledger file; --repair quarantines the bad ones."
     )
-    p.add_argument("--dataset", required=True, help="Dataset URI (local path or s3://bucket/prefix).")
+    add_dataset(p)
     p.add_argument(
         "--repair",
         action="store_true",
