@@ -191,10 +191,8 @@ def report(args, held, curves, secs, init, work: Path, total: float) -> None:
     x, gen = init["_train"], init["_gen"]
     d_gen = torch.cdist(gen, x).min(1).values
     d_train = torch.cdist(x, x)
-    d_train.fill_diagonal_(math.inf)
-    nearest_train = d_train.min(1).values
-    off = ~torch.eye(len(x), dtype=torch.bool)
-    typical = torch.cdist(x, x)[off].median()
+    typical = d_train[~torch.eye(len(x), dtype=torch.bool)].median()
+    nearest_train = d_train.fill_diagonal_(math.inf).min(1).values
     summary = {"args": vars(args), "total_s": total, "seconds_per_step": secs, "rows": rows,
                "gen_to_nearest_train_median": float(d_gen.median()),
                "train_to_nearest_train_median": float(nearest_train.median()),
@@ -214,7 +212,7 @@ def report(args, held, curves, secs, init, work: Path, total: float) -> None:
         end = args.full_steps if n == "a_pix2pix" else args.budget
         at = [statistics.median(r["psnr_at"][n].get(s, math.nan) for r in rows) for s in (0, 20, 60, end)]
         steps_med = statistics.median([r["steps"][n] if r["steps"][n] is not None else math.inf for r in rows])
-        print(f"| {n} | {len(got)}/{len(rows)} | {steps_med} | {med:.3f} | {med_a / med:.1f}x | "
+        print(f"| {n} | {len(got)}/{len(rows)} | {steps_med} | {med:.3f} | {med_a / med if med else math.inf:.1f}x | "
               + " | ".join(f"{v:.1f}" for v in at) + " |")
     f_vs = {o: sum(1 for r in rows if r["steps"]["f_generated"] is not None and
                    (r["steps"][o] is None or r["steps"]["f_generated"] < r["steps"][o])) for o in STARTS[:-1]}
