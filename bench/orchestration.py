@@ -5,7 +5,7 @@
     .venv/bin/python bench/orchestration.py --backend sqlite postgres --workers 4 --batch-size 256 \
         --items 10000 --postgres-items 10000 50000
 
-``--backend`` runs each backend in turn with servers of its own (``weightzoo.server``: SQLite in one
+``--backend`` runs each backend in turn with servers of its own (``weightzoo.deployments.servers``: SQLite in one
 process, or a local PostgreSQL + Redis with the API and services apart), ``--workers`` process workers
 (limit 1 each) and the deployment ``finetune-batch-null/bench`` (``bench/null_worker.py``: the real
 finetune-batch flow with the null engine registered in the worker's flow-run process). Each row also
@@ -114,13 +114,13 @@ def count_api_errors(logs: list[Path]) -> Counter:
 
 @contextlib.contextmanager
 def managed_backend(backend: str, workers: int, work: Path) -> Iterator[list[Path]]:
-    """A server of ``backend`` (weightzoo.server), the null-engine deployment and ``workers`` process workers,
+    """A server of ``backend`` (weightzoo.deployments.servers), the null-engine deployment and ``workers`` process workers,
     all stopped on exit; yields the log files to scan for API errors. PREFECT_API_URL points at it meanwhile."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from weightzoo import server as srv
-    from weightzoo.commands.serve import deploy_finetune_batch
-    from weightzoo.net import free_port
+    from weightzoo.cli.commands.serve import deploy_finetune_batch
+    from weightzoo.deployments import servers as srv
+    from weightzoo.deployments.net import free_port
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from null_worker import ENTRYPOINT

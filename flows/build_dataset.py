@@ -19,7 +19,6 @@ from prefect.deployments import run_deployment
 from weightzoo.flows.common import artifact_key
 from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch
-from weightzoo.progress import COMMITTED, report
 from weightzoo.storage import card
 from weightzoo.storage.card import Recipe
 from weightzoo.storage.fs import redact
@@ -28,6 +27,7 @@ from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.retry import describe, with_retries
 from weightzoo.tasks.finetune.batch import BatchPlan, cached_fingerprint, plan_batches
 from weightzoo.tasks.finetune.manifest import ManifestError, load_and_validate
+from weightzoo.tasks.progress import COMMITTED, report
 
 MAX_FAILURES_SHOWN = 50
 LEASED = "LEASED"  # a batch state of our own: another live build holds the batch

@@ -11,7 +11,7 @@ from uuid import UUID
 
 from prefect.artifacts import create_image_artifact, create_progress_artifact, update_progress_artifact
 
-from weightzoo.progress import report
+from weightzoo.tasks.progress import report
 
 # An artifact update is one API call, while a training step can take a fraction of a second: a few
 # updates a minute suit a human and cost the API nothing.
@@ -33,7 +33,7 @@ class ThrottledProgress:
         self._last = 0.0
 
     def __call__(self, done: int, total: int, *extra: Any) -> None:
-        report(done, total, *extra)  # the terminal bar of a run in this process (weightzoo.progress): every call
+        report(done, total, *extra)  # the terminal bar of a run in this process (weightzoo.cli.progress): every call
         now = time.monotonic()
         if done < total and now - self._last < self.every_s:
             return

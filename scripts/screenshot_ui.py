@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from weightzoo.net import free_port, wait_healthy
+from weightzoo.deployments.net import free_port, wait_healthy
 
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from weightzoo.net import free_port, wait_healthy
+from weightzoo.deployments.net import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))

@@ -9,7 +9,7 @@ import pytest
 from pydantic import BaseModel
 
 from weightzoo.cli import COMMANDS, build_parser, main
-from weightzoo.commands.options import MODEL_FIELD
+from weightzoo.cli.commands.options import MODEL_FIELD
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -57,7 +57,7 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(
     err = capsys.readouterr().err
     assert err.startswith("weightzoo status: error: no dataset at") and err.count("\n") == 1
 
-    import weightzoo.commands.status as status
+    import weightzoo.cli.commands.status as status
 
     def bug(*args, **kwargs):
         return {}["missing-key"]  # a programming error, not the user's

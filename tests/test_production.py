@@ -2,7 +2,7 @@
 chained-flow triggers, PCA on Dask, the Kubernetes GPU job template.
 
 The end-to-end tests (``slow``) start a real PostgreSQL and Redis on free loopback ports in a temp folder
-(Debian's packages; skipped only when those binaries are absent), then ``weightzoo.server``'s Prefect API
+(Debian's packages; skipped only when those binaries are absent), then ``weightzoo.deployments.servers``'s Prefect API
 (``--no-services``) and services processes over them, once for the module, and real process workers.
 """
 
@@ -27,8 +27,8 @@ import torch
 import yaml
 from helpers import REPO, TINY_FINETUNE, deployment_build, deployment_runs, process_workers, stop_tree
 
-from weightzoo import server as srv
-from weightzoo.net import free_port
+from weightzoo.deployments import servers as srv
+from weightzoo.deployments.net import free_port
 
 POOL = "wz-prod"
 DEPLOYMENT = "finetune-batch/prod"
@@ -173,11 +173,11 @@ def pg_redis() -> Iterator[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def prod_api(pg_redis: tuple[str, str], prefect_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """weightzoo.server's postgres backend (migration step, API --no-services, services process), the crashed-run
+    """weightzoo.deployments.servers's postgres backend (migration step, API --no-services, services process), the crashed-run
     automation installed, a process pool and the finetune-batch deployment; this process talks to it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from weightzoo.commands.serve import deploy_finetune_batch
+    from weightzoo.cli.commands.serve import deploy_finetune_batch
 
     home = tmp_path_factory.mktemp("prod-home")
     cfg = srv.ServerConfig(backend="postgres", port=free_port(), database_url=pg_redis[0], redis_url=pg_redis[1],

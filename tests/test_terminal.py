@@ -112,7 +112,8 @@ def test_invert_shows_no_bar_when_stdout_is_piped(screens: dict[str, str]) -> No
 def test_report_moves_the_current_bar_and_nothing_without_one() -> None:
     """The hook itself: reports reach the bar installed by the command (a new run on a bar restarts it,
     unknown bars are ignored) and are dropped once it is closed; under pytest nothing is a terminal."""
-    from weightzoo.progress import COMMITTED, Bar, report, shows_progress, terminal_progress
+    from weightzoo.cli.progress import Bar, shows_progress, terminal_progress
+    from weightzoo.tasks.progress import COMMITTED, report
 
     assert not shows_progress()
     with terminal_progress(Bar("x")) as off:

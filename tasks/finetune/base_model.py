@@ -18,7 +18,6 @@ from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from weightzoo.errors import NotFoundError
-from weightzoo.quiet import QUIET_ENV
 from weightzoo.storage.fs import filesystem, is_local
 
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 2x, so latents are 4×32×32
@@ -140,7 +139,7 @@ def load_base(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype =
     local = _local_copy(str(uri))
     if not Path(local, "model_index.json").exists():
         raise NotFoundError(f"no diffusers pipeline (model_index.json) at {uri}")
-    if os.environ.get(QUIET_ENV) == "1":  # the CLI without -v: no "Loading pipeline components" bar
+    if os.environ.get("TQDM_DISABLE") == "1":  # the CLI without -v (tqdm's own switch): no "Loading pipeline components" bar
         diffusers_logging.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(
         local, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False

@@ -47,13 +47,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from weightzoo.errors import InputError, NotFoundError
-from weightzoo.progress import report
 from weightzoo.storage.dataset import CorruptShardError, Dataset, verified_shard_batches
 from weightzoo.storage.fs import atomic_write, filesystem, is_local, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.shards import LayoutMismatchError, open_parquet, read_layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
+from weightzoo.tasks.progress import report
 from weightzoo.tasks.stats import constant_columns, safe_std
 
 SUBSPACE_FILE = "subspace.safetensors"

@@ -33,8 +33,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from weightzoo.deployments.net import free_port, wait_healthy
 from weightzoo.errors import InputError, NotFoundError
-from weightzoo.net import free_port, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightzoo.commands.options import add_dataset
+from weightzoo.cli.commands.options import add_dataset
 
 FORMATS = ("diffusers", "peft")  # the same as tasks/finetune/export.py's; kept here so --help imports nothing heavy
 

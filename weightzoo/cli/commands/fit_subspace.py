@@ -9,7 +9,7 @@ FLOW = ("work", "task_runner", "dask_address", "dask_workers")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from weightzoo.commands.options import add_field, add_fields
+    from weightzoo.cli.commands.options import add_field, add_fields
     from weightzoo.flows.fit_subspace import FitSubspaceConfig
     from weightzoo.tasks.subspace.pca import SubspaceConfig
 
@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.commands.options import set_fields
+    from weightzoo.cli.commands.options import set_fields
+    from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.errors import InputError
-    from weightzoo.progress import Bar, terminal_progress
     from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace
 
     if args.no_prefect and (args.task_runner == "dask" or args.dask_address):

@@ -15,7 +15,7 @@ FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from weightzoo.commands.options import add_field, add_fields
+    from weightzoo.cli.commands.options import add_field, add_fields
     from weightzoo.flows.config import BuildConfig
     from weightzoo.tasks.finetune.engine import FinetuneConfig
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_request(args: argparse.Namespace):
     """The flow's ``BuildConfig`` from the flags the user set (the models supply every other default)."""
-    from weightzoo.commands.options import set_fields
+    from weightzoo.cli.commands.options import set_fields
     from weightzoo.errors import InputError
     from weightzoo.flows.config import BuildConfig
     from weightzoo.tasks.finetune import engines
@@ -49,9 +49,10 @@ def build_request(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.commands.status import dataset_status
+    from weightzoo.cli.commands.status import dataset_status
+    from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.flows.build_dataset import build_dataset
-    from weightzoo.progress import COMMITTED, Bar, terminal_progress
+    from weightzoo.tasks.progress import COMMITTED
 
     request = build_request(args)
     # In-process batches (the local executor) move the batch bar; every executor moves the committed one.

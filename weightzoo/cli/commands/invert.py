@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
     mask = read_image(args.mask, "--mask") if args.mask else None
     check_pipeline(args.base)
 
-    from weightzoo.progress import Bar, report, terminal_progress
+    from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.tasks.device import resolve_device
     from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.progress import report
     from weightzoo.tasks.subspace.pca import load_subspace
     from weightzoo.tasks.subspace.w2w import export, invert
 

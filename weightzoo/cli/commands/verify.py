@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
-from weightzoo.commands.options import add_dataset
+from weightzoo.cli.commands.options import add_dataset
 from weightzoo.errors import WeightzooError
 
 if TYPE_CHECKING:

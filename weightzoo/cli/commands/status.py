@@ -8,7 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from weightzoo.commands.options import add_dataset
+from weightzoo.cli.commands.options import add_dataset
 
 if TYPE_CHECKING:  # storage imports pyarrow and torch: loaded only when the command runs
     from weightzoo.storage.ledger import CommitEntry, Ledger

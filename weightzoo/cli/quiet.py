@@ -10,7 +10,6 @@ import logging
 import os
 import warnings
 
-QUIET_ENV = "WEIGHTZOO_QUIET"  # read by code that must silence a library lazily (diffusers' load bars)
 _NOISY_LOGGERS = ("transformers", "diffusers", "peft", "torch", "urllib3", "botocore", "s3fs", "fsspec", "distributed")
 _NOISY_MODULES = r"(transformers|diffusers|peft|torch|huggingface_hub|pydantic|moto|botocore|s3fs)(\.|$)"
 
@@ -19,7 +18,6 @@ def quiet(verbose: bool = False) -> None:
     """Silence third-party warnings and progress bars unless ``verbose``."""
     if verbose:
         return
-    os.environ[QUIET_ENV] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -20,8 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-MAIN = "main"  # the bar that ``report`` moves unless told otherwise
-COMMITTED = "committed"  # build: committed of all manifest ids
+from weightzoo.tasks.progress import MAIN, listening
 
 
 @dataclass(frozen=True)
@@ -107,19 +106,6 @@ def _handlers() -> list[logging.Handler]:
     return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]
 
 
-_current: TerminalProgress | None = None  # process-wide: reports come from Prefect's worker threads too
-
-
-def report(done: int, total: int, *extra: Any, bar: str = MAIN) -> None:
-    """Move ``bar`` of the current terminal progress to ``done`` of ``total`` (``extra``: e.g. the loss).
-
-    The signature of every progress callback in weightzoo, so it can be passed as one.
-    """
-    current = _current
-    if current is not None:
-        current.update(bar, int(done), int(total), extra)
-
-
 def shows_progress() -> bool:
     """Whether a bar would be seen: stdout and stderr are both terminals."""
     return _isatty(sys.stdout) and _isatty(sys.stderr)
@@ -140,18 +126,15 @@ def terminal_progress(*bars: Bar, enabled: bool | None = None) -> Iterator[Termi
     The last frame stays on screen (how far the run got, in how long), and what the command prints
     afterwards follows it.
     """
-    global _current
     if not (shows_progress() if enabled is None else enabled):
         yield None
         return
     terminal = TerminalProgress(bars, sys.stderr)
-    previous, _current = _current, terminal
     try:
-        with terminal.progress:
+        with listening(terminal.update), terminal.progress:
             try:
                 yield terminal
             finally:  # draw the last frame even when the block ends before the first timed refresh
                 terminal.progress.refresh()
     finally:
-        _current = previous
         terminal.release_log_handlers()

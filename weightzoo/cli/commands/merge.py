@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightzoo.commands.options import add_dataset
+from weightzoo.cli.commands.options import add_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from weightzoo.commands.options import add_field, add_fields
+    from weightzoo.cli.commands.options import add_field, add_fields
     from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
 
     p = sub.add_parser("train-diffusion", help="Train a text-conditioned weight-diffusion model on a dataset's rows.")
@@ -21,9 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.commands.options import set_fields
-    from weightzoo.progress import Bar, report, terminal_progress
+    from weightzoo.cli.commands.options import set_fields
+    from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig, train_weight_diffusion
+    from weightzoo.tasks.progress import report
 
     config = WeightDiffusionConfig(dataset=args.dataset, base=args.base, out=args.out, **set_fields(args, FIELDS))
     if args.no_prefect:

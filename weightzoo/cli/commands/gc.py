@@ -8,7 +8,7 @@ import re
 import sys
 from datetime import timedelta
 
-from weightzoo.commands.options import add_dataset
+from weightzoo.cli.commands.options import add_dataset
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 

@@ -1,4 +1,4 @@
-"""The ``weightzoo`` command line. Each subcommand lives in ``weightzoo/commands/<name>.py``.
+"""The ``weightzoo`` command line. Each subcommand lives in ``weightzoo/cli/commands/<name>.py``.
 
 A command module defines ``register(subparsers)``, which adds its parser and sets ``func``; heavy
 imports (torch, diffusers, prefect) happen inside the command, so ``--help`` stays fast.
@@ -13,9 +13,9 @@ import sys
 
 from pydantic import ValidationError
 
-from weightzoo.commands.options import HELP_FORMATTER
+from weightzoo.cli.commands.options import HELP_FORMATTER
+from weightzoo.cli.quiet import quiet
 from weightzoo.errors import WeightzooError
-from weightzoo.quiet import quiet
 
 # Set before prefect/transformers are imported: no telemetry calls from a closed network, no noise.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -27,7 +27,7 @@ COMMANDS = ["demo", "build", "serve", "status", "verify", "gc", "files", "export
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every subcommand's parser: help states each flag's real default (weightzoo.commands.options)."""
+    """Every subcommand's parser: help states each flag's real default (weightzoo.cli.commands.options)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HELP_FORMATTER)
@@ -51,7 +51,7 @@ def build_parser(command: str | None = None, full: bool = False) -> argparse.Arg
                         help="Show third-party warnings and progress bars (quiet by default).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        module = importlib.import_module(f"weightzoo.commands.{name.replace('-', '_')}")
+        module = importlib.import_module(f"weightzoo.cli.commands.{name.replace('-', '_')}")
         if full or name == command:
             module.register(sub)
         else:

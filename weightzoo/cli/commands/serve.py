@@ -2,7 +2,7 @@
 
 Starts a Prefect server on loopback (``--backend sqlite``, the default: one process; ``--backend postgres``:
 PostgreSQL + Redis, migrations as their own step, the API and the background services as separate
-processes, see :mod:`weightzoo.server`), creates the ``gpu`` process work pool, deploys finetune-batch
+processes, see :mod:`weightzoo.deployments.servers`), creates the ``gpu`` process work pool, deploys finetune-batch
 from this checkout, installs the crashed-run automation, and starts one process worker per GPU (each
 pinned with CUDA_VISIBLE_DEVICES and ``--limit 1``, so concurrency = number of GPUs; each flow run sends
 heartbeats). ``--print`` only prints the equivalent commands.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from weightzoo import server as srv
+from weightzoo.deployments import servers as srv
 from weightzoo.storage.fs import redact
 
 REPO = Path(__file__).resolve().parents[2]
