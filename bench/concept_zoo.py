@@ -112,7 +112,7 @@ def step_seconds(model, pairs, cfg: EditFinetuneConfig, layout, steps: int = 60)
     t0 = time.perf_counter()
     train_concepts(model, pairs[:1], one, layout)
     lora = (time.perf_counter() - t0) / steps
-    full = full_training(model.config, pairs[0], steps, steps, 2e-3, cfg.batch_size)[1]
+    full = full_training(model.config, pairs[0], steps, steps, 2e-3, cfg.pairs_per_step)[1]
     return {"lora": lora, "full": full}
 
 
@@ -162,7 +162,7 @@ def main() -> None:
         runs = train_concepts(model, pairs, run_cfg, layout, init[name], eval_every=args.eval_every)
         curves[name] = [r.psnr for r in runs]
         print(f"{name}: {time.perf_counter() - t1:.0f} s", flush=True)
-    full = [full_training(model.config, pr, args.full_steps, args.eval_every, 2e-3, cfg.batch_size) for pr in pairs]
+    full = [full_training(model.config, pr, args.full_steps, args.eval_every, 2e-3, cfg.pairs_per_step) for pr in pairs]
     curves["a_pix2pix"] = [c for c, _ in full]
     secs = step_seconds(model, pairs, cfg, layout)
     report(args, held, curves, secs, init, work, time.perf_counter() - t0)

@@ -146,7 +146,8 @@ def run_weightzoo(
 ) -> tuple[float, float, object]:
     """Wall and CPU seconds to load the base once and fine-tune every row in packs of ``pack``."""
     from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import finetune_batch
 
     cfg = FinetuneConfig(steps=args.steps, learning_rate=args.lr, pack=pack, resolution=res,
                          num_class_images=n_class, class_inference_steps=args.class_steps)
@@ -189,7 +190,8 @@ def _bench(args: argparse.Namespace, work: Path) -> None:
     """Everything after option parsing, in a scratch folder the caller removes."""
     from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
     from weightzoo.tasks.finetune.class_images import generate_class_images
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, default_resolution, finetune_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import default_resolution, finetune_batch
     from weightzoo.tasks.finetune.synthetic import make_subjects
 
     base = str(save_tiny_pipeline(work / "base") if args.unet == "tiny" else save_sd15_shaped(work / "base"))

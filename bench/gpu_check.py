@@ -76,7 +76,7 @@ def _sync(device: str) -> None:
 
 
 def _config(sizes: Sizes, **update):
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
 
     fields = {"steps": sizes.steps, "pack": sizes.pack, "resolution": sizes.resolution, "num_class_images": 4,
               "class_inference_steps": 2, "weights_dtype": "float32", "check_every": max(1, sizes.steps // 2),
@@ -103,7 +103,8 @@ def prepare(sizes: Sizes, work: Path) -> tuple[str, list, str, str]:
 def worker(spec: dict) -> None:
     """One identity in a fresh process: load the base, train, print nothing but the final loss."""
     from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.manifest import ManifestRow
 
     pipe = load_base(spec["base"], device=spec["device"])

@@ -24,7 +24,7 @@ TOKENS = ["qzv", "xjk", "wvb", "kqz", "pfy", "gdj", "vmx", "zbh"]
 def main() -> None:
     """Train the concepts with each method, merge, print one table row per method."""
     from weightzoo.tasks.finetune.base_model import build_tiny_pipeline
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.recipes.interference import mean_kept, train_and_merge
     from weightzoo.tasks.finetune.synthetic import make_subjects
 

@@ -49,7 +49,8 @@ API_ERRORS = re.compile(r"database is locked|TimeoutError|timed out|ReadTimeout|
 def measure_step_seconds(base: str, manifest: str, steps: int) -> float:
     """Seconds per optimiser step of the real engine on the tiny model, one item, class latents cached."""
     from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.manifest import manifest_folder, read_manifest
 
     pipe = load_base(base)

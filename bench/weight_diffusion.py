@@ -227,7 +227,7 @@ def main() -> None:
         train_weight_diffusion,
     )
     from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.synthetic import make_subjects
 
     work = Path(args.work)

@@ -25,6 +25,7 @@ from weightzoo.storage.fs import redact
 from weightzoo.storage.lease import Lease
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.retry import describe, with_retries
+from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.batch import BatchPlan, cached_fingerprint, plan_batches
 from weightzoo.tasks.finetune.manifest import ManifestError, load_and_validate
 from weightzoo.tasks.progress import COMMITTED, report
@@ -36,7 +37,7 @@ LEASED = "LEASED"  # a batch state of our own: another live build holds the batc
 def validate(request: BuildConfig) -> list[str]:
     """Manifest ids, after checking every row and image; bad rows go to the log and an artifact, then raise."""
     try:
-        return [r.id for r in load_and_validate(request.manifest)]
+        return [r.id for r in load_and_validate(request.manifest, rules=engines.get(request.engine).rows)]
     except ManifestError as exc:
         lines = "\n".join(f"| {p.row} | {p.id or ''} | {p.reason} |" for p in exc.problems)
         create_markdown_artifact(

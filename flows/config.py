@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig
 from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE, LEASE_TTL_S
-from weightzoo.tasks.finetune.engine import FinetuneConfig
+from weightzoo.tasks.finetune.config import FinetuneConfig
 
 # The fine-tune settings of any built-in engine, told apart by their ``method`` (the UI renders one form each).
 AnyFinetuneConfig = Annotated[FinetuneConfig | EditFinetuneConfig, Field(discriminator="method")]

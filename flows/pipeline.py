@@ -17,7 +17,7 @@ from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.fit_subspace import FitSubspaceConfig, fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
 from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
-from weightzoo.tasks.finetune.engine import FinetuneConfig
+from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.subspace.pca import SubspaceConfig
 
 

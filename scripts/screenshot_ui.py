@@ -59,7 +59,7 @@ def build_demo(work: Path, subjects: int) -> str:
     from weightzoo.flows.config import BuildConfig
     from weightzoo.flows.finetune_batch import finetune_batch
     from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     base = save_tiny_pipeline(work / "base")

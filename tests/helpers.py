@@ -149,7 +149,7 @@ LEASE_TTL_S = 6.0  # kill tests: a killed worker's lease expires in seconds, not
 def deployment_build(manifest: str, base: Path, dataset: Path, finetune: dict, deployment: str, wait_s: float):
     """A build that sends 2-item batches to ``deployment`` and polls every 2 s."""
     from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
 
     return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
                        deployment=deployment, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=wait_s,

@@ -21,6 +21,7 @@ from weightzoo.tasks.concepts.edits import FAMILIES
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, train_concepts
 from weightzoo.tasks.concepts.loading import load_peft_adapter, merged
 from weightzoo.tasks.concepts.pairs import concept_pairs, psnr
+from weightzoo.tasks.concepts.rows import EditRowRules
 from weightzoo.tasks.concepts.sources import source_images
 from weightzoo.tasks.concepts.spec import EditSpec
 from weightzoo.tasks.concepts.zoo import concept_rows, heldout_rows, write_concept_manifest, write_pairs
@@ -101,7 +102,7 @@ def test_bad_edit_spec_is_refused_in_validation_naming_the_row(tmp_path: Path) -
         {"id": "nums", "kind": "identity", "images": ["x.png"], "attributes": {"colour": 1}},
     ]
     with pytest.raises(ManifestError) as info:
-        validate_manifest(rows, str(tmp_path))
+        validate_manifest(rows, str(tmp_path), rules=EditRowRules())
     got = [(p.id, p.reason) for p in info.value.problems]
     assert got[0] == ("unknown", "unknown edit family 'vignette' (known: " + ", ".join(FAMILIES) + ")")
     assert got[1] == ("range", "parameter 'radius' = 9 is out of range [0.5, 2.5]")
@@ -116,7 +117,7 @@ def test_numeric_attributes_round_trip_as_numbers(tmp_path: Path) -> None:
     first = json.loads(Path(path).read_text().splitlines()[0])
     assert all(isinstance(v, float) for k, v in first["attributes"].items() if k != "family")
     assert read_manifest(path) == rows
-    assert validate_manifest(rows, str(tmp_path)) == rows
+    assert validate_manifest(rows, str(tmp_path), rules=EditRowRules()) == rows
     held = heldout_rows(4, seed=2)
     assert {r.attributes["family"] for r in held[1::2]}.isdisjoint({r.attributes["family"] for r in concept_rows(300)})
 

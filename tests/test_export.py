@@ -24,7 +24,8 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.finetune.base_model import load_base
-from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+from weightzoo.tasks.finetune.config import FinetuneConfig
+from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHT_NAME, WEIGHT_NAME
 from weightzoo.tasks.finetune.synthetic import make_subjects
 

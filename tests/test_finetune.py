@@ -20,10 +20,13 @@ from safetensors.torch import load_file
 from weightzoo.tasks.finetune import engine as finetune
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.class_images import class_latents
-from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch, lora_layout
+from weightzoo.tasks.finetune.config import FinetuneConfig
+from weightzoo.tasks.finetune.driver import clip_per_item
+from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import WEIGHT_NAME, export_lora
 from weightzoo.tasks.finetune.manifest import ManifestRow
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
+from weightzoo.tasks.finetune.recipes.lora import lora_layout
 from weightzoo.tasks.finetune.synthetic import make_subjects
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
@@ -131,7 +134,7 @@ def test_stacked_adamw_and_clipping_are_per_item() -> None:
                 x = torch.cat([data[s][step] for s in slots])  # item-major groups of 3 samples
                 out = model(x).view(len(slots), 3, -1)
                 torch.stack([(o - 1).pow(2).mean() for o in out]).sum().backward()
-                p.clip_grad_norm_(0.5)
+                clip_per_item(p.parameters(), len(slots), 0.5)
                 opt.step()
                 opt.zero_grad()
             return [p.state_dict_for(i) for i in range(len(slots))]

@@ -21,7 +21,7 @@ from weightzoo.flows.finetune_batch import finetune_batch, train_and_commit
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.tasks.finetune.batch import batch_id_for, plan_batches, run_batch
-from weightzoo.tasks.finetune.engine import FinetuneConfig
+from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.manifest import ManifestError, read_manifest
 from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 

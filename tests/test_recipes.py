@@ -19,7 +19,8 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.tasks.finetune import recipes
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
-from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+from weightzoo.tasks.finetune.config import FinetuneConfig
+from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import export, merged_state_dict
 from weightzoo.tasks.finetune.recipes.celeb_basis import KEY
 from weightzoo.tasks.finetune.recipes.interference import apply_lora, mean_kept, train_and_merge

@@ -41,7 +41,9 @@ N, K = 96, 10
 def write_lora_dataset(uri: str, pipe, n: int = N) -> None:
     """``n`` synthetic rows of ``pipe``'s real LoRA layout (see the module docstring), committed at ``uri``;
     also used by tests/test_terminal.py."""
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, lora_layout, resolved_hparams
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import resolved_hparams
+    from weightzoo.tasks.finetune.recipes.lora import lora_layout
 
     config = FinetuneConfig(prior_preservation=False)
     layout = lora_layout(pipe, config)
@@ -265,7 +267,8 @@ def test_relative_refs_on_local_disk_and_buckets() -> None:
 @pytest.fixture(scope="module")
 def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[Subspace, list, str]:
     """8 synthetic subjects fine-tuned for 30 steps each (32 px, one pack), committed, fitted with k=4."""
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.synthetic import make_subjects
 
     root = str(tmp_path_factory.mktemp("real"))

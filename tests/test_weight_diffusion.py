@@ -66,7 +66,8 @@ def _rows(layout, n: int, seed: int = 0) -> tuple[list[RowMeta], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def layout(tiny_pipe):
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, lora_layout
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.recipes.lora import lora_layout
 
     return lora_layout(tiny_pipe, FinetuneConfig())
 

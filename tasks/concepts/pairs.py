@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from weightzoo.tasks.concepts.rows import edit_pairs
 from weightzoo.tasks.concepts.sources import source_images, to_tensor
 from weightzoo.tasks.concepts.spec import EditSpec
-from weightzoo.tasks.finetune.manifest import ManifestRow, edit_pairs, load_image
+from weightzoo.tasks.finetune.manifest import ManifestRow, load_image
 from weightzoo.tasks.seeds import stable_seed
 
 

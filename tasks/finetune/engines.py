@@ -1,9 +1,10 @@
 """Fine-tune engines by registered name. A flow parameter names an engine; it never names code to import.
 
-An engine is what a worker needs to turn manifest rows into rows of a dataset: how to load its base
-(once per process), how to fingerprint that base (stored with every row), and how to train one batch
-(``train(base, items, config, *, base_uri, cache_dir, progress) -> BatchResult``), with the fine-tune
-config model it accepts. The built-in engines are listed here; a plugin package adds one through the
+An engine (``contract.Engine``) is what a worker needs to turn manifest rows into rows of a dataset:
+how to load its base (once per process), how to fingerprint that base (stored with every row), how to
+train one batch (``train(base, items, config, *, base_uri, cache_dir, progress) -> BatchResult``),
+the fine-tune config model it accepts and the manifest checks its rows need. The built-in engines are
+listed here; a plugin package adds one through the
 ``weightzoo.engines`` entry-point group (installed deliberately, so its import is the user's choice),
 and a script or bench may ``register`` one in its own process, where only that process can use it.
 """
@@ -12,35 +13,20 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
 from weightzoo.errors import InputError
+from weightzoo.tasks.finetune.contract import Engine
 
 ENTRY_POINT_GROUP = "weightzoo.engines"
 DEFAULT_ENGINE = "diffusers-lora"
-# Import paths that requests stored before the registry (deployments, saved parameters) may still hold.
-LEGACY_NAMES = {
-    "weightzoo.tasks.finetune:finetune_batch": DEFAULT_ENGINE,
-    "weightzoo.tasks.finetune.engine:finetune_batch": DEFAULT_ENGINE,
-}
-
-
-@dataclass(frozen=True)
-class Engine:
-    """A named fine-tune engine: base loader, base fingerprint, batch trainer and its config model."""
-
-    name: str
-    load_base: Callable[[str, str], Any]  # (base URI, device) -> loaded base; called once per process
-    fingerprint: Callable[[str], str]  # base URI -> short hash recorded with every row
-    train: Callable[..., Any]  # (base, items, config, *, base_uri, cache_dir, progress) -> BatchResult
-    config: type  # the pydantic model of its fine-tune settings
 
 
 def _diffusers_lora() -> Engine:
     from weightzoo.tasks.finetune.base_model import base_fingerprint, load_base
-    from weightzoo.tasks.finetune.engine import FinetuneConfig, finetune_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.engine import finetune_batch
 
     return Engine(DEFAULT_ENGINE, lambda uri, device: load_base(uri, device=device), base_fingerprint,
                   finetune_batch, FinetuneConfig)
@@ -50,8 +36,10 @@ def _edit_lora() -> Engine:
     from weightzoo.tasks.concepts.base import base_fingerprint, load_base
     from weightzoo.tasks.concepts.engine import EditFinetuneConfig
     from weightzoo.tasks.concepts.finetune import edit_finetune_batch
+    from weightzoo.tasks.concepts.rows import EditRowRules
 
-    return Engine("edit-lora", load_base, base_fingerprint, edit_finetune_batch, EditFinetuneConfig)
+    return Engine("edit-lora", load_base, base_fingerprint, edit_finetune_batch, EditFinetuneConfig,
+                  EditRowRules())
 
 
 # Factories, so that naming an engine imports nothing heavy until it is used.
@@ -77,8 +65,7 @@ def names() -> list[str]:
 
 
 def canonical(name: str) -> str:
-    """The registered name for ``name`` (legacy import paths map to their engine); refuses anything else."""
-    name = LEGACY_NAMES.get(name, name)
+    """``name`` if an engine is registered under it; refuses anything else."""
     if name not in _BUILTIN and name not in _REGISTERED and name not in _plugins():
         raise InputError(f"unknown engine {name!r}; registered engines: {', '.join(names())}")
     return name

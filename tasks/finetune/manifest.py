@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.fs import UnsafeIdError, atomic_write, check_id, filesystem, join
+from weightzoo.tasks.finetune.contract import RowRules
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
@@ -42,6 +43,7 @@ PIXEL_CEILING = 1 << 30
 SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 RawRow = dict[str, Any]
+DEFAULT_RULES = RowRules()
 
 
 class ManifestRow(BaseModel):
@@ -155,28 +157,6 @@ def image_uris(row: ManifestRow, base_uri: str | None = None) -> list[str]:
         protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
         uris += [protocol + p for p in sorted(fs.find(path)) if p.lower().endswith(IMAGE_SUFFIXES)]
     return uris
-
-
-def edit_pairs(row: ManifestRow, base_uri: str | None = None) -> list[tuple[str, str | None]]:
-    """A kind-'edit' row's (source, target) image URIs; target None = rendered from the spec; [] = all rendered.
-
-    Sources are ``images`` (targets paired by position) and, under ``image_dir``, the images in its
-    ``source/`` folder, each paired with the file of the same relative name in its ``target/`` folder.
-    """
-    targets = [resolve(u, base_uri) for u in row.targets] if row.targets is not None else None
-    pairs: list[tuple[str, str | None]] = [
-        (resolve(u, base_uri), targets[i] if targets is not None and i < len(targets) else None)
-        for i, u in enumerate(row.images)
-    ]
-    if row.image_dir:
-        folder = resolve(row.image_dir, base_uri)
-        fs, path = filesystem(folder)
-        protocol = folder.split("://", 1)[0] + "://" if "://" in folder else ""
-        src_root = join(path, "source")
-        for p in sorted(fs.find(src_root)):
-            if p.lower().endswith(IMAGE_SUFFIXES):
-                pairs.append((protocol + p, protocol + join(path, "target") + p[len(src_root):]))
-    return pairs
 
 
 Byte = Annotated[int, Field(ge=0, le=255)]
@@ -533,35 +513,14 @@ def _check_id(row_id: str) -> str | None:
     return None
 
 
-def _edit_problems(row: ManifestRow) -> list[str]:
-    """What is wrong with a row's edit fields: targets outside kind 'edit', unpaired targets, a bad spec.
-
-    A row whose targets are rendered needs a spec weightzoo can render (known family, every parameter in
-    range); a row of given pairs only needs a family, which conditions the weight generator.
-    """
-    if row.kind != "edit":
-        return ["'targets' is only for kind 'edit'"] if row.targets is not None else []
-    if row.targets is not None and len(row.targets) != len(row.images):
-        return [f"{len(row.targets)} targets for {len(row.images)} source images; pair them one to one"]
-    if row.targets is not None or row.image_dir:
-        return [] if "family" in row.attributes else ["edit attributes have no 'family'"]
-    from weightzoo.tasks.concepts.spec import (
-        spec_problems,  # the edit families live with the concept workload
-    )
-
-    return spec_problems(row.attributes)
-
-
-def _list_images(row: ManifestRow, base_uri: str | None) -> tuple[list[str], str | None]:
-    """The row's image URIs, or why there are none (a kind-'edit' row may have none: it is rendered)."""
-    if row.kind == "edit":
-        try:
-            pairs = edit_pairs(row, base_uri)
-        except Exception as e:
-            return [], f"cannot list image_dir {row.image_dir!r}: {type(e).__name__}: {e}"
-        if row.image_dir and not any(u for u, _ in pairs if u.startswith(resolve(row.image_dir, base_uri))):
-            return [], f"no images: image_dir {row.image_dir!r} has no source/ images"
-        return [u for pair in pairs for u in pair if u is not None], None
+def _list_images(row: ManifestRow, base_uri: str | None, rules: RowRules) -> tuple[list[str], str | None]:
+    """The row's image URIs, or why there are none (the workload's ``rules`` may list them their own way)."""
+    try:
+        listed = rules.images(row, base_uri)
+    except Exception as e:  # a listing that fails is a problem of this row, not of the whole run
+        return [], f"cannot list image_dir {row.image_dir!r}: {type(e).__name__}: {e}"
+    if listed is not None:
+        return listed
     try:
         uris = image_uris(row, base_uri)
     except Exception as e:  # a listing that fails is a problem of this row, not of the whole run
@@ -602,12 +561,14 @@ def validate_manifest(
     *,
     max_workers: int = VALIDATE_WORKERS,
     image_options: ImageConfig = DEFAULT_IMAGE_OPTIONS,
+    rules: RowRules = DEFAULT_RULES,
 ) -> list[ManifestRow]:
     """Check every row, then return them all or raise one ``ManifestError`` listing every problem.
 
     Checks: each raw row parses (known fields and kind), ids are safe as file names and unique, each
     row has images, and every image exists, fully decodes and is accepted by ``image_options`` (too
     large, or transparent under alpha='refuse', is that row's problem), in ``max_workers`` threads,
+    and the workload's own ``rules`` (the engine's ``Engine.rows``; the default refuses ``targets``),
     since reads from S3 are latency-bound. Relative image paths are taken against ``base_uri``. Decodes every
     image once: seconds per thousand small local images, more on S3.
     """
@@ -626,12 +587,12 @@ def validate_manifest(
 
     for n, row in enumerate(rows, start=1):
         if row is not None:
-            problems[n - 1] += [ManifestProblem(n, row.id, why) for why in _edit_problems(row)]
+            problems[n - 1] += [ManifestProblem(n, row.id, why) for why in rules.problems(row, base_uri)]
 
     probes = [row if row is not None else _image_probe(entry) for row, entry in zip(rows, entries, strict=True)]
     present = [(n, probe) for n, probe in enumerate(probes, start=1) if probe is not None]
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        listed = list(pool.map(lambda item: _list_images(item[1], base_uri), present))
+        listed = list(pool.map(lambda item: _list_images(item[1], base_uri, rules), present))
         checks = [(n, uri) for (n, _), (uris, _) in zip(present, listed, strict=True) for uri in uris]
         verdicts = list(pool.map(lambda check: _check_image(check[1], image_options), checks))
     listing_problems = [(n, why) for (n, _), (_, why) in zip(present, listed, strict=True)]
@@ -646,7 +607,8 @@ def validate_manifest(
 
 
 def load_and_validate(
-    uri: str, *, max_workers: int = VALIDATE_WORKERS, image_options: ImageConfig = DEFAULT_IMAGE_OPTIONS
+    uri: str, *, max_workers: int = VALIDATE_WORKERS, image_options: ImageConfig = DEFAULT_IMAGE_OPTIONS,
+    rules: RowRules = DEFAULT_RULES,
 ) -> list[ManifestRow]:
     """Read the manifest at ``uri`` and validate every row, with relative image paths taken against its folder.
 
@@ -657,6 +619,7 @@ def load_and_validate(
     if not raw:
         raise ManifestError([], source=uri, message=f"the manifest {uri} has no rows")
     try:
-        return validate_manifest(raw, manifest_folder(uri), max_workers=max_workers, image_options=image_options)
+        return validate_manifest(raw, manifest_folder(uri), max_workers=max_workers, image_options=image_options,
+                                 rules=rules)
     except ManifestError as e:
         raise ManifestError(e.problems, source=uri) from None

@@ -15,8 +15,8 @@ by all layers of one model) holds ``active``; dropping a diverged item just remo
 Samples never mix: every layer of a diffusion UNet (conv, GroupNorm, attention) is per-sample, each
 group only reads its own adapter, and the loss is a plain sum of per-item losses, so adapter k's
 gradient is exactly what it would be if trained alone. AdamW is element-wise (its moments and weight
-decay are per element of the stacked tensors), and ``clip_grad_norm_`` here clips per item, so the
-optimiser state is independent per item too.
+decay are per element of the stacked tensors), and the driver's ``clip_per_item`` clips per item, so
+the optimiser state is independent per item too.
 """
 
 from __future__ import annotations
@@ -161,20 +161,6 @@ class PackedLoRA:
             if isinstance(layer.lora_A, nn.Parameter):
                 yield layer.lora_A
             yield layer.lora_B
-
-    @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip each item's gradient to ``max_norm`` on its own (as ``torch.nn.utils.clip_grad_norm_``
-        would in a separate run); returns the (K,) pre-clip norms."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros(self.k)
-        sq = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0)
-        norms = sq.sqrt()
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
-        return norms
 
     @torch.no_grad()
     def load_slot(self, slot: int, state_dict: dict[str, torch.Tensor]) -> None:

@@ -25,7 +25,7 @@ from weightzoo.storage.layout import Layout
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.manifest import ManifestRow
 
 
@@ -39,7 +39,6 @@ class Adapters(Protocol):
     def __enter__(self) -> Adapters: ...
     def __exit__(self, *exc: object) -> None: ...
     def parameters(self) -> Iterator[nn.Parameter]: ...
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor: ...
     def set_active(self, slots: list[int] | None) -> None: ...
     def load_slot(self, slot: int, state_dict: dict[str, torch.Tensor]) -> None: ...
     def state_dict_for(self, slot: int) -> dict[str, torch.Tensor]: ...
@@ -88,16 +87,3 @@ class Recipe(ABC):
     @abstractmethod
     def export(self, weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str) -> str:
         """Write one row as the recipe's loadable file; returns its URI."""
-
-
-@torch.no_grad()
-def clip_per_item(params: list[nn.Parameter], k: int, max_norm: float) -> torch.Tensor:
-    """Clip each item's gradient (dim 0 of every stacked tensor) to ``max_norm`` on its own; returns the (K,) norms."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(k)
-    norms = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
-    return norms

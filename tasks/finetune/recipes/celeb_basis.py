@@ -31,13 +31,13 @@ from torch import nn
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
-from weightzoo.tasks.finetune.recipes.base import Recipe, clip_per_item
+from weightzoo.tasks.finetune.recipes.base import Recipe
 from weightzoo.tasks.finetune.recipes.names_basis import Basis, fitted_basis, load_basis
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.manifest import ManifestRow
 
 KEY = "celeb_basis.coefficients"
@@ -108,7 +108,7 @@ class CelebAdapters:
                            prepared.basis.names, prepared.basis.uri, prepared.basis.fingerprint)
         self.ids = torch.stack([prepared.ids[r.id] for r in rows]).to(device)
         self.slots = torch.stack([prepared.slots[r.id] for r in rows]).to(device)
-        self.instances = config.batch_size
+        self.instances = config.images_per_step
         self._flags: list[tuple[nn.Parameter, bool]] = []
 
     def __enter__(self) -> CelebAdapters:
@@ -122,9 +122,6 @@ class CelebAdapters:
 
     def parameters(self) -> Iterator[nn.Parameter]:
         yield self.coefficients
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_per_item([self.coefficients], self.coefficients.shape[0], max_norm)
 
     def set_active(self, slots: list[int] | None) -> None:
         """Nothing to do: ``condition`` receives the active slots with every step."""

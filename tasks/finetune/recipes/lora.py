@@ -26,7 +26,7 @@ from weightzoo.tasks.seeds import stable_seed
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.manifest import ManifestRow
 
 

@@ -41,14 +41,14 @@ from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.finetune.packed_lora import find_targets
-from weightzoo.tasks.finetune.recipes.base import Recipe, clip_per_item
+from weightzoo.tasks.finetune.recipes.base import Recipe
 from weightzoo.tasks.finetune.recipes.celeb_basis import encode_with_words, tokenise
 from weightzoo.tasks.finetune.recipes.names_basis import read_names
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.manifest import ManifestRow
 
 EMBEDDING = "perfusion.embedding"
@@ -170,7 +170,7 @@ class PerfusionAdapters:
         self.ids = torch.stack([prepared.ids[r.id] for r in rows]).to(device)
         self.slots = torch.stack([prepared.slots[r.id] for r in rows]).to(device)
         self.iclass = torch.stack([prepared.iclass[r.id] for r in rows]).to(device)
-        self.instances, self.state = config.batch_size, _State()
+        self.instances, self.state = config.images_per_step, _State()
         self.layers: dict[str, PerfusionLinear] = {}
         self._originals: dict[str, nn.Linear] = {}
         self._flags: list[tuple[nn.Parameter, bool]] = []
@@ -204,9 +204,6 @@ class PerfusionAdapters:
         for layer in self.layers.values():
             if isinstance(layer.target, nn.Parameter):
                 yield layer.target
-
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return clip_per_item(list(self.parameters()), self.embedding.shape[0], max_norm)
 
     def set_active(self, slots: list[int] | None) -> None:
         """Nothing to do: ``condition`` receives the active slots with every step."""

@@ -17,7 +17,7 @@ FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
 def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.cli.commands.options import add_field, add_fields
     from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
 
     p = sub.add_parser("build", help="Fine-tune every manifest row not yet committed in the dataset (resumable).")
     for name in ("manifest", "base", "dataset"):
