@@ -39,7 +39,7 @@ from weightzoo.tasks.diffusion.generator import (
     train_weight_diffusion,
 )
 from weightzoo.tasks.finetune.batch import plan_batches, run_batch
-from weightzoo.tasks.finetune.manifest import read_manifest
+from weightzoo.tasks.finetune.readers import read_manifest
 
 STARTS = ("b_lora_init", "c_mean", "d_nearest", "e_noisy_nearest", "f_generated")
 

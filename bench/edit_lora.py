@@ -30,7 +30,7 @@ from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, tra
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.concepts.spec import EditSpec
 from weightzoo.tasks.concepts.zoo import heldout_rows
-from weightzoo.tasks.finetune.manifest import ManifestRow
+from weightzoo.tasks.finetune.row import ManifestRow
 
 OFFSETS = (0.0, 0.005, 0.02, 0.10, 0.30)  # shares of the parameter's range away from the midpoint
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from weightzoo.tasks.finetune.base_model import SD15_UNET, SD15_VAE
-from weightzoo.tasks.finetune.manifest import ManifestRow
+from weightzoo.tasks.finetune.row import ManifestRow
 
 
 def save_sd15_shaped(out: Path) -> Path:
@@ -68,7 +68,7 @@ def baseline_worker(spec: dict) -> None:
 
     from weightzoo.tasks.finetune.base_model import load_base
     from weightzoo.tasks.finetune.class_images import preprocess
-    from weightzoo.tasks.finetune.manifest import load_image
+    from weightzoo.tasks.finetune.images import load_image
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -122,7 +122,7 @@ def run_baseline(
     work: Path,
 ) -> tuple[float, float, list[float]]:
     """Wall and CPU seconds (of the worker processes) for one process per identity, and their final losses."""
-    from weightzoo.tasks.finetune.manifest import image_uris
+    from weightzoo.tasks.finetune.row import image_uris
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
     losses, start, cpu = [], time.perf_counter(), _children_cpu()

@@ -105,7 +105,7 @@ def worker(spec: dict) -> None:
     from weightzoo.tasks.finetune.base_model import load_base
     from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.engine import finetune_batch
-    from weightzoo.tasks.finetune.manifest import ManifestRow
+    from weightzoo.tasks.finetune.row import ManifestRow
 
     pipe = load_base(spec["base"], device=spec["device"])
     out = finetune_batch(pipe, [ManifestRow(**spec["row"])], FinetuneConfig(**spec["config"]),

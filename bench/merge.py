@@ -3,7 +3,7 @@
 Each concept (a synthetic subject with its own token, "<tok> person") is fine-tuned alone (one pack,
 which trains every row exactly as alone), then all are summed into one LoRA (``export.merged_state_dict``,
 what ``weightzoo merge`` writes). Each concept's denoising loss on its own images is measured on fixed
-draws under the base, its single model and the merge (``recipes/interference.py``); "kept" is the share
+draws under the base, its single model and the merge (``bench/interference.py``); "kept" is the share
 of the single model's improvement over the base that survives the merge (1 = merging costs nothing).
 No assertions: a benchmark reports; ``tests/test_recipes.py`` asserts the margin.
 Run: ``.venv/bin/python bench/merge.py [--concepts 4 --steps 30 --lr 1e-3]``.
@@ -23,9 +23,10 @@ TOKENS = ["qzv", "xjk", "wvb", "kqz", "pfy", "gdj", "vmx", "zbh"]
 
 def main() -> None:
     """Train the concepts with each method, merge, print one table row per method."""
+    from interference import mean_kept, train_and_merge  # beside this script
+
     from weightzoo.tasks.finetune.base_model import build_tiny_pipeline
     from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.recipes.interference import mean_kept, train_and_merge
     from weightzoo.tasks.finetune.synthetic import make_subjects
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -16,7 +16,7 @@ import torch
 
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.manifest import ManifestRow
+from weightzoo.tasks.finetune.row import ManifestRow
 
 NULL_ENGINE = "null"
 # SD 1.5 rank-1 to_q/to_v in weights2weights is 99,648 values; a null row has that size in one tensor,

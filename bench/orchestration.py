@@ -51,7 +51,8 @@ def measure_step_seconds(base: str, manifest: str, steps: int) -> float:
     from weightzoo.tasks.finetune.base_model import load_base
     from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.engine import finetune_batch
-    from weightzoo.tasks.finetune.manifest import manifest_folder, read_manifest
+    from weightzoo.tasks.finetune.readers import read_manifest
+    from weightzoo.tasks.finetune.row import manifest_folder
 
     pipe = load_base(base)
     row = read_manifest(manifest)[:1]

@@ -27,7 +27,8 @@ from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.retry import describe, with_retries
 from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.batch import BatchPlan, cached_fingerprint, plan_batches
-from weightzoo.tasks.finetune.manifest import ManifestError, load_and_validate
+from weightzoo.tasks.finetune.manifest import load_and_validate
+from weightzoo.tasks.finetune.row import ManifestError
 from weightzoo.tasks.progress import COMMITTED, report
 
 MAX_FAILURES_SHOWN = 50

@@ -32,7 +32,9 @@ from weightzoo.tasks.diffusion.generator import (
 )
 from weightzoo.tasks.finetune.batch import run_batch
 from weightzoo.tasks.finetune.export import export
-from weightzoo.tasks.finetune.manifest import ManifestError, ManifestRow, read_manifest, validate_manifest
+from weightzoo.tasks.finetune.manifest import validate_manifest
+from weightzoo.tasks.finetune.readers import read_manifest
+from weightzoo.tasks.finetune.row import ManifestError, ManifestRow
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 

@@ -24,9 +24,9 @@ from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.driver import clip_per_item
 from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import WEIGHT_NAME, export_lora
-from weightzoo.tasks.finetune.manifest import ManifestRow
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
 from weightzoo.tasks.finetune.recipes.lora import lora_layout
+from weightzoo.tasks.finetune.row import ManifestRow
 from weightzoo.tasks.finetune.synthetic import make_subjects
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest

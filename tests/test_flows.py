@@ -22,7 +22,8 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.tasks.finetune.batch import batch_id_for, plan_batches, run_batch
 from weightzoo.tasks.finetune.config import FinetuneConfig
-from weightzoo.tasks.finetune.manifest import ManifestError, read_manifest
+from weightzoo.tasks.finetune.readers import read_manifest
+from weightzoo.tasks.finetune.row import ManifestError
 from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

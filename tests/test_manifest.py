@@ -16,20 +16,15 @@ from helpers import corrupt_image
 from PIL import Image
 
 from weightzoo.errors import InputError, NotFoundError
-from weightzoo.tasks.finetune.manifest import (
-    ImageConfig,
+from weightzoo.tasks.finetune.images import ImageConfig, load_image, load_images
+from weightzoo.tasks.finetune.manifest import load_and_validate, validate_manifest
+from weightzoo.tasks.finetune.readers import read_manifest, read_raw_manifest, write_manifest
+from weightzoo.tasks.finetune.row import (
     ManifestError,
     ManifestProblem,
     ManifestRow,
     image_uris,
-    load_and_validate,
-    load_image,
-    load_images,
     manifest_folder,
-    read_manifest,
-    read_raw_manifest,
-    validate_manifest,
-    write_manifest,
 )
 from weightzoo.tasks.finetune.synthetic import make_subjects
 

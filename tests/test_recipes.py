@@ -7,6 +7,7 @@ recipe with ``run_batch`` (the build path), which the dataset tests share.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,14 @@ from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
 from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import export, merged_state_dict
+from weightzoo.tasks.finetune.perfusion_loader import load_perfusion, unload_perfusion
 from weightzoo.tasks.finetune.recipes.celeb_basis import KEY
-from weightzoo.tasks.finetune.recipes.interference import apply_lora, mean_kept, train_and_merge
 from weightzoo.tasks.finetune.recipes.perfusion import EMBEDDING, VALUE
-from weightzoo.tasks.finetune.recipes.perfusion_loader import load_perfusion, unload_perfusion
 from weightzoo.tasks.finetune.synthetic import make_subjects, write_demo_manifest
 from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
+
+sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # the interference measure is bench code
+from interference import apply_lora, mean_kept, train_and_merge  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,9 @@ import pytest
 from helpers import corrupt_image
 from PIL import Image
 
-from weightzoo.tasks.finetune.manifest import ManifestRow, load_and_validate, load_image, load_images
+from weightzoo.tasks.finetune.images import load_image, load_images
+from weightzoo.tasks.finetune.manifest import load_and_validate
+from weightzoo.tasks.finetune.row import ManifestRow
 from weightzoo.tasks.finetune.synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,

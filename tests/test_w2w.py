@@ -292,7 +292,7 @@ def test_real_rows_edit_sample_invert(real_subspace: tuple[Subspace, list, str],
                                       tmp_path: Path) -> None:
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.manifest import load_images
+    from weightzoo.tasks.finetune.images import load_images
 
     sub, subjects, root = real_subspace
     assert sub.card["rows"] == 8 and sub.explained_variance_ratio.sum() > 0.3

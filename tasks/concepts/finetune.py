@@ -19,7 +19,7 @@ from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, ope
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.finetune.contract import BatchResult
 from weightzoo.tasks.finetune.driver import Prepared, prepare_rows, train_batch
-from weightzoo.tasks.finetune.manifest import ManifestRow
+from weightzoo.tasks.finetune.row import ManifestRow
 
 
 def resolved_hparams(model: SkipUNetGenerator, config: EditFinetuneConfig) -> dict:

@@ -16,7 +16,8 @@ import torch
 from weightzoo.tasks.concepts.rows import edit_pairs
 from weightzoo.tasks.concepts.sources import source_images, to_tensor
 from weightzoo.tasks.concepts.spec import EditSpec
-from weightzoo.tasks.finetune.manifest import ManifestRow, load_image
+from weightzoo.tasks.finetune.images import load_image
+from weightzoo.tasks.finetune.row import ManifestRow
 from weightzoo.tasks.seeds import stable_seed
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from weightzoo.storage.fs import filesystem, join
 from weightzoo.tasks.concepts.spec import spec_problems
 from weightzoo.tasks.finetune.contract import RowRules
-from weightzoo.tasks.finetune.manifest import IMAGE_SUFFIXES, ManifestRow, resolve
+from weightzoo.tasks.finetune.row import IMAGE_SUFFIXES, ManifestRow, resolve
 
 
 def edit_pairs(row: ManifestRow, base_uri: str | None = None) -> list[tuple[str, str | None]]:

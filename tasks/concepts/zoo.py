@@ -21,7 +21,8 @@ from weightzoo.storage.fs import join
 from weightzoo.tasks.concepts.edits import COMPOSE, FAMILIES, Param
 from weightzoo.tasks.concepts.sources import source_images, to_image
 from weightzoo.tasks.concepts.spec import EditSpec
-from weightzoo.tasks.finetune.manifest import ManifestRow, write_manifest
+from weightzoo.tasks.finetune.readers import write_manifest
+from weightzoo.tasks.finetune.row import ManifestRow
 from weightzoo.tasks.seeds import stable_seed
 
 HELDOUT_BAND = (0.40, 0.55)  # share of each parameter's range that training concepts never use

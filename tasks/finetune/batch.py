@@ -30,7 +30,8 @@ from weightzoo.storage.retry import describe, is_permanent, with_retries
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.manifest import ManifestRow, manifest_folder, read_manifest
+from weightzoo.tasks.finetune.readers import read_manifest
+from weightzoo.tasks.finetune.row import ManifestRow, manifest_folder
 
 # A deployment batch is one fresh worker process whose start (imports, base load, API calls) must stay a
 # small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start

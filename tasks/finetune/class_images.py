@@ -26,7 +26,8 @@ from PIL import Image
 
 from weightzoo.errors import NotFoundError
 from weightzoo.storage.fs import filesystem, join, write_bytes
-from weightzoo.tasks.finetune.manifest import IMAGE_SUFFIXES, load_image
+from weightzoo.tasks.finetune.images import load_image
+from weightzoo.tasks.finetune.row import IMAGE_SUFFIXES
 
 ENCODE_CHUNK = 8  # images per VAE call: bounded activation memory at 512 px, still a useful batch
 GENERATE_CHUNK = 4  # class images per pipeline call (x2 for classifier-free guidance)

@@ -43,9 +43,10 @@ from weightzoo.tasks.finetune.class_images import class_latents, encode_images
 from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.contract import BatchResult, ItemResult
 from weightzoo.tasks.finetune.driver import Prepared, prepare_rows, train_batch
-from weightzoo.tasks.finetune.manifest import ManifestRow, load_images
+from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.recipes.base import Adapters, Recipe
 from weightzoo.tasks.finetune.recipes.lora import LoRARecipe
+from weightzoo.tasks.finetune.row import ManifestRow
 from weightzoo.tasks.seeds import stable_seed
 
 # -- methods -----------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from PIL import Image, ImageDraw
 
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, is_local, join
-from weightzoo.tasks.finetune.manifest import ManifestRow, write_manifest
+from weightzoo.tasks.finetune.readers import write_manifest
+from weightzoo.tasks.finetune.row import ManifestRow
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": ("circle", "square", "triangle"),

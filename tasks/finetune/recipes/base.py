@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.manifest import ManifestRow
+    from weightzoo.tasks.finetune.row import ManifestRow
 
 
 class Adapters(Protocol):

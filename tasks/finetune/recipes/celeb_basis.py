@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.manifest import ManifestRow
+    from weightzoo.tasks.finetune.row import ManifestRow
 
 KEY = "celeb_basis.coefficients"
 EMBEDDING_NAME = "learned_embeds.safetensors"  # the name diffusers' textual-inversion scripts write

@@ -16,7 +16,7 @@ concept's input word embedding (initialised at the class word's), which sets i*.
 Row: ``perfusion.embedding`` (1, D) and one ``<attn2>.to_v.perfusion_value`` (out,) per cross-attention
 layer; the covariance is fitted once per base and cached like the Celeb Basis. Export: one safetensors
 file with the embedding, the V targets, C⁻¹, τ and β; ``load_perfusion(pipe, file, token, class_word)``
-(``perfusion_loader.py``) loads the embedding as a textual inversion, recomputes i* and the locked key
+(``tasks/finetune/perfusion_loader.py``) loads the embedding as a textual inversion, recomputes i* and the locked key
 from the base as training did (prompt "<token> <class word>"), and installs attention processors that
 apply the gated edits.
 """
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
     from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.manifest import ManifestRow
+    from weightzoo.tasks.finetune.row import ManifestRow
 
 EMBEDDING = "perfusion.embedding"
 VALUE = ".perfusion_value"

@@ -26,7 +26,7 @@ def read_image(uri: str, flag: str):
     from PIL import UnidentifiedImageError
 
     from weightzoo.errors import InputError, NotFoundError, WeightzooError
-    from weightzoo.tasks.finetune.manifest import load_image
+    from weightzoo.tasks.finetune.images import load_image
 
     try:
         return load_image(uri)

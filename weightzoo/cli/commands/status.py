@@ -67,7 +67,7 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
         "quarantined": [{"path": q.path, "origin": q.origin, "reason": q.reason, "at": q.at} for q in ledger.quarantined()],
     }
     if manifest:
-        from weightzoo.tasks.finetune.manifest import read_manifest
+        from weightzoo.tasks.finetune.readers import read_manifest
 
         ids = [r.id for r in read_manifest(manifest)]
         out["total"] = len(ids)

@@ -4,7 +4,8 @@ The loss is the training objective (epsilon MSE of the UNet conditioned on the c
 fixed set of draws per concept (timesteps, noise, images from a generator seeded by the concept's id),
 so the base, each single model and the merge are scored on exactly the same draws. What a merge keeps
 of a concept is ``(base − merged) / (base − single)``: 1 when merging costs nothing, ≤ 0 when the merge
-is no better than the base for that concept. Used by ``tests/test_recipes.py`` and ``bench/merge.py``.
+is no better than the base for that concept. Used by ``bench/merge.py`` and ``tests/test_recipes.py``
+(a measurement, so it lives with the benches).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def mean_kept(report: Sequence[Mapping[str, float | str]]) -> float:
 def concept_inputs(pipe, rows: Sequence, base_uri: str | None, resolution: int) -> tuple[dict, dict]:
     """Each concept's image latents and prompt states, as the engine encodes them."""
     from weightzoo.tasks.finetune.engine import encode_prompt, instance_latents
-    from weightzoo.tasks.finetune.manifest import load_images
+    from weightzoo.tasks.finetune.images import load_images
 
     latents = {r.id: instance_latents(pipe, r, load_images(r, base_uri), resolution) for r in rows}
     return latents, {r.id: encode_prompt(pipe, r.prompt) for r in rows}
