@@ -9,13 +9,14 @@ in a process that did not ``register_null_engine()`` first.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.finetune import engines
+from weightzoo.tasks.finetune.contract import BatchResult, Engine, ItemResult
+from weightzoo.tasks.finetune.driver import check_unique
 from weightzoo.tasks.finetune.row import ManifestRow
 
 NULL_ENGINE = "null"
@@ -24,36 +25,19 @@ NULL_ENGINE = "null"
 NULL_LAYOUT = Layout(("null.lora.weight",), ((99_648,),), "float16")
 
 
-@dataclass
-class NullItem:
-    id: str
-    ok: bool
-    weights: torch.Tensor | None
-    loss: float | None
-    steps: int
-    seconds: float
-    reason: str | None
-
-
-@dataclass
-class NullBatch:
-    layout: Layout
-    results: list[NullItem]
-    hparams: dict
-
-
 def null_finetune(pipe: Any, items: list[ManifestRow], config: Any, *, base_uri: str | None = None,
-                  cache_dir: str | None = None, progress: Callable[[int, int], None] | None = None) -> NullBatch:
-    """Zero weights for every item, instantly."""
+                  cache_dir: str | None = None, progress: Callable[[int, int], None] | None = None) -> BatchResult:
+    """Zero weights for every item, instantly (the engine contract's result types, no training)."""
+    check_unique([r.id for r in items])
     zeros = torch.zeros(NULL_LAYOUT.numel, dtype=NULL_LAYOUT.torch_dtype)
     if progress is not None:
         progress(len(items), len(items))
-    return NullBatch(NULL_LAYOUT, [NullItem(r.id, True, zeros, 0.0, 0, 0.0, None) for r in items], {"method": "null"})
+    return BatchResult(NULL_LAYOUT, [ItemResult(r.id, True, zeros, 0.0, 0, 0.0, None) for r in items], {"method": "null"})
 
 
 def register_null_engine() -> str:
     """Register the null engine in this process (the real base loader, so a batch pays its load) and
     return its name."""
     real = engines.get(engines.DEFAULT_ENGINE)
-    engines.register(engines.Engine(NULL_ENGINE, real.load_base, real.fingerprint, null_finetune, real.config))
+    engines.register(Engine(NULL_ENGINE, real.load_base, real.fingerprint, null_finetune, real.config))
     return NULL_ENGINE

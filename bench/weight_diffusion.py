@@ -247,7 +247,7 @@ def main() -> None:
     # class_prompt = prompt: without prior preservation it is unused (the engine still looks it up).
     rows = [r.model_copy(update={"class_prompt": r.prompt}) for r in make_subjects(str(subjects), args.subjects)]
     cfg = FinetuneConfig(steps=args.ft_steps, learning_rate=args.ft_lr, prior_preservation=False, pack=args.pack,
-                         resolution=args.resolution, lr_warmup_steps=10, seed=0, batch_size=args.ft_batch)
+                         resolution=args.resolution, lr_warmup_steps=10, seed=0, images_per_step=args.ft_batch)
     batch = "" if args.ft_batch == 1 else f"-b{args.ft_batch}"
     pre = f"-pre{args.pretrain_steps}" if args.pretrain_steps else ""
     dataset = str(work / f"dataset-{args.subjects}x{args.ft_steps}-lr{args.ft_lr:g}-r{args.resolution}{batch}{pre}")

@@ -19,6 +19,7 @@ from weightzoo.tasks.concepts.base import SkipUNetConfig, base_fingerprint, load
 from weightzoo.tasks.concepts.condition import StructuredCondition
 from weightzoo.tasks.concepts.edits import FAMILIES
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, train_concepts
+from weightzoo.tasks.concepts.finetune import edit_finetune_batch
 from weightzoo.tasks.concepts.loading import load_peft_adapter, merged
 from weightzoo.tasks.concepts.pairs import concept_pairs, psnr
 from weightzoo.tasks.concepts.rows import EditRowRules
@@ -175,3 +176,41 @@ def test_structured_condition_interpolates_and_refuses_unseen_values(built, base
     assert vec.shape == (1, Dataset(dataset).layout.numel) and torch.isfinite(vec).all()
     with pytest.raises(InputError, match="valid family values"):
         model.generate_attributes([{"family": "vignette"}])
+
+
+def test_edit_engine_takes_the_shared_optimiser_fields_and_splits_on_out_of_memory(base: str) -> None:
+    """Warm-up and betas reach the edit engine's AdamW (the shared driver); an OOM pack is split, not failed."""
+    model = load_base(base)
+    rows = concept_rows(2, seed=5)
+    config = CFG.model_copy(update={"steps": 4, "check_every": 2})
+    pairs = [concept_pairs(r, None, train=8, held_out=4, size=SIZE, data_seed=0) for r in rows]
+    layout = edit_layout(model, config)
+    plain = train_concepts(model, pairs, config, layout)
+    for update in ({"lr_warmup_steps": 4}, {"adam_beta1": 0.5}):
+        other = train_concepts(model, pairs, config.model_copy(update=update), layout)
+        assert not torch.allclose(plain[0].weights, other[0].weights), update
+
+    def fake_oom(module: torch.nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and args[0].shape[0] > config.pairs_per_step:  # more than one concept
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = model.register_forward_pre_hook(fake_oom)
+    try:
+        split = edit_finetune_batch(model, rows, config.model_copy(update={"pack": 2}))
+    finally:
+        handle.remove()
+    assert [r.ok for r in split.results] == [True, True]
+    for got, want in zip(split.results, plain, strict=True):
+        torch.testing.assert_close(got.weights.float(), want.weights, rtol=1e-4, atol=1e-5)
+    assert len({r.id for r in split.results}) == len(rows)
+
+
+def test_old_config_keys_still_load() -> None:
+    """Stored hparams from before the shared TrainingConfig name pairs per step and image size the old way."""
+    old = EditFinetuneConfig.model_validate({"batch_size": 3, "image_size": 16})
+    assert (old.pairs_per_step, old.resolution) == (3, 16)
+    assert "batch_size" not in old.model_dump() and "image_size" not in old.model_dump()
+    assert {"pack", "mixed_precision", "check_every", "loss_window"} <= EditFinetuneConfig.EXECUTION_FIELDS
+    defaults = EditFinetuneConfig()
+    assert (defaults.learning_rate, defaults.rank, defaults.alpha, defaults.pack, defaults.weight_decay,
+            defaults.weights_dtype) == (5e-3, 2, 2.0, 16, 0.0, "float32")

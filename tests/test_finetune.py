@@ -17,6 +17,7 @@ from helpers import corrupt_image
 from PIL import Image
 from safetensors.torch import load_file
 
+from weightzoo.storage.card import Recipe
 from weightzoo.tasks.finetune import engine as finetune
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.class_images import class_latents
@@ -305,3 +306,13 @@ def test_init_weights_start_an_item_from_given_weights(
     fresh_sd = out.layout.unflatten(fresh.weights)
     assert all(t.abs().max() < 1e-6 for k, t in fresh_sd.items() if k.endswith("lora_B.weight"))  # zero init
     assert out.hparams["prior_preservation"] is False
+
+
+def test_old_config_keys_load_and_the_recipe_ignores_execution_fields() -> None:
+    """Stored hparams with `batch_size` (images per step) still load; the dataset recipe keeps ignoring
+    the execution fields, including those the shared TrainingConfig declares."""
+    old = FinetuneConfig.model_validate({"batch_size": 2})
+    assert old.images_per_step == 2 and "batch_size" not in old.model_dump()
+    fast = old.model_copy(update={"pack": 8, "mixed_precision": "no", "check_every": 3, "compile": True})
+    assert Recipe.of("diffusers-lora", "fp", old) == Recipe.of("diffusers-lora", "fp", fast)
+    assert Recipe.of("diffusers-lora", "fp", old) != Recipe.of("diffusers-lora", "fp", FinetuneConfig())

@@ -127,13 +127,12 @@ def test_with_retries_retries_transient_errors_and_raises_permanent_ones_at_once
 
 def test_engine_outside_the_registry_is_refused_by_both_request_models() -> None:
     common = {"manifest": "m.jsonl", "base": "b", "dataset": "d"}
-    for bad in ("os:system", "weightzoo.tasks.finetune.batch:null_finetune", "null", "builtins:eval"):
+    for bad in ("os:system", "weightzoo.tasks.finetune.batch:null_finetune", "null", "builtins:eval",
+                "weightzoo.tasks.finetune:finetune_batch"):  # an import path is never an engine name
         with pytest.raises(ValueError, match="unknown engine"):
             BuildConfig(**common, engine=bad)
         with pytest.raises(ValueError, match="unknown engine"):
             BatchConfig(**common, batch_id="b-1", ids=["a"], engine=bad)
-    legacy = BuildConfig(**common, engine="weightzoo.tasks.finetune:finetune_batch")
-    assert legacy.engine == engines.DEFAULT_ENGINE
     assert "os" not in engines.names() and engines.DEFAULT_ENGINE in engines.names()
     assert len(engines.names()) == len(set(engines.names()))
 
