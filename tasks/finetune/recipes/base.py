@@ -1,11 +1,12 @@
-"""The recipe contract: what the shared training loop (``engine.py``) asks of a personalisation method.
+"""The recipe contract: what the diffusers engine (``engine.py``) asks of a personalisation method.
 
 A recipe is one way to personalise a base text-to-image model (LoRA, Orthogonal Adaptation, Celeb
 Basis, ...). It declares which tensors it trains (their shapes become the dataset's ``Layout``, so a
 row *is* the recipe's learned tensors), injects K independent copies of them into one loaded base
 (``attach``: a pack trains in one forward/backward), and exports a row as a file that diffusers (or
-the recipe's documented loader) applies to the base. Everything else (inputs, schedule, per-row
-randomness, NaN handling, OOM splitting, AdamW) is the engine's and identical for every recipe.
+the recipe's documented loader) applies to the base. Everything else is the engine's (inputs, per-row
+randomness, losses) or the shared batch driver's (``driver.py``: AdamW and schedule, per-row clipping,
+NaN handling, OOM splitting) and identical for every recipe.
 """
 
 from __future__ import annotations
