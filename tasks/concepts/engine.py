@@ -34,6 +34,7 @@ from weightzoo.storage.layout import Layout
 from weightzoo.tasks.concepts.base import SkipUNetGenerator
 from weightzoo.tasks.concepts.lora import PackedConvLoRA, find_convs, packed, shared_init
 from weightzoo.tasks.concepts.pairs import Pairs, psnr
+from weightzoo.tasks.device import autocast
 from weightzoo.tasks.finetune.contract import TrainingConfig
 from weightzoo.tasks.finetune.driver import Observer, Pack, train_packs
 from weightzoo.tasks.seeds import stable_seed
@@ -74,6 +75,10 @@ class EditFinetuneConfig(TrainingConfig):
     pack: int = Field(16, ge=1, description="Concepts trained together in one step (1 = sequential).")
     # Rows are small (thousands of values): float32 keeps them exact.
     weights_dtype: Literal["float16", "bfloat16", "float32"] = Field("float32", description="Storage dtype of the rows.")
+    # fp32 by default: the base is small, so bf16 saves little, and rows stay what they were before autocast.
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "no", description="'auto': bf16 autocast on CUDA, fp32 elsewhere; 'no': fp32; 'bf16': autocast."
+    )
 
 
 @dataclass
@@ -133,7 +138,9 @@ class EditPack:
         raw = torch.randint(0, 2**31 - 1, (c.pairs_per_step,), generator=g)
         src = torch.cat([p.train_src[raw % len(p.train_src)] for p in self.pairs]).to(self.device)
         tgt = torch.cat([p.train_tgt[raw % len(p.train_tgt)] for p in self.pairs]).to(self.device)
-        return (self.model(src) - tgt).abs().view(k, -1).mean(1)[active]
+        with autocast(c.mixed_precision, self.device):
+            out = self.model(src)
+        return (out.float() - tgt).abs().view(k, -1).mean(1)[active]
 
     def flatten(self, slot: int) -> torch.Tensor:
         sd = {f"{n}.{key}": t.float().cpu() for n, w in self.wrappers.items() for key, t in w.factors(slot).items()}

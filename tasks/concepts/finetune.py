@@ -17,6 +17,7 @@ import torch
 from weightzoo.tasks.concepts.base import SkipUNetGenerator
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, open_edit_pack
 from weightzoo.tasks.concepts.pairs import concept_pairs
+from weightzoo.tasks.device import use_bf16
 from weightzoo.tasks.finetune.contract import BatchResult
 from weightzoo.tasks.finetune.driver import Prepared, prepare_rows, train_batch
 from weightzoo.tasks.finetune.row import ManifestRow
@@ -25,7 +26,9 @@ from weightzoo.tasks.finetune.row import ManifestRow
 def resolved_hparams(model: SkipUNetGenerator, config: EditFinetuneConfig) -> dict:
     """The config as stored with every row, plus what export and loading need to know about the base."""
     size = config.resolution or model.config.image_size
+    device = next(model.parameters()).device
     return {**config.model_dump(mode="json"), "resolution": size, "base_class": type(model).__name__,
+            "mixed_precision": "bf16" if use_bf16(config.mixed_precision, device) else "no",
             "base_config": model.config.model_dump(mode="json")}
 
 
