@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from weightzoo.storage.layout import Layout
+from weightzoo.tasks.finetune.export import export_lora
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
 from weightzoo.tasks.finetune.recipes.base import Recipe
 from weightzoo.tasks.seeds import stable_seed
@@ -94,8 +95,6 @@ class LoRARecipe(Recipe):
                                   lambda name, layer: self.init_a(name, layer, ids, config), self.train_a)
 
     def export(self, weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str) -> str:
-        from weightzoo.tasks.finetune.export import export_lora
-
         return export_lora(weights, layout, hparams, out)
 
 
