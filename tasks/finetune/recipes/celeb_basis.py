@@ -95,6 +95,15 @@ def encode_with_words(encoder: nn.Module, ids: torch.Tensor, slots: torch.Tensor
         handle.remove()
 
 
+def splice_instance_states(ehs: torch.Tensor, states: torch.Tensor, instances: int) -> torch.Tensor:
+    """``ehs`` (m·S, L, D), row-major, with each of the m rows' first ``instances`` samples conditioned on
+    that row's ``states`` (m, L, D) instead; its class samples keep their states."""
+    m = states.shape[0]
+    grouped = ehs.view(m, ehs.shape[0] // m, *ehs.shape[1:])
+    inst = states.to(ehs.dtype)[:, None].expand(m, instances, *states.shape[1:])
+    return torch.cat([inst, grouped[:, instances:]], 1).flatten(0, 1)
+
+
 class CelebAdapters:
     """K rows' coefficients (K, words, basis_size), and the frozen text encoder that turns them into states."""
 
@@ -135,13 +144,10 @@ class CelebAdapters:
 
     def condition(self, ehs: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Replace each active row's instance samples' states with its prompt encoded with its learned words."""
-        m = active.numel()
         vectors = self.basis.embed(self.coefficients.index_select(0, active))
         states = encode_with_words(self.encoder, self.ids.index_select(0, active),
                                    self.slots.index_select(0, active), vectors)
-        grouped = ehs.view(m, ehs.shape[0] // m, *ehs.shape[1:])
-        inst = states.to(ehs.dtype)[:, None].expand(m, self.instances, *states.shape[1:])
-        return torch.cat([inst, grouped[:, self.instances :]], 1).flatten(0, 1)
+        return splice_instance_states(ehs, states, self.instances)
 
 
 class CelebBasisRecipe(Recipe):

@@ -42,7 +42,7 @@ from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.finetune.packed_lora import find_targets
 from weightzoo.tasks.finetune.recipes.base import Recipe
-from weightzoo.tasks.finetune.recipes.celeb_basis import encode_with_words, tokenise
+from weightzoo.tasks.finetune.recipes.celeb_basis import encode_with_words, splice_instance_states, tokenise
 from weightzoo.tasks.finetune.recipes.names_basis import read_names
 
 if TYPE_CHECKING:
@@ -227,9 +227,7 @@ class PerfusionAdapters:
                                    self.embedding.index_select(0, active))
         self.state.istar = states[torch.arange(m, device=states.device), slots[:, 0]]
         self.state.active = active
-        grouped = ehs.view(m, ehs.shape[0] // m, *ehs.shape[1:])
-        inst = states.to(ehs.dtype)[:, None].expand(m, self.instances, *states.shape[1:])
-        return torch.cat([inst, grouped[:, self.instances :]], 1).flatten(0, 1)
+        return splice_instance_states(ehs, states, self.instances)
 
 
 class PerfusionRecipe(Recipe):
