@@ -250,7 +250,7 @@ def test_cards_find_a_dataset_moved_with_them(tmp_path: Path, tiny_pipe, capsys:
 
 
 def test_relative_refs_on_local_disk_and_buckets() -> None:
-    from weightzoo.tasks.subspace.pca import relative_ref, resolve_ref
+    from weightzoo.storage.fs import relative_ref, resolve_ref
 
     assert relative_ref("s3://bkt/data/ds", "s3://bkt/subs/one") == "../../data/ds"
     assert resolve_ref("../../data/ds", "s3://bkt/subs/one") == "s3://bkt/data/ds"
