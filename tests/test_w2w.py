@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.shards import RowMeta
+from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.subspace.pca import Subspace, SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     LoRAUNet,
@@ -62,9 +63,7 @@ def write_lora_dataset(uri: str, pipe, n: int = N) -> None:
     w = torch.stack(weights)
     for start in range(0, n, 40):
         batch = f"b{start}"
-        info = write_shard(ledger.fs, ledger.new_shard_path(batch), layout, rows[start : start + 40],
-                           w[start : start + 40], row_group_size=16)
-        ledger.commit(batch, info)
+        commit_batch(ledger, batch, layout, rows[start : start + 40], w[start : start + 40], row_group_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -278,9 +277,7 @@ def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[
     ledger = Ledger(f"{root}/ds")
     meta = [RowMeta(r.id, prompt=s.prompt, attributes=s.attributes, hparams=out.hparams, loss=r.loss, steps=r.steps)
             for r, s in zip(out.results, subjects, strict=True)]
-    info = write_shard(ledger.fs, ledger.new_shard_path("b0"), out.layout, meta,
-                       torch.stack([r.weights for r in out.results]))
-    ledger.commit("b0", info)
+    commit_batch(ledger, "b0", out.layout, meta, torch.stack([r.weights for r in out.results]))
     fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceConfig(components=4))
     return load_subspace(f"{root}/sub"), subjects, root
 
