@@ -16,6 +16,11 @@
 typed lists), is a long-standing ``datasets`` type (``Value("binary")``), and holds bf16 (which Arrow
 has no float type for) the same way as fp16 and fp32; a typed list would need int16 for bf16.
 
+Verified: nothing leaves unchecked. Every shard is read once before anything is written, as ``Dataset``
+reads do (size, layout, CRC32 of every weights byte, ids against the commit entry); a bad shard stops the
+publish naming it, or (``skip_bad``) its rows are left out and listed. The check costs one more read of
+the shards (the write pass then mostly hits the page cache); shipping a flipped bit to the Hub costs more.
+
 Streaming: one row group in memory at a time. Resumable: output files are planned from the ledger
 (deterministic names), each is written atomically and records in its footer which shards it holds,
 so a rerun skips the files already complete and rewrites only the rest.
