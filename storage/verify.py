@@ -68,17 +68,19 @@ def check_shard(ledger: Ledger, entry: dict) -> None:
     check_file(ledger.fs, f)
 
 
-def _read_commits(ledger: Ledger, report: VerifyReport) -> list[tuple[str, dict]]:
-    """Every parsable commit entry (relative path, fields) in canonical order; unparsable ones are problems."""
-    out = []
+def _read_commits(ledger: Ledger, report: VerifyReport) -> tuple[list[tuple[str, dict]], list[str]]:
+    """Every parsable commit entry (relative path, fields) in canonical order, and every entry file's name;
+    unparsable ones are problems."""
+    out, names = [], []
     for name, blob in ledger.raw_files(COMMITS):
+        names.append(name)
         report.commits += 1
         rel = f"{COMMITS}/{name}"
         try:
             out.append((rel, parse_commit(blob)))
         except (ValueError, UnicodeDecodeError) as e:
             report.problems.append(Problem(rel, None, f"unreadable ledger file: {e}"))
-    return sorted(out, key=lambda e: (e[1]["committed_at"], e[0]))
+    return sorted(out, key=lambda e: (e[1]["committed_at"], e[0])), names
 
 
 def _check_commits(ledger: Ledger, entries: list[tuple[str, dict]], layout: str, report: VerifyReport) -> None:
@@ -112,8 +114,8 @@ def _card(ledger: Ledger, report: VerifyReport) -> Recipe | None:
         return None
 
 
-def _uncommitted(ledger: Ledger, entries: list[tuple[str, dict]]) -> list[str]:
-    """Shard files under ``shards/`` that no commit entry (parsable or not by name) points at."""
+def _uncommitted(ledger: Ledger, entries: list[tuple[str, dict]], entry_names: list[str]) -> list[str]:
+    """Shard files under ``shards/`` that no commit entry (parsable, or by its name) points at."""
     path = join(ledger.root, SHARDS)
     ledger.fs.invalidate_cache(path)
     try:
@@ -121,7 +123,7 @@ def _uncommitted(ledger: Ledger, entries: list[tuple[str, dict]]) -> list[str]:
     except FileNotFoundError:
         return []
     referenced = {e["shard"].rsplit("/", 1)[-1] for _, e in entries}
-    committed_names = {n.rsplit("/", 1)[-1].removesuffix(".json") + ".parquet" for n, _ in ledger.raw_files(COMMITS)}
+    committed_names = {n.removesuffix(".json") + ".parquet" for n in entry_names}
     return [f"{SHARDS}/{n}" for n in names if is_shard_name(n) and n not in referenced | committed_names]
 
 
@@ -145,11 +147,11 @@ def verify_dataset(dataset_uri: str, repair: bool = False, storage_options: Stor
         raise NotFoundError(f"no dataset at {redact(ledger.uri)}")
     report = VerifyReport(dataset=redact(ledger.uri))
     card = _card(ledger, report)
-    entries = _read_commits(ledger, report)
+    entries, entry_names = _read_commits(ledger, report)
     layout = card.layout if card and card.layout else (entries[0][1]["layout"] if entries else "")
     _check_commits(ledger, entries, layout, report)
     _check_failures(ledger, report)
-    report.uncommitted = _uncommitted(ledger, entries)
+    report.uncommitted = _uncommitted(ledger, entries, entry_names)
     if repair:
         _repair(ledger, entries, report)
     return report
