@@ -29,6 +29,7 @@ from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.open import open_dataset
 from weightzoo.storage.shards import CRC32_IMPL, RowMeta, ShardWriter, iter_shard
+from weightzoo.storage.writer import commit_batch
 
 
 def best(fn: Callable[[], object], repeat: int) -> float:
@@ -82,9 +83,7 @@ def main() -> None:
             assert n == args.rows
 
         ledger = Ledger(os.path.join(tmp, "dataset"))
-        with ShardWriter(ledger.fs, ledger.new_shard_path("b0"), layout, row_group_size=args.row_group) as w:
-            w.write(rows, weights)
-        ledger.commit("b0", w.info)
+        commit_batch(ledger, "b0", layout, rows, weights, row_group_size=args.row_group)
 
         def dataset_read(verify: bool = True) -> None:
             n = sum(len(w) for _, w in Dataset(ledger.uri).iter_batches(columns=["id"], verify=verify))

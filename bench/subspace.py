@@ -31,7 +31,8 @@ import torch
 
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.shards import RowMeta
+from weightzoo.storage.writer import commit_batch
 
 # -- data --------------------------------------------------------------------------------------------------
 
@@ -51,8 +52,7 @@ def write_dataset(uri: str, rows: int, dim: int, rank: int, shard_rows: int, row
         x = x * col_scale + col_shift
         meta = [RowMeta(f"r{i:07d}") for i in range(start, start + n)]
         batch = f"b{start:07d}"
-        ledger.commit(batch, write_shard(ledger.fs, ledger.new_shard_path(batch), layout, meta, x,
-                                         row_group_size=row_group))
+        commit_batch(ledger, batch, layout, meta, x, row_group_size=row_group)
 
 
 def load_standardised(uri: str) -> torch.Tensor:

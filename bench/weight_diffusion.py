@@ -83,7 +83,8 @@ def build_dataset(args: argparse.Namespace, pipe, rows, cfg, dataset: str, base_
     Histories are kept in ``histories.json`` beside the dataset, so a rerun reuses committed rows.
     """
     from weightzoo.storage.ledger import Ledger
-    from weightzoo.storage.shards import RowMeta, write_shard
+    from weightzoo.storage.shards import RowMeta
+    from weightzoo.storage.writer import commit_batch
     from weightzoo.tasks.finetune.engine import finetune_batch
 
     ledger = Ledger(dataset)
@@ -99,8 +100,7 @@ def build_dataset(args: argparse.Namespace, pipe, rows, cfg, dataset: str, base_
         metas = [RowMeta(id=r.id, prompt=by_id[r.id].prompt, attributes=by_id[r.id].attributes, hparams=res.hparams,
                          loss=r.loss, steps=r.steps, train_seconds=r.seconds) for r in ok]
         batch = f"bench-{i // args.pack:03d}"
-        info = write_shard(ledger.fs, ledger.new_shard_path(batch), res.layout, metas, torch.stack([r.weights for r in ok]))
-        ledger.commit(batch, info)
+        commit_batch(ledger, batch, res.layout, metas, torch.stack([r.weights for r in ok]))
         for r in ok:
             histories[r.id] = {"loss": r.loss_history, "seconds": r.seconds}
         hist_path.write_text(json.dumps(histories))

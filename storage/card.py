@@ -97,6 +97,11 @@ def _write_card(ledger: Ledger, recipe: Recipe, first: bool) -> None:
         os.remove(tmp)
 
 
+def write_card(ledger: Ledger, recipe: Recipe) -> None:
+    """Overwrite the card (``verify --repair`` rebuilding an unreadable one from the commits' recipe)."""
+    _write_card(ledger, recipe, first=False)
+
+
 def check_recipe(ledger: Ledger, recipe: Recipe) -> Recipe | None:
     """Refuse ``recipe`` if the dataset's card says otherwise (before any training); returns the card."""
     card = read_card(ledger)

@@ -23,7 +23,8 @@ from fsspec import AbstractFileSystem
 from weightzoo.errors import CorruptShardError, NotFoundError
 from weightzoo.storage.fs import StorageOptions
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.ledger import CommitEntry, Ledger
+from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.listing import CommittedFile, committed_files
 from weightzoo.storage.shards import (
     LayoutMismatchError,
     crc32_combine,
@@ -33,7 +34,7 @@ from weightzoo.storage.shards import (
     weights_crc32,
 )
 
-__all__ = ["CorruptShardError", "Dataset", "verified_shard_batches"]
+__all__ = ["CorruptShardError", "Dataset", "check_file", "check_files", "verified_shard_batches"]
 
 
 _CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -128,6 +129,41 @@ def verified_shard_batches(
         raise CorruptShardError(f"shard {name} cannot be read: {e}") from e
 
 
+def check_file(fs: AbstractFileSystem, f: CommittedFile) -> None:
+    """Read one committed shard as ``Dataset`` reads do (size, footer layout, CRC32 of every row) and check
+    its ids against the commit entry: the recorded row count, every committed id present, none twice."""
+    ids: list[str] = []
+    batches = verified_shard_batches(fs, f.path, f.shard, nbytes=f.nbytes, crc32=f.crc32, fingerprint=f.layout,
+                                     columns=["id"], weights=False, verify=True)
+    for table, _ in batches:
+        ids.extend(table.column("id").to_pylist())
+    if len(ids) != f.rows:
+        raise CorruptShardError(f"shard {f.shard} has {len(ids)} rows, its ledger entry says {f.rows}")
+    missing = set(f.ids) - set(ids)
+    if missing:
+        raise CorruptShardError(f"shard {f.shard} lacks {len(missing)} ids its ledger entry commits")
+    if len(set(ids)) != len(ids):
+        raise CorruptShardError(f"shard {f.shard} holds {len(ids) - len(set(ids))} id(s) twice")
+
+
+def check_files(fs: AbstractFileSystem, files: Sequence[CommittedFile]) -> list[tuple[CommittedFile, str]]:
+    """The files that fail ``check_file``, each with why (empty when every file is what its entry says)."""
+    bad = []
+    for f in files:
+        try:
+            check_file(fs, f)
+        except CorruptShardError as e:
+            bad.append((f, str(e)))
+    return bad
+
+
+def raise_bad(bad: Sequence[tuple[CommittedFile, str]], hint: str = "") -> None:
+    """Refuse to hand out rows when any file failed its check: one line naming the first bad shard."""
+    if bad:
+        more = f" (and {len(bad) - 1} more bad shard(s))" if len(bad) > 1 else ""
+        raise CorruptShardError(f"{bad[0][1]}{more}; run weightzoo verify --repair{hint}")
+
+
 def _footer_layout(fs: AbstractFileSystem, path: str, name: str) -> Layout:
     """The layout in a committed shard's footer; a footer without one means the file is not the shard."""
     with open_parquet(fs, path) as pf:
@@ -168,7 +204,7 @@ class Dataset:
         self.ledger = Ledger(uri, storage_options)
         self.uri = self.ledger.uri
         self.fs = self.ledger.fs
-        self.entries: list[CommitEntry] = [c for c in self.ledger.commits() if c.ids]
+        self.entries: list[CommittedFile] = committed_files(self.ledger)
         self._layout: Layout | None = None
 
     def __len__(self) -> int:
@@ -185,16 +221,15 @@ class Dataset:
             if not self.entries:
                 raise NotFoundError(f"dataset {self.uri} has no committed rows")
             first = self.entries[0]
-            path = self.ledger.abspath(first.shard)
-            _check_size(self.fs, path, first.shard, first.nbytes)
+            _check_size(self.fs, first.path, first.shard, first.nbytes)
             try:
-                self._layout = _footer_layout(self.fs, path, first.shard)
+                self._layout = _footer_layout(self.fs, first.path, first.shard)
             except pa.ArrowException as e:
                 raise CorruptShardError(f"shard {first.shard} cannot be read: {e}") from e
         return self._layout
 
     def _batches(
-        self, entry: CommitEntry, columns: Sequence[str] | None, weights: bool, verify: bool | None
+        self, entry: CommittedFile, columns: Sequence[str] | None, weights: bool, verify: bool | None
     ) -> Iterator[tuple[pa.Table, np.ndarray | None]]:
         if entry.layout != self.layout.fingerprint:
             raise LayoutMismatchError(
@@ -203,12 +238,12 @@ class Dataset:
             )
         return verified_shard_batches(
             self.fs,
-            self.ledger.abspath(entry.shard),
+            entry.path,
             entry.shard,
             nbytes=entry.nbytes,
             crc32=entry.crc32,
             fingerprint=entry.layout,
-            visible=None if len(entry.ids) == entry.rows else entry.ids,
+            visible=entry.ids if entry.partial else None,
             columns=columns,
             layout=self.layout,
             weights=weights,

@@ -8,6 +8,7 @@ AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import uuid
 from collections.abc import Iterator, Mapping
@@ -112,3 +113,42 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, durable: bool = 
 def redact(uri: str) -> str:
     """A URI safe to log: any ``user:password@`` part is removed."""
     return re.sub(r"//[^/@]*@", "//", str(uri))
+
+
+# -- URIs relative to one another (a card that names its dataset, a subspace that names its fit) ----------
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """(protocol, path): ``file`` and an absolute path for local URIs."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return "file", os.path.abspath(path)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol, path
+
+
+def relative_ref(target: str, card_dir: str) -> str | None:
+    """``target`` relative to the folder ``card_dir``, when both are on local disk or in the same bucket
+    (so the pair can move together); None otherwise."""
+    (tp, tpath), (cp, cpath) = split_uri(target), split_uri(card_dir)
+    if tp != cp or (tp != "file" and tpath.split("/", 1)[0] != cpath.split("/", 1)[0]):
+        return None
+    return (os.path.relpath if tp == "file" else posixpath.relpath)(tpath, cpath)
+
+
+def resolve_ref(relative: str, card_dir: str) -> str:
+    """The inverse of ``relative_ref``: ``relative`` resolved against the folder ``card_dir``."""
+    protocol, path = split_uri(card_dir)
+    if protocol == "file":
+        return os.path.normpath(os.path.join(path, relative))
+    return f"{protocol}://{posixpath.normpath(posixpath.join(path, relative))}"
+
+
+def same_uri(a: str, b: str) -> bool:
+    """Whether two URIs name the same place (a relative and an absolute local path included)."""
+    return split_uri(a) == split_uri(b)
+
+
+def uri_exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return bool(fs.exists(path))

@@ -9,6 +9,13 @@ never a candidate, whatever the ledger says. The grace must exceed the longest t
 modification time to its commit (on S3 a multipart object's ``LastModified`` may be when its
 upload *started*, so count a slow upload in too).
 
+A build holds its batch's lease (storage/lease.py) from before it writes the shard until after the commit,
+so gc also keeps every shard and temp file of a batch whose lease a live holder has, and temp files younger
+than the lease TTL whatever the grace: ``--older-than 0s`` during a build deletes no in-flight batch's files.
+Order makes this safe: the files are listed first, then the leases, then the ledger. A file listed while
+its writer holds the lease is seen as leased; if the lease is gone by the time it is read, the commit
+(written before the release) is in the ledger read after it.
+
 Only files named like the shards ``Ledger.new_shard_path`` makes are considered, plus temp files:
 everything under ``shards/_tmp/`` and the ``<shard>.tmp-<hex>`` siblings older writers left. Temp
 files are never committed, so the grace period alone protects a write in progress. Ledger files and
@@ -25,6 +32,7 @@ from typing import Any
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.fs import StorageOptions, join, redact
+from weightzoo.storage.lease import DEFAULT_TTL_S, leased_batches
 from weightzoo.storage.ledger import SHARDS, Ledger, is_shard_name
 from weightzoo.storage.shards import TMP_DIR
 
@@ -50,6 +58,7 @@ class GcReport:
     orphans: list[Orphan] = field(default_factory=list)
     temps: list[Orphan] = field(default_factory=list)  # stale temp files of killed writers
     recent: int = 0  # uncommitted shards and temps inside the grace period, kept (maybe still being written)
+    leased: int = 0  # uncommitted shards and temps of batches a live build holds the lease of, kept
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why) — not judged
     deleted: bool = False
 
@@ -95,8 +104,25 @@ def _list_files(ledger: Ledger, folder: str) -> list[dict[str, Any]]:
     return sorted((i for i in listing if i.get("type") == "file"), key=lambda i: i["name"])
 
 
-def _judge(ledger: Ledger, info: dict[str, Any], rel: str, cutoff: datetime, out: list[Orphan], report: GcReport) -> None:
-    """Add ``rel`` to ``out`` if it was last modified before ``cutoff``; count or skip it otherwise."""
+def _batch_of(name: str) -> str:
+    """The batch a shard or temp file name belongs to: ``<batch>-<token>.parquet[.tmp-<hex>]``."""
+    return name.split(".parquet", 1)[0].rpartition("-")[0]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What keeps a file: modified after ``cutoff``, or its batch in ``leased``."""
+
+    cutoff: datetime
+    leased: frozenset[str]
+
+
+def _judge(ledger: Ledger, info: dict[str, Any], rel: str, rule: _Rule, out: list[Orphan], report: GcReport) -> None:
+    """Add ``rel`` to ``out`` unless a live lease or the grace period keeps it (counted) or it has no mtime."""
+    cutoff = rule.cutoff
+    if _batch_of(rel.rsplit("/", 1)[-1]) in rule.leased:
+        report.leased += 1
+        return
     mtime = _mtime(info) or _mtime(ledger.fs.info(info["name"]))
     if mtime is None:
         log.warning("gc: %s has no modification time; skipped", rel)
@@ -112,21 +138,23 @@ def _is_temp(name: str) -> bool:
     return bool(m) and is_shard_name(m["shard"])
 
 
-def _scan(ledger: Ledger, older_than: timedelta, report: GcReport) -> None:
+def _scan(ledger: Ledger, older_than: timedelta, lease_ttl: timedelta, report: GcReport) -> None:
     listing = _list_files(ledger, SHARDS)
     temps = _list_files(ledger, f"{SHARDS}/{TMP_DIR}")
-    # The ledger is read *after* the listing: a shard committed before we listed it is seen as committed.
+    # Leases, then the ledger, are read *after* the listing (see the module docstring for why this order).
+    leased = frozenset(leased_batches(ledger))
     referenced = _referenced(ledger)
-    cutoff = datetime.now(UTC) - older_than
+    now = datetime.now(UTC)
+    shard_rule, temp_rule = _Rule(now - older_than, leased), _Rule(now - max(older_than, lease_ttl), leased)
     for info in listing:
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
         if is_shard_name(name) and name not in referenced:
-            _judge(ledger, info, f"{SHARDS}/{name}", cutoff, report.orphans, report)
+            _judge(ledger, info, f"{SHARDS}/{name}", shard_rule, report.orphans, report)
         elif _is_temp(name):
-            _judge(ledger, info, f"{SHARDS}/{name}", cutoff, report.temps, report)
+            _judge(ledger, info, f"{SHARDS}/{name}", temp_rule, report.temps, report)
     for info in temps:
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
-        _judge(ledger, info, f"{SHARDS}/{TMP_DIR}/{name}", cutoff, report.temps, report)
+        _judge(ledger, info, f"{SHARDS}/{TMP_DIR}/{name}", temp_rule, report.temps, report)
 
 
 def find_orphans(
@@ -137,13 +165,14 @@ def find_orphans(
 
 
 def collect(
-    dataset_uri: str, older_than: timedelta, delete: bool, storage_options: StorageOptions = None
+    dataset_uri: str, older_than: timedelta, delete: bool, storage_options: StorageOptions = None,
+    lease_ttl: timedelta = timedelta(seconds=DEFAULT_TTL_S),
 ) -> GcReport:
     """Find orphan shards and stale temp files and, with ``delete=True``, remove them. Raises
     ``NotFoundError`` if the dataset does not exist.
 
-    Before deleting, the ledger is read once more and any shard committed meanwhile is kept; this
-    narrows the race with a very late commit, but the grace period is what makes deletion safe.
+    Files of leased batches are kept, and temp files younger than ``lease_ttl``. Before deleting, the
+    ledger is read once more and any shard committed meanwhile is kept too.
     """
     if older_than < timedelta(0):
         raise InputError(f"older_than must not be negative, got {older_than}")
@@ -151,7 +180,7 @@ def collect(
     if not ledger.exists():
         raise NotFoundError(f"no dataset at {redact(ledger.uri)}")
     report = GcReport(dataset=redact(ledger.uri), older_than=older_than)
-    _scan(ledger, older_than, report)
+    _scan(ledger, older_than, lease_ttl, report)
     if delete and report.orphans:
         late = _referenced(ledger)
         report.orphans = [o for o in report.orphans if o.path.rsplit("/", 1)[-1] not in late]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
+from weightzoo.errors import CorruptShardError
+from weightzoo.storage.card import read_card
 from weightzoo.storage.fs import StorageOptions, filesystem, is_local, redact
+from weightzoo.storage.ledger import Ledger
 
 # Below this, a shard of any real batch will not fit: warn before a build finds out after training.
 LOW_SPACE_BYTES = 64 << 20
@@ -40,4 +43,13 @@ def storage_problems(uri: str, storage_options: StorageOptions = None) -> list[s
         return [f"no such bucket: {redact(uri.split('://', 1)[0] + '://' + bucket)}"]
     except PermissionError:
         return [f"access denied to {redact(uri)}"]
+    return []
+
+
+def card_problems(ledger: Ledger) -> list[str]:
+    """An unreadable dataset card (every build refuses to start on it): one line, or none."""
+    try:
+        read_card(ledger)
+    except CorruptShardError as e:
+        return [f"{e}: run weightzoo verify --repair"]
     return []

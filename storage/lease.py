@@ -23,7 +23,29 @@ from weightzoo.storage.fs import check_id, join, write_bytes
 from weightzoo.storage.ledger import Ledger
 
 LEASES = "ledger/leases"
+# A batch's lease outlives a killed holder by at most this long (renewed every third of it while training);
+# gc keeps temp files younger than this whatever its grace period.
+DEFAULT_TTL_S = 120.0
 log = logging.getLogger(__name__)
+
+
+def leased_batches(ledger: Ledger) -> set[str]:
+    """Batches whose lease a live holder has now (unexpired), from one listing of ``ledger/leases/``."""
+    path = join(ledger.root, LEASES)
+    ledger.fs.invalidate_cache(path)
+    try:
+        names = [p for p in ledger.fs.ls(path, detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        return set()
+    blobs = ledger.fs.cat(names, on_error="omit") if names else {}  # a lease released meanwhile: omitted
+    now, out = time.time(), set()
+    for name, blob in blobs.items():
+        try:
+            if float(json.loads(blob)["expires"]) > now:
+                out.add(name.rsplit("/", 1)[-1].removesuffix(".json"))
+        except (ValueError, KeyError, TypeError):  # torn: its writer rewrites it within a renewal
+            out.add(name.rsplit("/", 1)[-1].removesuffix(".json"))
+    return out
 
 
 def new_holder() -> str:

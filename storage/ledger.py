@@ -74,6 +74,7 @@ class CommitEntry:
     base_model: str
     committed_at: str
     name: str = ""  # entry file name; tie-breaker of the canonical order
+    recipe: dict[str, Any] | None = None  # the dataset card's recipe at commit: lets verify rebuild a lost card
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,10 @@ def parse_commit(blob: bytes) -> dict:
     d = _check_fields(json.loads(blob), _COMMIT_FIELDS)
     if not all(isinstance(i, str) for i in d["ids"]):
         raise ValueError("field 'ids' is not a list of strings")
-    return {k: d[k] for k in _COMMIT_FIELDS}
+    out = {k: d[k] for k in _COMMIT_FIELDS}
+    if isinstance(d.get("recipe"), dict):
+        out["recipe"] = d["recipe"]
+    return out
 
 
 def parse_failure(blob: bytes) -> dict:
@@ -225,8 +229,11 @@ class Ledger:
         return [i for i in manifest_ids if i not in skip]
 
     # --- writing -----------------------------------------------------------------------------
-    def commit(self, batch: str, shard: ShardInfo, base_model: str = "") -> CommitEntry | None:
-        """Make a complete shard's rows visible. Call only after the shard is fully written.
+    def commit(
+        self, batch: str, shard: ShardInfo, base_model: str = "", recipe: dict[str, Any] | None = None
+    ) -> CommitEntry | None:
+        """Make a complete shard's rows visible. Call only after the shard is fully written (``commit_batch``
+        in storage/writer.py does the whole protocol); ``recipe`` is recorded for ``verify --repair``.
 
         Ids already committed by another entry are left out of this one; returns None (and writes
         nothing) when every id was already committed, so a rerun of a committed batch is a no-op.
@@ -255,8 +262,9 @@ class Ledger:
             layout=shard.layout,
             base_model=base_model,
             committed_at=_now(),
+            recipe=recipe,
         )
-        body = {k: v for k, v in asdict(entry).items() if k != "name"}
+        body = {k: v for k, v in asdict(entry).items() if k != "name" and not (k == "recipe" and v is None)}
         write_bytes(self.fs, join(self.root, COMMITS, name), json.dumps(body).encode())
         return CommitEntry(**{**body, "name": name})
 

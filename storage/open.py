@@ -16,7 +16,6 @@ through fsspec, the same filesystem (and credentials) as the rest of weightzoo.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -24,37 +23,13 @@ import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 
 from weightzoo.errors import CorruptShardError, NotFoundError
-from weightzoo.storage.fs import StorageOptions, is_local
+from weightzoo.storage.dataset import check_files, raise_bad
+from weightzoo.storage.fs import StorageOptions, filesystem, is_local
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.ledger import CommitEntry, Ledger
+from weightzoo.storage.listing import CommittedFile, committed_files, one_layout
 from weightzoo.storage.shards import LayoutMismatchError, read_layout, shard_schema
 
 SHARD_COLUMN = "shard"
-
-
-@dataclass(frozen=True)
-class CommittedFile:
-    """One committed shard as a reader sees it: where it is and which of its ids are visible."""
-
-    uri: str  # what a reader opens: an absolute local path, or a full URL (s3://bucket/...)
-    path: str  # the same file for the dataset's fsspec filesystem (no protocol)
-    shard: str  # relative to the dataset root, e.g. shards/<batch>-<token>.parquet
-    ids: tuple[str, ...]  # visible ids; fewer than ``rows`` where another entry committed some first
-    rows: int
-    nbytes: int
-    layout: str  # layout fingerprint
-
-
-def _file(ledger: Ledger, entry: CommitEntry) -> CommittedFile:
-    path = ledger.abspath(entry.shard)
-    uri = path if is_local(ledger.fs) else ledger.fs.unstrip_protocol(path)
-    return CommittedFile(uri, path, entry.shard, entry.ids, entry.rows, entry.nbytes, entry.layout)
-
-
-def committed_files(uri: str, storage_options: StorageOptions = None) -> list[CommittedFile]:
-    """The committed shards that make at least one id visible, in the ledger's canonical order."""
-    ledger = Ledger(uri, storage_options)
-    return [_file(ledger, c) for c in ledger.commits() if c.ids]
 
 
 def _check_files(fs: AbstractFileSystem, files: list[CommittedFile]) -> None:
@@ -71,11 +46,11 @@ def _check_files(fs: AbstractFileSystem, files: list[CommittedFile]) -> None:
             raise CorruptShardError(f"shard {f.shard} is {size} bytes, its ledger entry says {f.nbytes}")
 
 
-def _layout(fs: AbstractFileSystem, files: list[CommittedFile]) -> Layout:
+def _layout(fs: AbstractFileSystem, files: list[CommittedFile], uri: str) -> Layout:
+    one_layout(files, uri)
     layout = read_layout(fs, files[0].path)
-    other = next((f for f in files if f.layout != layout.fingerprint), None)
-    if other is not None:
-        raise LayoutMismatchError(f"shard {other.shard} has layout {other.layout}, not {layout.fingerprint}")
+    if layout.fingerprint != files[0].layout:
+        raise LayoutMismatchError(f"shard {files[0].shard} has layout {layout.fingerprint}, not {files[0].layout}")
     return layout
 
 
@@ -90,7 +65,7 @@ def visible_filter(files: list[CommittedFile]) -> ds.Expression | None:
     """Keep, in each file that hides rows, only its visible ids; None when no file hides any."""
     expr = None
     for f in files:
-        if len(f.ids) < f.rows:
+        if f.partial:
             keep = (ds.field(SHARD_COLUMN) != f.shard) | ds.field("id").isin(list(f.ids))
             expr = keep if expr is None else expr & keep
     return expr
@@ -101,15 +76,20 @@ def dataset_schema(layout: Layout) -> pa.Schema:
     return shard_schema(layout).append(pa.field(SHARD_COLUMN, pa.string(), nullable=False))
 
 
-def open_dataset(uri: str, storage_options: StorageOptions = None) -> ds.Dataset:
+def open_dataset(uri: str, storage_options: StorageOptions = None, verify: bool = False) -> ds.Dataset:
     """Exactly the visible rows of a dataset, as a pyarrow dataset (one row per committed id).
 
     Lazy: nothing but the ledger, one listing and one footer are read until it is scanned. Raises
     ``NotFoundError`` for a dataset with no committed rows, ``CorruptShardError`` for a committed
-    shard that is missing or resized.
+    shard that is missing or resized. A plain scan does not check CRC32s or ids (pyarrow reads the
+    files itself); ``verify=True`` reads every shard once first, as ``Dataset`` reads do, and raises
+    ``CorruptShardError`` naming the first shard that fails (see docs/READING.md).
     """
-    ledger = Ledger(uri, storage_options)
-    return files_dataset(ledger.fs, [_file(ledger, c) for c in ledger.commits() if c.ids], ledger.uri)
+    fs = filesystem(uri, storage_options)[0]
+    files = committed_files(uri, storage_options)
+    if verify:
+        raise_bad(check_files(fs, files))
+    return files_dataset(fs, files, uri)
 
 
 def files_dataset(fs: AbstractFileSystem, files: list[CommittedFile], uri: str = "") -> ds.Dataset:
@@ -117,7 +97,7 @@ def files_dataset(fs: AbstractFileSystem, files: list[CommittedFile], uri: str =
     if not files:
         raise NotFoundError(f"dataset {uri} has no committed rows")
     _check_files(fs, files)
-    layout = _layout(fs, files)
+    layout = _layout(fs, files, uri)
     dataset = ds.FileSystemDataset.from_paths(
         [f.path for f in files],
         schema=dataset_schema(layout),

@@ -16,6 +16,11 @@
 typed lists), is a long-standing ``datasets`` type (``Value("binary")``), and holds bf16 (which Arrow
 has no float type for) the same way as fp16 and fp32; a typed list would need int16 for bf16.
 
+Verified: nothing leaves unchecked. Every shard is read once before anything is written, as ``Dataset``
+reads do (size, layout, CRC32 of every weights byte, ids against the commit entry); a bad shard stops the
+publish naming it, or (``skip_bad``) its rows are left out and listed. The check costs one more read of
+the shards (the write pass then mostly hits the page cache); shipping a flipped bit to the Hub costs more.
+
 Streaming: one row group in memory at a time. Resumable: output files are planned from the ledger
 (deterministic names), each is written atomically and records in its footer which shards it holds,
 so a rerun skips the files already complete and rewrites only the rest.
@@ -36,9 +41,11 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from weightzoo.errors import CorruptShardError
+from weightzoo.storage.dataset import check_files, raise_bad
 from weightzoo.storage.fs import StorageOptions, atomic_write, filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.open import SHARD_COLUMN, CommittedFile, committed_files, files_dataset
+from weightzoo.storage.listing import CommittedFile, committed_files
+from weightzoo.storage.open import SHARD_COLUMN, files_dataset
 from weightzoo.storage.shards import FORMAT_KEY, FORMAT_VERSION, LAYOUT_KEY, META_SCHEMA, WEIGHTS
 
 DATA = "data"
@@ -72,6 +79,7 @@ class PublishReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # complete from an earlier run
     removed: list[str] = field(default_factory=list)  # stale outputs of an earlier plan
+    left_out: list[tuple[str, int, str]] = field(default_factory=list)  # (shard, visible ids, why): ``skip_bad``
     num_bytes: int = 0  # uncompressed size of the data (what ``datasets`` calls a split's num_bytes)
     download_size: int = 0  # bytes of the Parquet files
 
@@ -172,14 +180,26 @@ def publish(
     max_file_bytes: int = MAX_FILE_BYTES,
     batch_size: int = 128,
     storage_options: StorageOptions = None,
+    skip_bad: bool = False,
 ) -> PublishReport:
-    """Write (or finish writing) the snapshot of ``dataset_uri``'s visible rows at ``out_uri``."""
+    """Write (or finish writing) the snapshot of ``dataset_uri``'s visible rows at ``out_uri``.
+
+    Every shard is first read once as ``Dataset`` reads do (size, layout, CRC32, ids against its commit
+    entry): a bad shard stops the publish before anything is written (``CorruptShardError`` naming it),
+    or with ``skip_bad`` its rows are left out and listed in ``left_out``.
+    """
     files = committed_files(dataset_uri, storage_options)  # one ledger read: the plan and the rows agree
-    dataset = files_dataset(filesystem(dataset_uri, storage_options)[0], files, dataset_uri)
+    src = filesystem(dataset_uri, storage_options)[0]
+    bad = check_files(src, files)
+    if not skip_bad or len(bad) == len(files):  # nothing verified is left to publish
+        raise_bad(bad, ", or publish --skip-bad to leave its rows out")
+    files = [f for f in files if f not in {b for b, _ in bad}]
+    dataset = files_dataset(src, files, dataset_uri)
     layout = Layout.from_json(dataset.schema.metadata[LAYOUT_KEY])
     outputs = plan(files, layout, max_file_bytes)
     fs, root = filesystem(out_uri, storage_options)
     report = PublishReport(out_uri, sum(o.rows for o in outputs), [o.name for o in outputs])
+    report.left_out = [(f.shard, len(f.ids), why) for f, why in bad]
     report.removed = _remove_stale(fs, root, set(report.files))
     for o in outputs:
         path = join(root, o.name)

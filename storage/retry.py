@@ -37,6 +37,17 @@ _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errn
 _GPU_RUNTIME = ("CUDA error", "CUDA driver", "NCCL", "cuDNN", "CUBLAS_STATUS")
 
 
+class LostWriteError(FileNotFoundError):
+    """A file this writer had just written is gone (its temp file before the rename, or its shard before or
+    right after its commit), e.g. removed by a ``gc`` racing the write. Writing again cures it: retried."""
+
+
+def _lost_temp(exc: BaseException) -> bool:
+    """A ``FileNotFoundError`` about one of weightzoo's own temp files (``_tmp/`` or ``.tmp-<hex>``)."""
+    name = str(getattr(exc, "filename", None) or "")
+    return isinstance(exc, FileNotFoundError) and ("/_tmp/" in name or ".tmp-" in name)
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -48,16 +59,21 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def is_permanent(exc: BaseException) -> bool:
     """No retry can cure it: bad input, a refused mix, no space, read-only, access denied, no such bucket."""
     first = exc
+    if isinstance(first, LostWriteError) or _lost_temp(first):
+        return False
     if isinstance(first, WeightzooError | ValueError | KeyError | TypeError | PermissionError | FileNotFoundError):
         return True
     return isinstance(first, OSError) and first.errno in _PERMANENT_ERRNOS
 
 
 def is_transient(exc: BaseException) -> bool:
-    """A second attempt may succeed: a dropped connection, a timeout, throttling, a 5xx, a CUDA runtime error."""
+    """A second attempt may succeed: a dropped connection, a timeout, throttling, a 5xx, a CUDA runtime
+    error, a file this writer had just written gone missing (a racing gc)."""
     if is_permanent(exc):
         return False
     for e in _chain(exc):
+        if isinstance(e, LostWriteError) or _lost_temp(e):
+            return True
         names = {c.__name__ for c in type(e).__mro__}
         if names & _TRANSIENT_CLASSES or isinstance(e, ConnectionError | TimeoutError):
             return True

@@ -26,6 +26,7 @@ from fsspec import AbstractFileSystem
 from weightzoo.errors import RecipeMismatchError
 from weightzoo.storage.fs import atomic_write, is_local
 from weightzoo.storage.layout import NUMPY_VIEW, Layout
+from weightzoo.storage.retry import LostWriteError
 
 try:  # ISA-L's CRC32 is bit-identical to zlib's and several times faster; used when the optional `isal` is installed
     from isal.isal_zlib import crc32 as weights_crc32
@@ -208,10 +209,7 @@ class ShardWriter:
             self._writer.close()
             self._pool.shutdown()
             if self._local:
-                if self.durable:
-                    _fsync(self._tmp)
-                os.replace(self._tmp, self.path)
-                nbytes = os.path.getsize(self.path)
+                nbytes = self._publish_temp()
             else:
                 self._cm.__exit__(None, None, None)
                 nbytes = self.fs.size(self.path)
@@ -220,6 +218,17 @@ class ShardWriter:
             raise
         self.info = ShardInfo(self.path, tuple(self._ids), nbytes, self._crc, self.layout.fingerprint)
         return self.info
+
+    def _publish_temp(self) -> int:
+        """fsync (``durable``) and rename the temp file onto ``path``; its size. A temp file removed under us
+        (a racing gc) is a ``LostWriteError``, which the retry policy retries (the batch writes again)."""
+        try:
+            if self.durable:
+                _fsync(self._tmp)
+            os.replace(self._tmp, self.path)
+            return os.path.getsize(self.path)
+        except FileNotFoundError as e:
+            raise LostWriteError(f"shard {os.path.basename(self.path)} vanished while being written ({e})") from e
 
     def abort(self) -> None:
         """Drop the partial file (local temp file removed; an S3 upload is never completed). Idempotent."""

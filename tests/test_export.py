@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from weightzoo.cli import main
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.shards import RowMeta
+from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.engine import finetune_batch
@@ -45,8 +46,7 @@ def trained(tiny_pipe: StableDiffusionPipeline, tmp_path_factory: pytest.TempPat
     assert item.ok, item.reason
     ledger = Ledger(str(root / "dataset"))
     meta = RowMeta(id=item.id, hparams=result.hparams, loss=item.loss, steps=item.steps)
-    info = write_shard(ledger.fs, ledger.new_shard_path("b0"), result.layout, [meta], item.weights[None])
-    ledger.commit("b0", info)
+    commit_batch(ledger, "b0", result.layout, [meta], item.weights[None])
     return ledger.uri, item.id
 
 

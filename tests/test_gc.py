@@ -3,7 +3,10 @@ other files stay."""
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,11 +16,14 @@ import pytest
 from shard_writer_proc import rows_for
 
 from weightzoo.cli import main
+from weightzoo.errors import NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.gc import _mtime, collect, find_orphans
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.shards import write_shard
+from weightzoo.storage.ledger import CommitEntry, Ledger
+from weightzoo.storage.retry import LostWriteError, is_permanent, is_transient, with_retries
+from weightzoo.storage.shards import TMP_DIR, ShardWriter, write_shard
+from weightzoo.storage.writer import commit_batch
 
 DIM = 16
 LAYOUT = Layout(("w",), ((DIM,),), "float16")
@@ -28,9 +34,9 @@ STALE_TMP = "shards/_tmp/b8-0123456789ab.parquet.tmp-0123456789ab"  # a killed w
 
 def _commit(ledger: Ledger, batch: str, n: int = 3) -> str:
     rows, w = rows_for(batch, n, DIM)
-    info = write_shard(ledger.fs, ledger.new_shard_path(batch), LAYOUT, rows, w)
-    assert ledger.commit(batch, info) is not None
-    return info.path
+    entry = commit_batch(ledger, batch, LAYOUT, rows, w)
+    assert entry is not None
+    return ledger.abspath(entry.shard)
 
 
 def _orphan(ledger: Ledger, batch: str) -> str:
@@ -162,3 +168,100 @@ def test_gc_over_s3(s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert not ledger.fs.exists(ledger.abspath(orphan))
     assert sorted(Dataset(uri).ids) == [f"s0-{i}" for i in range(3)]
     assert "testing" not in out  # no credentials in what is printed
+
+
+# -- gc racing a build ----------------------------------------------------------------------------------
+
+
+def _null_engine() -> str:
+    """bench/null_engine.py's engine: real batches (plan, lease, base load, shard, commit), no training."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("null_engine", REPO / "bench" / "null_engine.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["null_engine"] = module  # its dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module.register_null_engine()
+
+
+def _gc_loop(dataset: str, stop: threading.Event, kept: list[int], errors: list[BaseException]) -> None:
+    """``gc --older-than 0s --delete`` as fast as it can go, counting in-flight files it had to keep."""
+    while not stop.is_set():
+        try:
+            kept.append(collect(dataset, timedelta(0), delete=True).leased)
+        except NotFoundError:  # the build has not created the dataset yet
+            continue
+        except BaseException as e:  # noqa: BLE001 - reported by the test, not swallowed
+            errors.append(e)
+            return
+
+
+def test_gc_with_zero_grace_racing_a_build_never_loses_a_row(
+    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Builds of several small batches with gc deleting at 0s grace in a loop beside them: every batch
+    commits, status and verify exit 0, and exactly N ids are visible, once each. Repeated until gc has kept
+    in-flight files of a leased batch (the window where it deleted a shard before its commit) several times."""
+    from helpers import TINY_FINETUNE
+
+    from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
+    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+
+    engine, n, per_batch = _null_engine(), 12, 4
+    manifest = write_demo_manifest(str(tmp_path / "m"), n, images_per_subject=1, size=32)
+    ids = [json.loads(line)["id"] for line in Path(manifest).read_text().splitlines()]
+    in_flight_kept, rounds = 0, 0
+    while in_flight_kept < 3 and rounds < 12:
+        dataset, stop, kept, errors = str(tmp_path / f"ds{rounds}"), threading.Event(), [], []
+        gc = threading.Thread(target=_gc_loop, args=(dataset, stop, kept, errors))
+        gc.start()
+        try:
+            outcomes = [run_batch(batch_id_for(part), part, manifest, str(tiny_base), dataset,
+                                  FinetuneConfig(**TINY_FINETUNE), engine=engine)
+                        for part in (ids[k : k + per_batch] for k in range(0, n, per_batch))]
+        finally:
+            stop.set()
+            gc.join()
+        assert errors == []
+        assert sorted(i for o in outcomes for i in o.committed) == sorted(ids)
+        capsys.readouterr()
+        assert main(["status", "--dataset", dataset]) == 0, capsys.readouterr().out
+        assert main(["verify", "--dataset", dataset]) == 0, capsys.readouterr().out
+        seen = Dataset(dataset).ids
+        assert (len(seen), len(set(seen))) == (n, n)
+        in_flight_kept += sum(kept)
+        rounds += 1
+    assert in_flight_kept >= 3, f"gc never met a batch in flight in {rounds} rounds"
+
+
+def test_a_temp_file_removed_mid_write_is_retried(tmp_path: Path) -> None:
+    """A writer whose temp file vanished (a racing gc) fails with a retried cause, and the retry commits."""
+    ledger = Ledger(str(tmp_path / "ds"))
+    rows, w = rows_for("b1", 3, DIM)
+    attempts: list[str] = []
+
+    def attempt() -> CommitEntry | None:
+        attempts.append("x")
+        if len(attempts) == 1:  # the first attempt loses its temp file before the rename
+            writer = ShardWriter(ledger.fs, ledger.new_shard_path("b1"), LAYOUT)
+            writer.write(rows, w)
+            for temp in Path(ledger.abspath(f"shards/{TMP_DIR}")).iterdir():
+                temp.unlink()
+            writer.close()
+        return commit_batch(ledger, "b1", LAYOUT, rows, w)
+
+    with pytest.raises(LostWriteError) as lost:
+        attempt()
+    assert is_transient(lost.value) and not is_permanent(lost.value)
+    assert is_transient(FileNotFoundError(2, "No such file", f"{ledger.root}/shards/_tmp/b-0.parquet.tmp-0123456789ab"))
+    assert is_permanent(FileNotFoundError(2, "No such file", "/data/images/face.png"))  # input stays permanent
+    attempts.clear()
+    entry = with_retries(attempt, "committing b1", sleep=lambda s: None)
+    assert entry is not None and len(attempts) == 2
+    assert main(["status", "--dataset", ledger.uri]) == 0
+    seen = Dataset(ledger.uri).ids
+    assert (len(seen), len(set(seen))) == (3, 3)

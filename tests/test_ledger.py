@@ -131,11 +131,11 @@ def test_commit_refuses_a_second_layout(tmp_path: Path) -> None:
     """A build with another config (e.g. rank 2) cannot slip a second layout into a dataset."""
     from weightzoo.storage.layout import Layout
     from weightzoo.storage.shards import LayoutMismatchError, write_shard
+    from weightzoo.storage.writer import commit_batch
 
     ledger = Ledger(str(tmp_path / "ds"))
     rows, w = rows_for("a", 2, DIM)
-    first = write_shard(ledger.fs, ledger.new_shard_path("a"), Layout(("w",), ((DIM,),), "float16"), rows, w)
-    ledger.commit("a", first)
+    commit_batch(ledger, "a", Layout(("w",), ((DIM,),), "float16"), rows, w)
     wide = Layout(("w",), ((DIM + 1,),), "float16")
     rows_b, w_b = rows_for("b", 2, DIM + 1)
     second = write_shard(ledger.fs, ledger.new_shard_path("b"), wide, rows_b, w_b)

@@ -110,15 +110,14 @@ def _write_rows(uri: str, x: np.ndarray, shard_rows: int) -> None:
     """A real dataset (shards + ledger commits) holding the rows of ``x``."""
     from weightzoo.storage.layout import Layout
     from weightzoo.storage.ledger import Ledger
-    from weightzoo.storage.shards import RowMeta, write_shard
+    from weightzoo.storage.shards import RowMeta
+    from weightzoo.storage.writer import commit_batch
 
     layout = Layout(("w",), ((x.shape[1],),), "float32")
     ledger = Ledger(uri)
     for start in range(0, len(x), shard_rows):
         rows = [RowMeta(f"r{i:04d}") for i in range(start, min(start + shard_rows, len(x)))]
-        info = write_shard(ledger.fs, ledger.new_shard_path(f"b{start:04d}"), layout, rows,
-                           layout.to_numpy(torch.from_numpy(x[start:start + shard_rows])))
-        ledger.commit(f"b{start:04d}", info)
+        commit_batch(ledger, f"b{start:04d}", layout, rows, layout.to_numpy(torch.from_numpy(x[start:start + shard_rows])))
 
 
 def test_fit_subspace_on_a_local_dask_cluster_matches_threads(prefect_harness, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.subspace.pca import (
     ShardRef,
     SubspaceConfig,
@@ -46,9 +47,8 @@ def write_matrix(uri: str, x: np.ndarray, shard_rows: int, row_group: int, dtype
         stop = min(start + shard_rows, len(x))
         rows = [RowMeta(f"r{i:05d}", attributes={"g": str(i % 3)}) for i in range(start, stop)]
         batch = f"b{start:05d}"
-        info = write_shard(ledger.fs, ledger.new_shard_path(batch), layout, rows,
-                           layout.to_numpy(torch.from_numpy(x[start:stop])), row_group_size=row_group)
-        ledger.commit(batch, info)
+        commit_batch(ledger, batch, layout, rows, layout.to_numpy(torch.from_numpy(x[start:stop])),
+                     row_group_size=row_group)
     return layout
 
 
@@ -132,7 +132,7 @@ def test_fp16_rows_and_only_committed_rows(tmp_path: Path, matrix: np.ndarray) -
     new = x16[:1] * 0 + 7
     new[:, :5] = 0.5  # keep the constant columns constant
     dup = np.concatenate([x16[590:600], new]).astype(np.float16)
-    ledger.commit("dup", write_shard(ledger.fs, ledger.new_shard_path("dup"), layout, extra, dup))
+    commit_batch(ledger, "dup", layout, extra, dup)
     write_shard(ledger.fs, ledger.new_shard_path("orphan"), layout, [RowMeta("ghost")], dup[:1])  # never committed
     fit_subspace(uri, str(tmp_path / "sub"), SubspaceConfig(components=K))
     sub = load_subspace(str(tmp_path / "sub"))

@@ -238,7 +238,7 @@ needs_mount = pytest.mark.skipif(not can_mount(), reason="mounting a tmpfs needs
 
 def _status_output(dataset: str, capsys: pytest.CaptureFixture) -> str:
     capsys.readouterr()
-    cli(["status", "--dataset", dataset])
+    assert cli(["status", "--dataset", dataset]) == 1  # status reports a problem: non-zero
     out = capsys.readouterr()
     return out.out + out.err
 

@@ -20,7 +20,8 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.gc import collect
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import COMMITS, FAILURES, QUARANTINE, CommitEntry, Ledger
-from weightzoo.storage.shards import TMP_DIR, write_shard
+from weightzoo.storage.shards import TMP_DIR
+from weightzoo.storage.writer import commit_batch
 
 DIM = 64
 LAYOUT = Layout(("w",), ((DIM,),), "float16")
@@ -32,8 +33,7 @@ N = len(ALL_IDS)
 
 def _commit(ledger: Ledger, batch: str) -> CommitEntry:
     rows, w = rows_for(batch, PER_BATCH, DIM)
-    info = write_shard(ledger.fs, ledger.new_shard_path(batch), LAYOUT, rows, w, row_group_size=2)
-    entry = ledger.commit(batch, info)
+    entry = commit_batch(ledger, batch, LAYOUT, rows, w, row_group_size=2)
     assert entry is not None
     return entry
 
@@ -119,10 +119,10 @@ def test_deleted_shard_is_reported_missing_then_repaired(dataset_root: str, caps
     gone = entries["c"]
     ledger.fs.rm(ledger.abspath(gone.shard))
 
-    assert main(["status", "--dataset", dataset_root, "--json"]) == 0
+    assert main(["status", "--dataset", dataset_root, "--json"]) == 1  # a problem: non-zero, same JSON
     st = json.loads(capsys.readouterr().out)
     assert st["missing_shards"] == [{"shard": gone.shard, "entry": f"{COMMITS}/{gone.name}", "ids": PER_BATCH}]
-    assert main(["status", "--dataset", dataset_root]) == 0
+    assert main(["status", "--dataset", dataset_root]) == 1
     assert f"missing shard {gone.shard}" in capsys.readouterr().out
 
     with pytest.raises(CorruptShardError, match=f"shard {gone.shard} is missing"):
@@ -201,9 +201,15 @@ def test_stale_temp_is_invisible_to_directory_reads_and_collected(
         os.utime(ledger.abspath(temp), (t, t))
     report = collect(dataset_root, timedelta(hours=1), delete=False)
     assert [t.path for t in report.temps] == ([temp] if local else []) and report.orphans == []
-    assert main(["gc", "--dataset", dataset_root, "--older-than", "1h" if local else "0s", "--delete"]) == 0
-    out = capsys.readouterr().out
-    assert "removed 0 orphan shards and 1 stale temp file," in out and temp in out
+    if local:
+        assert main(["gc", "--dataset", dataset_root, "--older-than", "1h", "--delete"]) == 0
+        out = capsys.readouterr().out
+        assert "removed 0 orphan shards and 1 stale temp file," in out and temp in out
+    else:  # a temp younger than the lease TTL may be a write in flight: kept even at 0s, unless the TTL is 0
+        assert main(["gc", "--dataset", dataset_root, "--older-than", "0s", "--delete"]) == 0
+        assert "removed 0 orphan shards and 0 stale temp files," in capsys.readouterr().out
+        assert ledger.fs.exists(ledger.abspath(temp))
+        assert [t.path for t in collect(dataset_root, timedelta(0), delete=True, lease_ttl=timedelta(0)).temps] == [temp]
     assert not ledger.fs.exists(ledger.abspath(temp))
 
     assert main(["verify", "--dataset", dataset_root]) == 0
@@ -231,3 +237,140 @@ def test_status_of_a_missing_dataset_is_one_line(tmp_path, capsys: pytest.Captur
     assert main(["verify", "--dataset", str(tmp_path / "nope")]) == 2
     assert "no dataset at" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
+
+
+# -- nothing leaves unverified: publish, open_dataset, files ----------------------------------------------
+
+
+def _published(out) -> tuple[int, int]:
+    """(rows, unique ids) of a published folder."""
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(os.path.join(out, "data"), columns=["id"]).column("id").to_pylist()
+    return len(ids), len(set(ids))
+
+
+@pytest.mark.parametrize("fault", ["flipped-byte", "same-size-swap"])
+def test_publish_refuses_a_bad_shard_or_leaves_it_out(
+    fault: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A changed shard (one byte, or another valid shard of the same size) is never published silently."""
+    from weightzoo.storage.open import open_dataset
+
+    uri = str(tmp_path / "ds")
+    entries = _build(uri)
+    ledger, bad = Ledger(uri), entries["b"]
+    if fault == "flipped-byte":
+        _flip_weight_byte(ledger, bad)
+    else:  # a's shard copied over b's: valid Parquet, the same size, other rows
+        ledger.fs.pipe_file(ledger.abspath(bad.shard), ledger.fs.cat_file(ledger.abspath(entries["a"].shard)))
+        assert ledger.fs.size(ledger.abspath(bad.shard)) == bad.nbytes
+    out = tmp_path / "pub"
+    capsys.readouterr()
+    assert main(["publish", "--dataset", uri, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"shard {bad.shard}" in err and "--skip-bad" in err
+    assert not out.exists()  # refused before anything was written
+
+    with pytest.raises(CorruptShardError, match=f"shard {bad.shard}"):
+        open_dataset(uri, verify=True)
+    assert open_dataset(uri).count_rows() == N  # a plain reader checks sizes only (docs/READING.md)
+    assert main(["files", "--dataset", uri, "--verify"]) == 2
+    assert f"shard {bad.shard}" in capsys.readouterr().err
+
+    assert main(["publish", "--dataset", uri, "--out", str(out), "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert f"published {N - PER_BATCH} rows" in printed and f"left out {bad.shard} ({PER_BATCH} ids)" in printed
+    assert _published(out) == (N - PER_BATCH, N - PER_BATCH)
+
+    assert main(["verify", "--dataset", uri, "--repair"]) == 1
+    _rebuild(uri, "b")
+    assert main(["publish", "--dataset", uri, "--out", str(out)]) == 0
+    assert _published(out) == (N, N)
+    assert _visible(uri) == (N, N)
+
+
+# -- verify: the card, one layout, shards without an entry --------------------------------------------------
+
+
+def _build_with_recipe(uri: str) -> None:
+    from weightzoo.storage.card import Recipe
+
+    recipe = Recipe("lora", "base-fp", "cfg-fp", {"rank": 1, "steps": 2})
+    ledger = Ledger(uri)
+    for b in BATCHES:
+        rows, w = rows_for(b, PER_BATCH, DIM)
+        assert commit_batch(ledger, b, LAYOUT, rows, w, recipe) is not None
+
+
+def test_garbage_card_is_reported_and_rebuilt_from_the_commits(
+    dataset_root: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from weightzoo.storage.card import CARD, read_card
+
+    _build_with_recipe(dataset_root)
+    ledger = Ledger(dataset_root)
+    good = read_card(ledger)
+    assert good is not None and good.layout == LAYOUT.fingerprint
+    ledger.fs.pipe_file(ledger.abspath(CARD), b"\x00garbage{")
+    capsys.readouterr()
+    assert main(["status", "--dataset", dataset_root]) == 1
+    assert "dataset card" in capsys.readouterr().out
+    assert main(["status", "--dataset", dataset_root, "--json"]) == 1
+    assert any("dataset card" in p for p in json.loads(capsys.readouterr().out)["storage"])
+    assert main(["verify", "--dataset", dataset_root]) == 1
+    assert f"BAD {CARD}" in capsys.readouterr().out
+    assert main(["verify", "--dataset", dataset_root, "--repair"]) == 1
+    assert "rebuilt dataset_card.json" in capsys.readouterr().out
+    assert read_card(Ledger(dataset_root)) == good
+    assert main(["verify", "--dataset", dataset_root]) == 0
+    assert main(["status", "--dataset", dataset_root]) == 0
+    assert _visible(dataset_root) == (N, N)
+
+
+def test_garbage_card_is_not_rebuilt_from_commits_without_a_recipe(dataset_root: str, capsys) -> None:
+    from weightzoo.storage.card import CARD
+
+    _build(dataset_root)  # entries written without a recipe
+    ledger = Ledger(dataset_root)
+    ledger.fs.pipe_file(ledger.abspath(CARD), b"[]")
+    assert main(["verify", "--dataset", dataset_root, "--repair"]) == 1
+    assert "not rebuilt: some commit entries record no recipe" in capsys.readouterr().out
+    assert ledger.fs.cat_file(ledger.abspath(CARD)) == b"[]"  # left for a person to fix
+    assert _visible(dataset_root) == (N, N)
+
+
+def test_a_shard_of_another_layout_copied_in_with_its_entry_is_reported(
+    dataset_root: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _build(dataset_root)
+    other_uri = dataset_root + "-other"
+    wide = Layout(("w",), ((DIM + 8,),), "float16")
+    rows, w = rows_for("x", 2, DIM + 8)
+    foreign = commit_batch(Ledger(other_uri), "x", wide, rows, w)
+    assert foreign is not None
+    ledger, other = Ledger(dataset_root), Ledger(other_uri)
+    for rel in (foreign.shard, f"{COMMITS}/{foreign.name}"):
+        ledger.fs.pipe_file(ledger.abspath(rel), other.fs.cat_file(other.abspath(rel)))
+    capsys.readouterr()
+    assert main(["verify", "--dataset", dataset_root]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {foreign.shard}" in out and f"has layout {wide.fingerprint}, the dataset's is {LAYOUT.fingerprint}" in out
+    assert main(["verify", "--dataset", dataset_root, "--repair"]) == 1
+    assert main(["verify", "--dataset", dataset_root]) == 0
+    assert _visible(dataset_root) == (N, N)
+
+
+def test_a_shard_whose_entry_was_deleted_is_reported_not_deleted(
+    dataset_root: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    entries = _build(dataset_root)
+    ledger, lost = Ledger(dataset_root), entries["a"]
+    ledger.fs.rm(ledger.abspath(f"{COMMITS}/{lost.name}"))
+    capsys.readouterr()
+    assert main(["verify", "--dataset", dataset_root, "--repair"]) == 0  # not a problem of the committed rows
+    assert f"uncommitted {lost.shard}: no commit entry points at it" in capsys.readouterr().out
+    assert ledger.fs.exists(ledger.abspath(lost.shard))
+    assert _visible(dataset_root) == (N - PER_BATCH, N - PER_BATCH)
+    _rebuild(dataset_root, "a")
+    assert _visible(dataset_root) == (N, N)

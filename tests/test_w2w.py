@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.shards import RowMeta
+from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.subspace.pca import Subspace, SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     LoRAUNet,
@@ -64,9 +65,7 @@ def write_lora_dataset(uri: str, pipe, n: int = N) -> None:
     w = torch.stack(weights)
     for start in range(0, n, 40):
         batch = f"b{start}"
-        info = write_shard(ledger.fs, ledger.new_shard_path(batch), layout, rows[start : start + 40],
-                           w[start : start + 40], row_group_size=16)
-        ledger.commit(batch, info)
+        commit_batch(ledger, batch, layout, rows[start : start + 40], w[start : start + 40], row_group_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +251,7 @@ def test_cards_find_a_dataset_moved_with_them(tmp_path: Path, tiny_pipe, capsys:
 
 
 def test_relative_refs_on_local_disk_and_buckets() -> None:
-    from weightzoo.tasks.subspace.pca import relative_ref, resolve_ref
+    from weightzoo.storage.fs import relative_ref, resolve_ref
 
     assert relative_ref("s3://bkt/data/ds", "s3://bkt/subs/one") == "../../data/ds"
     assert resolve_ref("../../data/ds", "s3://bkt/subs/one") == "s3://bkt/data/ds"
@@ -281,9 +280,7 @@ def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[
     ledger = Ledger(f"{root}/ds")
     meta = [RowMeta(r.id, prompt=s.prompt, attributes=s.attributes, hparams=out.hparams, loss=r.loss, steps=r.steps)
             for r, s in zip(out.results, subjects, strict=True)]
-    info = write_shard(ledger.fs, ledger.new_shard_path("b0"), out.layout, meta,
-                       torch.stack([r.weights for r in out.results]))
-    ledger.commit("b0", info)
+    commit_batch(ledger, "b0", out.layout, meta, torch.stack([r.weights for r in out.results]))
     fit_subspace(f"{root}/ds", f"{root}/sub", SubspaceConfig(components=4))
     return load_subspace(f"{root}/sub"), subjects, root
 

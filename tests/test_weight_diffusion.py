@@ -17,7 +17,8 @@ import torch
 from weightzoo.errors import NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.shards import RowMeta
+from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
     compute_stats,
@@ -79,8 +80,7 @@ def dataset(layout, tmp_path_factory: pytest.TempPathFactory) -> str:
     rows, vecs = _rows(layout, 24)
     ledger = Ledger(uri)
     for b, part in enumerate((slice(0, 10), slice(10, 24))):
-        info = write_shard(ledger.fs, ledger.new_shard_path(f"b{b}"), layout, rows[part], vecs[part], row_group_size=4)
-        ledger.commit(f"b{b}", info)
+        commit_batch(ledger, f"b{b}", layout, rows[part], vecs[part], row_group_size=4)
     return uri
 
 

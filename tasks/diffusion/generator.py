@@ -36,7 +36,16 @@ from pydantic import Field
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import Dataset
-from weightzoo.storage.fs import filesystem, is_local, join, write_bytes
+from weightzoo.storage.fs import (
+    filesystem,
+    is_local,
+    join,
+    relative_ref,
+    resolve_ref,
+    same_uri,
+    uri_exists,
+    write_bytes,
+)
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import autocast, resolve_device
@@ -63,7 +72,7 @@ from weightzoo.tasks.diffusion.denoiser import (
     noisy,
 )
 from weightzoo.tasks.seeds import stable_seed
-from weightzoo.tasks.subspace.pca import card_dataset, relative_ref, resolve_ref, same_uri
+from weightzoo.tasks.subspace.pca import card_dataset
 
 FORMAT_VERSION = 1
 # Attributes as numbers and one-hots (tasks/concepts/condition.py) instead of text: for editing concepts,
@@ -123,11 +132,6 @@ class TrainResult:
 def _read_json(uri: str) -> dict:
     fs, path = filesystem(uri)
     return json.loads(fs.cat_file(path))
-
-
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
 
 
 def _local_folder(uri: str) -> tuple[str, Callable[[], None]]:
@@ -195,7 +199,7 @@ def save_checkpoint(out: str, step: int, model: Denoiser, opt: torch.optim.Optim
 
 def latest_checkpoint(out: str) -> dict | None:
     uri = join(out, "checkpoints", "latest.json")
-    return _read_json(uri) if _exists(uri) else None
+    return _read_json(uri) if uri_exists(uri) else None
 
 
 def _model_tensors(out: str, latest: dict) -> dict[str, torch.Tensor]:
@@ -405,7 +409,7 @@ def train_weight_diffusion(
     ``progress(step, total, loss)`` is called every 10 steps and at each checkpoint.
     """
     device = resolve_device(config.device)
-    resuming = _exists(join(config.out, "config.json"))
+    resuming = uri_exists(join(config.out, "config.json"))
     prep = _prepare(config, Dataset(config.dataset), resuming)
     latest = latest_checkpoint(config.out) if resuming else None
     model, opt, start, losses = _resume(config, prep, device, latest)
@@ -467,7 +471,7 @@ class WeightDiffusionModel:
 
     @classmethod
     def load(cls, uri: str, device: str = "cpu") -> WeightDiffusionModel:
-        if not _exists(join(uri, "config.json")):
+        if not uri_exists(join(uri, "config.json")):
             raise NotFoundError(f"no weight-diffusion model (config.json) at {uri}")
         card = _read_json(join(uri, "config.json"))
         latest = latest_checkpoint(uri)

@@ -15,19 +15,20 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from weightzoo.errors import InputError
-from weightzoo.storage.card import Recipe, check_recipe, fix_recipe
+from weightzoo.storage.card import Recipe, check_recipe
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.lease import hold
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.retry import describe, is_permanent, with_retries
-from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.storage.shards import RowMeta
+from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.readers import read_manifest
@@ -185,9 +186,7 @@ def commit_rows(ledger: Ledger, batch_id: str, trained: Trained, recipe: Recipe)
     """Check the recipe once more (a racing build), write one shard, commit it: the ids made visible, the shard."""
     if trained.weights is None:
         return set(), None
-    fix_recipe(ledger, replace(recipe, layout=trained.layout.fingerprint))
-    info = write_shard(ledger.fs, ledger.new_shard_path(batch_id), trained.layout, trained.rows, trained.weights)
-    entry = ledger.commit(batch_id, info, base_model=recipe.base_model)
+    entry = commit_batch(ledger, batch_id, trained.layout, trained.rows, trained.weights, recipe)
     return (set(entry.ids), entry.shard) if entry else (set(), None)
 
 

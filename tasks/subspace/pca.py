@@ -31,8 +31,6 @@ the reduce steps hold K and AK, O(D·(q+1)·b).
 from __future__ import annotations
 
 import json
-import os
-import posixpath
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -47,9 +45,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from weightzoo.errors import InputError, NotFoundError
-from weightzoo.storage.dataset import CorruptShardError, Dataset, verified_shard_batches
-from weightzoo.storage.fs import atomic_write, filesystem, is_local, join, write_bytes
+from weightzoo.storage.dataset import CorruptShardError, verified_shard_batches
+from weightzoo.storage.fs import (
+    atomic_write,
+    filesystem,
+    join,
+    relative_ref,
+    resolve_ref,
+    uri_exists,
+    write_bytes,
+)
 from weightzoo.storage.layout import Layout
+from weightzoo.storage.listing import committed_files, one_layout
 from weightzoo.storage.shards import LayoutMismatchError, open_parquet, read_layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
@@ -139,13 +146,11 @@ def group_shards(refs: Sequence[ShardRef], groups: int) -> list[ShardGroup]:
 
 def shard_refs(dataset_uri: str) -> list[ShardRef]:
     """The committed shards of a dataset, in commit order (read the ledger once, in the driver)."""
-    ds = Dataset(dataset_uri)
-    layouts = {e.layout for e in ds.entries}
-    if len(layouts) > 1:
-        raise LayoutMismatchError(f"dataset {dataset_uri} mixes layouts {sorted(layouts)}; datasets never mix layouts")
+    files = committed_files(dataset_uri)
+    one_layout(files, dataset_uri)
     return [
-        ShardRef(e.shard, None if len(e.ids) == e.rows else tuple(e.ids), e.nbytes, e.layout, f"{i:05d}", e.crc32)
-        for i, e in enumerate(ds.entries)
+        ShardRef(f.shard, f.ids if f.partial else None, f.nbytes, f.layout, f"{i:05d}", f.crc32)
+        for i, f in enumerate(files)
     ]
 
 
@@ -618,42 +623,6 @@ class Subspace:
         return t.drop_columns(["coords"]), _unfixed(t, "coords")
 
 
-def _split(uri: str) -> tuple[str, str]:
-    """(protocol, path): ``file`` and an absolute path for local URIs."""
-    fs, path = filesystem(uri)
-    if is_local(fs):
-        return "file", os.path.abspath(path)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol, path
-
-
-def relative_ref(target: str, card_dir: str) -> str | None:
-    """``target`` relative to the folder ``card_dir``, when both are on local disk or in the same bucket
-    (so the pair can move together); None otherwise."""
-    (tp, tpath), (cp, cpath) = _split(target), _split(card_dir)
-    if tp != cp or (tp != "file" and tpath.split("/", 1)[0] != cpath.split("/", 1)[0]):
-        return None
-    return (os.path.relpath if tp == "file" else posixpath.relpath)(tpath, cpath)
-
-
-def resolve_ref(relative: str, card_dir: str) -> str:
-    """The inverse of ``relative_ref``: ``relative`` resolved against the folder ``card_dir``."""
-    protocol, path = _split(card_dir)
-    if protocol == "file":
-        return os.path.normpath(os.path.join(path, relative))
-    return f"{protocol}://{posixpath.normpath(posixpath.join(path, relative))}"
-
-
-def same_uri(a: str, b: str) -> bool:
-    """Whether two URIs name the same place (a relative and an absolute local path included)."""
-    return _split(a) == _split(b)
-
-
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return bool(fs.exists(path))
-
-
 def card_dataset(card_dir: str, card: dict[str, Any], card_file: str = CARD_FILE) -> str:
     """The dataset a card (a subspace's, a weight-diffusion model's) names: ``dataset_relative`` resolved
     against the card's folder first (the two moved together), else ``dataset`` as recorded at the time;
@@ -661,7 +630,7 @@ def card_dataset(card_dir: str, card: dict[str, Any], card_file: str = CARD_FILE
     relative = card.get("dataset_relative")
     candidates = ([resolve_ref(relative, card_dir)] if relative else []) + [card["dataset"]]
     for uri in candidates:
-        if _exists(uri):
+        if uri_exists(uri):
             return uri
     also = f" nor at {card['dataset']}" if relative and candidates[0] != card["dataset"] else ""
     raise NotFoundError(f"dataset not found at {candidates[0]}{also} (recorded in {join(card_dir, card_file)})")

@@ -16,20 +16,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("files", help="List the committed shard files and the ids visible in each.")
     add_dataset(p)
     p.add_argument("--json", action="store_true", help="Print JSON: the layout, and each file's URI, ids, rows and bytes.")
+    p.add_argument("--verify", action="store_true",
+                   help="Read every shard first (size, layout, CRC32, ids) and refuse to list a bad one.")
     p.set_defaults(func=run)
 
 
-def listing(dataset: str) -> dict:
+def listing(dataset: str, verify: bool = False) -> dict:
     """The committed files (full URIs), the ids visible in each, and the layout to decode ``weights`` with."""
     from weightzoo.errors import NotFoundError
+    from weightzoo.storage.dataset import check_files, raise_bad
     from weightzoo.storage.fs import filesystem
-    from weightzoo.storage.open import committed_files
+    from weightzoo.storage.listing import committed_files
     from weightzoo.storage.shards import read_layout
 
     fs, root = filesystem(dataset)
     files = committed_files(dataset)
     if not files and not fs.exists(root):
         raise NotFoundError(f"no dataset at {dataset}")
+    if verify:
+        raise_bad(check_files(fs, files))
     layout = read_layout(fs, files[0].path).to_dict() if files else None
     return {
         "dataset": dataset,
@@ -40,7 +45,7 @@ def listing(dataset: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = listing(args.dataset)
+    out = listing(args.dataset, args.verify)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {o.path}  {o.size} bytes  modified {o.mtime.isoformat(timespec='seconds')}")
     if r.recent:
         print(f"  kept {r.recent} uncommitted file(s) newer than {r.older_than} (may be about to commit)")
+    if r.leased:
+        print(f"  kept {r.leased} uncommitted file(s) of batches a live build holds the lease of")
     for path, why in r.skipped:
         print(f"  skipped {path}: {why}")
     if (n or t) and not r.deleted:

@@ -14,15 +14,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dataset(p)
     p.add_argument("--out", required=True, help="Output folder (local path or s3://...); a rerun resumes it.")
     p.add_argument("--max-file-mb", type=int, default=512, help="Weights per output file, in MiB.")
+    p.add_argument(
+        "--skip-bad", action="store_true",
+        help="Publish only the rows of shards that pass their check (size, layout, CRC32, ids) and list the rest; "
+        "without it, a bad shard stops the publish before anything is written.",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from weightzoo.storage.publish import publish
 
-    r = publish(args.dataset, args.out, max_file_bytes=args.max_file_mb << 20)
+    r = publish(args.dataset, args.out, max_file_bytes=args.max_file_mb << 20, skip_bad=args.skip_bad)
     print(
         f"published {r.rows} rows to {r.out}: {len(r.files)} file(s), {len(r.written)} written, "
         f"{len(r.skipped)} already complete, {len(r.removed)} stale removed"
     )
+    for shard, ids, why in r.left_out:
+        print(f"  left out {shard} ({ids} ids): {why}")
     return 0

@@ -45,7 +45,7 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
     """Counts (and failure reasons) for a dataset; ``pending`` only where a manifest is known."""
     from weightzoo.errors import NotFoundError
     from weightzoo.storage.fs import redact
-    from weightzoo.storage.health import storage_problems
+    from weightzoo.storage.health import card_problems, storage_problems
     from weightzoo.storage.ledger import Ledger
 
     ledger = Ledger(dataset)
@@ -63,7 +63,7 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
         "failures": [{"id": f.id, "reason": f.reason, "attempt": f.attempt} for f in failed.values()],
         "missing_shards": missing_shards(ledger, commits),
         # What stops the next build from writing here (a build failing for it may not have recorded why).
-        "storage": storage_problems(dataset),
+        "storage": storage_problems(dataset) + card_problems(ledger),
         "quarantined": [{"path": q.path, "origin": q.origin, "reason": q.reason, "at": q.at} for q in ledger.quarantined()],
     }
     if manifest:
@@ -92,10 +92,13 @@ def _print_text(st: dict, limit: int) -> None:
         print(f"  quarantined {q['origin']} -> {q['path']}: {q['reason']}")
 
 
+EXIT_PROBLEMS = 1  # status ran and reports a problem: a missing shard, an unusable storage or card
+
+
 def run(args: argparse.Namespace) -> int:
     st = dataset_status(args.dataset, args.manifest)  # no dataset, an unreadable ledger file: one-line errors
     if args.json:
         print(json.dumps(st, indent=2))
     else:
         _print_text(st, args.limit)
-    return 0
+    return EXIT_PROBLEMS if st["missing_shards"] or st["storage"] else 0

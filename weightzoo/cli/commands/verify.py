@@ -37,6 +37,10 @@ def _print_text(report: VerifyReport) -> None:
     for p in report.problems:
         where = f"{p.shard} ({p.ledger_file})" if p.shard else p.ledger_file
         print(f"  BAD {where}: {p.reason}")
+    for shard in report.uncommitted:
+        print(f"  uncommitted {shard}: no commit entry points at it (never read; weightzoo gc collects it)")
+    if report.card_rebuilt:
+        print("rebuilt dataset_card.json from the recipe every commit entry records")
     if report.quarantined:
         ids = sum(p.ids for p in report.problems)
         print(f"quarantined {len(report.quarantined)} ledger file(s) under ledger/quarantine/; "
