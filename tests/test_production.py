@@ -122,7 +122,8 @@ def _write_rows(uri: str, x: np.ndarray, shard_rows: int) -> None:
 
 
 def test_fit_subspace_on_a_local_dask_cluster_matches_threads(prefect_harness, tmp_path: Path) -> None:
-    from weightzoo.flows.fit_subspace import FitSubspaceConfig, flow_for, task_runner_for
+    from weightzoo.flows.config import FitSubspaceConfig
+    from weightzoo.flows.fit_subspace import flow_for, task_runner_for
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.subspace.pca import SubspaceConfig, load_subspace
 
@@ -146,7 +147,8 @@ def test_fit_subspace_on_a_local_dask_cluster_matches_threads(prefect_harness, t
 
 
 def test_dask_task_runner_uses_a_given_cluster_address() -> None:
-    from weightzoo.flows.fit_subspace import FitSubspaceConfig, task_runner_for
+    from weightzoo.flows.config import FitSubspaceConfig
+    from weightzoo.flows.fit_subspace import task_runner_for
 
     params = FitSubspaceConfig(dataset="d", out="o", task_runner="dask", dask_address="tcp://10.0.0.5:8786")
     runner = task_runner_for(params)
