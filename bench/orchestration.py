@@ -118,8 +118,8 @@ def managed_backend(backend: str, workers: int, work: Path) -> Iterator[list[Pat
     all stopped on exit; yields the log files to scan for API errors. PREFECT_API_URL points at it meanwhile."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from weightzoo.cli.commands.serve import deploy_finetune_batch
     from weightzoo.deployments import servers as srv
+    from weightzoo.deployments.deploy import deploy_finetune_batch
     from weightzoo.deployments.net import free_port
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

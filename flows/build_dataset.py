@@ -38,6 +38,7 @@ from weightzoo.tasks.progress import COMMITTED, report
 MAX_FAILURES_SHOWN = 50
 REASONS_IN_MESSAGE = 3  # the state message is one line in the UI's run list: the first few reasons, then counts
 LEASED = "LEASED"  # a batch state of our own: another live build holds the batch
+RUN_EXCEPTION = "Flow run encountered an exception: "  # how Prefect opens a failed run's message
 
 
 class BuildIncomplete(RuntimeError):
@@ -74,8 +75,8 @@ class BatchRuns:
         self.states[batch_id] = state
         if state == "COMPLETED":
             self.reasons.pop(batch_id, None)
-        else:
-            self.reasons[batch_id] = reason or state.lower()
+        else:  # "Flow run encountered an exception: OSError: ..." -> "OSError: ..."
+            self.reasons[batch_id] = (reason or state.lower()).removeprefix(RUN_EXCEPTION).strip()
 
     def forget(self, batch_id: str) -> None:
         self.states.pop(batch_id, None)

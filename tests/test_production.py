@@ -179,7 +179,7 @@ def prod_api(pg_redis: tuple[str, str], prefect_home: Path, tmp_path_factory: py
     automation installed, a process pool and the finetune-batch deployment; this process talks to it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from weightzoo.cli.commands.serve import deploy_finetune_batch
+    from weightzoo.deployments.deploy import deploy_finetune_batch
 
     home = tmp_path_factory.mktemp("prod-home")
     cfg = srv.ServerConfig(backend="postgres", port=free_port(), database_url=pg_redis[0], redis_url=pg_redis[1],
