@@ -43,15 +43,15 @@ def test_prefect_yaml_chains_downstream_flows_on_a_completed_build() -> None:
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    build_dataset = deployments["build-dataset"]["parameters"]["request"]["dataset"]
-    for name, param in (("fit-subspace", "params"), ("train-weight-diffusion", "config")):
+    build_dataset = deployments["build-dataset"]["parameters"]["config"]["dataset"]
+    for name in ("fit-subspace", "train-weight-diffusion"):
         triggers = deployments[name]["triggers"]
         assert len(triggers) == 1
         t = DeploymentEventTrigger.model_validate(triggers[0])  # Prefect's own schema for prefect.yaml triggers
         assert t.enabled is False  # off by default, like the nightly schedule
         assert t.expect == {"prefect.flow-run.Completed"}
         assert t.match_related.root == {"prefect.resource.role": "flow", "prefect.resource.name": "build-dataset"}
-        assert deployments[name]["parameters"][param]["dataset"] == build_dataset  # the chain reads what was built
+        assert deployments[name]["parameters"]["config"]["dataset"] == build_dataset  # the chain reads what was built
 
 
 def test_crash_automation_file_is_a_proactive_heartbeat_trigger() -> None:
