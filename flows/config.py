@@ -135,7 +135,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "edit": {
         "engine": "edit-lora", "items": 48, "batch_size": 16,
         "finetune": EditFinetuneConfig(steps=60, learning_rate=1e-2),
-        "fit_subspace": False,  # edit rows are conv LoRAs of a small base: the structured generator needs no PCA
+        "fit_subspace": False,  # the edit workload trains its generator on the rows directly: no PCA stage
         "generator": {"condition": "structured", "holdout_fraction": 0.1, "block_size": 256, "width": 64, "depth": 2,
                       "learning_rate": 3e-3},
     },
