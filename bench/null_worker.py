@@ -26,7 +26,7 @@ FLOW_NAME = "finetune-batch-null"
 register_null_engine()
 
 
-@flow(name=FLOW_NAME, flow_run_name="finetune-{batch.batch_id}", log_prints=False)
-def finetune_batch_null(batch: BatchConfig) -> dict[str, Any]:
+@flow(name=FLOW_NAME, flow_run_name="finetune-{config.batch_id}", log_prints=False)
+def finetune_batch_null(config: BatchConfig) -> dict[str, Any]:
     """The real finetune-batch flow body (tasks, artifacts, ledger commit) with the null engine."""
-    return finetune_batch.fn(batch)
+    return finetune_batch.fn(config)

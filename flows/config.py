@@ -1,6 +1,11 @@
-"""Parameter models of the dataset flows: each becomes the flow's form in the Prefect UI.
+"""Parameter models of every flow: each becomes the flow's form in the Prefect UI.
 
-Frozen and JSON-serialisable, so the same request runs in-process or is sent to a GPU worker by
+One naming rule: a flow takes one parameter, ``config``, whose model is ``<Subject>Config`` and is
+defined here (``BuildConfig``, ``BatchConfig``, ``FitSubspaceConfig``, ``PipelineConfig``), or, where the
+algorithm saves its own config beside its output, imported here from it (``WeightDiffusionConfig``).
+``batch_size`` means one thing: manifest items per batch (one child run, one shard).
+
+Frozen and JSON-serialisable, so the same config runs in-process or is sent to a GPU worker by
 ``run_deployment``. URIs only: credentials come from the worker's environment (AWS_* variables),
 never from parameters, which Prefect stores and shows.
 """
@@ -12,9 +17,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig
+from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
 from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE, LEASE_TTL_S
 from weightzoo.tasks.finetune.config import FinetuneConfig
+from weightzoo.tasks.subspace.pca import SubspaceConfig
 
 # The fine-tune settings of any built-in engine, told apart by their ``method`` (the UI renders one form each).
 AnyFinetuneConfig = Annotated[FinetuneConfig | EditFinetuneConfig, Field(discriminator="method")]
@@ -30,11 +37,11 @@ def _engine_default_config(data: Any) -> Any:
     return data
 
 
-def _check_engine_config(request: Any) -> Any:
-    want = engines.get(request.engine).config
-    if not isinstance(request.finetune, want):
-        raise ValueError(f"engine {request.engine!r} takes a {want.__name__}, got method {request.finetune.method!r}")
-    return request
+def _check_engine_config(config: Any) -> Any:
+    want = engines.get(config.engine).config
+    if not isinstance(config.finetune, want):
+        raise ValueError(f"engine {config.engine!r} takes a {want.__name__}, got method {config.finetune.method!r}")
+    return config
 
 
 class _JobConfig(BaseModel):
@@ -93,3 +100,99 @@ class BuildConfig(_JobConfig):
         return BatchConfig(batch_id=batch_id, ids=ids, manifest=self.manifest, base=self.base, dataset=self.dataset,
                            finetune=self.finetune, cache_dir=self.cache(), engine=self.engine, build_id=build_id,
                            lease_ttl_s=self.lease_ttl_s)
+
+
+class FitSubspaceConfig(BaseModel):
+    """``fit_subspace``'s parameters: the dataset, the output, the PCA options and where the shard tasks run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dataset: str = Field(description="Dataset URI to fit (local path or s3://bucket/prefix).")
+    out: str = Field(description="Subspace URI to write: subspace.safetensors, coords.parquet, card.json, plot.")
+    work: str | None = Field(None, description="Work URI for partials and bases; default <out>/_work/<token>.")
+    options: SubspaceConfig = Field(default_factory=SubspaceConfig, description="PCA options.")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="Where the per-shard-group tasks run: 'threads' in the flow's process; 'dask' on "
+        "a Dask cluster (dask_address, or a local cluster of dask_workers processes).",
+    )
+    dask_address: str | None = Field(
+        None, description="task_runner='dask': scheduler address of an existing cluster (tcp://host:8786); "
+        "None starts a local cluster on 127.0.0.1 for this run.",
+    )
+    dask_workers: int = Field(2, ge=1, description="task_runner='dask' without an address: local worker processes.")
+
+
+# What a pipeline run of each workload differs in; every other setting is the PipelineConfig field's.
+# The tiny identity model learns in far fewer steps than SD 1.5's 800, at a higher learning rate, and 32 px
+# steps are several times cheaper than its native 64 px; the edit base learns a concept in 60 steps at 1e-2.
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "identity": {
+        "engine": engines.DEFAULT_ENGINE, "items": 16, "batch_size": 8,
+        "finetune": FinetuneConfig(steps=50, learning_rate=1e-3, resolution=32, num_class_images=8,
+                                   class_inference_steps=10),
+        "fit_subspace": True, "generator": {},
+    },
+    "edit": {
+        "engine": "edit-lora", "items": 48, "batch_size": 16,
+        "finetune": EditFinetuneConfig(steps=60, learning_rate=1e-2),
+        "fit_subspace": False,  # the edit workload trains its generator on the rows directly: no PCA stage
+        "generator": {"condition": "structured", "holdout_fraction": 0.1, "block_size": 256, "width": 64, "depth": 2,
+                      "learning_rate": 3e-3},
+    },
+}
+
+
+def _workload_defaults(data: Any) -> Any:
+    """The workload's own item count, batch size and fine-tune settings where the caller gave none."""
+    if isinstance(data, dict):
+        defaults = WORKLOADS[data.get("workload", "identity")]
+        data = {**data, **{k: defaults[k] for k in ("items", "batch_size", "finetune") if data.get(k) is None}}
+    return data
+
+
+class PipelineConfig(BaseModel):
+    """One end-to-end run of a workload in a work folder: base → manifest → build → (subspace) → generator.
+
+    Defaults finish in a few minutes on 2 CPU cores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    workdir: str = Field(description="Work folder: base/, manifest.jsonl, images/, dataset/, subspace/, wdiff/.")
+    workload: Literal["identity", "edit"] = Field(
+        "identity", description="identity: synthetic subjects on the tiny text-to-image base; edit: image-editing "
+        "concepts on a small image-to-image base (docs/CONCEPTS.md).")
+    items: int = Field(None, ge=2, description="Synthetic subjects or editing concepts, one LoRA each "
+                       f"(default {WORKLOADS['identity']['items']} identity, {WORKLOADS['edit']['items']} edit).")
+    images_per_subject: int = Field(4, ge=1, description="identity: images drawn per subject.")
+    # 200 steps of 32 images: the edit base learns general editing features in about a minute on 2 cores.
+    base_steps: int = Field(200, ge=0, description="edit: pretraining steps of the edit base.")
+    batch_size: int = Field(None, ge=1, description="Items per batch (one shard each; default "
+                            f"{WORKLOADS['identity']['batch_size']} identity, {WORKLOADS['edit']['batch_size']} edit).")
+    finetune: AnyFinetuneConfig = Field(None, description="Fine-tune settings (default: the workload's, scaled "
+                                        "down for the tiny bases).")
+    components: int = Field(8, ge=1, description="identity: principal components of the subspace.")
+    diffusion_steps: int = Field(300, ge=1, description="Training steps of the weight generator.")
+
+    _defaults = model_validator(mode="before")(lambda data: _workload_defaults(data))
+
+    def path(self, name: str) -> str:
+        return f"{self.workdir.rstrip('/')}/{name}"
+
+    def build(self, base: str, manifest: str) -> BuildConfig:
+        """The build stage's config: this workload's engine on the work folder's dataset."""
+        return BuildConfig(manifest=manifest, base=base, dataset=self.path("dataset"), finetune=self.finetune,
+                           engine=WORKLOADS[self.workload]["engine"], batch_size=self.batch_size)
+
+    def fit_subspace(self, committed: int) -> FitSubspaceConfig | None:
+        """The subspace stage's config (None for a workload without one); never more components than rows − 1."""
+        if not WORKLOADS[self.workload]["fit_subspace"]:
+            return None
+        components = min(self.components, max(committed - 1, 1))
+        return FitSubspaceConfig(dataset=self.path("dataset"), out=self.path("subspace"),
+                                 options=SubspaceConfig(components=components))
+
+    def generator(self, base: str) -> WeightDiffusionConfig:
+        """The weight generator's config: the workload's condition and size, checkpoints every 100 steps."""
+        return WeightDiffusionConfig(dataset=self.path("dataset"), base=base, out=self.path("wdiff"),
+                                     steps=self.diffusion_steps, checkpoint_every=100,
+                                     **WORKLOADS[self.workload]["generator"])

@@ -31,17 +31,17 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(
     name="train-commit-batch",
-    task_run_name="train-commit-{batch.batch_id}",
+    task_run_name="train-commit-{config.batch_id}",
     retries=2,
     retry_delay_seconds=[10, 60],
     retry_condition_fn=_retry_condition,
     cache_policy=NO_CACHE,  # the ledger is the resume mechanism, never Prefect's cache
 )
-def train_and_commit(batch: BatchConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def train_and_commit(config: BatchConfig, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run one batch (a rerun skips what is committed, so a retry never duplicates rows)."""
-    outcome = run_batch(batch.batch_id, batch.ids, batch.manifest, batch.base, batch.dataset, batch.finetune,
-                        engine=batch.engine, cache_dir=batch.cache_dir, progress=progress, owner=batch.build_id,
-                        lease_ttl_s=batch.lease_ttl_s)
+    outcome = run_batch(config.batch_id, config.ids, config.manifest, config.base, config.dataset, config.finetune,
+                        engine=config.engine, cache_dir=config.cache_dir, progress=progress, owner=config.build_id,
+                        lease_ttl_s=config.lease_ttl_s)
     return outcome.to_dict()
 
 
@@ -58,19 +58,19 @@ def publish_items(outcome: BatchOutcome | dict[str, Any]) -> None:
                           description=f"{d['batch_id']}: {n_ok} committed, {n_bad} failed, {len(d['skipped'])} already committed")
 
 
-@flow(name="finetune-batch", flow_run_name="finetune-{batch.batch_id}", log_prints=False)
-def finetune_batch(batch: BatchConfig) -> dict[str, Any]:
+@flow(name="finetune-batch", flow_run_name="finetune-{config.batch_id}", log_prints=False)
+def finetune_batch(config: BatchConfig) -> dict[str, Any]:
     """Fine-tune one batch into one committed shard; failed items are recorded, not raised.
 
     Idempotent: a batch whose ids are all committed returns at once without loading the base.
     """
     logger = get_run_logger()
-    logger.info("batch %s: %d ids -> %s", batch.batch_id, len(batch.ids), redact(batch.dataset))
-    progress = ThrottledProgress(artifact_key("progress", batch.batch_id), f"row-steps trained in {batch.batch_id}")
-    outcome = train_and_commit(batch, progress)
+    logger.info("batch %s: %d ids -> %s", config.batch_id, len(config.ids), redact(config.dataset))
+    progress = ThrottledProgress(artifact_key("progress", config.batch_id), f"row-steps trained in {config.batch_id}")
+    outcome = train_and_commit(config, progress)
     progress.set(100.0)
     publish_items(outcome)
-    logger.info("batch %s: %d committed, %d failed, %d already committed", batch.batch_id,
+    logger.info("batch %s: %d committed, %d failed, %d already committed", config.batch_id,
                 len(outcome["committed"]), len(outcome["failed"]), len(outcome["skipped"]))
     for item_id, reason in outcome["failed"]:
         logger.warning("item %s failed: %s", item_id, reason)

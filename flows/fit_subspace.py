@@ -14,15 +14,15 @@ the same weightzoo install), nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from prefect import Flow, flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field
 
 from weightzoo.flows.common import png_artifact, run_name
+from weightzoo.flows.config import FitSubspaceConfig
 from weightzoo.storage.fs import join, redact
 from weightzoo.tasks.subspace import pca as sp
 
@@ -39,50 +39,30 @@ _REDUCE_TASKS: dict[Callable[..., Any], Any] = {
 }
 
 
-class FitSubspaceConfig(BaseModel):
-    """The flow's parameters (the Prefect UI renders this as the run form)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    dataset: str = Field(description="Dataset URI to fit (local path or s3://bucket/prefix).")
-    out: str = Field(description="Subspace URI to write: subspace.safetensors, coords.parquet, card.json, plot.")
-    work: str | None = Field(None, description="Work URI for partials and bases; default <out>/_work/<token>.")
-    options: sp.SubspaceConfig = Field(default_factory=sp.SubspaceConfig, description="PCA options.")
-    task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="Where the per-shard-group tasks run: 'threads' in the flow's process; 'dask' on "
-        "a Dask cluster (dask_address, or a local cluster of dask_workers processes).",
-    )
-    dask_address: str | None = Field(
-        None, description="task_runner='dask': scheduler address of an existing cluster (tcp://host:8786); "
-        "None starts a local cluster on 127.0.0.1 for this run.",
-    )
-    dask_workers: int = Field(2, ge=1, description="task_runner='dask' without an address: local worker processes.")
-
-
-def task_runner_for(params: FitSubspaceConfig) -> TaskRunner:
-    """The task runner ``params`` ask for; a local Dask cluster is loopback-only, one thread per worker
+def task_runner_for(config: FitSubspaceConfig) -> TaskRunner:
+    """The task runner ``config`` asks for; a local Dask cluster is loopback-only, one thread per worker
     (Dask's nanny sets OMP_NUM_THREADS=1 in each worker, so torch does not oversubscribe the cores)."""
-    if params.task_runner == "threads":
+    if config.task_runner == "threads":
         return ThreadPoolTaskRunner()
     from prefect_dask import DaskTaskRunner
 
-    if params.dask_address:
-        return DaskTaskRunner(address=params.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": params.dask_workers, "threads_per_worker": 1, "processes": True,
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": config.dask_workers, "threads_per_worker": 1, "processes": True,
                                          "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})
 
 
-def flow_for(params: FitSubspaceConfig) -> Flow:
-    """``fit_subspace`` with the task runner of ``params`` (the CLI runs this; a deployment run of the plain
+def flow_for(config: FitSubspaceConfig) -> Flow:
+    """``fit_subspace`` with the task runner of ``config`` (the CLI runs this; a deployment run of the plain
     flow re-enters it as a subflow, since a flow's task runner is fixed before its parameters are known)."""
-    if params.task_runner == "threads":
+    if config.task_runner == "threads":
         return fit_subspace
-    return fit_subspace.with_options(task_runner=task_runner_for(params))
+    return fit_subspace.with_options(task_runner=task_runner_for(config))
 
 
-def _needs_dask_subflow(params: FitSubspaceConfig) -> bool:
+def _needs_dask_subflow(config: FitSubspaceConfig) -> bool:
     """True when Dask was asked for but this run's tasks would go to threads (a deployment run)."""
-    if params.task_runner != "dask":
+    if config.task_runner != "dask":
         return False
     from prefect_dask import DaskTaskRunner
 
@@ -121,12 +101,12 @@ def publish(result: sp.FitResult, top: int = 20) -> None:
     create_table_artifact(rows, key="subspace-top-components", description=f"Top {len(rows)} components")
 
 
-@flow(name="fit-subspace", flow_run_name=run_name("fit-subspace", "params"))
-def fit_subspace(params: FitSubspaceConfig) -> sp.FitResult:
+@flow(name="fit-subspace", flow_run_name=run_name("fit-subspace", "config"))
+def fit_subspace(config: FitSubspaceConfig) -> sp.FitResult:
     """Fit the weights2weights subspace of a dataset (q + 2 passes, each mapped over groups of shards)."""
-    if _needs_dask_subflow(params):
-        return flow_for(params)(params)
-    result = sp.fit_subspace(params.dataset, params.out, params.options, params.work,
+    if _needs_dask_subflow(config):
+        return flow_for(config)(config)
+    result = sp.fit_subspace(config.dataset, config.out, config.options, config.work,
                              map_shards=_map_tasks, run=_run_task)
     publish(result)
     return result

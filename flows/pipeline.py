@@ -1,77 +1,64 @@
-"""``pipeline``: the whole of weightzoo end to end, as one parent run the Prefect UI shows with its subflows.
+"""``pipeline``: a workload end to end, as one parent run the Prefect UI shows with its stages.
 
-base model → synthetic subjects + manifest → build_dataset → fit_subspace → train_weight_diffusion.
-``weightzoo demo`` runs it on the embedded default (the tiny base, local disk, ephemeral API).
+base model → synthetic manifest → ``build_dataset`` → ``fit_subspace`` (identity only) → ``train_weight_diffusion``.
+The workload (``PipelineConfig.workload``) picks the base, the manifest, the fine-tune engine and the
+generator's condition (flows/config.py ``WORKLOADS``); the stages and their order are the same.
+``weightzoo demo`` runs it on the embedded default (tiny bases, local disk, ephemeral API);
+``weightzoo demo --kind edit`` runs the image-editing concepts (docs/CONCEPTS.md).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-from pydantic import BaseModel, ConfigDict, Field
 
 from weightzoo.flows.build_dataset import build_dataset
-from weightzoo.flows.config import BuildConfig
-from weightzoo.flows.fit_subspace import FitSubspaceConfig, fit_subspace
+from weightzoo.flows.config import PipelineConfig
+from weightzoo.flows.fit_subspace import fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
-from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
-from weightzoo.tasks.finetune.config import FinetuneConfig
-from weightzoo.tasks.subspace.pca import SubspaceConfig
 
 
-class PipelineConfig(BaseModel):
-    """One end-to-end run in a work folder; defaults finish in about two minutes on 2 CPU cores."""
+@task(name="make-base", task_run_name="make-{workload}-base")
+def make_base(workload: str, uri: str, base_steps: int) -> str:
+    """The workload's offline base at ``uri`` (kept if already there): the tiny SD-style pipeline, or the
+    edit base pretrained ``base_steps`` steps."""
+    if workload == "edit":
+        from weightzoo.tasks.concepts.base import make_base as make_edit_base
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+        return make_edit_base(uri, base_steps)
+    from pathlib import Path
 
-    workdir: str = Field(description="Work folder: base/, manifest.jsonl, images/, dataset/, subspace/, wdiff/.")
-    subjects: int = Field(16, ge=2, description="Synthetic subjects (one LoRA each).")
-    images_per_subject: int = Field(4, ge=1, description="Images drawn per subject.")
-    batch_size: int = Field(8, ge=1, description="Subjects per fine-tune batch (one shard each).")
-    # The tiny model learns in far fewer steps than SD 1.5's 800, at a higher learning rate; 32 px steps
-    # are several times cheaper than its native 64 px (attention over 32×32 latents): BENCHMARKS.md.
-    finetune: FinetuneConfig = Field(
-        FinetuneConfig(steps=50, learning_rate=1e-3, resolution=32, num_class_images=8, class_inference_steps=10),
-        description="Fine-tune settings (the demo's are scaled down for the tiny model).",
-    )
-    components: int = Field(8, ge=1, description="Principal components of the subspace.")
-    diffusion_steps: int = Field(300, ge=1, description="Training steps of the weight-diffusion model.")
-
-
-@task(name="make-base")
-def make_base(workdir: str) -> str:
-    """The tiny offline base model in ``workdir/base`` (kept if already there)."""
     from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
 
-    base = Path(workdir) / "base"
-    if not (base / "model_index.json").exists():
-        save_tiny_pipeline(base)
-    return str(base)
+    if not (Path(uri) / "model_index.json").exists():
+        save_tiny_pipeline(Path(uri))
+    return uri
 
 
-@task(name="make-subjects")
-def make_subjects(workdir: str, n: int, images_per_subject: int) -> str:
-    """Synthetic subjects with known attributes and their manifest (deterministic, so reruns resume)."""
+@task(name="make-manifest", task_run_name="make-{items}-{workload}-rows")
+def make_manifest(workload: str, workdir: str, items: int, images_per_subject: int) -> str:
+    """Synthetic subjects with known attributes (and their images), or procedural edit concepts, as
+    ``workdir/manifest.jsonl`` (deterministic, so reruns resume)."""
+    if workload == "edit":
+        from weightzoo.tasks.concepts.zoo import concept_rows, write_concept_manifest
+
+        return write_concept_manifest(concept_rows(items), f"{workdir.rstrip('/')}/manifest.jsonl")
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
-    return write_demo_manifest(workdir, n, images_per_subject=images_per_subject)
+    return write_demo_manifest(workdir, items, images_per_subject=images_per_subject)
 
 
-@flow(name="pipeline", flow_run_name="pipeline-{request.subjects}-subjects")
-def pipeline(request: PipelineConfig) -> dict[str, Any]:
-    """Build a dataset from scratch and learn from it: every stage is its own subflow run."""
-    work = Path(request.workdir)
-    base = make_base(str(work))
-    manifest = make_subjects(str(work), request.subjects, request.images_per_subject)
-    dataset, subspace, wdiff = str(work / "dataset"), str(work / "subspace"), str(work / "wdiff")
-    built = build_dataset(
-        BuildConfig(manifest=manifest, base=base, dataset=dataset, batch_size=request.batch_size, finetune=request.finetune)
-    )
-    components = min(request.components, max(int(built["committed"]) - 1, 1))
-    fit_subspace(FitSubspaceConfig(dataset=dataset, out=subspace, options=SubspaceConfig(components=components)))
-    train_weight_diffusion_flow(
-        WeightDiffusionConfig(dataset=dataset, base=base, out=wdiff, steps=request.diffusion_steps, checkpoint_every=100)
-    )
-    return {"base": base, "manifest": manifest, "dataset": dataset, "subspace": subspace, "wdiff": wdiff, "build": built}
+@flow(name="pipeline", flow_run_name="pipeline-{config.workload}-{config.items}")
+def pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Build a dataset from scratch and learn from it: every stage is its own task or subflow run."""
+    base = make_base(config.workload, config.path("base"), config.base_steps)
+    manifest = make_manifest(config.workload, config.workdir, config.items, config.images_per_subject)
+    built = build_dataset(config.build(base, manifest))
+    subspace = config.fit_subspace(built["committed"])
+    if subspace is not None:
+        fit_subspace(subspace)
+    generator = config.generator(base)
+    train_weight_diffusion_flow(generator)
+    return {"base": base, "manifest": manifest, "dataset": config.path("dataset"), "build": built, "wdiff": generator.out,
+            "subspace": subspace.out if subspace else None}

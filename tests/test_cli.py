@@ -65,3 +65,21 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(
     monkeypatch.setattr(status, "dataset_status", bug)
     with pytest.raises(KeyError):
         main(["status", "--dataset", str(tmp_path)])
+
+
+def test_build_flags_come_from_the_chosen_engines_config(capsys: pytest.CaptureFixture) -> None:
+    """``--engine edit-lora --help`` shows the edit engine's defaults and methods, not the default engine's."""
+    from weightzoo.tasks.finetune import engines
+
+    edit = engines.get("edit-lora").config
+    with pytest.raises(SystemExit):
+        main(["build", "--engine", "edit-lora", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"--method {{{edit.model_fields['method'].default}}}" in out
+    assert f"LoRA rank r. (default {edit.model_fields['rank'].default})" in out
+    assert f"(default {edit.model_fields['learning_rate'].default})" in out
+    assert (edit.model_fields["rank"].default, edit.model_fields["learning_rate"].default) == (2, 5e-3)
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "LoRA rank r. (default 1)" in out and "{edit-lora}" not in out

@@ -80,8 +80,9 @@ def test_local_build_end_to_end_then_rerun_is_a_no_op(tmp_path: Path, tiny_base:
             "--batch-size", "3", "--finetune-json", json.dumps(TINY_FINETUNE), "--json"]
     assert cli(args) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["status"]["failures"] == [] and out["status"]["pending"] == 0
+    assert out["summary"]["failures"] == [] and out["summary"]["batch_failures"] == []
     assert (out["summary"]["committed"], out["summary"]["failed"], out["summary"]["pending"]) == (6, 0, 0)
+    assert out["summary"]["shards"] == 2
     assert sorted(out["summary"]["batches"].values()) == ["COMPLETED"] * 2
 
     ds = Dataset(str(dataset))
@@ -139,9 +140,75 @@ def test_no_retry_failed_leaves_failed_items_alone(tmp_path: Path, tiny_base: Pa
     manifest = write_demo_manifest(str(tmp_path / "m"), 2)
     dataset = str(tmp_path / "ds")
     Ledger(dataset).record_failures("b-earlier", [("subject-00001", "images: earlier failure")])
-    summary = build_dataset(_request(manifest, tiny_base, tmp_path / "ds", retry_failed=False))
+    state = build_dataset(_request(manifest, tiny_base, tmp_path / "ds", retry_failed=False), return_state=True)
+    assert state.is_failed()  # an id is not committed: the build is not done, whatever its runs reported
+    assert state.message.endswith("1 of 2 ids not committed (1 failed, 0 pending; 0 of 1 batch runs not completed): "
+                                  "subject-00001: images: earlier failure")
+    summary = state.result(raise_on_failure=False).summary
     assert (summary["committed"], summary["failed"], summary["pending"]) == (1, 1, 0)
     assert Ledger(dataset).committed_ids() == {"subject-00000"}
+    ids = Dataset(dataset).ids
+    assert (len(ids), len(set(ids))) == (1, 1)
+
+
+def _unloadable_copy(base: Path, where: Path) -> Path:
+    """A copy of the base whose UNet weights are truncated: its fingerprint reads, its load fails in each batch."""
+    copy = Path(shutil.copytree(base, where))
+    weights = next((copy / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    return copy
+
+
+def test_a_build_whose_batches_all_fail_ends_failed_with_counts_and_reasons_and_the_cli_exits_1(
+    tmp_path: Path, tiny_base: Path, capsys
+) -> None:
+    """Every batch run fails (a base that cannot be loaded): the parent run is Failed, its message gives the
+    counts and the first batch's exception; the summary artifact and the terminal list each batch's reason."""
+    manifest = write_demo_manifest(str(tmp_path / "m"), 4)
+    base = _unloadable_copy(tiny_base, tmp_path / "bad-base")
+    dataset = tmp_path / "ds"
+    state = build_dataset(_request(manifest, base, dataset, batch_size=2), return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("Flow run encountered an exception: BuildIncomplete: 4 of 4 ids not committed "
+                                    "(0 failed, 4 pending; 2 of 2 batch runs not completed): batch b-")
+    summary = state.result(raise_on_failure=False).summary
+    assert [b["state"] for b in summary["batch_failures"]] == ["FAILED", "FAILED"]
+    reasons = [b["reason"] for b in summary["batch_failures"]]
+    assert all(r.startswith("OSError: Unable to load weights from checkpoint file") for r in reasons), reasons
+    assert reasons[0] in state.message
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        artifact = client.read_latest_artifacts(limit=200)
+    markdown = next(a.data for a in artifact if a.key == "build-summary")
+    assert all(f"| {b['batch']} | FAILED | {b['reason']} |" in markdown for b in summary["batch_failures"])
+
+    args = ["build", "--manifest", manifest, "--base", str(base), "--dataset", str(dataset), "--batch-size", "2",
+            "--finetune-json", json.dumps(TINY_FINETUNE)]
+    capsys.readouterr()
+    assert cli(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].startswith("committed 0, failed 0, pending 4 of 4")
+    assert [ln.split(":")[0] for ln in lines[-2:]] == [f"  batch {b['batch']} FAILED" for b in summary["batch_failures"]]
+    assert all(ln.split(": ", 1)[1] for ln in lines[-2:])  # each with its exception text, not only FAILED
+    assert Ledger(str(dataset)).commits() == [] and Dataset(str(dataset)).ids == []
+
+
+def test_a_failed_subspace_or_generator_run_ends_failed_with_its_reason(tmp_path: Path, tiny_base: Path) -> None:
+    """The fit-subspace and weight-diffusion flows on a dataset with no committed rows: Failed, reason in the message."""
+    from weightzoo.flows.config import FitSubspaceConfig
+    from weightzoo.flows.fit_subspace import fit_subspace
+    from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
+    from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
+
+    dataset = str(tmp_path / "ds")
+    Ledger(dataset).record_failures("b-x", [("subject-00000", "images: unreadable")])  # a dataset, no rows
+    state = fit_subspace(FitSubspaceConfig(dataset=dataset, out=str(tmp_path / "sub")), return_state=True)
+    assert state.is_failed() and "has no committed rows" in state.message
+    state = train_weight_diffusion_flow(WeightDiffusionConfig(dataset=dataset, base=str(tiny_base),
+                                                              out=str(tmp_path / "wd"), steps=2), return_state=True)
+    assert state.is_failed() and state.message.endswith("InputError: the holdout leaves no rows to train on")
+    assert Dataset(dataset).ids == []
 
 
 def test_overlapping_batches_never_commit_an_id_twice_and_a_committed_batch_loads_nothing(

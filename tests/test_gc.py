@@ -208,7 +208,7 @@ def test_gc_with_zero_grace_racing_a_build_never_loses_a_row(
     from helpers import TINY_FINETUNE
 
     from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
-    from weightzoo.tasks.finetune.engine import FinetuneConfig
+    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     engine, n, per_batch = _null_engine(), 12, 4

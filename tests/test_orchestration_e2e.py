@@ -32,7 +32,7 @@ def api(prefect_server: str) -> Iterator[str]:
     """This process talks to the real server; the process work pool and the deployment exist."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from weightzoo.cli.commands.serve import deploy_finetune_batch
+    from weightzoo.deployments.deploy import deploy_finetune_batch
 
     with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         env = worker_env(prefect_server, Path(os.environ["PREFECT_HOME"]))

@@ -43,15 +43,15 @@ def test_prefect_yaml_chains_downstream_flows_on_a_completed_build() -> None:
 
     spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    build_dataset = deployments["build-dataset"]["parameters"]["request"]["dataset"]
-    for name, param in (("fit-subspace", "params"), ("train-weight-diffusion", "config")):
+    build_dataset = deployments["build-dataset"]["parameters"]["config"]["dataset"]
+    for name in ("fit-subspace", "train-weight-diffusion"):
         triggers = deployments[name]["triggers"]
         assert len(triggers) == 1
         t = DeploymentEventTrigger.model_validate(triggers[0])  # Prefect's own schema for prefect.yaml triggers
         assert t.enabled is False  # off by default, like the nightly schedule
         assert t.expect == {"prefect.flow-run.Completed"}
         assert t.match_related.root == {"prefect.resource.role": "flow", "prefect.resource.name": "build-dataset"}
-        assert deployments[name]["parameters"][param]["dataset"] == build_dataset  # the chain reads what was built
+        assert deployments[name]["parameters"]["config"]["dataset"] == build_dataset  # the chain reads what was built
 
 
 def test_crash_automation_file_is_a_proactive_heartbeat_trigger() -> None:
@@ -121,7 +121,8 @@ def _write_rows(uri: str, x: np.ndarray, shard_rows: int) -> None:
 
 
 def test_fit_subspace_on_a_local_dask_cluster_matches_threads(prefect_harness, tmp_path: Path) -> None:
-    from weightzoo.flows.fit_subspace import FitSubspaceConfig, flow_for, task_runner_for
+    from weightzoo.flows.config import FitSubspaceConfig
+    from weightzoo.flows.fit_subspace import flow_for, task_runner_for
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.subspace.pca import SubspaceConfig, load_subspace
 
@@ -145,7 +146,8 @@ def test_fit_subspace_on_a_local_dask_cluster_matches_threads(prefect_harness, t
 
 
 def test_dask_task_runner_uses_a_given_cluster_address() -> None:
-    from weightzoo.flows.fit_subspace import FitSubspaceConfig, task_runner_for
+    from weightzoo.flows.config import FitSubspaceConfig
+    from weightzoo.flows.fit_subspace import task_runner_for
 
     params = FitSubspaceConfig(dataset="d", out="o", task_runner="dask", dask_address="tcp://10.0.0.5:8786")
     runner = task_runner_for(params)
@@ -176,7 +178,7 @@ def prod_api(pg_redis: tuple[str, str], prefect_home: Path, tmp_path_factory: py
     automation installed, a process pool and the finetune-batch deployment; this process talks to it."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from weightzoo.cli.commands.serve import deploy_finetune_batch
+    from weightzoo.deployments.deploy import deploy_finetune_batch
 
     home = tmp_path_factory.mktemp("prod-home")
     cfg = srv.ServerConfig(backend="postgres", port=free_port(), database_url=pg_redis[0], redis_url=pg_redis[1],

@@ -166,7 +166,7 @@ def test_flow_maps_passes_and_publishes(tmp_path: Path) -> None:
     """The Prefect flow runs the same algorithm as tasks and leaves the plot and the artifacts."""
     from prefect.client.orchestration import get_client
 
-    from weightzoo.flows.fit_subspace import FitSubspaceConfig
+    from weightzoo.flows.config import FitSubspaceConfig
     from weightzoo.flows.fit_subspace import fit_subspace as fit_flow
 
     x = low_rank_matrix(120, 300, 6, seed=1)

@@ -3,6 +3,7 @@
 With no Prefect server configured, the flow runs against Prefect's ephemeral local API: no setup.
 With ``PREFECT_API_URL`` set, its runs show in that server's UI; ``--executor deployment`` then
 sends each batch to the finetune-batch deployment's workers (see ``weightzoo serve``).
+The fine-tune flags are the chosen engine's config fields: ``--engine edit-lora --help`` shows its defaults.
 """
 
 from __future__ import annotations
@@ -12,21 +13,21 @@ import json
 
 BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir", "lease_ttl_s")
 FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
+SHOWN_FAILURES = 20
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from weightzoo.cli.commands.options import add_field, add_fields
+    from weightzoo.cli.commands.options import add_engine_fields, add_field, add_fields
     from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.config import FinetuneConfig
 
     p = sub.add_parser("build", help="Fine-tune every manifest row not yet committed in the dataset (resumable).")
     for name in ("manifest", "base", "dataset"):
         add_field(p, BuildConfig, name, required=True)
-    add_fields(p, BuildConfig, [f for f in BUILD_FIELDS if f in BuildConfig.model_fields])
-    ft = p.add_argument_group("fine-tune (FinetuneConfig; any other field through --finetune-json)")
-    add_fields(ft, FinetuneConfig, FINETUNE_FIELDS)
+    add_fields(p, BuildConfig, [f for f in BUILD_FIELDS if f in BuildConfig.model_fields and f != "engine"])
+    ft = p.add_argument_group("fine-tune (the engine's config; any other field through --finetune-json)")
+    add_engine_fields(p, ft, BuildConfig, FINETUNE_FIELDS)
     ft.add_argument("--finetune-json", default=None,
-                    help='More FinetuneConfig fields as JSON, e.g. \'{"alpha": 8, "num_class_images": 50}\'.')
+                    help='More fields of the engine\'s config as JSON, e.g. \'{"alpha": 8, "num_class_images": 50}\'.')
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     p.set_defaults(func=run)
 
@@ -48,10 +49,37 @@ def build_request(args: argparse.Namespace):
     return BuildConfig(manifest=args.manifest, base=args.base, dataset=args.dataset, finetune=config(**ft), **fields)
 
 
+def run_build(request) -> dict:
+    """The build's summary, complete or not (an incomplete build's flow run ends Failed with the same summary);
+    any other failure (a rejected manifest, another recipe) raises."""
+    from weightzoo.flows.build_dataset import BuildIncomplete, build_dataset
+
+    state = build_dataset(request, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BuildIncomplete):
+        return result.summary
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _print_summary(summary: dict) -> None:
+    """Counts, then each batch run that did not complete and each failed item, with their reasons."""
+    bad = summary["batch_failures"]
+    print(f"built {summary['dataset']}: {len(summary['batches'])} batch runs"
+          + (f" ({len(bad)} not completed)" if bad else ""))
+    print(f"committed {summary['committed']}, failed {summary['failed']}, pending {summary['pending']}"
+          f" of {summary['total']} ({summary['shards']} shards)")
+    for b in bad:
+        print(f"  batch {b['batch']} {b['state']}: {b['reason']}")
+    for f in summary["failures"][:SHOWN_FAILURES]:
+        print(f"  failed {f['id']} (attempt {f['attempt']}): {f['reason']}")
+    if len(summary["failures"]) > SHOWN_FAILURES:
+        print(f"  ... and {len(summary['failures']) - SHOWN_FAILURES} more (--json lists all)")
+
+
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.cli.commands.status import dataset_status
     from weightzoo.cli.progress import Bar, terminal_progress
-    from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.tasks.progress import COMMITTED
 
     request = build_request(args)
@@ -59,16 +87,9 @@ def run(args: argparse.Namespace) -> int:
     steps = int(getattr(request.finetune, "steps", 0) or 0)  # every engine's config has steps; 0 hides the items
     with terminal_progress(Bar("batch", "row-steps", steps_per_item=steps),
                            Bar("committed", "ids", name=COMMITTED)):
-        summary = build_dataset(request)
-    status = dataset_status(args.dataset, args.manifest)
+        summary = run_build(request)
     if args.json:
-        print(json.dumps({"summary": summary, "status": status}, indent=2))
+        print(json.dumps({"summary": summary}, indent=2))
     else:
-        not_done = {b: s for b, s in summary["batches"].items() if s != "COMPLETED"}
-        print(f"built {summary['dataset']}: {len(summary['batches'])} batch runs"
-              + (f" ({len(not_done)} not completed)" if not_done else ""))
-        print(f"committed {status['committed']}, failed {status['failed']}, pending {status.get('pending', '?')}"
-              f" of {status.get('total', '?')} ({status['shards']} shards)")
-        for f in status["failures"][:20]:
-            print(f"  failed {f['id']} (attempt {f['attempt']}): {f['reason']}")
-    return 0 if summary["pending"] == 0 and not summary["failed"] else 1
+        _print_summary(summary)
+    return 0 if summary["committed"] == summary["total"] else 1

@@ -10,7 +10,7 @@ FLOW = ("work", "task_runner", "dask_address", "dask_workers")
 
 def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.cli.commands.options import add_field, add_fields
-    from weightzoo.flows.fit_subspace import FitSubspaceConfig
+    from weightzoo.flows.config import FitSubspaceConfig
     from weightzoo.tasks.subspace.pca import SubspaceConfig
 
     p = sub.add_parser("fit-subspace", help="Fit the PCA subspace of a dataset's weights (streaming, bounded memory).")
@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
         if args.no_prefect:
             result = fit_subspace(args.dataset, args.out, options, flow_fields.get("work"))
         else:
-            from weightzoo.flows.fit_subspace import FitSubspaceConfig, flow_for
+            from weightzoo.flows.config import FitSubspaceConfig
+            from weightzoo.flows.fit_subspace import flow_for
 
             params = FitSubspaceConfig(dataset=args.dataset, out=args.out, options=options, **flow_fields)
             result = flow_for(params)(params)

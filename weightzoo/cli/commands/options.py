@@ -59,21 +59,66 @@ def _shown(default: Any) -> str:
     return str(default)
 
 
-def add_field(parser: argparse._ActionsContainer, model: type[BaseModel], name: str, *flags: str,
-              **overrides: Any) -> argparse.Action:
-    """One flag for ``model.name`` (``--name-with-dashes`` unless ``flags`` are given)."""
+def _help(model: type[BaseModel], name: str) -> str:
+    """The field's description plus the model's default."""
     info = model.model_fields[name]
     help_text = info.description or ""
     if not info.is_required():
         default = info.get_default(call_default_factory=True)
         if default is not None and not isinstance(default, BaseModel):
             help_text += f" (default {_shown(default)})"
-    kwargs = {**_kwargs(info.annotation), "dest": name, "default": None, "help": help_text, **overrides}
+    return help_text
+
+
+def add_field(parser: argparse._ActionsContainer, model: type[BaseModel], name: str, *flags: str,
+              **overrides: Any) -> argparse.Action:
+    """One flag for ``model.name`` (``--name-with-dashes`` unless ``flags`` are given)."""
+    kwargs = {**_kwargs(model.model_fields[name].annotation), "dest": name, "default": None,
+              "help": _help(model, name), **overrides}
     action = parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), **kwargs)
     setattr(action, MODEL_FIELD, (model, name))
     return action
 
 
+def bind(action: argparse.Action, model: type[BaseModel], name: str) -> None:
+    """Point an existing flag at ``model.name``: its help, default and choices become that field's; a flag
+    the model has no field for is hidden (setting it anyway is refused by the model, in one line)."""
+    if name not in model.model_fields:
+        action.help = argparse.SUPPRESS
+        return
+    kwargs = _kwargs(model.model_fields[name].annotation)
+    action.help, action.choices = _help(model, name), kwargs.get("choices")
+    action.type = kwargs.get("type", action.type)
+    setattr(action, MODEL_FIELD, (model, name))
+
+
+class _EngineAction(argparse._StoreAction):
+    """``--engine NAME``: stores the name and binds the fine-tune flags to that engine's config, so
+    ``--engine edit-lora --help`` (the engine first) shows the edit engine's defaults and methods."""
+
+    def __init__(self, *args: Any, flags: list[argparse.Action], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.flags = flags
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from weightzoo.tasks.finetune import engines
+
+        setattr(namespace, self.dest, values)
+        config = engines.get(values).config  # an unknown name: a one-line user error
+        for action in self.flags:
+            bind(action, config, action.dest)
+
+
+def add_engine_fields(parser: argparse._ActionsContainer, group: argparse._ActionsContainer,
+                      model: type[BaseModel], names: Iterable[str]) -> None:
+    """``--engine`` (``model.engine``) and flags for the engine config's fields ``names`` in ``group``: bound
+    to the default engine's config until ``--engine`` names another."""
+    from weightzoo.tasks.finetune import engines
+
+    default = engines.get(engines.DEFAULT_ENGINE).config
+    flags = [add_field(group, default, name) for name in names]
+    add_field(parser, model, "engine", action=_EngineAction, flags=flags)
 def add_fields(parser: argparse._ActionsContainer, model: type[BaseModel], names: Iterable[str]) -> None:
     for name in names:
         add_field(parser, model, name)
