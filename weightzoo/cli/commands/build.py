@@ -138,30 +138,56 @@ def read_settings(uri: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def settings_from_config(args: argparse.Namespace) -> None:
-    """Fill every flag the user did not set from ``--config``; its ``finetune`` table goes under
-    ``--finetune-json`` (whose own keys win). Paths in the file are taken against the file's folder."""
+def _fill(args: argparse.Namespace, settings: dict[str, Any], known: list[str] | None) -> None:
+    """Set each unset flag from ``settings``; a key not in ``known`` is refused (None: skipped)."""
     import difflib
 
     from weightzoo.cli.paths import PATH_DESTS, absolute, is_uri
+    from weightzoo.errors import InputError
+
+    for key, value in settings.items():
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise InputError(f"--config {args.config}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if key in PATH_DESTS and isinstance(value, str) and not is_uri(value):
+            value = absolute(str(Path(args.config).parent / Path(value).expanduser()))  # against the file's folder
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def settings_from_config(args: argparse.Namespace) -> None:
+    """Fill every flag the user did not set from ``--config``; its ``finetune`` table goes under
+    ``--finetune-json`` (whose own keys win). Paths in the file are taken against the file's folder."""
     from weightzoo.errors import InputError
 
     if not args.config:
         return
     settings = read_settings(args.config)
     finetune = settings.pop("finetune", {}) or {}
-    for key, value in settings.items():
-        if key not in args.settings:
-            close = difflib.get_close_matches(key, args.settings, n=1)
-            raise InputError(f"--config {args.config}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-        if key in PATH_DESTS and isinstance(value, str) and not is_uri(value):
-            value = absolute(str(Path(args.config).parent / Path(value).expanduser()))
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    _fill(args, settings, args.settings)
     if finetune:
         if not isinstance(finetune, dict):
             raise InputError(f"--config {args.config}: 'finetune' must be a table of FinetuneConfig fields")
         args.finetune_json = json.dumps({**finetune, **json.loads(args.finetune_json or "{}")})
+
+
+def precheck(argv: list[str]) -> None:
+    """The input checks from a parser of the path flags alone, before the full parser imports the config
+    models (and torch with them): a wrong path, base or engine is answered at once. Whatever this parser
+    cannot tell (a typo, a missing flag) is left to the full one."""
+    from weightzoo.cli.paths import absolute_paths
+
+    if {"-h", "--help"} & set(argv):
+        return
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in (*REQUIRED, "engine", "config"):
+        p.add_argument(f"--{name}")
+    args, _ = p.parse_known_args(argv)
+    absolute_paths(args)
+    if args.config:
+        _fill(args, read_settings(args.config), None)
+    if all(getattr(args, name) for name in REQUIRED):
+        check_inputs(args.manifest, args.base, args.dataset, args.engine)
 
 
 def check_base(engine: str, base: str) -> None:

@@ -54,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyError:
         raise NotFoundError(f"id {args.id!r} is not committed in {args.dataset}") from None
     path = export(vector, ds.layout, meta["hparams"], args.out, args.format)
-    print(f"wrote {path} ({args.format}; id {args.id}, loss {meta['loss']:.4g}, method {meta['method']})")
+    loss = "?" if meta["loss"] is None else f"{meta['loss']:.4g}"
+    print(f"wrote {path} ({args.format}; id {args.id}, loss {loss}, method {meta['method']})")
     return 0

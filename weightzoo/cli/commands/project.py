@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "Coordinates of a row or LoRA file in a subspace, and what it fails to explain."
+HELP = "Print the coordinates of a row or LoRA file in a subspace, and what they fail to explain."
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help=HELP)
