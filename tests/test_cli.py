@@ -15,7 +15,6 @@ from helpers import REPO
 from pydantic import BaseModel
 
 import weightzoo
-
 from weightzoo.cli import COMMANDS, build_parser, main
 from weightzoo.cli.commands.options import MODEL_FIELD
 
