@@ -134,6 +134,16 @@ def test_weights_and_lora_state_dict_match_the_export_command(tmp_path: Path, ca
         assert sorted(sd) == sorted(exported) and all(torch.equal(sd[k], exported[k]) for k in sd), fmt
 
 
+def test_weights_of_a_bfloat16_dataset_are_its_values_not_its_bits(tmp_path: Path) -> None:
+    layout = Layout(keys=LAYOUT.keys, shapes=LAYOUT.shapes, dtype="bfloat16")
+    w = torch.randn(2, layout.numel, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ledger = Ledger(str(tmp_path / "ds"))
+    metas = [RowMeta(id=i, hparams=HPARAMS) for i in ("a", "b")]
+    ledger.commit("b-0", write_shard(ledger.fs, ledger.new_shard_path("b-0"), layout, metas, layout.to_numpy(w)))
+    assert torch.equal(weightzoo.weights(ledger.uri)[1], w.float())
+    assert torch.equal(weightzoo.weights(ledger.uri, ["b"], dtype=torch.bfloat16)[1], w[1:])
+
+
 def test_files_json_lists_the_files_before_the_layout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     commit_rows(tmp_path / "ds", ["a"])
     assert main(["files", "--dataset", str(tmp_path / "ds"), "--json"]) == 0
@@ -162,3 +172,19 @@ def test_python_build_then_cli_build_with_config_resume_and_record(
     assert len(records) == 2
     assert [json.loads(r.read_text())["finetune"]["steps"] for r in records] == [TINY_FINETUNE["steps"]] * 2
     assert sorted(weightzoo.weights(str(dataset))[0].column("id").to_pylist()) == ["subject-00000", "subject-00001"]
+
+
+def test_the_python_api_section_of_reading_md_runs(tmp_path: Path) -> None:
+    """docs/READING.md's notebook snippet, executed on a real dataset (so the docs stay true)."""
+    import re
+
+    from helpers import REPO
+
+    dataset = tmp_path / "ds"
+    w = commit_rows(dataset, ["a", "b"])
+    section = (REPO / "docs" / "READING.md").read_text().split("\n## Python API for notebooks")[1].split("\n## ")[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    ns: dict = {}
+    exec(code.replace('"work/demo/dataset"', repr(str(dataset))), ns)
+    assert ns["some_id"] == "a" and torch.equal(ns["x"], torch.from_numpy(w)) and torch.equal(ns["x1"], ns["x"][:1])
+    assert sorted(ns["state_dict"]) == [f"unet.{k}" for k in LAYOUT.keys] and len(ns["peft_sd"]) == 2

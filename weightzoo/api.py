@@ -39,32 +39,32 @@ def build(manifest: str, base: str, dataset: str, *, finetune: dict[str, Any] | 
     return build_dataset(request)
 
 
-def weights(dataset: str, ids: Sequence[str] | None = None) -> tuple[pa.Table, torch.Tensor]:
-    """The committed rows' metadata and their ``(n, D)`` float32 weights (all rows, or ``ids`` in that order).
+def weights(dataset: str, ids: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> tuple[pa.Table, torch.Tensor]:
+    """The committed rows' metadata and their ``(n, D)`` weights (all rows, or ``ids`` in that order),
+    as float32 unless ``dtype`` is given (the stored dtype: ``weights(D, dtype=ds_dtype)``).
 
     Every shard read is CRC-checked; an id that is not committed raises ``NotFoundError``.
     """
-    import numpy as np
     import pyarrow as pa
     import torch
 
     from weightzoo.errors import NotFoundError
     from weightzoo.storage.dataset import Dataset
 
-    tables, arrays = [], []
-    for table, w in Dataset(dataset).iter_batches():
+    ds, tables, rows = Dataset(dataset), [], []
+    for table, w in ds.iter_batches():
         tables.append(table)
-        arrays.append(np.asarray(w, dtype=np.float32))
+        rows.append(ds.layout.as_tensor(w).to(dtype or torch.float32))  # bf16 rows are stored as int16 bits
     meta = pa.concat_tables(tables) if tables else pa.table({"id": pa.array([], pa.string())})
-    matrix = np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)
+    matrix = torch.cat(rows) if rows else torch.zeros((0, 0), dtype=dtype or torch.float32)
     if ids is None:
-        return meta, torch.from_numpy(matrix)
+        return meta, matrix
     where = {i: k for k, i in enumerate(meta.column("id").to_pylist())}
     missing = [i for i in ids if i not in where]
     if missing:
         raise NotFoundError(f"ids not committed in {dataset}: {missing}")
     take = [where[i] for i in ids]
-    return meta.take(take), torch.from_numpy(matrix[take])
+    return meta.take(take), matrix[take]
 
 
 def lora_state_dict(dataset: str, item_id: str, format: Literal["diffusers", "peft"] = "diffusers") -> dict[str, torch.Tensor]:
