@@ -160,28 +160,31 @@ def _refuse_unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> N
             parser.error(f"unrecognized arguments: {token}")
 
 
-def _early(argv: list[str], command: str) -> argparse.Namespace:
-    """What reporting an error needs before the full parser exists: the command and the log format."""
-    json_logs = any(a == "--log-format=json" for a in argv) or any(
+def _early(argv: list[str], command: str | None) -> argparse.Namespace:
+    """The output flags read from the raw arguments, before any parser is built: a command's parser may
+    import torch, diffusers and huggingface_hub, which read their verbosity from the environment then."""
+    json_logs = "--log-format=json" in argv or any(
         a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:], strict=False))
-    return argparse.Namespace(command=command, log_format="json" if json_logs else "text")
+    return argparse.Namespace(command=command, log_format="json" if json_logs else "text",
+                              verbose=bool({"-v", "--verbose"} & set(argv)), quiet=bool({"-q", "--quiet"} & set(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
+    early = _early(argv, command)
+    quiet(verbose=early.verbose, errors_only=early.quiet, log_format=early.log_format)
     if command:  # a command's light checks first: its full parser may import torch (flags from models)
         module = importlib.import_module(f"weightzoo.cli.commands.{command.replace('-', '_')}")
         try:
             getattr(module, "precheck", lambda _: None)(argv[argv.index(command) + 1:])
         except (WeightzooError, ValidationError) as e:
-            _print_error(_early(argv, command), e)
+            _print_error(early, e)
             return 2
     parser = build_parser(command)
     if command:
         _refuse_unknown_flags(_command_parser(parser, command), argv)
     args = parser.parse_args(argv)
-    quiet(verbose=args.verbose, errors_only=args.quiet, log_format=args.log_format)
     HIDDEN["bars"] = args.quiet or args.log_format == "json"
     try:
         return _run(args)
