@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -188,3 +189,15 @@ def test_docs_flags_exist_and_bracketed_defaults_match_the_parsers() -> None:
                 default = model.model_fields[field].get_default(call_default_factory=True)
             assert default is not None and float(value) == float(default), f"{doc}: weightzoo {command} [{flag} {value}], default {default}"
     assert checked >= 40
+
+
+def test_bars_are_off_before_a_commands_parser_imports_diffusers() -> None:
+    """huggingface_hub and transformers read their progress-bar switch at import, and build's parser imports
+    them (its flags come from models): the output flags must act before any parser is built."""
+    code = ("import sys\nfrom weightzoo.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "from huggingface_hub.utils import are_progress_bars_disabled\nfrom transformers.utils import logging\n"
+            "print(are_progress_bars_disabled(), logging.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_DISABLE", "TQDM", "TRANSFORMERS", "PREFECT_LOGGING"))}
+    for argv, shown in ((["build", "--help"], "True False"), (["-v", "build", "--help"], "False True")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert out.stdout.strip().splitlines()[-1] == shown, (argv, out.stderr[-2000:])
