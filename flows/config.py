@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from weightzoo.tasks.concepts.engine import EditFinetuneConfig
 from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
@@ -35,6 +35,14 @@ def _engine_default_config(data: Any) -> Any:
     if isinstance(data, dict) and data.get("finetune") is None and data.get("engine"):
         data = {**data, "finetune": engines.get(data["engine"]).config()}
     return data
+
+
+def _absolute(value: str | None, info: ValidationInfo) -> str | None:
+    """A local path must be absolute: a deployment's run starts in the code checkout, not the user's folder."""
+    if value is None or "://" in value or value.startswith("/"):
+        return value
+    raise ValueError(f"{info.field_name} must be an absolute path or a URI (a run may start in another folder), "
+                     f"got {value!r}")
 
 
 def _check_engine_config(config: Any) -> Any:
@@ -60,6 +68,7 @@ class _JobConfig(BaseModel):
     lease_ttl_s: float = Field(LEASE_TTL_S, ge=1, description="Lifetime of a batch's lease (seconds) without renewal.")
 
     _engine = field_validator("engine")(engines.canonical)
+    _paths = field_validator("manifest", "base", "dataset", "cache_dir")(_absolute)
     _default_config = model_validator(mode="before")(lambda data: _engine_default_config(data))
     _matching_config = model_validator(mode="after")(lambda self: _check_engine_config(self))
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from helpers import REPO
 from pydantic import BaseModel
 
+import weightzoo
 from weightzoo.cli import COMMANDS, build_parser, main
 from weightzoo.cli.commands.options import MODEL_FIELD
 
@@ -83,3 +91,131 @@ def test_build_flags_come_from_the_chosen_engines_config(capsys: pytest.CaptureF
         main(["build", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "LoRA rank r. (default 1)" in out and "{edit-lora}" not in out
+
+
+# --- help, version, output levels -------------------------------------------------------------------------
+
+PROBE = """
+import sys
+from weightzoo.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted(m for m in ("torch", "diffusers", "prefect", "transformers") if m in sys.modules)
+print("PROBE", code, ",".join(heavy) or "-", file=sys.stderr)
+"""
+# Their flags come from pydantic models whose modules import torch (issue #22: the models' modules are the fix).
+MODEL_FLAG_COMMANDS = {"build", "demo", "fit-subspace", "train-diffusion"}
+
+
+def probe(*argv: str, cwd: Path | None = None) -> tuple[int, str, str, str]:
+    """Runs the CLI in a fresh interpreter: (exit code, heavy modules imported, stdout, stderr)."""
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd, timeout=120)
+    print(f"\n  weightzoo {' '.join(argv)[:60]}: answered in {time.perf_counter() - start:.2f} s")
+    *err, last = proc.stderr.rstrip("\n").split("\n")
+    _, code, heavy = last.split()
+    return int(code), heavy, proc.stdout, "\n".join(err)
+
+
+def test_help_version_and_typos_import_no_torch_diffusers_or_prefect(tmp_path: Path) -> None:
+    code, heavy, out, _ = probe("--help")
+    assert (code, heavy) == (0, "-") and all(c in out for c in COMMANDS)
+    assert probe("--version")[:3] == (0, "-", f"weightzoo {weightzoo.__version__}\n")
+    code, heavy, _, err = probe("buidl")
+    assert (code, heavy) == (2, "-") and err.endswith("; did you mean build?")
+    code, heavy, _, err = probe("export", "--datset", "D")
+    assert (code, heavy) == (2, "-") and err.endswith("unrecognized arguments: --datset; did you mean --dataset?")
+    code, heavy, _, err = probe("build", "--manifest", "m.jsonl", "--base", "b", "--dataset", "d", cwd=tmp_path)
+    assert (code, heavy, err) == (2, "-", f"weightzoo build: error: --manifest: no such file {tmp_path / 'm.jsonl'}")
+    assert list(tmp_path.iterdir()) == []
+    for command in sorted(set(COMMANDS) - MODEL_FLAG_COMMANDS):
+        code, heavy, out, _ = probe(command, "--help")
+        assert (code, heavy) == (0, "-"), command
+        assert out.startswith(f"usage: weightzoo {command}"), command
+
+
+def test_every_command_has_one_clean_sentence_and_a_description() -> None:
+    import importlib
+
+    subs = _subparsers(build_parser(full=True))
+    for name in COMMANDS:
+        text = importlib.import_module(f"weightzoo.cli.commands.{name.replace('-', '_')}").HELP
+        assert text.endswith(".") and text[0].isupper() and "``" not in text and ":" not in text.split()[0], name
+        assert not re.search(r"\w\w\. [A-Z]", text), f"{name}: one sentence"
+        description = subs[name].description
+        assert description and "``" not in description and ":mod:" not in description, name
+
+
+def test_quiet_prints_errors_only_and_json_logs_are_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "ledger").mkdir()
+    assert main(["status", "--dataset", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path}: 0 committed")
+    assert main(["--quiet", "status", "--dataset", str(tmp_path)]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert main(["status", "--dataset", str(tmp_path), "-q", "--json"]) == 0  # asked for: printed
+    assert json.loads(capsys.readouterr().out)["committed"] == 0
+    assert main(["-q", "status", "--dataset", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith("weightzoo status: error: no dataset at")
+    assert main(["--log-format", "json", "status", "--dataset", str(tmp_path / "nowhere")]) == 2
+    line = json.loads(capsys.readouterr().err)
+    assert (line["level"], line["command"], line["error"]) == ("error", "status", "NotFoundError")
+    assert line["message"].startswith(f"no dataset at {tmp_path / 'nowhere'}")
+
+
+def test_serve_on_sqlite_warns_beyond_two_workers() -> None:
+    from weightzoo.cli.commands.serve import sqlite_warning
+
+    assert sqlite_warning("sqlite", 2) is None and sqlite_warning("postgres", 8) is None
+    assert "--backend postgres" in sqlite_warning("sqlite", 3)
+
+
+# --- docs agree with the parsers ----------------------------------------------------------------------------
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _doc_commands() -> list[tuple[str, str, str]]:
+    """(file, command, text) for each `weightzoo CMD ...` in a table row or a code line of the docs."""
+    out = []
+    for path in DOCS:
+        for line in path.read_text().splitlines():
+            for m in re.finditer(r"weightzoo ([a-z-]+)((?: +(?:\[?-[-\w]+(?: [^\s\[\]|`-][^\s\[\]`]*)?\]?|[A-Z]+|\||\(|\)))*)", line):
+                if m[1] in COMMANDS:
+                    out.append((path.name, m[1], m[2]))
+    return out
+
+
+def test_docs_flags_exist_and_bracketed_defaults_match_the_parsers() -> None:
+    """Every flag the README and docs show after `weightzoo CMD` is one of CMD's; a `[--flag N]` shows
+    the default (the command's table in README lists every command)."""
+    subs = _subparsers(build_parser(full=True))
+    readme = (REPO / "README.md").read_text()
+    assert all(f"`weightzoo {c}" in readme or f"`{c}`" in readme for c in COMMANDS)
+    checked = 0
+    for doc, command, text in _doc_commands():
+        flags = subs[command]._option_string_actions
+        for flag in re.findall(r"(?<![\w-])(--?[a-z][-\w]*)", text):
+            assert flag in flags, f"{doc}: weightzoo {command} has no {flag}"
+            checked += 1
+        for flag, value in re.findall(r"\[(--?[a-z][-\w]*) ([-\d.e]+)\]", text):
+            action = flags[flag]
+            default = action.default
+            if hasattr(action, MODEL_FIELD):
+                model, field = getattr(action, MODEL_FIELD)
+                default = model.model_fields[field].get_default(call_default_factory=True)
+            assert default is not None and float(value) == float(default), f"{doc}: weightzoo {command} [{flag} {value}], default {default}"
+    assert checked >= 40
+
+
+def test_bars_are_off_before_a_commands_parser_imports_diffusers() -> None:
+    """huggingface_hub and transformers read their progress-bar switch at import, and build's parser imports
+    them (its flags come from models): the output flags must act before any parser is built."""
+    code = ("import sys\nfrom weightzoo.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "from huggingface_hub.utils import are_progress_bars_disabled\nfrom transformers.utils import logging\n"
+            "print(are_progress_bars_disabled(), logging.is_progress_bar_enabled())")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_HUB_DISABLE", "TQDM", "TRANSFORMERS", "PREFECT_LOGGING"))}
+    for argv, shown in ((["build", "--help"], "True False"), (["-v", "build", "--help"], "False True")):
+        out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
+        assert out.stdout.strip().splitlines()[-1] == shown, (argv, out.stderr[-2000:])

@@ -126,7 +126,7 @@ def test_with_retries_retries_transient_errors_and_raises_permanent_ones_at_once
 
 
 def test_engine_outside_the_registry_is_refused_by_both_request_models() -> None:
-    common = {"manifest": "m.jsonl", "base": "b", "dataset": "d"}
+    common = {"manifest": "/m.jsonl", "base": "/b", "dataset": "/d"}
     for bad in ("os:system", "weightzoo.tasks.finetune.batch:null_finetune", "null", "builtins:eval",
                 "weightzoo.tasks.finetune:finetune_batch"):  # an import path is never an engine name
         with pytest.raises(ValueError, match="unknown engine"):

@@ -1,20 +1,29 @@
 """The ``weightzoo`` command line. Each subcommand lives in ``weightzoo/cli/commands/<name>.py``.
 
-A command module defines ``register(subparsers)``, which adds its parser and sets ``func``; heavy
-imports (torch, diffusers, prefect) happen inside the command, so ``--help`` stays fast.
+A command module defines ``HELP`` (its one-sentence summary) and ``register(subparsers)``, which adds
+its parser and sets ``func``; heavy imports (torch, diffusers, prefect) happen inside the command, so
+``weightzoo --help`` and a mistyped command answer at once. Every path flag is made absolute and every
+``--out`` is checked against dataset folders here, before a command runs (weightzoo.cli.paths).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import json
 import os
+import re
 import sys
+from typing import NoReturn
 
 from pydantic import ValidationError
 
+from weightzoo import __version__
 from weightzoo.cli.commands.options import HELP_FORMATTER
-from weightzoo.cli.quiet import quiet
+from weightzoo.cli.paths import absolute_paths, check_out
+from weightzoo.cli.progress import HIDDEN
+from weightzoo.cli.quiet import LOG_FORMATS, quiet
 from weightzoo.errors import WeightzooError
 
 # Set before prefect/transformers are imported: no telemetry calls from a closed network, no noise.
@@ -27,33 +36,78 @@ COMMANDS = ["demo", "build", "serve", "status", "verify", "gc", "files", "export
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every subcommand's parser: help states each flag's real default (weightzoo.cli.commands.options)."""
+    """Help states each flag's real default (weightzoo.cli.commands.options); a mistyped flag or command
+    gets this parser's usage and the nearest real one."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", HELP_FORMATTER)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}{_suggestion(self, message)}\n")
+
+
+class _CommandParser(_Parser):
+    """A subcommand's parser: the output flags work after the command too (``weightzoo build -v``)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if self.add_help:  # the stand-ins `weightzoo --help` lists take no flags
+            _output_flags(self, argparse.SUPPRESS)
+
+
+def _suggestion(parser: argparse.ArgumentParser, message: str) -> str:
+    """``; did you mean --batch-size?`` for an unknown flag, command or choice close to a real one."""
+    if m := re.search(r"unrecognized arguments: (\S+)", message):
+        word, choices = m[1].split("=", 1)[0], [s for s in parser._option_string_actions if s.startswith("--")]
+    elif m := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+        word, choices = m[1], re.findall(r"'([^']*)'", m[2])
+    else:
+        return ""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _output_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    """-v / --quiet / --log-format, on the top-level parser and (defaults suppressed) on every command."""
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true", default=default,
+                      help="Also show Prefect's run logs, library warnings and progress bars.")
+    loud.add_argument("-q", "--quiet", action="store_true", default=default,
+                      help="Print errors only (and what --json asks for).")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text" if default is False else default,
+                        help="How log lines and errors are printed on stderr.")
+
 
 def _summary(module: object) -> str:
-    """A command's one-line help: its module docstring's first sentence, without the ``weightzoo x``: prefix."""
-    first = (getattr(module, "__doc__", "") or "").strip().split("\n")[0]
-    return first.split(":", 1)[-1].strip().rstrip(".") if first.startswith("``") else first
+    """A command's line in ``weightzoo --help``: its ``HELP`` sentence."""
+    return str(module.HELP)
+
+
+def _description(module: object) -> str:
+    """A command's ``--help`` description: its module docstring without RST markup or the name prefix."""
+    text = (getattr(module, "__doc__", "") or "").strip()
+    text = re.sub(r"^``weightzoo [\w-]+``:\s*", "", text)
+    text = re.sub(r":\w+:`([^`]+)`", r"\1", text).replace("``", "")
+    return text[:1].upper() + text[1:]
 
 
 def build_parser(command: str | None = None, full: bool = False) -> argparse.ArgumentParser:
     """The parser; only ``command``'s arguments are built (all with ``full``), since a command's flags come
     from its pydantic models, whose modules import torch: ``weightzoo --help`` stays fast."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="weightzoo",
         description="Build datasets of fine-tuned LoRAs with Prefect, store them as Parquet, learn from them.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="Show third-party warnings and progress bars (quiet by default).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    _output_flags(parser, False)
+    parser.add_argument("--version", action="version", version=f"weightzoo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser)
     for name in COMMANDS:
         module = importlib.import_module(f"weightzoo.cli.commands.{name.replace('-', '_')}")
         if full or name == command:
             module.register(sub)
+            sub.choices[name].description = sub.choices[name].description or _description(module)
         else:
             sub.add_parser(name, help=_summary(module), add_help=False)
     return parser
@@ -65,17 +119,79 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def _print_error(args: argparse.Namespace, exc: Exception) -> None:
+    text = _one_line(exc)
+    if args.log_format == "json":
+        line = json.dumps({"level": "error", "command": args.command, "error": type(exc).__name__, "message": text})
+        print(line, file=sys.stderr)
+    else:
+        print(f"weightzoo {args.command}: error: {text}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Paths made absolute, ``--out`` checked, then the command; with --quiet its stdout is dropped
+    unless it prints what --json asked for."""
+    absolute_paths(args)
+    check_out(args)
+    if not args.quiet or getattr(args, "json", False):
+        return int(args.func(args) or 0)
+    with open(os.devnull, "w") as devnull:
+        stdout, sys.stdout = sys.stdout, devnull
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            sys.stdout = stdout
+
+
+def _command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
+
+
+def _refuse_unknown_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A flag the command does not have is reported by the command's parser (its usage, the nearest
+    flag), before argparse complains about the required flags the typo left out."""
+    for token in argv[argv.index(parser.prog.split()[-1]) + 1:]:
+        flag = token.split("=", 1)[0]
+        if flag == "--":
+            return
+        known = flag in parser._option_string_actions or any(s.startswith(flag) for s in parser._option_string_actions)
+        if flag.startswith("--") and not known:
+            parser.error(f"unrecognized arguments: {token}")
+
+
+def _early(argv: list[str], command: str | None) -> argparse.Namespace:
+    """The output flags read from the raw arguments, before any parser is built: a command's parser may
+    import torch, diffusers and huggingface_hub, which read their verbosity from the environment then."""
+    json_logs = "--log-format=json" in argv or any(
+        a == "--log-format" and b == "json" for a, b in zip(argv, argv[1:], strict=False))
+    return argparse.Namespace(command=command, log_format="json" if json_logs else "text",
+                              verbose=bool({"-v", "--verbose"} & set(argv)), quiet=bool({"-q", "--quiet"} & set(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
-    quiet(verbose=args.verbose)
+    early = _early(argv, command)
+    quiet(verbose=early.verbose, errors_only=early.quiet, log_format=early.log_format)
+    if command:  # a command's light checks first: its full parser may import torch (flags from models)
+        module = importlib.import_module(f"weightzoo.cli.commands.{command.replace('-', '_')}")
+        try:
+            getattr(module, "precheck", lambda _: None)(argv[argv.index(command) + 1:])
+        except (WeightzooError, ValidationError) as e:
+            _print_error(early, e)
+            return 2
+    parser = build_parser(command)
+    if command:
+        _refuse_unknown_flags(_command_parser(parser, command), argv)
+    args = parser.parse_args(argv)
+    HIDDEN["bars"] = args.quiet or args.log_format == "json"
     try:
-        return int(args.func(args) or 0)
+        return _run(args)
     except KeyboardInterrupt:
         return 130
     except (WeightzooError, ValidationError) as e:  # user errors: one line; anything else keeps its traceback
-        print(f"weightzoo {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        _print_error(args, e)
         return 2
 
 

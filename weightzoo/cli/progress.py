@@ -106,9 +106,12 @@ def _handlers() -> list[logging.Handler]:
     return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers]
 
 
+HIDDEN = {"bars": False}  # set by ``--quiet`` / ``--log-format json``: no bars even on a terminal
+
+
 def shows_progress() -> bool:
-    """Whether a bar would be seen: stdout and stderr are both terminals."""
-    return _isatty(sys.stdout) and _isatty(sys.stderr)
+    """Whether a bar would be seen: stdout and stderr are both terminals, and no flag hid the bars."""
+    return not HIDDEN["bars"] and _isatty(sys.stdout) and _isatty(sys.stderr)
 
 
 def _isatty(stream: TextIO | None) -> bool:

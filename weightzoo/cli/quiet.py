@@ -1,7 +1,10 @@
-"""Third-party noise off by default (``-v`` shows it): library warnings, hub progress bars, info logs.
+"""What the terminal shows: the CLI's own progress and results by default; ``-v`` adds Prefect's run logs,
+library warnings and progress bars; ``--quiet`` leaves errors only; ``--log-format json`` for batch jobs.
 
-Called by the CLI before any command imports torch, diffusers or transformers: their verbosity is read
-from the environment at import time. weightzoo's own output and Prefect's run logs are left as they are.
+Called by the CLI before any command imports torch, diffusers, transformers or prefect: their verbosity
+is read from the environment at import time. Prefect's console handler is set through Prefect's own
+``PREFECT_LOGGING_<path>`` overrides, so only the terminal is quieter: every run log (task-level INFO
+lines included) still reaches the API and the UI, whose handlers are separate.
 """
 
 from __future__ import annotations
@@ -10,14 +13,22 @@ import logging
 import os
 import warnings
 
+LOG_FORMATS = ("text", "json")
 _NOISY_LOGGERS = ("transformers", "diffusers", "peft", "torch", "urllib3", "botocore", "s3fs", "fsspec", "distributed")
 _NOISY_MODULES = r"(transformers|diffusers|peft|torch|huggingface_hub|pydantic|moto|botocore|s3fs)(\.|$)"
+CONSOLE_LEVEL = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"  # Prefect's terminal handler (logging.yml: handlers.console)
+CONSOLE_FORMAT = "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"
 
 
-def quiet(verbose: bool = False) -> None:
-    """Silence third-party warnings and progress bars unless ``verbose``."""
-    if verbose:
+def quiet(verbose: bool = False, errors_only: bool = False, log_format: str = "text") -> None:
+    """Silence Prefect's INFO lines, third-party warnings and progress bars unless ``verbose``;
+    with ``errors_only``, Prefect's warnings too."""
+    if log_format == "json":
+        os.environ.setdefault(CONSOLE_FORMAT, "json")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # a bar is no log line
+    if verbose and not errors_only:
         return
+    os.environ.setdefault(CONSOLE_LEVEL, "ERROR" if errors_only else "WARNING")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

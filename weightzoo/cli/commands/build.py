@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+HELP = "Fine-tune every manifest row not yet committed in the dataset (resumable)."
 
 BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir", "lease_ttl_s")
 FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
@@ -20,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.cli.commands.options import add_engine_fields, add_field, add_fields
     from weightzoo.flows.config import BuildConfig
 
-    p = sub.add_parser("build", help="Fine-tune every manifest row not yet committed in the dataset (resumable).")
+    p = sub.add_parser("build", help=HELP)
     for name in ("manifest", "base", "dataset"):
         add_field(p, BuildConfig, name, required=True)
     add_fields(p, BuildConfig, [f for f in BUILD_FIELDS if f in BuildConfig.model_fields and f != "engine"])
@@ -30,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help='More fields of the engine\'s config as JSON, e.g. \'{"alpha": 8, "num_class_images": 50}\'.')
     p.add_argument("--json", action="store_true", help="Print the summary as JSON.")
     p.set_defaults(func=run)
+    add_plan_flags(p)
 
 
 def build_request(args: argparse.Namespace):
@@ -82,7 +88,12 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.tasks.progress import COMMITTED
 
+    settings_from_config(args)
+    check_build(args)
     request = build_request(args)
+    if args.dry_run:
+        return print_plan(request, args.json)
+    record_config(request)
     # In-process batches (the local executor) move the batch bar; every executor moves the committed one.
     steps = int(getattr(request.finetune, "steps", 0) or 0)  # every engine's config has steps; 0 hides the items
     with terminal_progress(Bar("batch", "row-steps", steps_per_item=steps),
@@ -93,3 +104,211 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_summary(summary)
     return 0 if summary["committed"] == summary["total"] else 1
+
+
+# --- checks, --config, --dry-run: before any server, model or folder is made -----------------------------
+
+REQUIRED = ("manifest", "base", "dataset")  # required as flags or in --config
+BUILDS = "_builds"  # <dataset>/_builds/<UTC time>.json: each build's resolved config; no reader lists it
+NOT_SETTINGS = {"help", "config", "dry_run", "json", "verbose", "quiet", "log_format", "func"}
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` (the flags' settings from TOML or YAML; flags override) and ``--dry-run``."""
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML or YAML file of the same settings as the flags (manifest, base, dataset, batch_size, "
+                   "..., and a [finetune] table); flags given as well override it.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="Print the resolved plan (paths, recipe and fingerprint, batches, what is committed) and exit "
+                   "without creating anything.")
+    for action in p._actions:
+        if action.dest in REQUIRED:
+            action.required = False  # checked after --config is read (check_build)
+            action.help = f"{action.help} Required, as a flag or in --config."
+    p.set_defaults(settings=sorted({a.dest for a in p._actions} - NOT_SETTINGS))
+
+
+def _parse(text: str, suffix: str) -> Any:
+    if suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
+def read_settings(uri: str) -> dict[str, Any]:
+    """The settings in a ``.toml``, ``.yaml`` or ``.yml`` file; a bad file is the user's error."""
+    from weightzoo.cli.paths import existing_file
+    from weightzoo.errors import InputError
+
+    existing_file(uri, "--config")
+    suffix = Path(uri).suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml"):
+        raise InputError(f"--config {uri}: expected a .toml, .yaml or .yml file")
+    try:
+        data = _parse(Path(uri).read_text(), suffix)
+    except ValueError as e:
+        raise InputError(f"--config {uri} does not parse: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--config {uri}: expected a table of settings, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _fill(args: argparse.Namespace, settings: dict[str, Any], known: list[str] | None) -> None:
+    """Set each unset flag from ``settings``; a key not in ``known`` is refused (None: skipped)."""
+    import difflib
+
+    from weightzoo.cli.paths import PATH_DESTS, absolute, is_uri
+    from weightzoo.errors import InputError
+
+    for key, value in settings.items():
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise InputError(f"--config {args.config}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        if key in PATH_DESTS and isinstance(value, str) and not is_uri(value):
+            value = absolute(str(Path(args.config).parent / Path(value).expanduser()))  # against the file's folder
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def settings_from_config(args: argparse.Namespace) -> None:
+    """Fill every flag the user did not set from ``--config``; its ``finetune`` table goes under
+    ``--finetune-json`` (whose own keys win). Paths in the file are taken against the file's folder."""
+    from weightzoo.errors import InputError
+
+    if not args.config:
+        return
+    settings = read_settings(args.config)
+    finetune = settings.pop("finetune", {}) or {}
+    _fill(args, settings, args.settings)
+    if finetune:
+        if not isinstance(finetune, dict):
+            raise InputError(f"--config {args.config}: 'finetune' must be a table of FinetuneConfig fields")
+        args.finetune_json = json.dumps({**finetune, **json.loads(args.finetune_json or "{}")})
+
+
+def precheck(argv: list[str]) -> None:
+    """The input checks from a parser of the path flags alone, before the full parser imports the config
+    models (and torch with them): a wrong path, base or engine is answered at once. Whatever this parser
+    cannot tell (a typo, a missing flag) is left to the full one."""
+    from weightzoo.cli.paths import absolute_paths
+
+    if {"-h", "--help"} & set(argv):
+        return
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name in (*REQUIRED, "engine", "config"):
+        p.add_argument(f"--{name}")
+    args, _ = p.parse_known_args(argv)
+    absolute_paths(args)
+    if args.config:
+        _fill(args, read_settings(args.config), None)
+    if all(getattr(args, name) for name in REQUIRED):
+        check_inputs(args.manifest, args.base, args.dataset, args.engine)
+
+
+def check_base(engine: str, base: str) -> None:
+    """The base is a model of the engine's kind, by its index file alone (nothing loads)."""
+    from weightzoo.cli.paths import existing_folder, is_uri
+    from weightzoo.errors import InputError
+
+    if engine == "diffusers-lora":
+        existing_folder(base, "--base", "model_index.json", "diffusers pipeline")
+    elif engine == "edit-lora":
+        existing_folder(base, "--base", "config.json", "edit base")
+        if not is_uri(base):
+            try:
+                card = json.loads((Path(base) / "config.json").read_text())
+            except (OSError, ValueError) as e:
+                raise InputError(f"--base: {base}/config.json does not parse: {e}") from None
+            if not isinstance(card, dict) or "config" not in card or not (Path(base) / "model.safetensors").is_file():
+                raise InputError(f"--base: {base} is no edit base (config.json with 'config' and model.safetensors)")
+
+
+def check_inputs(manifest: str, base: str, dataset: str, engine: str | None) -> str:
+    """The manifest reads, the base is of the engine's kind, the dataset is no file; returns the engine's
+    registered name. Light: no model loads, no server starts, nothing is written."""
+    from weightzoo.cli.paths import existing_file, folder_or_absent
+    from weightzoo.errors import InputError
+    from weightzoo.tasks.finetune import engines
+    from weightzoo.tasks.finetune.manifest import read_manifest
+
+    existing_file(manifest, "--manifest")
+    folder_or_absent(dataset, "--dataset")
+    engine = engines.canonical(engine or engines.DEFAULT_ENGINE)  # unknown engine: one line naming the known
+    check_base(engine, base)
+    if not read_manifest(manifest):  # unreadable or malformed: ManifestError, one line per problem
+        raise InputError(f"--manifest {manifest} has no rows")
+    return engine
+
+
+def check_build(args: argparse.Namespace) -> None:
+    """Every mistake a user can make in the flags, in about a second: nothing is made before these pass."""
+    from weightzoo.cli.paths import flag_of
+    from weightzoo.errors import InputError
+
+    missing = [flag_of(name) for name in REQUIRED if not getattr(args, name, None)]
+    if missing:
+        raise InputError(f"the following arguments are required (as flags or in --config): {', '.join(missing)}")
+    check_inputs(args.manifest, args.base, args.dataset, args.engine)
+
+
+def record_config(request: Any) -> str:
+    """Write the build's resolved config beside the dataset's ledger; returns its URI."""
+    from weightzoo.storage.fs import filesystem, join, write_bytes
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    uri = join(request.dataset, BUILDS, f"{stamp}.json")
+    fs, path = filesystem(uri)
+    write_bytes(fs, path, json.dumps(request.model_dump(mode="json"), indent=2, sort_keys=True).encode())
+    return uri
+
+
+def plan_of(request: Any) -> dict[str, Any]:
+    """What the build would do: the resolved request, its recipe, and the batches of what is pending."""
+    from weightzoo.storage import card
+    from weightzoo.storage.card import Recipe
+    from weightzoo.storage.ledger import Ledger
+    from weightzoo.tasks.finetune import engines
+    from weightzoo.tasks.finetune.batch import cached_fingerprint, plan_batches
+    from weightzoo.tasks.finetune.manifest import load_and_validate
+
+    ids = [r.id for r in load_and_validate(request.manifest, rules=engines.get(request.engine).rows)]
+    recipe = Recipe.of(request.engine, cached_fingerprint(request.engine, request.base), request.finetune)
+    ledger = Ledger(request.dataset)
+    existing = ledger.exists()
+    if existing:
+        card.check_recipe(ledger, recipe)
+    committed = ledger.committed_ids() if existing else set()
+    pending = ledger.pending(ids, include_failed=request.retry_failed) if existing else ids
+    batches = plan_batches(pending, request.batch_size)
+    return {"config": request.model_dump(mode="json"), "dataset_exists": existing,
+            "recipe": {"engine": recipe.engine, "base_fingerprint": recipe.base_model,
+                       "config_fingerprint": recipe.config_fingerprint},
+            "manifest_ids": len(ids), "committed": len(committed & set(ids)), "to_train": list(pending),
+            "batches": [{"batch_id": b.batch_id, "ids": list(b.ids)} for b in batches]}
+
+
+def print_plan(request: Any, as_json: bool) -> int:
+    """``--dry-run``: the plan, and nothing created (the dataset is only read, if it exists)."""
+    plan = plan_of(request)
+    if as_json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    cfg, recipe = plan["config"], plan["recipe"]
+    print(f"dry run: nothing trained, nothing written\n  manifest  {cfg['manifest']}\n  base      {cfg['base']}\n"
+          f"  dataset   {cfg['dataset']}" + ("" if plan["dataset_exists"] else " (new)"))
+    print(f"  recipe    engine {recipe['engine']}, method {cfg['finetune']['method']}, base {recipe['base_fingerprint']}, "
+          f"config {recipe['config_fingerprint']}")
+    print(f"  ids       {plan['manifest_ids']} in the manifest, {plan['committed']} committed, "
+          f"{len(plan['to_train'])} to train in {len(plan['batches'])} batch(es) of up to {cfg['batch_size']} "
+          f"({cfg['executor']} executor)")
+    for b in plan["batches"][:20]:
+        print(f"    {b['batch_id']}: {', '.join(b['ids'])}")
+    if len(plan["batches"]) > 20:
+        print(f"    ... and {len(plan['batches']) - 20} more (--json lists all)")
+    return 0

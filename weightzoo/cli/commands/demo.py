@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+HELP = "Run the whole pipeline on a tiny offline base model and synthetic subjects (~2 min on 2 CPU cores)."
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="Run the whole pipeline on a tiny offline base model and synthetic subjects (~2 min on 2 CPU cores).",
+        help=HELP,
         description="Builds DIR/base (tiny SD-style pipeline), DIR/manifest.jsonl + DIR/images/ (synthetic subjects), "
         "fine-tunes one LoRA per subject into DIR/dataset, fits DIR/subspace and trains DIR/wdiff. "
         "Rerunning resumes: committed subjects are not trained again.",

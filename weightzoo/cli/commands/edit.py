@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA."
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("edit", help="Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA.")
+    p = sub.add_parser("edit", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
     p.add_argument("--id", required=True, help="Row id to edit (read from the subspace's dataset).")
     p.add_argument("--attribute", required=True, help="Target label as NAME=VALUE, e.g. colour=red.")

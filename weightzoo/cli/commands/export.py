@@ -6,11 +6,13 @@ import argparse
 
 from weightzoo.cli.commands.options import add_dataset
 
+HELP = "Write one row of a dataset as a diffusers LoRA file or a peft adapter folder."
+
 FORMATS = ("diffusers", "peft")  # the same as tasks/finetune/export.py's; kept here so --help imports nothing heavy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="Write one row of a dataset as a diffusers LoRA file or a peft adapter folder.")
+    p = sub.add_parser("export", help=HELP)
     add_dataset(p)
     p.add_argument("--id", required=True, help="The row's id.")
     p.add_argument(
@@ -52,5 +54,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyError:
         raise NotFoundError(f"id {args.id!r} is not committed in {args.dataset}") from None
     path = export(vector, ds.layout, meta["hparams"], args.out, args.format)
-    print(f"wrote {path} ({args.format}; id {args.id}, loss {meta['loss']}, method {meta['method']})")
+    loss = "?" if meta["loss"] is None else f"{meta['loss']:.4g}"
+    print(f"wrote {path} ({args.format}; id {args.id}, loss {loss}, method {meta['method']})")
     return 0

@@ -11,11 +11,13 @@ import json
 
 from weightzoo.cli.commands.options import add_dataset
 
+HELP = "List the committed shard files and the ids visible in each."
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("files", help="List the committed shard files and the ids visible in each.")
+    p = sub.add_parser("files", help=HELP)
     add_dataset(p)
-    p.add_argument("--json", action="store_true", help="Print JSON: the layout, and each file's URI, ids, rows and bytes.")
+    p.add_argument("--json", action="store_true", help="Print JSON: each file's URI, ids, rows and bytes, then the layout.")
     p.add_argument("--verify", action="store_true",
                    help="Read every shard first (size, layout, CRC32, ids) and refuse to list a bad one.")
     p.set_defaults(func=run)
@@ -36,11 +38,11 @@ def listing(dataset: str, verify: bool = False) -> dict:
     if verify:
         raise_bad(check_files(fs, files))
     layout = read_layout(fs, files[0].path).to_dict() if files else None
-    return {
+    return {  # the file list first, the (long) layout last: what a reader of the JSON wants first
         "dataset": dataset,
-        "layout": layout,
         "rows": sum(len(f.ids) for f in files),
         "files": [{"uri": f.uri, "shard": f.shard, "ids": list(f.ids), "rows": f.rows, "bytes": f.nbytes} for f in files],
+        "layout": layout,
     }
 
 

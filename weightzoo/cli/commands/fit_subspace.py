@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "Fit the PCA subspace of a dataset's weights (streaming, bounded memory)."
+
 OPTIONS = ("block_size", "power_iters", "device", "dtype", "seed", "tasks_per_pass", "keep_work")
 FLOW = ("work", "task_runner", "dask_address", "dask_workers")
 
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.flows.config import FitSubspaceConfig
     from weightzoo.tasks.subspace.pca import SubspaceConfig
 
-    p = sub.add_parser("fit-subspace", help="Fit the PCA subspace of a dataset's weights (streaming, bounded memory).")
+    p = sub.add_parser("fit-subspace", help=HELP)
     add_field(p, FitSubspaceConfig, "dataset", required=True)
     add_field(p, FitSubspaceConfig, "out", required=True)
     add_field(p, SubspaceConfig, "components", "--components", "-k")

@@ -10,6 +10,8 @@ from datetime import timedelta
 
 from weightzoo.cli.commands.options import add_dataset
 
+HELP = "Remove orphan shards (written but never committed) and stale temp files; a dry run by default."
+
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
@@ -22,9 +24,7 @@ def parse_duration(text: str) -> timedelta:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "gc", help="Remove orphan shards (written but never committed) and stale temp files; a dry run by default."
-    )
+    p = sub.add_parser("gc", help=HELP)
     add_dataset(p)
     p.add_argument(
         "--older-than",

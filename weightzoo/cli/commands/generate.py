@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "Generate a LoRA from text with a weight-diffusion model (diffusers .safetensors)."
 
 def _attr(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
@@ -13,7 +14,7 @@ def _attr(text: str) -> tuple[str, str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="Generate a LoRA from text with a weight-diffusion model (diffusers .safetensors).")
+    p = sub.add_parser("generate", help=HELP)
     p.add_argument("--model", required=True, help="Model folder written by `weightzoo train-diffusion`.")
     p.add_argument("--prompt", required=True, help="The concept's prompt, e.g. 'sks person'.")
     p.add_argument("--attr", type=_attr, action="append", default=[], metavar="KEY=VALUE",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "Invert one image into the subspace (optimise k coefficients) → a LoRA."
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("invert", help="Invert one image into the subspace (optimise k coefficients) → a LoRA.")
+    p = sub.add_parser("invert", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
     p.add_argument("--base", required=True, help="Base diffusers pipeline URI the dataset was trained on.")
     p.add_argument("--image", required=True, help="The image URI to invert.")
@@ -78,5 +79,5 @@ def run(args: argparse.Namespace) -> int:
         inv = invert(sub, pipe, image, prompt, mask=mask, steps=args.steps, lr=args.learning_rate,
                      batch=args.batch, seed=args.seed, progress=report)
     path = export(sub, inv.weights, args.out)
-    print(f"wrote {path}: loss on the image {inv.initial_loss:.5f} (mean model) → {inv.final_loss:.5f}")
+    print(f"wrote {path}: loss on the image {inv.initial_loss:.4g} (mean model) → {inv.final_loss:.4g}")
     return 0

@@ -10,10 +10,10 @@ import argparse
 
 from weightzoo.cli.commands.options import add_dataset
 
+HELP = "Sum LoRA rows of a dataset into one diffusers LoRA file (orthogonal rows merge without interference)."
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="Sum LoRA rows of a dataset into one diffusers LoRA file (orthogonal rows "
-                       "merge without interference).")
+    p = sub.add_parser("merge", help=HELP)
     add_dataset(p)
     p.add_argument("--ids", required=True, nargs="+", metavar="ID", help="The rows to merge.")
     p.add_argument("--out", required=True,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+HELP = "Print the coordinates of a row or LoRA file in a subspace, and what they fail to explain."
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("project", help="Coordinates of a row or LoRA file in a subspace, and what it fails to explain.")
+    p = sub.add_parser("project", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--id", help="Row id (read from --dataset, default the subspace's dataset).")

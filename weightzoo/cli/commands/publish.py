@@ -6,10 +6,11 @@ import argparse
 
 from weightzoo.cli.commands.options import add_dataset
 
+HELP = "Write the committed rows as a Hub-style dataset: data/train-*.parquet, layout.json, README.md."
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "publish", help="Write the committed rows as a Hub-style dataset: data/train-*.parquet, layout.json, README.md."
+        "publish", help=HELP
     )
     add_dataset(p)
     p.add_argument("--out", required=True, help="Output folder (local path or s3://...); a rerun resumes it.")

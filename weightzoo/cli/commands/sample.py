@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "Sample new LoRAs from a fitted subspace (per-component Gaussians)."
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="Sample new LoRAs from a fitted subspace (per-component Gaussians).")
+    p = sub.add_parser("sample", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
     p.add_argument("--out", required=True,
                    help="Folder (any URI) for sample-000/, sample-001/, ..., each with pytorch_lora_weights.safetensors.")

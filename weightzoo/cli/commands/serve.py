@@ -19,9 +19,13 @@ from pathlib import Path
 
 from weightzoo.deployments import servers as srv
 
+HELP = "Start a local Prefect server, the gpu work pool, workers, and the finetune-batch deployment."
+# docs/BENCHMARKS.md: with 4 workers on SQLite, 2 of 40 batch runs were lost to locks
+SQLITE_MAX_WORKERS = 2
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="Start a local Prefect server, the gpu work pool, workers, and the finetune-batch deployment.")
+    p = sub.add_parser("serve", help=HELP)
     p.add_argument("--port", type=int, default=4200, help="Server port on 127.0.0.1.")
     p.add_argument("--pool", default="gpu", help="Process work pool name.")
     p.add_argument("--deployment-name", default="gpu", help="Deployment name: runs are 'finetune-batch/<name>'.")
@@ -45,10 +49,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def sqlite_warning(backend: str, workers: int) -> str | None:
+    """The one warning for many workers on the embedded SQLite database, which locks under their writes."""
+    if backend != "sqlite" or workers <= SQLITE_MAX_WORKERS:
+        return None
+    return (f"warning: {workers} workers on SQLite: its writes lock ('database is locked') and batch runs get lost "
+            f"beyond {SQLITE_MAX_WORKERS} workers; use --backend postgres (docs/BENCHMARKS.md)")
+
+
 def run(args: argparse.Namespace) -> int:
     from weightzoo.deployments import deploy
 
     gpus = args.gpus or deploy.gpu_count()
+    warning = sqlite_warning(args.backend, gpus)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.print_only:
         print("\n".join(deploy.commands(args.port, args.pool, gpus, args.backend, args.heartbeat_s)))
         return 0

@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING
 
 from weightzoo.cli.commands.options import add_dataset
 
+HELP = "Show how much of a dataset is committed, failed and pending."
+
 if TYPE_CHECKING:  # storage imports pyarrow and torch: loaded only when the command runs
     from weightzoo.storage.ledger import CommitEntry, Ledger
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="Show how much of a dataset is committed, failed and pending.")
+    p = sub.add_parser("status", help=HELP)
     add_dataset(p)
     p.add_argument("--manifest", help="Manifest URI; with it, pending = manifest ids not yet committed.")
     p.add_argument("--json", action="store_true", help="Print JSON (integer counts, failure reasons).")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "Train a text-conditioned weight-diffusion model on a dataset's rows."
+
 FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps", "width", "depth", "heads", "condition", "stats",
           "holdout_ids", "holdout_fraction", "split_seed", "seed", "checkpoint_every", "device", "mixed_precision")
 
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.cli.commands.options import add_field, add_fields
     from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
 
-    p = sub.add_parser("train-diffusion", help="Train a text-conditioned weight-diffusion model on a dataset's rows.")
+    p = sub.add_parser("train-diffusion", help=HELP)
     for name in ("dataset", "base", "out"):
         add_field(p, WeightDiffusionConfig, name, required=True)
     add_fields(p, WeightDiffusionConfig, [f for f in FIELDS if f in WeightDiffusionConfig.model_fields])

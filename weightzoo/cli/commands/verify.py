@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from weightzoo.cli.commands.options import add_dataset
 from weightzoo.errors import WeightzooError
 
+HELP = "Check every committed shard and ledger file; --repair quarantines the bad ones."
+
 if TYPE_CHECKING:
     from weightzoo.storage.verify import VerifyReport
 
@@ -20,7 +22,7 @@ EXIT_PROBLEMS = 1  # verify ran and found bad shards or ledger files (2 is a usa
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "verify", help="Check every committed shard and ledger file; --repair quarantines the bad ones."
+        "verify", help=HELP
     )
     add_dataset(p)
     p.add_argument(
