@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from weightzoo.cli import main
 from weightzoo.cli.paths import absolute_paths
-from weightzoo.tasks.finetune.manifest import write_manifest
+from weightzoo.tasks.finetune.readers import write_manifest
 from weightzoo.tasks.finetune.synthetic import make_subjects
 
 

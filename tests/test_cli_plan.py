@@ -25,7 +25,7 @@ from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.finetune.export import PEFT_WEIGHT_NAME, WEIGHT_NAME
-from weightzoo.tasks.finetune.manifest import read_manifest
+from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
 LAYOUT = Layout(keys=("mid.attn.to_q.lora_A.weight", "mid.attn.to_q.lora_B.weight"), shapes=((2, 8), (8, 2)),

@@ -235,7 +235,7 @@ def check_inputs(manifest: str, base: str, dataset: str, engine: str | None) -> 
     from weightzoo.cli.paths import existing_file, folder_or_absent
     from weightzoo.errors import InputError
     from weightzoo.tasks.finetune import engines
-    from weightzoo.tasks.finetune.manifest import read_manifest
+    from weightzoo.tasks.finetune.readers import read_manifest
 
     existing_file(manifest, "--manifest")
     folder_or_absent(dataset, "--dataset")
