@@ -38,6 +38,18 @@ def _isolated_env(home: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture(autouse=True)
+def engine_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Engines a test registers (the null engine, a counting wrapper) stay in that test: names seen by the
+    next test are the built-in ones, whatever ran before."""
+    from weightzoo.tasks.finetune import engines
+
+    monkeypatch.setattr(engines, "_REGISTERED", dict(engines._REGISTERED))
+    engines.get.cache_clear()
+    yield
+    engines.get.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point Prefect at a private home for the session (other sessions share ~/.prefect's SQLite file)."""

@@ -167,7 +167,7 @@ def test_python_build_then_cli_build_with_config_resume_and_record(
                       f"[finetune]\n{''.join(f'{k} = {json.dumps(v)}' + chr(10) for k, v in TINY_FINETUNE.items())}")
     assert main(["build", "--config", str(config), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["summary"]["batches"] == {} and out["status"]["committed"] == 2
+    assert out["summary"]["batches"] == {} and out["summary"]["committed"] == 2
     records = sorted((dataset / BUILDS).iterdir())
     assert len(records) == 2
     assert [json.loads(r.read_text())["finetune"]["steps"] for r in records] == [TINY_FINETUNE["steps"]] * 2
