@@ -147,9 +147,8 @@ def bench_projection(sub, heldout_uri: str) -> dict[str, float]:
     z = torch.stack([(torch.from_numpy(ds.row(i)[1].astype(np.float32)) - sub.mean) / sub.std for i in ds.ids])
     out = {}
     for k in sorted({k for k in KS if k <= sub.k} | {sub.k}):
-        if k <= sub.k:
-            c = z @ sub.components[:k].T
-            out[f"captured@{k}"] = float((c.square().sum(1) / z.square().sum(1)).mean())
+        c = z @ sub.components[:k].T
+        out[f"captured@{k}"] = float((c.square().sum(1) / z.square().sum(1)).mean())
     return out
 
 
@@ -160,10 +159,10 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=None, help="held-out identities (default: identities / 16, at least 2)")
     p.add_argument("--images", type=int, default=4, help="training images per identity")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-steps", type=int, default=3000)
-    p.add_argument("--vae-steps", type=int, default=300)
-    p.add_argument("--pool", type=int, default=4096)
-    p.add_argument("--ft-steps", type=int, default=300)
+    p.add_argument("--base-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--pool", type=int, default=2048)
+    p.add_argument("--ft-steps", type=int, default=150)
     p.add_argument("--ft-lr", type=float, default=2e-3)
     p.add_argument("--components", type=int, default=128, help="k of the fitted subspace (capped at identities - 1)")
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")

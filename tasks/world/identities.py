@@ -34,7 +34,7 @@ GUIDANCE = 4.0
 def world_finetune_config(**overrides) -> FinetuneConfig:
     """DreamBooth-LoRA settings that teach a world identity in seconds on a CPU (w2w's rank 1, to_q/to_v);
     a higher learning rate and fewer steps than SD 1.5's 1e-4 x 800, for a base 1000x smaller."""
-    settings = {"steps": 300, "learning_rate": 2e-3, "num_class_images": 32, "class_inference_steps": SAMPLE_STEPS,
+    settings = {"steps": 150, "learning_rate": 2e-3, "num_class_images": 32, "class_inference_steps": SAMPLE_STEPS,
                 "class_guidance_scale": GUIDANCE} | overrides
     return FinetuneConfig(**settings)
 
