@@ -72,6 +72,13 @@ def test_world_base_is_a_diffusers_pipeline_that_loads_offline_and_is_cached(wor
     assert (world_base / INFO_FILE).stat().st_mtime_ns == before
 
 
+def test_world_base_is_reproducible_from_its_seed(world_base: Path, tmp_path: Path) -> None:
+    again = build_world_base(tmp_path, seed=0, steps=3, vae_steps=3, pool=64)
+    for part in ("unet", "vae", "text_encoder"):
+        (first,) = (world_base / part).glob("*.safetensors")
+        assert (again / part / first.name).read_bytes() == first.read_bytes()
+
+
 def test_world_manifest_validates_and_its_images_read_as_its_labels(tmp_path: Path) -> None:
     manifest = write_world_manifest(str(tmp_path), 6, images_per_identity=3, seed=2)
     rows = load_and_validate(manifest)
