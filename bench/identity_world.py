@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--pool", type=int, default=2048)
     p.add_argument("--ft-steps", type=int, default=150)
-    p.add_argument("--ft-lr", type=float, default=2e-3)
+    p.add_argument("--ft-lr", type=float, default=6e-3)
     p.add_argument("--components", type=int, default=128, help="k of the fitted subspace (capped at identities - 1)")
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")
