@@ -4,10 +4,10 @@ tiny base (``UNet2DConditionModel``, ``CLIPTextModel``, ``AutoencoderKL``, ``CLI
 
 Pretrained offline in two phases, each seeded:
 
-1. the VAE: one block, no downsampling (latents 4×32×32 for 32 px images), trained briefly to reconstruct
-   renders; with no spatial compression a few hundred steps suffice, and its latents stay near-pixel;
-2. the UNet and the text encoder together, on noise prediction over a pool of captioned renders whose
-   latents are encoded once. Captions drop attributes at random (and are sometimes empty), so vaguer
+1. the VAE: two narrow blocks, 2x downsampling (latents 4×16×16 for 32 px images), trained a few hundred
+   steps to reconstruct renders (flat colours compress easily; its ``scaling_factor`` is set to 1 / latent std);
+2. the UNet and the text encoder together, on v-prediction (at high noise epsilon is nearly the input,
+   leaving text little to explain) over a pool of captioned renders whose latents are encoded once. Captions drop attributes at random (and are sometimes empty), so vaguer
    prompts ("a photo of sks subject") mean "some subject" and classifier-free guidance works.
 
 The tokenizer is a CLIP BPE whose merges spell every world word as one token (other text falls back to
