@@ -1,0 +1,197 @@
+"""Identity world bench: do weights2weights' claims hold on LoRAs of a base that draws something you can read?
+
+Builds (or reuses, under --work) the world base (tasks/world/base.py), ``--identities`` training identities
+plus ``--heldout`` held-out ones as DreamBooth-LoRA rows (``run_batch``, the diffusers-lora engine), fits a
+subspace on the training rows, and measures with the pixel reader (tasks/world/render.py ``read``):
+
+- sample: share of models sampled from the subspace whose pictures hold a readable subject, and how far each
+  is from its nearest training row (weight space) against training rows' own nearest-neighbour distance;
+- edit: for each attribute, ``--edit-ids`` training identities moved towards another label along the w2w
+  direction found from the rows' labels (others projected out) by ``--strength`` std: share of pictures that
+  read the new label, and share of the other attributes kept; the same for a random unit direction;
+- invert: from one image of each held-out identity, the inverted model's reader agreement with its labels,
+  against the training identity whose first image is nearest in pixels, and against the mean model;
+- projection: share of each held-out row's standardised norm² the subspace captures at k = 8, 32, 128.
+
+Base, dataset and subspace live in folders named by their settings, so reruns reuse them.
+Run: ``.venv/bin/python bench/identity_world.py --identities 16`` (tiny) or the defaults (256 identities).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+
+from weightzoo.storage.dataset import Dataset
+from weightzoo.tasks.finetune.base_model import load_base
+from weightzoo.tasks.finetune.batch import plan_batches, run_batch
+from weightzoo.tasks.finetune.manifest import load_images, read_manifest
+from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.w2w import (
+    attribute_directions,
+    edit,
+    edit_direction,
+    invert,
+    sample,
+    subspace_hparams,
+)
+from weightzoo.tasks.world.base import build_world_base
+from weightzoo.tasks.world.identities import (
+    PROMPT,
+    generate,
+    lora_loaded,
+    world_finetune_config,
+    write_world_manifest,
+)
+from weightzoo.tasks.world.render import ATTRIBUTES, agreement, is_valid, read
+
+KS = (8, 32, 128)
+
+
+def build(args) -> tuple[Path, str, str, list]:
+    """Base, manifest, training and held-out datasets (kept and reused) and the manifest rows."""
+    base = build_world_base(Path(args.work) / "bases", args.seed, args.base_steps, args.vae_steps, args.pool)
+    cfg = world_finetune_config(steps=args.ft_steps, learning_rate=args.ft_lr, pack=8)
+    data = Path(args.work) / f"{base.name}-n{args.identities}-h{args.heldout}-img{args.images}-ft{args.ft_steps}-{args.ft_lr}"
+    manifest = data / "manifest.jsonl"
+    if not manifest.exists():
+        write_world_manifest(str(data), args.identities + args.heldout, args.images, args.seed)
+    rows = read_manifest(str(manifest))
+    t0 = time.perf_counter()
+    for name, part in (("train", rows[: args.identities]), ("heldout", rows[args.identities :])):
+        for plan in plan_batches([r.id for r in part], 32):
+            run_batch(plan.batch_id, plan.ids, str(manifest), str(base), str(data / name), cfg,
+                      cache_dir=str(data / "cache"))
+    print(f"datasets: {time.perf_counter() - t0:.0f} s", flush=True)
+    return base, str(data / "train"), str(data / "heldout"), rows
+
+
+def reads(pipe, weights, layout, hparams, n: int, seed: int) -> list[dict[str, str]]:
+    """The reader's labels of ``n`` pictures of the identity prompt from one model (``None``: the base)."""
+    with lora_loaded(pipe, weights, layout, hparams):
+        return [read(im) for im in generate(pipe, PROMPT, n, seed)]
+
+
+def bench_sample(sub, pipe, hparams, args) -> dict[str, float]:
+    ws, _ = sample(sub, args.samples, seed=args.seed)
+    ds = Dataset(sub.dataset)
+    train = torch.from_numpy(np.stack([ds.row(i)[1] for i in ds.ids]).astype(np.float32))
+    valid = []
+    for w in ws:
+        with lora_loaded(pipe, w, sub.layout, hparams):
+            valid += [is_valid(im) for im in generate(pipe, PROMPT, args.pictures, args.seed)]
+    d_train = torch.cdist(train, train).fill_diagonal_(float("inf")).min(1).values
+    d_sample = torch.cdist(ws, train).min(1).values
+    return {"valid": float(np.mean(valid)), "nn_dist_sample": float(d_sample.median()),
+            "nn_dist_train": float(d_train.median())}
+
+
+def _direction(sub, attr: str, current: str) -> tuple[str, torch.Tensor]:
+    """The next label after ``current`` that the rows carry, and w2w's direction to it with the other
+    attributes projected out (not projected when the subspace is too small to keep it: tiny runs)."""
+    present = sorted(attribute_directions(sub, attr))
+    values = [v for v in ATTRIBUTES[attr] if v in present]
+    target = values[(values.index(current) + 1) % len(values)]
+    try:
+        return target, edit_direction(sub, attr, target, disentangle=[a for a in ATTRIBUTES if a != attr])
+    except ValueError:
+        return target, edit_direction(sub, attr, target)
+
+
+def bench_edit(sub, pipe, hparams, args) -> dict[str, float]:
+    ds = Dataset(sub.dataset)
+    ids = ds.ids[: args.edit_ids]
+    g = torch.Generator().manual_seed(args.seed)
+    out: dict[str, list[float]] = {"unedited": [], "w2w_acc": [], "w2w_keep": [], "random_acc": [], "random_keep": []}
+    for item in ids:  # the ceiling: how well the identities' own models draw their labels
+        meta, w = ds.row(item)
+        out["unedited"] += [agreement(g_, dict(meta["attributes"]))
+                            for g_ in reads(pipe, w, sub.layout, hparams, args.pictures, args.seed)]
+    for attr in ATTRIBUTES:
+        for item in ids:
+            meta, w = ds.row(item)
+            labels = dict(meta["attributes"])
+            target, d = _direction(sub, attr, labels[attr])
+            r = torch.randn(sub.k, generator=g)
+            for name, direction in (("w2w", d), ("random", r / r.norm())):
+                got = reads(pipe, edit(sub, w, direction, args.strength), sub.layout, hparams, args.pictures, args.seed)
+                out[f"{name}_acc"] += [g_[attr] == target for g_ in got]
+                out[f"{name}_keep"] += [agreement(g_, {a: v for a, v in labels.items() if a != attr}) for g_ in got]
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def bench_invert(sub, pipe, hparams, args, heldout: list, manifest_dir: str) -> dict[str, float]:
+    ds = Dataset(sub.dataset)
+    train_ids = ds.ids
+    rows = {r.id: r for r in read_manifest(str(Path(manifest_dir) / "manifest.jsonl"))}
+    firsts = np.stack([np.asarray(load_images(rows[i], manifest_dir)[0], np.float32) for i in train_ids])
+    out: dict[str, list[float]] = {"inverted": [], "nearest": [], "mean": []}
+    for row in heldout:
+        image = load_images(row, manifest_dir)[0]
+        inv = invert(sub, pipe, image, PROMPT, steps=args.invert_steps, seed=args.seed, hparams=hparams)
+        near = train_ids[int(((firsts - np.asarray(image, np.float32)) ** 2).sum((1, 2, 3)).argmin())]
+        labels = dict(row.attributes)
+        for name, w in (("inverted", inv.weights), ("nearest", ds.row(near)[1]), ("mean", sub.mean)):
+            out[name] += [agreement(g_, labels) for g_ in reads(pipe, w, sub.layout, hparams, args.pictures, args.seed)]
+    return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def bench_projection(sub, heldout_uri: str) -> dict[str, float]:
+    ds = Dataset(heldout_uri)
+    z = torch.stack([(torch.from_numpy(ds.row(i)[1].astype(np.float32)) - sub.mean) / sub.std for i in ds.ids])
+    out = {}
+    for k in sorted({k for k in KS if k <= sub.k} | {sub.k}):
+        c = z @ sub.components[:k].T
+        out[f"captured@{k}"] = float((c.square().sum(1) / z.square().sum(1)).mean())
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", default="work/identity_world")
+    p.add_argument("--identities", type=int, default=256)
+    p.add_argument("--heldout", type=int, default=None, help="held-out identities (default: identities / 16, at least 2)")
+    p.add_argument("--images", type=int, default=4, help="training images per identity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=400)
+    p.add_argument("--pool", type=int, default=2048)
+    p.add_argument("--ft-steps", type=int, default=150)
+    p.add_argument("--ft-lr", type=float, default=6e-3)
+    p.add_argument("--components", type=int, default=128, help="k of the fitted subspace (capped at identities - 1)")
+    p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
+    p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")
+    p.add_argument("--edit-ids", type=int, default=8, help="training identities edited per attribute")
+    p.add_argument("--strength", type=float, default=3.0, help="edit strength in dataset std along the direction")
+    p.add_argument("--invert-steps", type=int, default=100)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    args.heldout = args.heldout or max(2, args.identities // 16)
+    torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" line per loaded model otherwise
+    random.seed(args.seed)
+    t0 = time.perf_counter()
+    base, train_uri, heldout_uri, rows = build(args)
+    k = min(args.components, args.identities - 1)
+    sub_uri = f"{train_uri}-subspace-k{k}"
+    if not Path(sub_uri, "card.json").exists():
+        fit_subspace(train_uri, sub_uri, SubspaceConfig(components=k, device="cpu"))
+    sub, pipe = load_subspace(sub_uri), load_base(str(base))
+    hparams = subspace_hparams(sub)
+    table = {"sample": bench_sample(sub, pipe, hparams, args), "edit": bench_edit(sub, pipe, hparams, args),
+             "invert": bench_invert(sub, pipe, hparams, args, rows[args.identities :], str(Path(train_uri).parent)),
+             "projection": bench_projection(sub, heldout_uri)}
+    print(f"\nidentity world: {args.identities} identities, {args.heldout} held out, k={k}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    for claim, figures in table.items():
+        print(f"{claim:11s} " + "  ".join(f"{name}={value:.3f}" for name, value in figures.items()))
+
+
+if __name__ == "__main__":
+    main()

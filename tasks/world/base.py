@@ -1,0 +1,212 @@
+"""A tiny text-to-image base that draws the world (``render.py``): the same diffusers classes as the random
+tiny base (``UNet2DConditionModel``, ``CLIPTextModel``, ``AutoencoderKL``, ``CLIPTokenizer``, saved as a
+``StableDiffusionPipeline``), so LoRA training, export, ``load_lora_weights`` and sampling stay the real code.
+
+Pretrained offline in two phases, each seeded:
+
+1. the VAE: two narrow blocks, 2x downsampling (latents 4×16×16 for 32 px images), trained a few hundred
+   steps to reconstruct renders (flat colours compress easily; its ``scaling_factor`` is set to 1 / latent std);
+2. the UNet and the text encoder together, on v-prediction (at high noise epsilon is nearly the input,
+   leaving text little to explain) over a pool of captioned renders whose latents are encoded once. Captions drop attributes at random (and are sometimes empty), so vaguer
+   prompts ("a photo of sks subject") mean "some subject" and classifier-free guidance works.
+
+The tokenizer is a CLIP BPE whose merges spell every world word as one token (other text falls back to
+bytes, so a rare token like "sks" stays rare). ``build_world_base`` caches the result in a folder named by
+its settings, and records the settings, losses and seconds in ``world_base.json`` beside the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from weightzoo.tasks.finetune.base_model import TINY_TEXT, _bytes_to_unicode
+from weightzoo.tasks.progress import report
+from weightzoo.tasks.seeds import stable_seed
+from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, jitter, random_subject, render
+
+INFO_FILE = "world_base.json"
+WORDS = ("a", "photo", "of", "subject", "on", *(v for vs in ATTRIBUTES.values() for v in vs))
+
+WORLD_UNET: dict = {
+    "sample_size": WORLD_RESOLUTION // 2, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D",) * 2,
+    "up_block_types": ("CrossAttnUpBlock2D",) * 2, "cross_attention_dim": 32, "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+# Two narrow blocks (vae_scale_factor 2, latents 4x16x16 for 32 px) and no mid-block attention: flat shapes
+# need neither width nor global context, and attention over every pixel would dominate its cost.
+WORLD_VAE: dict = {
+    "in_channels": 3, "out_channels": 3, "block_out_channels": (16, 32), "latent_channels": 4, "layers_per_block": 1,
+    "down_block_types": ("DownEncoderBlock2D",) * 2, "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "norm_num_groups": 8, "sample_size": WORLD_RESOLUTION, "mid_block_add_attention": False,
+}
+
+
+def write_world_tokenizer(folder: Path) -> CLIPTokenizer:
+    """CLIP's byte-level BPE whose merges join each world word into one token.
+
+    A merge for every split of every substring of every word: whichever merge BPE applies first, the
+    pieces stay substrings of the word and the next merge exists, so each word ends as one token.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    for word in WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        for length in range(2, len(symbols) + 1):
+            for i in range(len(symbols) - length + 1):
+                piece = symbols[i : i + length]
+                merges += [f"{''.join(piece[:s])} {''.join(piece[s:])}" for s in range(1, length)]
+                tokens.append("".join(piece))
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _modules(seed: int) -> StableDiffusionPipeline:
+    """The untrained pipeline (seeded initialisation)."""
+    torch.manual_seed(stable_seed(seed, "world-init"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = write_world_tokenizer(Path(tmp))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
+        prediction_type="v_prediction",  # at high noise epsilon is ~ the input: v keeps a signal to learn text from
+    )
+    return StableDiffusionPipeline(vae=AutoencoderKL(**WORLD_VAE), text_encoder=text, tokenizer=tokenizer,
+                                   unet=UNet2DConditionModel(**WORLD_UNET), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _pool(n: int, seed: int) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    """``n`` renders of random subjects in [-1, 1], (n, 3, R, R), and their labels."""
+    rng = random.Random(f"world-pool:{seed}")
+    subs = [random_subject(rng) for _ in range(n)]
+    ims = [np.asarray(render(s, shift=jitter(rng)), np.float32) for s in subs]
+    x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return x.contiguous(), [s.labels for s in subs]
+
+
+def pretrain_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, seed: int, batch: int = 16) -> list[float]:
+    """Reconstruction (MSE on the posterior mean) plus a small KL; sets ``scaling_factor`` to 1 / latent std."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=5e-3, weight_decay=0.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    g = torch.Generator().manual_seed(stable_seed(seed, "world-vae"))
+    losses = []
+    vae.train()
+    for _ in range(steps):
+        x = images[torch.randint(0, len(images), (batch,), generator=g)]
+        post = vae.encode(x).latent_dist
+        loss = F.mse_loss(vae.decode(post.mean).sample, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        cosine.step()
+        losses.append(float(loss.detach()))
+    vae.eval()
+    with torch.no_grad():
+        std = float(vae.encode(images[:256]).latent_dist.mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return losses
+
+
+@torch.no_grad()
+def _latents(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([vae.encode(images[i : i + 64]).latent_dist.mean for i in range(0, len(images), 64)]) \
+        * vae.config.scaling_factor
+
+
+def _captions(labels: list[dict[str, str]], rng: random.Random) -> list[str]:
+    """Each caption keeps each attribute with probability 0.9; one in ten is empty (for guidance)."""
+    out = []
+    for lab in labels:
+        keep = {a for a in ATTRIBUTES if rng.random() < 0.9}
+        out.append("" if rng.random() < 0.1 else caption(lab, keep))
+    return out
+
+
+def pretrain_unet(pipe: StableDiffusionPipeline, images: torch.Tensor, labels: list[dict[str, str]], steps: int,
+                  seed: int, batch: int = 16, lr: float = 2e-3) -> list[float]:
+    """Noise prediction over the pool (UNet and text encoder trained together), one-cycle learning rate."""
+    latents = _latents(pipe.vae, images)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    cycle = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.05)
+    g = torch.Generator().manual_seed(stable_seed(seed, "world-unet"))
+    rng = random.Random(f"world-captions:{seed}")
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        tok = pipe.tokenizer(_captions([labels[i] for i in idx], rng), padding="max_length", max_length=77,
+                             truncation=True, return_tensors="pt")
+        noise = torch.randn(latents[idx].shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=g)
+        cond = pipe.text_encoder(tok.input_ids)[0]
+        pred = pipe.unet(sched.add_noise(latents[idx], noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, sched.get_velocity(latents[idx], noise, t))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        cycle.step()
+        losses.append(float(loss.detach()))
+        if len(losses) % 50 == 0:
+            report(len(losses), steps, losses[-1])
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return losses
+
+
+def world_base_dir(out_dir: str | os.PathLike, seed: int, steps: int, vae_steps: int, pool: int) -> Path:
+    """Where ``build_world_base`` keeps the base made with these settings."""
+    return Path(out_dir) / f"world-base-seed{seed}-steps{steps}-vae{vae_steps}-pool{pool}"
+
+
+def build_world_base(out_dir: str | os.PathLike, seed: int = 0, steps: int = 1200, vae_steps: int = 400,
+                     pool: int = 2048) -> Path:
+    """Pretrain the world base (VAE ``vae_steps``, UNet + text ``steps``, on ``pool`` renders) and save it as
+    a diffusers pipeline under ``out_dir``, in a folder named by the settings; kept if already there.
+
+    Deterministic in ``seed`` on one machine and thread count (torch's CPU kernels are). Returns the folder.
+    """
+    dest = world_base_dir(out_dir, seed, steps, vae_steps, pool)
+    if (dest / INFO_FILE).exists():
+        return dest
+    t0 = time.perf_counter()
+    pipe = _modules(seed)
+    images, labels = _pool(pool, seed)
+    vae_losses = pretrain_vae(pipe.vae, images, vae_steps, seed)
+    t1 = time.perf_counter()
+    losses = pretrain_unet(pipe, images, labels, steps, seed)
+    info = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "pool": pool, "threads": torch.get_num_threads(),
+            "vae_final_mse": float(np.mean(vae_losses[-20:])) if vae_losses else None,
+            "final_loss": float(np.mean(losses[-50:])) if losses else None,
+            "vae_seconds": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t0, 1)}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".building-"))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+    os.replace(tmp, dest)
+    return dest

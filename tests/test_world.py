@@ -1,0 +1,105 @@
+"""The world: the reader reads every render exactly, the world base is a real diffusers pipeline that
+loads offline, its manifests validate, and a LoRA trained on a world identity previews through diffusers."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from weightzoo.tasks.finetune.engine import finetune_batch
+from weightzoo.tasks.finetune.manifest import load_and_validate, load_images
+from weightzoo.tasks.world.base import INFO_FILE, build_world_base
+from weightzoo.tasks.world.identities import PROMPT, preview_grid, world_finetune_config, write_world_manifest
+from weightzoo.tasks.world.render import (
+    ATTRIBUTES,
+    WORLD_RESOLUTION,
+    caption,
+    is_valid,
+    jitter,
+    nominal,
+    random_subject,
+    read,
+    render,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("size", [WORLD_RESOLUTION, 64])
+def test_reader_reads_every_render_exactly(size: int) -> None:
+    rng = random.Random(1)
+    subjects = [random_subject(rng) for _ in range(500)]
+    misread = [(s.labels, got) for s in subjects if (got := read(render(s, size, jitter(rng)))) != s.labels]
+    assert misread == []
+    assert all(is_valid(render(s, size)) for s in subjects)
+
+
+def test_every_label_combination_round_trips_and_blank_pictures_are_invalid() -> None:
+    import itertools
+
+    combos = [dict(zip(ATTRIBUTES, values, strict=True)) for values in itertools.product(*ATTRIBUTES.values())]
+    assert len(combos) == 144
+    assert [c for c in combos if read(render(nominal(c))) != c] == []
+    blank = Image.new("RGB", (WORLD_RESOLUTION,) * 2, (240, 240, 240))
+    assert not is_valid(blank) and read(blank)["shape"] == "none"
+    assert caption(combos[1]) == "a photo of a small red circle on black"
+    assert caption(combos[1], keep={"colour"}) == "a photo of a red subject"
+
+
+@pytest.fixture(scope="module")
+def world_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_world_base(tmp_path_factory.mktemp("world"), seed=0, steps=3, vae_steps=3, pool=64)
+
+
+def test_world_base_is_a_diffusers_pipeline_that_loads_offline_and_is_cached(world_base: Path) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(world_base, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel) and isinstance(pipe.tokenizer, CLIPTokenizer)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == WORLD_RESOLUTION
+    assert pipe.tokenizer.tokenize("a red striped circle") == ["a</w>", "red</w>", "striped</w>", "circle</w>"]
+    assert len(pipe.tokenizer.tokenize("sks")) == 3  # the rare token stays bytes
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a photo of a red circle on white", num_inference_steps=2, height=32, width=32).images[0]
+    assert image.size == (WORLD_RESOLUTION, WORLD_RESOLUTION)
+    before = (world_base / INFO_FILE).stat().st_mtime_ns
+    assert build_world_base(world_base.parent, seed=0, steps=3, vae_steps=3, pool=64) == world_base
+    assert (world_base / INFO_FILE).stat().st_mtime_ns == before
+
+
+def test_world_base_is_reproducible_from_its_seed(world_base: Path, tmp_path: Path) -> None:
+    again = build_world_base(tmp_path, seed=0, steps=3, vae_steps=3, pool=64)
+    for part in ("unet", "vae", "text_encoder"):
+        (first,) = (world_base / part).glob("*.safetensors")
+        assert (again / part / first.name).read_bytes() == first.read_bytes()
+
+
+def test_world_manifest_validates_and_its_images_read_as_its_labels(tmp_path: Path) -> None:
+    manifest = write_world_manifest(str(tmp_path), 6, images_per_identity=3, seed=2)
+    rows = load_and_validate(manifest)
+    assert len(rows) == 6 and len({r.id for r in rows}) == 6
+    for row in rows:
+        assert row.prompt == PROMPT and set(row.attributes) == set(ATTRIBUTES)
+        assert all(read(im) == row.attributes for im in load_images(row, str(tmp_path)))
+
+
+def test_a_world_lora_trains_and_previews_through_diffusers(world_base: Path, tmp_path: Path) -> None:
+    from weightzoo.tasks.finetune.base_model import load_base
+
+    pipe = load_base(str(world_base))
+    rows = load_and_validate(write_world_manifest(str(tmp_path), 1, images_per_identity=2))
+    config = world_finetune_config(steps=2, num_class_images=2, class_inference_steps=2, pack=1)
+    result = finetune_batch(pipe, rows, config, base_uri=str(tmp_path))
+    (item,) = result.results
+    assert item.ok
+    scores = preview_grid(pipe, rows[0], item.weights, result.layout, result.hparams,
+                          load_images(rows[0], str(tmp_path)), str(tmp_path / "grid.png"), n=2)
+    assert set(scores) == {"without", "with"} and all(0.0 <= s <= 1.0 for s in scores.values())
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.width >= 2 * 96 and grid.height > 3 * 96
+    assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # the LoRA was unloaded
