@@ -31,7 +31,8 @@ from diffusers.utils import logging as diffusers_logging
 from weightzoo.storage.dataset import Dataset
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.batch import plan_batches, run_batch
-from weightzoo.tasks.finetune.manifest import load_images, read_manifest
+from weightzoo.tasks.finetune.images import load_images
+from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     attribute_directions,

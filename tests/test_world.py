@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from weightzoo.tasks.finetune.engine import finetune_batch
-from weightzoo.tasks.finetune.manifest import load_and_validate, load_images
+from weightzoo.tasks.finetune.images import load_images
+from weightzoo.tasks.finetune.manifest import load_and_validate
 from weightzoo.tasks.world.base import INFO_FILE, build_world_base
 from weightzoo.tasks.world.identities import PROMPT, preview_grid, world_finetune_config, write_world_manifest
 from weightzoo.tasks.world.render import (
