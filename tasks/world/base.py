@@ -36,7 +36,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from weightzoo.tasks.finetune.base_model import TINY_TEXT, _bytes_to_unicode
+from weightzoo.tasks.finetune.base_model import TINY_TEXT, TINY_UNET, _bytes_to_unicode
 from weightzoo.tasks.progress import report
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, jitter, random_subject, render
@@ -44,12 +44,7 @@ from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, 
 INFO_FILE = "world_base.json"
 WORDS = ("a", "photo", "of", "subject", "on", *(v for vs in ATTRIBUTES.values() for v in vs))
 
-WORLD_UNET: dict = {
-    "sample_size": WORLD_RESOLUTION // 2, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-    "block_out_channels": (32, 64), "down_block_types": ("CrossAttnDownBlock2D",) * 2,
-    "up_block_types": ("CrossAttnUpBlock2D",) * 2, "cross_attention_dim": 32, "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
+WORLD_UNET: dict = {**TINY_UNET, "sample_size": WORLD_RESOLUTION // 2}  # the tiny UNet, at the world's size
 # Two narrow blocks (vae_scale_factor 2, latents 4x16x16 for 32 px) and no mid-block attention: flat shapes
 # need neither width nor global context, and attention over every pixel would dominate its cost.
 WORLD_VAE: dict = {
