@@ -315,7 +315,7 @@ def test_real_rows_edit_sample_invert(real_subspace: tuple[Subspace, list, str],
     assert np.isfinite(with_lora).all() and np.abs(with_lora - plain).max() > 1e-4
     # invert: one training image of a subject, the loss on it drops from the mean model's
     image = load_images(subjects[1], root)[0]
-    inv = invert(sub, tiny_pipe, image, "sks person", steps=12, lr=0.1, batch=4, seed=0, eval_samples=8)
+    inv = invert(sub, tiny_pipe, image, "sks person", steps=40, lr=0.1, batch=8, seed=0, eval_samples=32)
     assert inv.final_loss < inv.initial_loss
 
 
