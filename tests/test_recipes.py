@@ -27,7 +27,8 @@ from weightzoo.tasks.finetune.perfusion_loader import load_perfusion, unload_per
 from weightzoo.tasks.finetune.recipes.celeb_basis import KEY
 from weightzoo.tasks.finetune.recipes.perfusion import EMBEDDING, VALUE
 from weightzoo.tasks.finetune.synthetic import make_subjects, write_demo_manifest
-from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.config import SubspaceConfig
+from weightzoo.tasks.subspace.pca import fit_subspace, load_subspace
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # the interference measure is bench code
 from interference import apply_lora, mean_kept, train_and_merge  # noqa: E402
