@@ -50,6 +50,16 @@ def _count(ds: Dataset, expected: int) -> None:
 # -- registry ----------------------------------------------------------------------------------------------
 
 
+def test_every_recipe_module_is_in_the_torch_free_name_registry() -> None:
+    import importlib
+    import pkgutil
+
+    defined = {r.name: m.name for m in pkgutil.iter_modules(recipes.__path__)
+               for r in getattr(importlib.import_module(f"{recipes.__name__}.{m.name}"), "RECIPES", ())}
+    assert defined == {name: entry.module for name, entry in recipes.NAMES.items()}
+    assert all(recipes.get(n).name == n for n in recipes.names())
+
+
 def test_method_is_a_literal_of_registered_recipes_and_old_configs_keep_their_dump() -> None:
     assert {"lora", "orthogonal", "celeb_basis", "perfusion"} <= set(recipes.names())
     assert FinetuneConfig.model_fields["method"].annotation.__args__ == recipes.names()
