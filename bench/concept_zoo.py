@@ -30,14 +30,12 @@ import torch.nn.functional as F
 from weightzoo.storage.dataset import Dataset
 from weightzoo.tasks.concepts.base import build_base, load_base, make_base
 from weightzoo.tasks.concepts.condition import StructuredCondition
-from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, train_concepts
+from weightzoo.tasks.concepts.config import EditFinetuneConfig
+from weightzoo.tasks.concepts.engine import edit_layout, train_concepts
 from weightzoo.tasks.concepts.pairs import concept_pairs, psnr
 from weightzoo.tasks.concepts.zoo import concept_rows, heldout_rows, write_concept_manifest
-from weightzoo.tasks.diffusion.generator import (
-    WeightDiffusionConfig,
-    WeightDiffusionModel,
-    train_weight_diffusion,
-)
+from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
+from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
 from weightzoo.tasks.finetune.batch import plan_batches, run_batch
 from weightzoo.tasks.finetune.readers import read_manifest
 

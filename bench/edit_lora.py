@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from weightzoo.tasks.concepts import lora
 from weightzoo.tasks.concepts.base import build_base, load_base
+from weightzoo.tasks.concepts.config import EditFinetuneConfig
 from weightzoo.tasks.concepts.edits import FAMILIES
-from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, train_concepts
+from weightzoo.tasks.concepts.engine import edit_layout, train_concepts
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.concepts.spec import EditSpec
 from weightzoo.tasks.concepts.zoo import heldout_rows

@@ -173,8 +173,10 @@ def recipe_rows(sizes: Sizes, base: str, rows: list, root: str, cache: str) -> l
 
 def subspace_rows(sizes: Sizes, base: str, work: Path) -> list[tuple[str, str, str, str]]:
     """The PCA fit, then weight-diffusion training, on synthetic rows of the stated width."""
-    from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig, train_weight_diffusion
-    from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace
+    from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
+    from weightzoo.tasks.diffusion.generator import train_weight_diffusion
+    from weightzoo.tasks.subspace.config import SubspaceConfig
+    from weightzoo.tasks.subspace.pca import fit_subspace
 
     uri = str(work / "rows")
     start = time.perf_counter()

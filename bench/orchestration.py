@@ -210,7 +210,7 @@ def main() -> int:
     if args.executor == "local" or args.backend:  # a private home: ~/.prefect's SQLite file may be busy
         os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="wz-bench-prefect-")
     from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
-    from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE
+    from weightzoo.tasks.finetune.config import DEFAULT_BATCH_SIZE
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE

@@ -74,7 +74,8 @@ def run_method(method: str, uri: str, k: int, opts: dict, out: str) -> dict:
     t0 = time.perf_counter()
     load = 0.0
     if method == "weightzoo":
-        from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
+        from weightzoo.tasks.subspace.config import SubspaceConfig
+        from weightzoo.tasks.subspace.pca import fit_subspace, load_subspace
 
         fit_subspace(uri, out + "-sub", SubspaceConfig(components=k, block_size=opts["block_size"],
                                                         power_iters=opts["power_iters"], device="cpu"))

@@ -221,11 +221,8 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.diffusion.generator import (
-        WeightDiffusionConfig,
-        WeightDiffusionModel,
-        train_weight_diffusion,
-    )
+    from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
+    from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
     from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
     from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.synthetic import make_subjects

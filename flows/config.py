@@ -5,6 +5,9 @@ defined here (``BuildConfig``, ``BatchConfig``, ``FitSubspaceConfig``, ``Pipelin
 algorithm saves its own config beside its output, imported here from it (``WeightDiffusionConfig``).
 ``batch_size`` means one thing: manifest items per batch (one child run, one shard).
 
+Free of torch and Prefect (the models come from the tasks' torch-free ``config`` modules): the CLI
+builds its flags from these models, and ``--help`` answers without loading either.
+
 Frozen and JSON-serialisable, so the same config runs in-process or is sent to a GPU worker by
 ``run_deployment``. URIs only: credentials come from the worker's environment (AWS_* variables),
 never from parameters, which Prefect stores and shows.
@@ -16,12 +19,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from weightzoo.tasks.concepts.engine import EditFinetuneConfig
-from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
+from weightzoo.tasks.concepts.config import EditFinetuneConfig
+from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.batch import DEFAULT_BATCH_SIZE, LEASE_TTL_S
-from weightzoo.tasks.finetune.config import FinetuneConfig
-from weightzoo.tasks.subspace.pca import SubspaceConfig
+from weightzoo.tasks.finetune.config import DEFAULT_BATCH_SIZE, LEASE_TTL_S, FinetuneConfig
+from weightzoo.tasks.subspace.config import SubspaceConfig
 
 # The fine-tune settings of any built-in engine, told apart by their ``method`` (the UI renders one form each).
 AnyFinetuneConfig = Annotated[FinetuneConfig | EditFinetuneConfig, Field(discriminator="method")]

@@ -1,10 +1,12 @@
 """Screenshots of the Prefect UI for docs/: a small build on a real local server, then headless Chromium.
 
-    .venv/bin/python scripts/screenshot_ui.py [--out docs] [--subjects 4]
+    .venv/bin/python scripts/screenshot_ui.py [--out docs] [--subjects 4] [--only-failed]
 
 Starts ``prefect server start`` on a free loopback port (private PREFECT_HOME), builds a tiny dataset
 with the local executor (one image corrupted after validation, so a failure shows in the tables),
-and saves the parent run's and one batch run's artifact tabs as PNGs. Needs ``chromium`` on PATH
+and saves the parent run's and one batch run's artifact tabs as PNGs; then a build whose every row
+diverges (an absurd learning rate), whose parent run ends Failed with its counts and first reasons
+(ui-failed-build.png; ``--only-failed`` makes that one alone). Needs ``chromium`` on PATH
 (``apt-get install -y chromium``); nothing is downloaded.
 """
 
@@ -76,6 +78,24 @@ def build_demo(work: Path, subjects: int) -> str:
         return str(client.read_flow_run(state.state_details.flow_run_id).id)
 
 
+def build_failed(work: Path, subjects: int) -> str:
+    """A build none of whose rows commit (every loss diverges): its parent run ends Failed; returns its id."""
+    from weightzoo.flows.build_dataset import build_dataset
+    from weightzoo.flows.config import BuildConfig
+    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+
+    base = work / "base" if (work / "base").exists() else save_tiny_pipeline(work / "base")
+    manifest = write_demo_manifest(str(work / "m-failed"), subjects)
+    ft = FinetuneConfig(steps=4, learning_rate=1e30, num_class_images=1, class_inference_steps=1, pack=2, check_every=1)
+    req = BuildConfig(manifest=manifest, base=str(base), dataset=str(work / "ds-failed"), batch_size=2, finetune=ft)
+    state = build_dataset(req, return_state=True)
+    assert state.is_failed(), state
+    print(f"failed build: {state.message}")
+    return str(state.state_details.flow_run_id)
+
+
 def latest_artifact_ids() -> dict[str, str]:
     """Artifact key -> id of its newest version."""
     from prefect.client.orchestration import get_client
@@ -88,6 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs", help="Folder for the PNGs (default docs).")
     ap.add_argument("--subjects", type=int, default=4)
+    ap.add_argument("--only-failed", action="store_true", help="Only the failed build's screenshot.")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="wz-ui-"))
     port = free_port()
@@ -95,14 +116,17 @@ def main() -> int:
     try:
         os.environ.update({"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_HOME": str(work / "client-home"),
                            "HF_HUB_OFFLINE": "1"})
-        parent = build_demo(work, args.subjects)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         ui = f"http://127.0.0.1:{port}"
-        screenshot(f"{ui}/runs/flow-run/{parent}", out / "ui-flow-run.png")  # batch runs + artifacts on the timeline
-        latest = latest_artifact_ids()  # an artifact's own page renders its table or markdown
-        screenshot(f"{ui}/artifacts/artifact/{latest['build-summary']}", out / "ui-build-summary.png")
-        screenshot(f"{ui}/artifacts/artifact/{latest['batch-b-demo']}", out / "ui-batch-table.png")  # the failed item
+        if not args.only_failed:
+            parent = build_demo(work, args.subjects)
+            screenshot(f"{ui}/runs/flow-run/{parent}", out / "ui-flow-run.png")  # batch runs + artifacts on the timeline
+            latest = latest_artifact_ids()  # an artifact's own page renders its table or markdown
+            screenshot(f"{ui}/artifacts/artifact/{latest['build-summary']}", out / "ui-build-summary.png")
+            screenshot(f"{ui}/artifacts/artifact/{latest['batch-b-demo']}", out / "ui-batch-table.png")  # the failed item
+        failed = build_failed(work, args.subjects)
+        screenshot(f"{ui}/runs/flow-run/{failed}", out / "ui-failed-build.png")  # Failed state, its message
     finally:
         server.terminate()
         server.wait(timeout=60)

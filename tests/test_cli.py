@@ -105,8 +105,6 @@ except SystemExit as e:
 heavy = sorted(m for m in ("torch", "diffusers", "prefect", "transformers") if m in sys.modules)
 print("PROBE", code, ",".join(heavy) or "-", file=sys.stderr)
 """
-# Their flags come from pydantic models whose modules import torch (issue #22: the models' modules are the fix).
-MODEL_FLAG_COMMANDS = {"build", "demo", "fit-subspace", "train-diffusion"}
 
 
 def probe(*argv: str, cwd: Path | None = None) -> tuple[int, str, str, str]:
@@ -130,10 +128,17 @@ def test_help_version_and_typos_import_no_torch_diffusers_or_prefect(tmp_path: P
     code, heavy, _, err = probe("build", "--manifest", "m.jsonl", "--base", "b", "--dataset", "d", cwd=tmp_path)
     assert (code, heavy, err) == (2, "-", f"weightzoo build: error: --manifest: no such file {tmp_path / 'm.jsonl'}")
     assert list(tmp_path.iterdir()) == []
-    for command in sorted(set(COMMANDS) - MODEL_FLAG_COMMANDS):
+    for command in COMMANDS:
         code, heavy, out, _ = probe(command, "--help")
         assert (code, heavy) == (0, "-"), command
         assert out.startswith(f"usage: weightzoo {command}"), command
+    # Flags made from the engines' and flows' config models: their help and typos import no torch either.
+    code, heavy, out, _ = probe("build", "--engine", "edit-lora", "--help")
+    assert (code, heavy) == (0, "-") and "--method {edit-lora}" in out
+    for command, typo, meant in [("build", "--batch-sise", "--batch-size"), ("fit-subspace", "--componets", "--components"),
+                                 ("train-diffusion", "--checkpoint-evry", "--checkpoint-every"), ("demo", "--subjets", "--subjects")]:
+        code, heavy, _, err = probe(command, typo, "3")
+        assert (code, heavy) == (2, "-") and err.endswith(f"; did you mean {meant}?"), (command, err)
 
 
 def test_every_command_has_one_clean_sentence_and_a_description() -> None:

@@ -17,8 +17,9 @@ from weightzoo.errors import InputError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.tasks.concepts.base import SkipUNetConfig, base_fingerprint, load_base, make_base
 from weightzoo.tasks.concepts.condition import StructuredCondition
+from weightzoo.tasks.concepts.config import EditFinetuneConfig
 from weightzoo.tasks.concepts.edits import FAMILIES
-from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, train_concepts
+from weightzoo.tasks.concepts.engine import edit_layout, train_concepts
 from weightzoo.tasks.concepts.finetune import edit_finetune_batch
 from weightzoo.tasks.concepts.loading import load_peft_adapter, merged
 from weightzoo.tasks.concepts.pairs import concept_pairs, psnr
@@ -26,11 +27,8 @@ from weightzoo.tasks.concepts.rows import EditRowRules
 from weightzoo.tasks.concepts.sources import source_images
 from weightzoo.tasks.concepts.spec import EditSpec
 from weightzoo.tasks.concepts.zoo import concept_rows, heldout_rows, write_concept_manifest, write_pairs
-from weightzoo.tasks.diffusion.generator import (
-    WeightDiffusionConfig,
-    WeightDiffusionModel,
-    train_weight_diffusion,
-)
+from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
+from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
 from weightzoo.tasks.finetune.batch import run_batch
 from weightzoo.tasks.finetune.export import export
 from weightzoo.tasks.finetune.manifest import validate_manifest

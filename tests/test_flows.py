@@ -199,7 +199,7 @@ def test_a_failed_subspace_or_generator_run_ends_failed_with_its_reason(tmp_path
     from weightzoo.flows.config import FitSubspaceConfig
     from weightzoo.flows.fit_subspace import fit_subspace
     from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
-    from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
+    from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 
     dataset = str(tmp_path / "ds")
     Ledger(dataset).record_failures("b-x", [("subject-00000", "images: unreadable")])  # a dataset, no rows

@@ -1,7 +1,9 @@
 """End to end on real processes: ``prefect server start`` on loopback, ``prefect worker start`` process
 workers, the finetune-batch deployment created from this checkout, the real engine on the tiny model.
 
-The kill test ``kill -9``s the worker (and its flow-run child) and the parent while a batch trains,
+The relative-paths test runs ``weightzoo build --executor deployment`` from a user's folder with relative
+``--manifest``, ``--base`` and ``--dataset``: the workers start in this checkout, so the CLI must send
+absolute paths. The kill test ``kill -9``s the worker (and its flow-run child) and the parent while a batch trains,
 then restarts the worker and reruns the build: exactly N unique ids, no uncommitted shard read.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -70,6 +73,31 @@ def test_deployment_fan_out_over_three_batches(api: str, process_worker, tmp_pat
     assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent in the UI
     ds = Dataset(str(tmp_path / "ds"))
     assert len(ds) == 6 and len(set(ds.ids)) == 6
+
+
+def test_cli_deployment_build_with_relative_paths_from_another_folder_commits_every_row(
+    api: str, process_worker, tmp_path: Path, tiny_base: Path
+) -> None:
+    from weightzoo.storage.dataset import Dataset
+    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+
+    n, user = 4, tmp_path / "user"  # the user's folder: not the checkout the workers start in
+    write_demo_manifest(str(user / "m"), n)
+    shutil.copytree(tiny_base, user / "base")
+    process_worker(POOL, limit=2)
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("weightzoo")), "build", "--manifest", "m/manifest.jsonl", "--base", "base",
+         "--dataset", "ds", "--batch-size", "2", "--executor", "deployment", "--deployment", DEPLOYMENT,
+         "--finetune-json", json.dumps(TINY_FINETUNE), "--json"],
+        env=worker_env(api, tmp_path / "cli-home"), cwd=user, capture_output=True, text=True, timeout=WAIT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)["summary"]
+    assert (summary["committed"], summary["failed"], summary["pending"]) == (n, 0, 0)
+    assert summary["dataset"] == str(user / "ds")  # resolved against the user's folder, not the workers'
+    assert not (REPO / "ds").exists() and not (REPO / "m").exists()
+    ids = Dataset(str(user / "ds")).ids
+    assert len(ids) == len(set(ids)) == n
 
 
 def _wait_for_training(dataset: Path, deadline: float) -> str:

@@ -124,7 +124,8 @@ def test_fit_subspace_on_a_local_dask_cluster_matches_threads(prefect_harness, t
     from weightzoo.flows.config import FitSubspaceConfig
     from weightzoo.flows.fit_subspace import flow_for, task_runner_for
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.subspace.pca import SubspaceConfig, load_subspace
+    from weightzoo.tasks.subspace.config import SubspaceConfig
+    from weightzoo.tasks.subspace.pca import load_subspace
 
     g = np.random.default_rng(0)
     x = (g.standard_normal((96, 6)) @ g.standard_normal((6, 300)) + 0.01 * g.standard_normal((96, 300))).astype(np.float32)

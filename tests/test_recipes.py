@@ -27,7 +27,8 @@ from weightzoo.tasks.finetune.perfusion_loader import load_perfusion, unload_per
 from weightzoo.tasks.finetune.recipes.celeb_basis import KEY
 from weightzoo.tasks.finetune.recipes.perfusion import EMBEDDING, VALUE
 from weightzoo.tasks.finetune.synthetic import make_subjects, write_demo_manifest
-from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.config import SubspaceConfig
+from weightzoo.tasks.subspace.pca import fit_subspace, load_subspace
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # the interference measure is bench code
 from interference import apply_lora, mean_kept, train_and_merge  # noqa: E402
@@ -47,6 +48,16 @@ def _count(ds: Dataset, expected: int) -> None:
 
 
 # -- registry ----------------------------------------------------------------------------------------------
+
+
+def test_every_recipe_module_is_in_the_torch_free_name_registry() -> None:
+    import importlib
+    import pkgutil
+
+    defined = {r.name: m.name for m in pkgutil.iter_modules(recipes.__path__)
+               for r in getattr(importlib.import_module(f"{recipes.__name__}.{m.name}"), "RECIPES", ())}
+    assert defined == {name: entry.module for name, entry in recipes.NAMES.items()}
+    assert all(recipes.get(n).name == n for n in recipes.names())
 
 
 def test_method_is_a_literal_of_registered_recipes_and_old_configs_keep_their_dump() -> None:

@@ -66,7 +66,8 @@ def _invert_command(root: Path, tiny_base: Path, tiny_pipe) -> str:
     from test_w2w import write_lora_dataset
 
     from weightzoo.tasks.finetune.synthetic import _draw, _rng, _subject
-    from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace
+    from weightzoo.tasks.subspace.config import SubspaceConfig
+    from weightzoo.tasks.subspace.pca import fit_subspace
 
     write_lora_dataset(str(root / "ds"), tiny_pipe, n=12)
     fit_subspace(str(root / "ds"), str(root / "sub"), SubspaceConfig(components=3))

@@ -5,7 +5,10 @@ read-only mount, a missing bucket, two builds at once. Every test ends by counti
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
+import functools
 import json
 import os
 import subprocess
@@ -36,24 +39,35 @@ CONFIG = FinetuneConfig(**TINY_FINETUNE)
 
 
 class Counting:
-    """A registered engine that runs the real one and counts the rows it trains (optionally poisoning one)."""
+    """A registered engine that prepares with the real one and counts the rows it gets (optionally poisoning one)."""
 
     def __init__(self, name: str = "counting", poison: str | None = None, after=None) -> None:
         self.name, self.poison, self.after, self.rows = name, poison, after, []
         real = engines.get(engines.DEFAULT_ENGINE)
         self.real = real
-        engines.register(engines.Engine(name, real.load_base, real.fingerprint, self.train, real.config))
+        engines.register(engines.Engine(name, real.load_base, real.fingerprint, self.prepare, real.config))
 
-    def train(self, base, items, config, **kw):
+    def prepare(self, base, items, config, **kw):
         self.rows += [i.id for i in items]
-        result = self.real.train(base, items, config, **kw)
-        for r in result.results:
-            if r.id == self.poison and r.ok:
-                r.weights = r.weights.clone()
-                r.weights[3] = float("nan")
+        prepared = self.real.prepare(base, items, config, **kw)
+        return dataclasses.replace(prepared, open_pack=functools.partial(self._open_pack, prepared.open_pack))
+
+    @contextlib.contextmanager
+    def _open_pack(self, open_pack, rows):
+        """The real pack, whose flattened weights of the poisoned row get a NaN; ``after`` once it has trained."""
+        with open_pack(rows) as pack:
+            ids, flatten = [r.id for r in rows], pack.flatten
+            if self.poison in ids:
+                def poisoned(slot):
+                    w = flatten(slot)
+                    if slot == ids.index(self.poison):
+                        w = w.clone()
+                        w[3] = float("nan")
+                    return w
+                pack.flatten = poisoned
+            yield pack
         if self.after is not None:
             self.after()
-        return result
 
 
 def _manifest(tmp_path: Path, n: int) -> tuple[str, list[str]]:

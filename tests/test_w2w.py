@@ -18,7 +18,8 @@ import torch
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta
 from weightzoo.storage.writer import commit_batch
-from weightzoo.tasks.subspace.pca import Subspace, SubspaceConfig, fit_subspace, load_subspace
+from weightzoo.tasks.subspace.config import SubspaceConfig
+from weightzoo.tasks.subspace.pca import Subspace, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     LoRAUNet,
     attribute_directions,

@@ -29,6 +29,7 @@ from weightzoo.tasks.diffusion.blocks import (
     pool_text,
     split_ids,
 )
+from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 from weightzoo.tasks.diffusion.denoiser import (
     Denoiser,
     DenoiserConfig,
@@ -38,7 +39,6 @@ from weightzoo.tasks.diffusion.denoiser import (
     noisy,
 )
 from weightzoo.tasks.diffusion.generator import (
-    WeightDiffusionConfig,
     WeightDiffusionModel,
     latest_checkpoint,
     train_weight_diffusion,

@@ -1,6 +1,7 @@
-"""``edit_finetune_batch``: the ``edit-lora`` engine's ``train`` (rows in, ``BatchResult`` out).
+"""The ``edit-lora`` engine's ``prepare`` (rows in, the shared driver's batch out) and
+``edit_finetune_batch``, its one-call form for tests and benches (a build runs the driver itself).
 
-Prepares the batch (each row's pairs: a row whose images cannot be read fails alone, with the reason)
+``prepare`` makes the batch (each row's pairs: a row whose images cannot be read fails alone, with the reason)
 and hands it to the shared batch driver (``tasks/finetune/driver.py``), which trains packs of
 ``config.pack`` rows in ``engine.open_edit_pack`` and returns one ``ItemResult`` per row in the order
 given. ``init_weights`` starts named rows from given vectors (a generated LoRA) instead of the shared
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 
 from weightzoo.tasks.concepts.base import SkipUNetGenerator
-from weightzoo.tasks.concepts.engine import EditFinetuneConfig, edit_layout, open_edit_pack
+from weightzoo.tasks.concepts.config import EditFinetuneConfig
+from weightzoo.tasks.concepts.engine import edit_layout, open_edit_pack
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.device import use_bf16
 from weightzoo.tasks.finetune.contract import BatchResult
@@ -32,9 +34,10 @@ def resolved_hparams(model: SkipUNetGenerator, config: EditFinetuneConfig) -> di
             "base_config": model.config.model_dump(mode="json")}
 
 
-def _prepare(model: SkipUNetGenerator, items: list[ManifestRow], config: EditFinetuneConfig,
-             base_uri: str | None) -> Prepared:
-    """Each row's pairs (files, or rendered on the shared source pool), and packs to open on ``model``."""
+def prepare(model: SkipUNetGenerator, items: list[ManifestRow], config: EditFinetuneConfig, *,
+            base_uri: str | None = None, cache_dir: str | None = None) -> Prepared:
+    """Each row's pairs (files, or rendered on the shared source pool), and packs to open on ``model``;
+    ``base_uri``: the manifest's folder, for relative paths; ``cache_dir`` is unused (nothing to cache)."""
     size = config.resolution or model.config.image_size
     data, failures, seconds = prepare_rows(
         items, lambda row: concept_pairs(row, base_uri, train=config.train_pairs, held_out=config.eval_pairs,
@@ -55,5 +58,5 @@ def edit_finetune_batch(
     init_weights: Mapping[str, torch.Tensor | np.ndarray] | None = None,
 ) -> BatchResult:
     """Fine-tune one adapter per row of ``items`` on ``model`` (left as it was); ``cache_dir`` is unused."""
-    prepare = lambda rows: _prepare(model, rows, config, base_uri)  # noqa: E731
-    return train_batch(items, config, prepare, progress=progress, init_weights=init_weights)
+    return train_batch(items, config, lambda rows: prepare(model, rows, config, base_uri=base_uri),
+                       progress=progress, init_weights=init_weights)

@@ -8,7 +8,6 @@ row's pairs; the manifest validator asks ``EditRowRules`` for the problems and i
 from __future__ import annotations
 
 from weightzoo.storage.fs import filesystem, join
-from weightzoo.tasks.concepts.spec import spec_problems
 from weightzoo.tasks.finetune.contract import RowRules
 from weightzoo.tasks.finetune.row import IMAGE_SUFFIXES, ManifestRow, resolve
 
@@ -52,6 +51,8 @@ class EditRowRules(RowRules):
             return [f"{len(row.targets)} targets for {len(row.images)} source images; pair them one to one"]
         if row.targets is not None or row.image_dir:
             return [] if "family" in row.attributes else ["edit attributes have no 'family'"]
+        from weightzoo.tasks.concepts.spec import spec_problems  # its edits import torch: not at ``--help``
+
         return spec_problems(row.attributes)
 
     def images(self, row: ManifestRow, base_uri: str | None) -> tuple[list[str], str | None] | None:

@@ -18,7 +18,6 @@ import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -27,9 +26,8 @@ from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors
+from weightzoo.tasks.diffusion.config import Condition
 from weightzoo.tasks.stats import safe_std
-
-Condition = Literal["prompt", "prompt+attributes"]
 
 
 @dataclass(frozen=True)

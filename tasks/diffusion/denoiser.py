@@ -22,22 +22,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import nn
 
+from weightzoo.tasks.diffusion.config import DenoiserSize
+
 COSINE_S = 0.008
-
-
-class DenoiserSize(BaseModel):
-    """The denoiser's size, as a user chooses it (a weight-diffusion run's config inherits these fields)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    # Small on purpose: datasets have tens to thousands of models, each one training example.
-    width: int = Field(128, ge=8, description="Denoiser transformer width.")
-    depth: int = Field(3, ge=1, description="Denoiser transformer layers (self-attention, cross-attention, MLP).")
-    heads: int = Field(4, ge=1, description="Denoiser attention heads.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the denoiser's attention and MLP.")
 
 
 class DenoiserConfig(DenoiserSize):

@@ -29,10 +29,8 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import Dataset
@@ -51,7 +49,6 @@ from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import autocast, resolve_device
 from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
-    Condition,
     Stats,
     compute_stats,
     condition_text,
@@ -63,10 +60,10 @@ from weightzoo.tasks.diffusion.blocks import (
     split_ids,
     text_stats,
 )
+from weightzoo.tasks.diffusion.config import DenoiserSize, WeightDiffusionConfig
 from weightzoo.tasks.diffusion.denoiser import (
     Denoiser,
     DenoiserConfig,
-    DenoiserSize,
     ddim_sample,
     masked_mse,
     noisy,
@@ -81,39 +78,6 @@ STRUCTURED = "structured"
 CONDITION_NAME = "condition.json"
 # Changing these does not change what is learnt, so a resume may change them.
 _RESUMABLE = {"steps", "checkpoint_every", "device", "out"}
-
-
-class WeightDiffusionConfig(DenoiserSize):
-    """Everything that defines a weight-diffusion training run (the flow's form; saved as config.json).
-    The denoiser's size fields (width, depth, heads, dropout) come from ``DenoiserSize``."""
-
-    dataset: str = Field(description="Dataset URI (local path or s3://...) of fine-tuned rows.")
-    base: str = Field(description="The base model URI: its tokenizer and text encoder embed the condition.")
-    out: str = Field(description="Model folder URI (created; a rerun resumes from its last checkpoint).")
-    # -- data ----------------------------------------------------------------------------------------
-    # 256 values per token: SD 1.5's 99,648-value rank-1 LoRA becomes 390 tokens, the tiny model's ~20.
-    block_size: int = Field(256, ge=1, description="Values per block; the last block is zero-padded and masked.")
-    # Synthetic subjects all share "sks person"; their attributes are what tells them apart.
-    condition: Condition | Literal["structured"] = Field(
-        "prompt+attributes", description="Text condition: 'prompt' or 'prompt+attributes' (prompt, then 'key value' "
-        "pairs); or 'structured': attributes as numbers and one-hots (no text encoder; `base` is not read).",
-    )
-    stats: str | None = Field(None, description="A subspace.safetensors with mean/std to reuse; default: computed on the training rows.")
-    holdout_ids: tuple[str, ...] = Field((), description="Ids never trained on (kept for evaluation).")
-    holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of ids held out at random (with split_seed).")
-    split_seed: int = Field(0, ge=0, description="Seed of the random held-out choice.")
-    # -- optimisation -------------------------------------------------------------------------------
-    steps: int = Field(2000, ge=1, description="Optimiser steps (total, including any resumed ones).")
-    batch_size: int = Field(32, ge=1, description="Models per step (drawn with replacement).")
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate, after a linear warm-up.")
-    lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
-    seed: int = Field(0, ge=0, description="Seed of the init and of every step's batch, timesteps and noise.")
-    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one is always written at the end).")
-    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
-    # bf16 autocast on CUDA: the attention and MLP matmuls run at tensor-core speed; weights stay fp32.
-    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="'auto': bf16 autocast on CUDA only.")
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,11 @@ from weightzoo.storage.shards import RowMeta
 from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.finetune import engines
+from weightzoo.tasks.finetune.config import LEASE_TTL_S
+from weightzoo.tasks.finetune.driver import train_batch
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.finetune.row import ManifestRow, manifest_folder
 
-# A deployment batch is one fresh worker process whose start (imports, base load, API calls) must stay a
-# small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start
-# under 1% at weightzoo's defaults (docs/BENCHMARKS.md, "Orchestration overhead").
-DEFAULT_BATCH_SIZE = 64
 log = logging.getLogger(__name__)
 
 ItemStatus = Literal["committed", "failed", "already-committed", "leased"]
@@ -127,10 +125,6 @@ def manifest_rows(uri: str) -> dict[str, ManifestRow]:
 
 # -- one batch -----------------------------------------------------------------------------------------
 
-# A batch's lease outlives a killed holder by at most this long (renewed every third of it while training).
-LEASE_TTL_S = 120.0
-
-
 @dataclass
 class Trained:
     """A batch's trained rows awaiting their commit. Kept in this process until committed, so that a retried
@@ -163,16 +157,16 @@ def _rows_for(batch_id: str, todo: Sequence[str], manifest: str) -> dict[str, Ma
 
 def train_rows(engine: str, base: str, rows: dict[str, ManifestRow], config: Any, recipe: Recipe, *,
                manifest: str, cache_dir: str | None, progress: Callable[[int, int], None] | None) -> Trained:
-    """Train ``rows`` with the engine on its (cached) base. A row whose weights are not all finite is a
-    failure of that row, whatever the engine said: NaN/Inf never reaches a shard."""
-    pipe = _cached_base(engine, str(base), str(resolve_device()))
-    result = engines.get(engine).train(pipe, list(rows.values()), config, base_uri=manifest_folder(manifest),
-                                       cache_dir=cache_dir, progress=progress)
+    """Train ``rows``: the shared driver on the engine's ``prepare`` of its (cached) base. A row whose
+    weights are not all finite is a failure of that row (the driver's check): NaN/Inf never reaches a shard."""
+    pipe, prepare = _cached_base(engine, str(base), str(resolve_device())), engines.get(engine).prepare
+    folder = manifest_folder(manifest)
+    result = train_batch(list(rows.values()), config,
+                         lambda items: prepare(pipe, items, config, base_uri=folder, cache_dir=cache_dir),
+                         progress=progress)
     method = str(result.hparams.get("method", getattr(config, "method", "")))
     metas, vectors, failures = [], [], []
     for r in result.results:
-        if r.ok and not bool(torch.isfinite(r.weights.float()).all()):
-            r.ok, r.reason = False, "weights not finite (NaN or Inf); refused at commit"
         if r.ok:
             metas.append(_row_meta(rows[r.id], r, recipe.base_model, method, result.hparams))
             vectors.append(r.weights)

@@ -1,7 +1,7 @@
 """``FinetuneConfig``: the ``diffusers-lora`` engine's settings (identities on a Stable Diffusion base).
 
 Its own module, so that the recipes, the engine and the export all import it without importing each
-other. The shared training fields come from ``contract.TrainingConfig``; this adds the method, the
+other, and free of torch: the CLI builds ``build``'s flags from it (``--help`` answers at once). The shared training fields come from ``contract.TrainingConfig``; this adds the method, the
 target layers, prior preservation and the UNet's execution knobs, with weights2weights' defaults.
 """
 
@@ -13,6 +13,15 @@ from pydantic import Field, model_validator
 
 from weightzoo.tasks.finetune import recipes
 from weightzoo.tasks.finetune.contract import TrainingConfig
+
+# Defaults of a build's parameters (flows/config.py) and of ``batch.run_batch``, here so that neither the
+# CLI's flags nor the flows' config import the batch module's torch.
+# A deployment batch is one fresh worker process whose start (imports, base load, API calls) must stay a
+# small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start
+# under 1% at weightzoo's defaults (docs/BENCHMARKS.md, "Orchestration overhead").
+DEFAULT_BATCH_SIZE = 64
+# A batch's lease outlives a killed holder by at most this long (renewed every third of it while training).
+LEASE_TTL_S = 120.0
 
 
 class FinetuneConfig(TrainingConfig):
@@ -27,7 +36,7 @@ class FinetuneConfig(TrainingConfig):
     # word-embedding coefficients over a basis of celebrity-name embeddings (Yuan et al. 2023); "perfusion"
     # learns gated, key-locked rank-1 edits of cross-attention K/V and a concept embedding (Tewel et al. 2023).
     method: Literal[recipes.names()] = Field(  # type: ignore[valid-type]
-        "lora", description="Personalisation recipe: " + "; ".join(f"'{n}': {r.doc}" for n, r in recipes.RECIPES.items())
+        "lora", description="Personalisation recipe: " + "; ".join(f"'{n}': {r.doc}" for n, r in recipes.NAMES.items())
     )
     # Omitted from dumps while empty, so configs (and dataset recipes) from before it keep their fingerprint.
     recipe_options: dict[str, Any] = Field(
@@ -73,5 +82,5 @@ class FinetuneConfig(TrainingConfig):
     def _consistent(self) -> FinetuneConfig:
         if self.class_image_dir is not None and not self.prior_preservation:
             raise ValueError("class_image_dir is set but prior_preservation is off")
-        recipes.get(self.method).options(self)  # a recipe's options are checked with the config
+        recipes.options(self.method, self.recipe_options)  # a recipe's options are checked with the config
         return self

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from weightzoo.storage.layout import Layout
+if TYPE_CHECKING:  # annotations only: the configs import this module, and `--help` must not import torch
+    import torch
+
+    from weightzoo.storage.layout import Layout
 
 
 class TrainingConfig(BaseModel):
@@ -112,12 +114,13 @@ class RowRules:
 
 @dataclass(frozen=True)
 class Engine:
-    """A named fine-tune engine: base loader, base fingerprint, batch trainer, its config model and
-    the manifest checks its rows need beyond the shared ones."""
+    """A named fine-tune engine: base loader, base fingerprint, batch preparation for the shared driver
+    (``driver.train_batch`` trains what it prepares), its config model and the manifest checks its rows
+    need beyond the shared ones."""
 
     name: str
     load_base: Callable[[str, str], Any]  # (base URI, device) -> loaded base; called once per process
     fingerprint: Callable[[str], str]  # base URI -> short hash recorded with every row
-    train: Callable[..., Any]  # (base, items, config, *, base_uri, cache_dir, progress) -> BatchResult
+    prepare: Callable[..., Any]  # (base, items, config, *, base_uri, cache_dir) -> driver.Prepared
     config: type  # the pydantic model of its fine-tune settings
     rows: RowRules = field(default_factory=RowRules)  # its manifest rows' rules (manifest validation)

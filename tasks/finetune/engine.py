@@ -1,6 +1,7 @@
 """The fine-tune engine: one LoRA per manifest row, several rows packed into each training step.
 
-``finetune_batch`` takes a loaded pipeline and a list of rows and returns, per row, the flattened
+``prepare`` (the engine's entry in ``engines.py``) turns a loaded pipeline and a list of rows into the
+shared driver's batch; ``finetune_batch`` runs it through the driver and returns, per row, the flattened
 LoRA (canonical ``Layout``), its final loss and timing, or a recorded failure. Reading top to bottom:
 
 1. inputs, once per batch: VAE latents of each row's images, one text embedding per distinct prompt,
@@ -52,8 +53,8 @@ from weightzoo.tasks.seeds import stable_seed
 # -- methods -----------------------------------------------------------------------------------------
 
 # The LoRA-family recipes by name, each with ``init_a(name, layer, ids, config)`` and ``train_a`` (kept
-# for callers that rebuild a LoRA's shared init). Every recipe: ``recipes.RECIPES``.
-METHODS: dict[str, LoRARecipe] = {n: r for n, r in recipes.RECIPES.items() if isinstance(r, LoRARecipe)}
+# for callers that rebuild a LoRA's shared init). Every recipe: ``recipes.NAMES``.
+METHODS: dict[str, LoRARecipe] = {n: r for n in recipes.names() if isinstance(r := recipes.get(n), LoRARecipe)}
 
 
 # -- layout and config resolution --------------------------------------------------------------------
@@ -293,9 +294,11 @@ def prepare_inputs(pipe: StableDiffusionPipeline, items: list[ManifestRow], conf
     return out
 
 
-def _prepare(pipe: StableDiffusionPipeline, items: list[ManifestRow], config: FinetuneConfig,
-             base_uri: str | None, cache_dir: str | None) -> Prepared:
-    """The driver's view of a batch: inputs encoded once, the recipe prepared, packs to open."""
+def prepare(pipe: StableDiffusionPipeline, items: list[ManifestRow], config: FinetuneConfig, *,
+            base_uri: str | None = None, cache_dir: str | None = None) -> Prepared:
+    """The engine's ``prepare``, the driver's view of a batch: inputs encoded once, the recipe prepared,
+    packs to open. ``base_uri``: the manifest's folder, for relative image paths; ``cache_dir``: where
+    class latents are cached across batches (any fsspec URI; None = regenerate per call)."""
     inputs = prepare_inputs(pipe, items, config, base_uri=base_uri, cache_dir=cache_dir)
     rows = [r for r in items if r.id in inputs.latents]
     recipe = recipes.get(config.method)
@@ -320,7 +323,8 @@ def finetune_batch(
     progress: Callable[[int, int], None] | None = None,
     init_weights: Mapping[str, torch.Tensor | np.ndarray] | None = None,
 ) -> BatchResult:
-    """Fine-tune one adapter per row of ``items`` on ``pipe`` (left exactly as it was passed in).
+    """Fine-tune one adapter per row of ``items`` on ``pipe`` (left exactly as it was passed in): the
+    one-call form for tests and benches (a build runs the driver on ``prepare`` itself, ``batch.py``).
 
     ``init_weights``: item id → flat vector in this config's layout to start that item from (a
     generated or previously trained adapter) instead of the shared init; other items are unaffected.
@@ -330,5 +334,5 @@ def finetune_batch(
     counts row-steps. Failures of single rows (undecodable images, NaN/inf loss, out of memory even
     alone) are returned as ``ItemResult(ok=False, reason=...)``; anything else raises.
     """
-    prepare = lambda rows: _prepare(pipe, rows, config, base_uri, cache_dir)  # noqa: E731
-    return train_batch(items, config, prepare, progress=progress, init_weights=init_weights)
+    return train_batch(items, config, lambda rows: prepare(pipe, rows, config, base_uri=base_uri, cache_dir=cache_dir),
+                       progress=progress, init_weights=init_weights)

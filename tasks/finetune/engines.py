@@ -2,8 +2,10 @@
 
 An engine (``contract.Engine``) is what a worker needs to turn manifest rows into rows of a dataset:
 how to load its base (once per process), how to fingerprint that base (stored with every row), how to
-train one batch (``train(base, items, config, *, base_uri, cache_dir, progress) -> BatchResult``),
-the fine-tune config model it accepts and the manifest checks its rows need. The built-in engines are
+prepare one batch for the shared driver (``prepare(base, items, config, *, base_uri, cache_dir) ->
+driver.Prepared``), the fine-tune config model it accepts and the manifest checks its rows need.
+A built-in engine's entry imports no torch: its config and row rules are torch-free modules and its
+functions are imported on first call, so the CLI builds flags from ``get(name).config`` at once. The built-in engines are
 listed here; a plugin package adds one through the
 ``weightzoo.engines`` entry-point group (installed deliberately, so its import is the user's choice),
 and a script or bench may ``register`` one in its own process, where only that process can use it.
@@ -12,6 +14,7 @@ and a script or bench may ``register`` one in its own process, where only that p
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
@@ -23,23 +26,28 @@ ENTRY_POINT_GROUP = "weightzoo.engines"
 DEFAULT_ENGINE = "diffusers-lora"
 
 
-def _diffusers_lora() -> Engine:
-    from weightzoo.tasks.finetune.base_model import base_fingerprint, load_base
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import finetune_batch
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported at its first call (the engine modules import torch)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return call
 
-    return Engine(DEFAULT_ENGINE, lambda uri, device: load_base(uri, device=device), base_fingerprint,
-                  finetune_batch, FinetuneConfig)
+
+def _diffusers_lora() -> Engine:
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+
+    base, engine = "weightzoo.tasks.finetune.base_model", "weightzoo.tasks.finetune.engine"
+    return Engine(DEFAULT_ENGINE, _lazy(base, "load_base"), _lazy(base, "base_fingerprint"),
+                  _lazy(engine, "prepare"), FinetuneConfig)
 
 
 def _edit_lora() -> Engine:
-    from weightzoo.tasks.concepts.base import base_fingerprint, load_base
-    from weightzoo.tasks.concepts.engine import EditFinetuneConfig
-    from weightzoo.tasks.concepts.finetune import edit_finetune_batch
+    from weightzoo.tasks.concepts.config import EditFinetuneConfig
     from weightzoo.tasks.concepts.rows import EditRowRules
 
-    return Engine("edit-lora", load_base, base_fingerprint, edit_finetune_batch, EditFinetuneConfig,
-                  EditRowRules())
+    base, engine = "weightzoo.tasks.concepts.base", "weightzoo.tasks.concepts.finetune"
+    return Engine("edit-lora", _lazy(base, "load_base"), _lazy(base, "base_fingerprint"),
+                  _lazy(engine, "prepare"), EditFinetuneConfig, EditRowRules())
 
 
 # Factories, so that naming an engine imports nothing heavy until it is used.

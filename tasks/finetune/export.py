@@ -113,10 +113,11 @@ def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, ou
     """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder).
 
     A row of a recipe outside the LoRA family is written by that recipe (its documented loader)."""
-    from weightzoo.tasks.finetune.recipes import RECIPES
+    from weightzoo.tasks.finetune import recipes
 
-    recipe = RECIPES.get(str(hparams.get("method", "lora")))
-    if recipe is not None and not recipe.lora_family:
+    method = str(hparams.get("method", "lora"))
+    if method in recipes.NAMES and not recipes.NAMES[method].lora_family:
+        recipe = recipes.get(method)
         if fmt != "diffusers":
             raise InputError(f"--format {fmt} is for LoRA rows; a {recipe.name} row exports as its own file (diffusers)")
         return recipe.export(weights, layout, hparams, out)

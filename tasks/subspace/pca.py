@@ -36,13 +36,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import CorruptShardError, verified_shard_batches
@@ -62,6 +61,7 @@ from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.progress import report
 from weightzoo.tasks.stats import constant_columns, safe_std
+from weightzoo.tasks.subspace.config import SubspaceConfig
 
 SUBSPACE_FILE = "subspace.safetensors"
 COORDS_FILE = "coords.parquet"
@@ -70,45 +70,6 @@ PLOT_FILE = "explained_variance.png"
 # Metadata carried into coords.parquet so edits (attributes) and sampling need not reopen the dataset.
 META_COLUMNS = ["id", "kind", "prompt", "attributes", "hparams"]
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class SubspaceConfig(BaseModel):
-    """How to fit the subspace (saved in ``card.json``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    components: int = Field(64, ge=1, description="Principal components k to keep.")
-    # Krylov space width (q + 1)·b = 3k by default: weight spectra decay slowly, so the Ritz problem
-    # needs room beyond k (the 'oversampling' of a block Krylov method). q = 5 rather than 4 costs one
-    # more pass for a much smaller captured-variance gap (docs/BENCHMARKS.md, "Figures behind defaults").
-    block_size: int | None = Field(
-        None, ge=1, description="Columns b per Krylov block (one pass each); default ⌈k/2⌉.")
-    power_iters: int = Field(
-        5, ge=0, description="Krylov blocks q after the first: q + 1 passes over the data, width (q + 1)·b.")
-    device: str = Field("auto", description="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ...")
-    # float32 matmuls with float32 accumulators; moments and the Ritz problem are float64.
-    dtype: Literal["float32", "float64"] = Field("float32", description="Compute dtype of the matmuls.")
-    seed: int = Field(0, ge=0, description="Seed of the Gaussian start block Ω.")
-    keep_work: bool = Field(False, description="Keep the work files (partials, bases) after the fit.")
-    # Each task writes one D×b partial per pass (200 MB at weights2weights' D and k = 1,000): group
-    # the shards, so thousands of shards do not mean thousands of partials.
-    tasks_per_pass: int = Field(8, ge=1, description="Shard groups per pass: parallel tasks, one partial file each.")
-
-    @model_validator(mode="after")
-    def _wide_enough(self) -> SubspaceConfig:
-        if self.width < self.components:
-            raise ValueError(f"the Krylov width (power_iters + 1) · block_size = {self.width} is below "
-                             f"components = {self.components}")
-        return self
-
-    @property
-    def block(self) -> int:
-        return self.block_size or -(-self.components // 2)
-
-    @property
-    def width(self) -> int:
-        """Columns of the Krylov basis K: the size of the Rayleigh–Ritz problem."""
-        return (self.power_iters + 1) * self.block
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from weightzoo.errors import InputError
 from weightzoo.storage.layout import Layout
+from weightzoo.tasks.finetune import recipes
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
+    from pydantic import BaseModel
 
     from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.row import ManifestRow
@@ -46,26 +46,23 @@ class Adapters(Protocol):
     def condition(self, ehs: torch.Tensor, active: torch.Tensor) -> torch.Tensor: ...
 
 
-class NoRecipeConfig(BaseModel):
-    """A recipe without options of its own (``FinetuneConfig.recipe_options`` must stay empty)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
 class Recipe(ABC):
-    """One personalisation method. Subclasses set ``name``, ``doc`` and, if they have options, ``Options``."""
+    """One personalisation method. Subclasses set ``name``; its doc line, options model and family are
+    its entry in the torch-free name registry (``recipes.NAMES``), read by ``--help`` without this code."""
 
     name: str
-    doc: str  # one line for --help and docs
-    Options: type[BaseModel] = NoRecipeConfig
-    lora_family: bool = False  # rows are peft LoRA layouts (``merge``, the peft export and subspace tools read them)
+
+    @property
+    def doc(self) -> str:
+        return recipes.entry(self.name).doc
+
+    @property
+    def lora_family(self) -> bool:
+        return recipes.entry(self.name).lora_family
 
     def options(self, config: FinetuneConfig) -> BaseModel:
-        """``config.recipe_options`` validated by this recipe's ``Options`` model."""
-        try:
-            return self.Options(**config.recipe_options)
-        except ValueError as exc:
-            raise InputError(f"recipe_options for method {self.name!r}: {exc}") from exc
+        """``config.recipe_options`` validated by this recipe's options model."""
+        return recipes.options(self.name, config.recipe_options)
 
     @abstractmethod
     def layout(self, pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from weightzoo.errors import InputError
@@ -33,6 +32,7 @@ from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.finetune.recipes.base import Recipe
 from weightzoo.tasks.finetune.recipes.names_basis import Basis, fitted_basis, load_basis
+from weightzoo.tasks.finetune.recipes.options import CelebBasisConfig
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -42,18 +42,6 @@ if TYPE_CHECKING:
 
 KEY = "celeb_basis.coefficients"
 EMBEDDING_NAME = "learned_embeds.safetensors"  # the name diffusers' textual-inversion scripts write
-
-
-class CelebBasisConfig(BaseModel):
-    """``recipe_options`` of ``celeb_basis``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    names: str | None = Field(None, description="Names file URI (one 'First Last' per line); None: the shipped list.")
-    words: int = Field(2, ge=1, description="Learned words per identity (first and last name in the paper).")
-    basis_size: int = Field(512, ge=1, description="Basis directions per word; a row has words x basis_size values.")
-    placeholder: str = Field("sks", min_length=1, pattern=r"^\w+$",
-                             description="The instance-prompt word the learned words replace; the export's token is <placeholder>.")
 
 
 @dataclass
@@ -152,8 +140,6 @@ class CelebAdapters:
 
 class CelebBasisRecipe(Recipe):
     name = "celeb_basis"
-    doc = "Celeb Basis: learn words x basis_size coefficients of new words over celebrity-name embeddings."
-    Options = CelebBasisConfig
 
     def layout(self, pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
         o = self.options(config)

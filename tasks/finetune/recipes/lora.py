@@ -74,11 +74,9 @@ def orthogonal_init(name: str, layer: nn.Linear, ids: list[str], config: Finetun
 class LoRARecipe(Recipe):
     """A LoRA whose down-projection A starts at ``init_a`` and trains only if ``train_a``."""
 
-    lora_family = True
-
-    def __init__(self, name: str, doc: str, train_a: bool,
+    def __init__(self, name: str, train_a: bool,
                  init_a: Callable[[str, nn.Linear, list[str], FinetuneConfig], torch.Tensor]) -> None:
-        self.name, self.doc, self.train_a, self.init_a = name, doc, train_a, init_a
+        self.name, self.train_a, self.init_a = name, train_a, init_a
 
     def layout(self, pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
         return lora_layout(pipe, config)
@@ -98,8 +96,4 @@ class LoRARecipe(Recipe):
         return export_lora(weights, layout, hparams, out)
 
 
-RECIPES = (
-    LoRARecipe("lora", "LoRA: train A and B of (alpha/r)·B A on the target UNet layers.", True, gaussian_init),
-    LoRARecipe("orthogonal", "Orthogonal Adaptation: A fixed to id-picked rows of an orthogonal basis, train B; "
-               "rows merge by summing.", False, orthogonal_init),
-)
+RECIPES = (LoRARecipe("lora", True, gaussian_init), LoRARecipe("orthogonal", False, orthogonal_init))

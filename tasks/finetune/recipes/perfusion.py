@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import safetensors.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from weightzoo.errors import InputError
@@ -44,6 +43,7 @@ from weightzoo.tasks.finetune.packed_lora import find_targets
 from weightzoo.tasks.finetune.recipes.base import Recipe
 from weightzoo.tasks.finetune.recipes.celeb_basis import encode_with_words, splice_instance_states, tokenise
 from weightzoo.tasks.finetune.recipes.names_basis import read_names
+from weightzoo.tasks.finetune.recipes.options import PerfusionConfig
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -54,18 +54,6 @@ if TYPE_CHECKING:
 EMBEDDING = "perfusion.embedding"
 VALUE = ".perfusion_value"
 CROSS = ("attn2.to_k", "attn2.to_v")
-
-
-class PerfusionConfig(BaseModel):
-    """``recipe_options`` of ``perfusion``."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    placeholder: str = Field("sks", min_length=1, pattern=r"^\w+$",
-                             description="The instance-prompt word the concept replaces; the export's token is <placeholder>.")
-    temperature: float = Field(0.1, gt=0, description="Gate temperature τ (training and inference).")
-    bias: float = Field(0.75, description="Gate bias β: how close to i* (in C⁻¹ projection) an input must be to open the gate.")
-    names: str | None = Field(None, description="Names file URI for the covariance corpus; None: the shipped list.")
 
 
 def gated_edit(x: torch.Tensor, istar: torch.Tensor, cinv: torch.Tensor, delta: torch.Tensor, options: PerfusionConfig
@@ -232,8 +220,6 @@ class PerfusionAdapters:
 
 class PerfusionRecipe(Recipe):
     name = "perfusion"
-    doc = "Perfusion: gated rank-1 edits of cross-attention K (locked to the class key) and V, plus a concept embedding."
-    Options = PerfusionConfig
 
     def layout(self, pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
         self.options(config)

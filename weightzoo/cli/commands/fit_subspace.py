@@ -13,7 +13,7 @@ FLOW = ("work", "task_runner", "dask_address", "dask_workers")
 def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.cli.commands.options import add_field, add_fields
     from weightzoo.flows.config import FitSubspaceConfig
-    from weightzoo.tasks.subspace.pca import SubspaceConfig
+    from weightzoo.tasks.subspace.config import SubspaceConfig
 
     p = sub.add_parser("fit-subspace", help=HELP)
     add_field(p, FitSubspaceConfig, "dataset", required=True)
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.cli.commands.options import set_fields
     from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.errors import InputError
-    from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace
+    from weightzoo.tasks.subspace.config import SubspaceConfig
+    from weightzoo.tasks.subspace.pca import fit_subspace
 
     if args.no_prefect and (args.task_runner == "dask" or args.dask_address):
         raise InputError("--task-runner dask / --dask-address run the tasks through Prefect; drop --no-prefect")

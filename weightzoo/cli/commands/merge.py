@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.errors import InputError
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.finetune.export import export_merged
-    from weightzoo.tasks.finetune.recipes import RECIPES
+    from weightzoo.tasks.finetune.recipes import NAMES
 
     if len(set(args.ids)) != len(args.ids):
         raise InputError(f"--ids repeats an id: {args.ids}")
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"ids not committed in {args.dataset}: {missing}")
     rows = [ds.row(i) for i in args.ids]
     methods = {meta["method"] for meta, _ in rows}
-    not_lora = sorted(m for m in methods if m not in RECIPES or not RECIPES[m].lora_family)
+    not_lora = sorted(m for m in methods if m not in NAMES or not NAMES[m].lora_family)
     if not_lora:
         raise InputError(f"merge sums LoRA rows; these rows are {', '.join(not_lora)}")
     path = export_merged([(w, meta["hparams"]) for meta, w in rows], ds.layout, args.out,

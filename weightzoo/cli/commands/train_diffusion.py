@@ -12,7 +12,7 @@ FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps
 
 def register(sub: argparse._SubParsersAction) -> None:
     from weightzoo.cli.commands.options import add_field, add_fields
-    from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig
+    from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 
     p = sub.add_parser("train-diffusion", help=HELP)
     for name in ("dataset", "base", "out"):
@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from weightzoo.cli.commands.options import set_fields
     from weightzoo.cli.progress import Bar, terminal_progress
-    from weightzoo.tasks.diffusion.generator import WeightDiffusionConfig, train_weight_diffusion
+    from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
+    from weightzoo.tasks.diffusion.generator import train_weight_diffusion
     from weightzoo.tasks.progress import report
 
     config = WeightDiffusionConfig(dataset=args.dataset, base=args.base, out=args.out, **set_fields(args, FIELDS))

@@ -1,0 +1,58 @@
+"""``WeightDiffusionConfig`` (a weight-diffusion run) and the denoiser's user-chosen size, free of torch:
+the CLI builds ``train-diffusion``'s flags from them and the flows' config names them, without importing
+the generator.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The text a row is conditioned on: its prompt, or its prompt then its attributes as 'key value' pairs.
+Condition = Literal["prompt", "prompt+attributes"]
+
+
+class DenoiserSize(BaseModel):
+    """The denoiser's size, as a user chooses it (a weight-diffusion run's config inherits these fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Small on purpose: datasets have tens to thousands of models, each one training example.
+    width: int = Field(128, ge=8, description="Denoiser transformer width.")
+    depth: int = Field(3, ge=1, description="Denoiser transformer layers (self-attention, cross-attention, MLP).")
+    heads: int = Field(4, ge=1, description="Denoiser attention heads.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout in the denoiser's attention and MLP.")
+
+
+class WeightDiffusionConfig(DenoiserSize):
+    """Everything that defines a weight-diffusion training run (the flow's form; saved as config.json).
+    The denoiser's size fields (width, depth, heads, dropout) come from ``DenoiserSize``."""
+
+    dataset: str = Field(description="Dataset URI (local path or s3://...) of fine-tuned rows.")
+    base: str = Field(description="The base model URI: its tokenizer and text encoder embed the condition.")
+    out: str = Field(description="Model folder URI (created; a rerun resumes from its last checkpoint).")
+    # -- data ----------------------------------------------------------------------------------------
+    # 256 values per token: SD 1.5's 99,648-value rank-1 LoRA becomes 390 tokens, the tiny model's ~20.
+    block_size: int = Field(256, ge=1, description="Values per block; the last block is zero-padded and masked.")
+    # Synthetic subjects all share "sks person"; their attributes are what tells them apart.
+    condition: Condition | Literal["structured"] = Field(
+        "prompt+attributes", description="Text condition: 'prompt' or 'prompt+attributes' (prompt, then 'key value' "
+        "pairs); or 'structured': attributes as numbers and one-hots (no text encoder; `base` is not read).",
+    )
+    stats: str | None = Field(None, description="A subspace.safetensors with mean/std to reuse; default: computed on the training rows.")
+    holdout_ids: tuple[str, ...] = Field((), description="Ids never trained on (kept for evaluation).")
+    holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of ids held out at random (with split_seed).")
+    split_seed: int = Field(0, ge=0, description="Seed of the random held-out choice.")
+    # -- optimisation -------------------------------------------------------------------------------
+    steps: int = Field(2000, ge=1, description="Optimiser steps (total, including any resumed ones).")
+    batch_size: int = Field(32, ge=1, description="Models per step (drawn with replacement).")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate, after a linear warm-up.")
+    lr_warmup_steps: int = Field(100, ge=0, description="Linear learning-rate warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    seed: int = Field(0, ge=0, description="Seed of the init and of every step's batch, timesteps and noise.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints (one is always written at the end).")
+    device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    # bf16 autocast on CUDA: the attention and MLP matmuls run at tensor-core speed; weights stay fp32.
+    mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="'auto': bf16 autocast on CUDA only.")
