@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from weightzoo.errors import short
 from weightzoo.storage.fs import UnsafeIdError, check_id
 from weightzoo.tasks.finetune.contract import RowRules
 from weightzoo.tasks.finetune.images import DEFAULT_IMAGE_OPTIONS, ImageConfig, UnusableImageError, load_image
@@ -44,7 +45,7 @@ def _check_id(row_id: str) -> str | None:
     try:
         check_id(row_id)
     except UnsafeIdError as e:
-        return str(e).replace(f"id {row_id!r}", "id", 1)  # the problem line already names the id
+        return str(e).replace(f"id {short(repr(row_id))}", "id", 1)  # the problem line already names the id
     return None
 
 

@@ -193,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightzooError, ValidationError) as e:  # user errors: one line; anything else keeps its traceback
         _print_error(args, e)
         return 2
+    except Exception as e:  # a storage fault (credentials, endpoint, bucket) is one line too; a bug is not
+        from weightzoo.storage.health import storage_fault
+
+        fault = storage_fault(e, getattr(args, "dataset", None) or getattr(args, "path", None) or "the dataset")
+        if fault is None:
+            raise
+        _print_error(args, fault)
+        return 2
 
 
 if __name__ == "__main__":
