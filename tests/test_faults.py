@@ -197,3 +197,59 @@ def test_manifest_validation_streams_in_chunks_and_checks_each_shared_image_once
         load_and_validate(str(tmp_path / "bad.jsonl"))
     found = {(p.row, p.reason.split(":")[0]) for p in e.value.problems}
     assert found == {(n, "duplicate id"), (CHUNK_ROWS + 2, "image cannot be decoded"), (4, "image cannot be decoded")}
+
+
+# -- shards and outputs --------------------------------------------------------------------------------
+
+
+def _matrix_dataset(uri: str, rows: int = 40, shard_rows: int = 20) -> list[str]:
+    """A real dataset of ``rows`` random rows in shards of ``shard_rows`` (no training); its shard paths."""
+    import torch
+
+    from weightzoo.storage.layout import Layout
+    from weightzoo.storage.shards import RowMeta
+    from weightzoo.storage.writer import commit_batch
+
+    x = np.random.default_rng(0).standard_normal((rows, 64)).astype(np.float32)
+    layout, ledger = Layout(("w",), ((64,),), "float32"), Ledger(uri)
+    for start in range(0, rows, shard_rows):
+        metas = [RowMeta(f"r{i:05d}") for i in range(start, start + shard_rows)]
+        commit_batch(ledger, f"b{start:05d}", layout, metas, layout.to_numpy(torch.from_numpy(x[start:start + shard_rows])))
+    return sorted(c.shard for c in ledger.commits())
+
+
+def test_a_tampered_layout_in_a_shard_footer_is_one_line_naming_the_shard(
+    tmp_path: Path, prefect_harness: None, capsys: pytest.CaptureFixture
+) -> None:
+    import pyarrow.parquet as pq
+
+    from weightzoo.storage.shards import LAYOUT_KEY
+
+    dataset = str(tmp_path / "ds")
+    shard = _matrix_dataset(dataset)[1]
+    table = pq.read_table(Path(dataset) / shard)
+    meta = {**table.schema.metadata, LAYOUT_KEY: b'{"entries": [["w", [64]]], "dtype": '}
+    pq.write_table(table.replace_schema_metadata(meta), Path(dataset) / shard)
+    assert cli(["fit-subspace", "--dataset", dataset, "--out", str(tmp_path / "sub"), "--components", "2"]) == 2
+    line = _error_line(capsys, "fit-subspace")
+    assert f"shard {shard} has an unreadable layout in its footer" in line and "verify --repair" in line
+    assert len(Ledger(dataset).commits()) == 2 and sum(len(c.ids) for c in Ledger(dataset).commits()) == 40
+
+
+def test_export_onto_an_existing_file_is_one_line(
+    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
+    from weightzoo.tasks.finetune.config import FinetuneConfig
+
+    manifest, dataset = _manifest(tmp_path, 1), str(tmp_path / "ds")
+    ids = [json.loads(line)["id"] for line in Path(manifest).read_text().splitlines()]
+    run_batch(batch_id_for(ids), ids, manifest, str(tiny_base), dataset, FinetuneConfig(**TINY_FINETUNE))
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    for fmt in ("diffusers", "peft"):
+        assert cli(["export", "--dataset", dataset, "--id", ids[0], "--out", str(taken), "--format", fmt]) == 2
+        line = _error_line(capsys, "export")
+        assert f"--out {taken} is an existing file" in line
+    assert taken.read_text() == "mine"
+    assert _visible(dataset) == (1, 1)
