@@ -50,27 +50,35 @@ def leased_batches(ledger: Ledger) -> set[str]:
     return out
 
 
+def _stat(pid: int) -> list[bytes] | None:
+    """Fields 3 on of /proc/<pid>/stat (state, ppid, ...), or None where /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()  # the name before ")" may hold spaces
+    except OSError:
+        return None
+
+
 def process_start(pid: int) -> int | None:
     """When process ``pid`` started (clock ticks since boot, Linux), so a reused pid is told from the
     original; None where /proc cannot say (another OS, or no such process)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return int(stat.rsplit(b")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+    stat = _stat(pid)
+    return int(stat[19]) if stat else None  # field 22
 
 
 def process_gone(pid: int, started: int | None) -> bool:
-    """True when process ``pid`` of this host no longer runs, or its pid now belongs to a later process."""
+    """True when process ``pid`` of this host no longer runs (or is a zombie), or its pid now belongs to a
+    later process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:  # it runs, as another user
         pass
-    now = process_start(pid)
-    return started is not None and now is not None and now != started
+    stat = _stat(pid)
+    if stat is None:
+        return False
+    return stat[0] == b"Z" or started is not None and int(stat[19]) != started
 
 
 def new_holder() -> str:

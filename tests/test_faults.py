@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,62 @@ def test_export_onto_an_existing_file_is_one_line(
         assert f"--out {taken} is an existing file" in line
     assert taken.read_text() == "mine"
     assert _visible(dataset) == (1, 1)
+
+
+# -- Prefect's temporary server ------------------------------------------------------------------------
+
+
+EPHEMERAL = """
+import time
+from weightzoo.cli.server import mark_process
+mark_process()
+from prefect.server.api.server import SubprocessASGIServer
+server = SubprocessASGIServer()
+server.start()
+print(server.server_process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_commands_temporary_server_is_reaped_by_the_next(
+    tmp_path: Path, prefect_home: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from weightzoo.storage.lease import process_gone, process_start
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = subprocess.Popen([sys.executable, "-c", EPHEMERAL], stdout=subprocess.PIPE, text=True, env=env)
+    server = int(command.stdout.readline())
+    started = process_start(server)
+    command.kill()  # kill -9: no atexit, so Prefect's own stop never runs
+    command.wait()
+    assert not process_gone(server, started)  # left running, as before
+    dataset = str(tmp_path / "ds")
+    assert cli(["status", "--dataset", dataset]) == 2  # any next command reaps it
+    assert "no dataset at" in _error_line(capsys, "status")
+    for _ in range(300):  # SIGTERM'd: uvicorn shuts down in about a second
+        if process_gone(server, started):
+            break
+        time.sleep(0.1)
+    assert process_gone(server, started)
+    assert _visible(dataset) == (0, 0)
+
+
+def test_a_prefect_api_time_out_is_one_line_suggesting_serve(tmp_path: Path) -> None:
+    """A Prefect API that accepts connections and never answers (as a server under load), with a short timeout."""
+    dataset = str(tmp_path / "ds")
+    _matrix_dataset(dataset)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    api = f"http://127.0.0.1:{silent.getsockname()[1]}/api"
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_API_REQUEST_TIMEOUT": "1", "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    try:
+        out = subprocess.run([sys.executable, "-m", "weightzoo.cli", "fit-subspace", "--dataset", dataset, "--out",
+                              str(tmp_path / "sub"), "--components", "2"], capture_output=True, text=True, env=env,
+                             timeout=300)
+    finally:
+        silent.close()
+    lines = [line for line in out.stderr.splitlines() if line.startswith("weightzoo fit-subspace: error:")]
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert api in lines[0] and "did not answer in time" in lines[0] and "weightzoo serve" in lines[0]
+    assert _visible(dataset) == (40, 40)

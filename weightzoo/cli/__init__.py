@@ -24,6 +24,7 @@ from weightzoo.cli.commands.options import HELP_FORMATTER
 from weightzoo.cli.paths import absolute_paths, check_out
 from weightzoo.cli.progress import HIDDEN
 from weightzoo.cli.quiet import LOG_FORMATS, quiet
+from weightzoo.cli.server import mark_process, reap_orphan_servers
 from weightzoo.errors import WeightzooError
 
 # Set before prefect/transformers are imported: no telemetry calls from a closed network, no noise.
@@ -171,6 +172,8 @@ def _early(argv: list[str], command: str | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    mark_process()  # a temporary Prefect server this command starts is reaped by the next, should this one be killed
+    reap_orphan_servers()
     command = next((a for a in argv if a in COMMANDS), None)
     early = _early(argv, command)
     quiet(verbose=early.verbose, errors_only=early.quiet, log_format=early.log_format)
@@ -193,10 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightzooError, ValidationError) as e:  # user errors: one line; anything else keeps its traceback
         _print_error(args, e)
         return 2
-    except Exception as e:  # a storage fault (credentials, endpoint, bucket) is one line too; a bug is not
+    except Exception as e:  # a storage or Prefect API fault is one line too; a bug is not
+        from weightzoo.cli.server import prefect_fault
         from weightzoo.storage.health import storage_fault
 
-        fault = storage_fault(e, getattr(args, "dataset", None) or getattr(args, "path", None) or "the dataset")
+        target = getattr(args, "dataset", None) or getattr(args, "path", None) or "the dataset"
+        fault = prefect_fault(e) or storage_fault(e, target)
         if fault is None:
             raise
         _print_error(args, fault)
