@@ -1,6 +1,6 @@
 """Manifest validation at scale: N rows that share a few images, wall seconds and peak RSS, in one run.
 
-    python bench/manifest.py [--rows 100000] [--images 4] [--size 512] [--baseline REF --baseline-rows 10000]
+    python bench/manifest.py [--rows 100000] [--images 4] [--size 512] [--baseline REF --baseline-rows 5000]
 
 Writes ``--images`` PNGs and a JSONL manifest of ``--rows`` rows, each naming every image (the probe's case:
 the same 4 images on every row), then validates it with ``load_and_validate`` in a child process and prints
@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--size", type=int, default=256, help="Side of each square test image in pixels.")
     ap.add_argument("--baseline", default=None, help="A git commit whose validation to compare with.")
-    ap.add_argument("--baseline-rows", type=int, default=10_000)
+    ap.add_argument("--baseline-rows", type=int, default=5_000)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     try:
