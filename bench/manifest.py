@@ -28,7 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The child validates and reports its own peak RSS; it imports whichever weightzoo comes first on its path.
 CHILD = """
 import sys, time
+import weightzoo.tasks.finetune.manifest as m
 from weightzoo.tasks.finetune.manifest import load_and_validate
+print(m.__file__, file=sys.stderr)
 t = time.perf_counter()
 rows = load_and_validate(sys.argv[1])
 wall = time.perf_counter() - t
@@ -71,7 +73,9 @@ def validate(manifest: str, pythonpath: str | None) -> tuple[int, int, float, fl
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    out = subprocess.run([sys.executable, "-c", CHILD, manifest], check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", CHILD, manifest], check=True, capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(manifest))  # not the repository: its weightzoo/ would come first
+    assert pythonpath is None or pythonpath in out.stderr, out.stderr  # the baseline ran the baseline's code
     rows, ids, wall, hwm = out.stdout.split()
     return int(rows), int(ids), float(wall), float(hwm)
 

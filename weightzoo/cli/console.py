@@ -9,6 +9,7 @@ so only the terminal drops those records: the API, and so the UI, still gets eve
 from __future__ import annotations
 
 import logging
+import re
 
 from prefect.logging.handlers import PrefectConsoleHandler
 
@@ -25,7 +26,8 @@ def user_error(record: logging.LogRecord) -> bool:
 
 def _names_user_error(message: str) -> bool:
     """Prefect's "Finished in state Failed('... CorruptShardError: ...')" lines carry only the class name."""
-    return any(f"{cls.__name__}" in message for cls in _user_error_classes())
+    names = "|".join(cls.__name__ for cls in _user_error_classes())
+    return re.search(rf"\b({names})\b", message) is not None
 
 
 def _user_error_classes() -> list[type]:
