@@ -190,7 +190,7 @@ def load_and_validate(
     if (first := next(raw, None)) is None:
         raise ManifestError([], source=uri, message=f"the manifest {uri} has no rows")
     try:
-        return validate_manifest(itertools.chain([first], raw), manifest_folder(uri), max_workers=max_workers, image_options=image_options,
-                                 rules=rules)
+        return validate_manifest(itertools.chain([first], raw), manifest_folder(uri), max_workers=max_workers,
+                                 image_options=image_options, rules=rules)
     except ManifestError as e:
         raise ManifestError(e.problems, source=uri) from None
