@@ -119,7 +119,7 @@ def probe(uri: str, storage_options: StorageOptions = None) -> None:
     try:
         fs.info(bucket)
     except FileNotFoundError:
-        raise StorageError(f"storage of {redact(uri)} cannot be used: no such bucket "
-                           f"{redact(uri.split('://', 1)[0] + '://' + bucket)}: create it or fix the name") from None
+        raise StorageError(f"storage of {redact(uri)} cannot be used: no such bucket: "
+                           f"{redact(uri.split('://', 1)[0] + '://' + bucket)} (create it or fix the name)") from None
     except Exception as e:  # classified by cause; anything else is a bug and keeps its traceback
         raise storage_fault(e, uri) or e from None

@@ -129,11 +129,23 @@ def _print_error(args: argparse.Namespace, exc: Exception) -> None:
         print(f"weightzoo {args.command}: error: {text}", file=sys.stderr)
 
 
+def _probe_storage(args: argparse.Namespace) -> None:
+    """A dataset on an object store is asked once, fast, before the command touches it: an endpoint
+    nothing listens on, refused credentials or a missing bucket is one line in seconds, not after the
+    store client's own retries (11 s and more per request)."""
+    dataset = getattr(args, "dataset", None)
+    if isinstance(dataset, str) and "://" in dataset:
+        from weightzoo.storage.health import probe
+
+        probe(dataset)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Paths made absolute, ``--out`` checked, then the command; with --quiet its stdout is dropped
     unless it prints what --json asked for."""
     absolute_paths(args)
     check_out(args)
+    _probe_storage(args)
     if not args.quiet or getattr(args, "json", False):
         return int(args.func(args) or 0)
     with open(os.devnull, "w") as devnull:
