@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from weightzoo.storage.fs import check_id, join, write_bytes
 from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.procs import process_gone, process_start
 
 LEASES = "ledger/leases"
 # A batch's lease outlives a killed holder by at most this long (renewed every third of it while training);
@@ -48,37 +49,6 @@ def leased_batches(ledger: Ledger) -> set[str]:
         if state is None or state.live():
             out.add(name.rsplit("/", 1)[-1].removesuffix(".json"))
     return out
-
-
-def _stat(pid: int) -> list[bytes] | None:
-    """Fields 3 on of /proc/<pid>/stat (state, ppid, ...), or None where /proc cannot say."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()  # the name before ")" may hold spaces
-    except OSError:
-        return None
-
-
-def process_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, Linux), so a reused pid is told from the
-    original; None where /proc cannot say (another OS, or no such process)."""
-    stat = _stat(pid)
-    return int(stat[19]) if stat else None  # field 22
-
-
-def process_gone(pid: int, started: int | None) -> bool:
-    """True when process ``pid`` of this host no longer runs (or is a zombie), or its pid now belongs to a
-    later process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # it runs, as another user
-        pass
-    stat = _stat(pid)
-    if stat is None:
-        return False
-    return stat[0] == b"Z" or started is not None and int(stat[19]) != started
 
 
 def new_holder() -> str:

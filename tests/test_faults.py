@@ -274,7 +274,7 @@ time.sleep(600)
 def test_a_killed_commands_temporary_server_is_reaped_by_the_next(
     tmp_path: Path, prefect_home: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from weightzoo.storage.lease import process_gone, process_start
+    from weightzoo.storage.procs import process_gone, process_start
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     command = subprocess.Popen([sys.executable, "-c", EPHEMERAL], stdout=subprocess.PIPE, text=True, env=env)

@@ -14,7 +14,7 @@ import os
 import signal
 
 from weightzoo.errors import WeightzooError
-from weightzoo.storage.lease import process_gone, process_start
+from weightzoo.storage.procs import process_gone, process_start
 from weightzoo.storage.retry import chain
 
 PARENT = "WEIGHTZOO_CLI_PROCESS"  # "<pid>:<start time>" of the command a temporary server belongs to
