@@ -28,6 +28,7 @@ from weightzoo.flows.finetune_batch import finetune_batch
 from weightzoo.storage import card
 from weightzoo.storage.card import Recipe
 from weightzoo.storage.fs import redact
+from weightzoo.storage.health import probe
 from weightzoo.storage.lease import Lease
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.retry import describe, with_retries
@@ -320,6 +321,7 @@ def build_dataset(config: BuildConfig) -> dict[str, Any]:
     Failed (``BuildIncomplete``) unless every id is committed."""
     logger = get_run_logger()
     ids = validate(config)
+    probe(config.dataset)  # an unreachable store, refused credentials, no bucket: one line, before any batch
     ledger = Ledger(config.dataset)
     check_recipe(config, ledger)
     batches = plan(config, ledger, ids)

@@ -18,7 +18,7 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from weightzoo.errors import InputError
+from weightzoo.errors import InputError, short
 
 StorageOptions = Mapping[str, Any] | None
 
@@ -38,12 +38,12 @@ def check_id(item_id: str) -> str:
     if not isinstance(item_id, str) or not item_id:
         raise UnsafeIdError("id is empty")
     if "/" in item_id or "\\" in item_id:
-        raise UnsafeIdError(f"id {item_id!r} contains a path separator")
+        raise UnsafeIdError(f"id {short(repr(item_id))} contains a path separator")
     if ".." in item_id:
-        raise UnsafeIdError(f"id {item_id!r} contains '..'")
+        raise UnsafeIdError(f"id {short(repr(item_id))} contains '..'")
     if not _SAFE_ID.fullmatch(item_id):
         raise UnsafeIdError(
-            f"id {item_id!r} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"id {short(repr(item_id))} must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
     return item_id
 

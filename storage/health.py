@@ -1,17 +1,31 @@
-"""Why a dataset's storage cannot take a build: missing, no such bucket, read-only, (almost) full.
+"""Why a dataset's storage cannot take a build: missing, no such bucket, read-only, (almost) full,
+unreachable, credentials refused.
 
 A build that fails for one of these reasons may not be able to record why in the dataset itself (a
 read-only or full disk refuses the failure record too), so ``weightzoo status`` asks the storage.
+``probe`` asks an object store once, fast, before a build's first batch (a missing bucket used to be
+found after every batch had tried it), and ``storage_fault`` turns a storage exception into one line
+naming the URI and the likely cause.
 """
 
 from __future__ import annotations
 
 import os
 
-from weightzoo.errors import CorruptShardError
+from weightzoo.errors import CorruptShardError, StorageError, short
 from weightzoo.storage.card import read_card
 from weightzoo.storage.fs import StorageOptions, filesystem, is_local, redact
 from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.retry import chain
+
+# The probe connects once, for at most this long, with no retries: an endpoint nothing listens on is
+# answered in seconds (s3fs's own 5 retries with backoff took 11 s), while a build's reads keep theirs.
+PROBE_CONNECT_S = 3.0
+PROBE_READ_S = 10.0
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                "ServerTimeoutError", "ProxyConnectionError", "NewConnectionError"}
+_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "ExpiredToken",
+            "InvalidToken", "does not exist in our records")
 
 # Below this, a shard of any real batch will not fit: warn before a build finds out after training.
 LOW_SPACE_BYTES = 64 << 20
@@ -53,3 +67,59 @@ def card_problems(ledger: Ledger) -> list[str]:
     except CorruptShardError as e:
         return [f"{e}: run weightzoo verify --repair"]
     return []
+
+
+def _cause(exc: BaseException, remote: bool) -> str | None:
+    """The likely cause of a storage exception, as advice; None for one that is not about the storage."""
+    causes = list(chain(exc))
+    names = {c.__name__ for e in causes for c in type(e).__mro__}
+    text = " ".join(str(e) for e in causes)
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+    unreachable = [e for e in causes if {c.__name__ for c in type(e).__mro__} & _UNREACHABLE]
+    if unreachable or isinstance(exc, ConnectionRefusedError):
+        return ("the endpoint does not answer: check AWS_ENDPOINT_URL (or endpoint_url) and that the server "
+                f"runs ({short((unreachable or causes)[0], 160)})")
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return "no such bucket: create it or fix the name"
+    if not remote:
+        return f"permission denied ({short(text, 120)})" if isinstance(exc, PermissionError) else None
+    if any(isinstance(e, PermissionError) for e in causes) or any(word in text for word in _REFUSED):
+        return f"the credentials were refused: check the access key, secret and region ({short(text, 120)})"
+    return None
+
+
+def storage_fault(exc: BaseException, uri: str) -> StorageError | None:
+    """``exc`` as one line naming ``uri`` and the likely cause (credentials, endpoint, bucket), or None
+    when it is not a storage fault (a bug keeps its traceback)."""
+    if isinstance(exc, StorageError):
+        return exc
+    why = _cause(exc, "://" in str(uri) and not str(uri).startswith("file://"))
+    return StorageError(f"storage of {redact(uri)} cannot be used: {why}") if why else None
+
+
+def _probe_options(storage_options: StorageOptions) -> dict:
+    options = dict(storage_options or {})
+    config = {**options.get("config_kwargs", {}), "connect_timeout": PROBE_CONNECT_S, "read_timeout": PROBE_READ_S,
+              "retries": {"max_attempts": 1}}
+    return {**options, "config_kwargs": config, "skip_instance_cache": True}
+
+
+def probe(uri: str, storage_options: StorageOptions = None) -> None:
+    """Raise one-line ``StorageError`` if the object store holding ``uri`` cannot be reached, refuses the
+    credentials or has no such bucket: one bounded request, before any batch. Local paths pass (their
+    read-only or full disks are reported per batch and by ``status``)."""
+    fs, path = filesystem(uri, storage_options)
+    if is_local(fs):
+        return
+    if "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
+        fs, path = filesystem(uri, _probe_options(storage_options))
+        fs.retries = 1  # s3fs retries a refused connection 5 times with backoff on its own
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise StorageError(f"storage of {redact(uri)} cannot be used: no such bucket: "
+                           f"{redact(uri.split('://', 1)[0] + '://' + bucket)} (create it or fix the name)") from None
+    except Exception as e:  # classified by cause; anything else is a bug and keeps its traceback
+        raise storage_fault(e, uri) or e from None

@@ -2,7 +2,8 @@
 
 ``ledger/leases/<batch>.json`` holds a holder and an expiry. A batch takes its lease before training and
 renews it while it trains (a background thread); another build skips a batch leased by a live holder and
-takes over an expired one (its holder was killed). Leases save GPU time only: exactly-once visibility
+takes over an expired one (its holder was killed), or at once one whose holder was a process on this host
+that is gone (its pid no longer runs, or now belongs to a process started later). Leases save GPU time only: exactly-once visibility
 stays the ledger's job, so a lost race costs one duplicate training, never a duplicate row.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from weightzoo.storage.fs import check_id, join, write_bytes
 from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.procs import process_gone, process_start
 
 LEASES = "ledger/leases"
 # A batch's lease outlives a killed holder by at most this long (renewed every third of it while training);
@@ -38,12 +40,13 @@ def leased_batches(ledger: Ledger) -> set[str]:
     except FileNotFoundError:
         return set()
     blobs = ledger.fs.cat(names, on_error="omit") if names else {}  # a lease released meanwhile: omitted
-    now, out = time.time(), set()
+    out = set()
     for name, blob in blobs.items():
         try:
-            if float(json.loads(blob)["expires"]) > now:
-                out.add(name.rsplit("/", 1)[-1].removesuffix(".json"))
+            state = LeaseState.parse(blob)
         except (ValueError, KeyError, TypeError):  # torn: its writer rewrites it within a renewal
+            state = None
+        if state is None or state.live():
             out.add(name.rsplit("/", 1)[-1].removesuffix(".json"))
     return out
 
@@ -57,6 +60,23 @@ def new_holder() -> str:
 class LeaseState:
     holder: str
     expires: float  # epoch seconds
+    host: str | None = None  # where the holder runs, its pid and that process's start time (older leases: None)
+    pid: int | None = None
+    started: int | None = None
+
+    @classmethod
+    def parse(cls, blob: bytes) -> LeaseState:
+        d = json.loads(blob)
+        pid, started = d.get("pid"), d.get("started")
+        return cls(str(d["holder"]), float(d["expires"]), d.get("host"),
+                   int(pid) if pid is not None else None, int(started) if started is not None else None)
+
+    def holder_dead(self) -> bool:
+        """The holder was a process on this host that is gone: its lease need not be waited out."""
+        return self.host == socket.gethostname() and self.pid is not None and process_gone(self.pid, self.started)
+
+    def live(self) -> bool:
+        return self.expires > time.time() and not self.holder_dead()
 
 
 class Lease:
@@ -69,15 +89,15 @@ class Lease:
 
     def read(self) -> LeaseState | None:
         try:
-            d = json.loads(self.ledger.fs.cat_file(self.path))
-            return LeaseState(str(d["holder"]), float(d["expires"]))
+            return LeaseState.parse(self.ledger.fs.cat_file(self.path))
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError):  # a torn or foreign file: treat as expired, it gets rewritten
             return None
 
     def _write(self) -> None:
-        body = {"holder": self.holder, "expires": time.time() + self.ttl_s, "batch": self.batch}
+        body = {"holder": self.holder, "expires": time.time() + self.ttl_s, "batch": self.batch,
+                "host": socket.gethostname(), "pid": os.getpid(), "started": process_start(os.getpid())}
         write_bytes(self.ledger.fs, self.path, json.dumps(body).encode(), durable=False)
 
     def _ours(self, state: LeaseState) -> bool:
@@ -88,7 +108,7 @@ class Lease:
         """Take the lease unless a live other holder has it; after writing, wait ``settle_s`` and read it
         back, so of two builds taking it at once, the one whose write landed last keeps it."""
         state = self.read()
-        if state is not None and not self._ours(state) and state.expires > time.time():
+        if state is not None and not self._ours(state) and state.live():
             return False
         self._write()
         time.sleep(settle_s)
@@ -106,7 +126,7 @@ class Lease:
 
     def held_by_other(self) -> bool:
         state = self.read()
-        return state is not None and state.holder != self.holder and state.expires > time.time()
+        return state is not None and state.holder != self.holder and state.live()
 
 
 @contextlib.contextmanager

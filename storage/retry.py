@@ -48,7 +48,8 @@ def _lost_temp(exc: BaseException) -> bool:
     return isinstance(exc, FileNotFoundError) and ("/_tmp/" in name or ".tmp-" in name)
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes, outermost first (each once, should the chain loop)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -71,7 +72,7 @@ def is_transient(exc: BaseException) -> bool:
     error, a file this writer had just written gone missing (a racing gc)."""
     if is_permanent(exc):
         return False
-    for e in _chain(exc):
+    for e in chain(exc):
         if isinstance(e, LostWriteError) or _lost_temp(e):
             return True
         names = {c.__name__ for c in type(e).__mro__}

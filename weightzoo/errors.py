@@ -25,3 +25,22 @@ class RecipeMismatchError(WeightzooError, ValueError):
 
 class CorruptShardError(WeightzooError, OSError):
     """A committed shard (or ledger file) is not what its ledger entry says: missing, resized or changed."""
+
+
+class StorageError(WeightzooError, OSError):
+    """A dataset's storage cannot be used: unreachable endpoint, refused credentials, no such bucket."""
+
+
+# An id, URI or value quoted in a message is cut to this many characters: a 10,000-character id echoed
+# in every line of an error made it 52 KB.
+QUOTE_LIMIT = 80
+
+
+def short(text: object, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` as a string of at most ``limit`` characters, its middle cut to an ellipsis (its start and
+    end are what tell two ids apart), with the full length said, for quoting in messages."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = limit - 1
+    return f"{text[: keep - keep // 3]}…{text[len(text) - keep // 3:]} ({len(text):,} chars)"

@@ -109,6 +109,14 @@ def export_peft(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dic
     return str(out_dir)
 
 
+def _refuse_file_as_folder(out: str, fmt: str) -> None:
+    """An existing file where a folder is to be written: one line, not a NotADirectoryError from deep in a write."""
+    fs, path = filesystem(str(out))
+    if not str(out).endswith(".safetensors") and fs.isfile(path):
+        raise InputError(f"--out {out} is an existing file; --format {fmt} writes a folder there "
+                         "(or give a path ending in .safetensors)")
+
+
 def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str, fmt: str = "diffusers") -> str:
     """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder).
 
@@ -121,6 +129,7 @@ def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, ou
         if fmt != "diffusers":
             raise InputError(f"--format {fmt} is for LoRA rows; a {recipe.name} row exports as its own file (diffusers)")
         return recipe.export(weights, layout, hparams, out)
+    _refuse_file_as_folder(out, fmt)
     if fmt == "diffusers":
         return export_lora(weights, layout, hparams, out)
     if fmt == "peft":

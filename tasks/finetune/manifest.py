@@ -11,16 +11,18 @@ exactly as it was checked. The format and the image rules are documented in docs
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import ValidationError
 
+from weightzoo.errors import short
 from weightzoo.storage.fs import UnsafeIdError, check_id
 from weightzoo.tasks.finetune.contract import RowRules
 from weightzoo.tasks.finetune.images import DEFAULT_IMAGE_OPTIONS, ImageConfig, UnusableImageError, load_image
-from weightzoo.tasks.finetune.readers import read_raw_manifest
+from weightzoo.tasks.finetune.readers import iter_raw_manifest
 from weightzoo.tasks.finetune.row import (
     IMAGE_SUFFIXES,
     ManifestError,
@@ -34,6 +36,8 @@ from weightzoo.tasks.finetune.row import (
 # Image checks are bound by storage latency (an S3 GET is ~10-50 ms), not by CPU, so many threads pay off.
 VALIDATE_WORKERS = 16
 DEFAULT_RULES = RowRules()
+# Rows parsed and checked at a time: enough to keep the image threads busy, few enough to stream.
+CHUNK_ROWS = 2048
 
 
 def _check_id(row_id: str) -> str | None:
@@ -41,7 +45,7 @@ def _check_id(row_id: str) -> str | None:
     try:
         check_id(row_id)
     except UnsafeIdError as e:
-        return str(e).replace(f"id {row_id!r}", "id", 1)  # the problem line already names the id
+        return str(e).replace(f"id {short(repr(row_id))}", "id", 1)  # the problem line already names the id
     return None
 
 
@@ -87,8 +91,66 @@ def _check_image(uri: str, options: ImageConfig) -> str | None:
     return None
 
 
+def _image_verdicts(uris: Iterable[str], options: ImageConfig, pool: ThreadPoolExecutor) -> dict[str, str | None]:
+    """Each distinct image URI checked once: manifests often share images across rows (a class set, a style
+    reference), and decoding per mention made 100,000 rows over 4 images take minutes and gigabytes."""
+    distinct = list(dict.fromkeys(uris))
+    return dict(zip(distinct, pool.map(lambda uri: _check_image(uri, options), distinct), strict=True))
+
+
+class _Pass:
+    """One validation pass over chunks of rows: what must outlive a chunk (ids seen, each image's verdict,
+    the good rows, the problems) and nothing else, so a manifest of any length is checked in bounded memory."""
+
+    def __init__(self, base_uri: str | None, options: ImageConfig, rules: RowRules, pool: ThreadPoolExecutor):
+        self.base_uri, self.options, self.rules, self.pool = base_uri, options, rules, pool
+        self.first_seen: dict[str, int] = {}
+        self.verdicts: dict[str, str | None] = {}
+        self.rows: list[ManifestRow] = []
+        self.problems: list[ManifestProblem] = []
+        self.done = 0
+
+    def _id_problems(self, ids: list[str | None], problems: list[list[ManifestProblem]]) -> None:
+        for n, rid in enumerate(ids, start=self.done + 1):
+            if rid is None:
+                continue
+            if (why := _check_id(rid)) is not None:
+                problems[n - self.done - 1].append(ManifestProblem(n, rid, why))
+            if rid in self.first_seen:
+                why = f"duplicate id: already used by row {self.first_seen[rid]}"
+                problems[n - self.done - 1].append(ManifestProblem(n, rid, why))
+            else:
+                self.first_seen[rid] = n
+
+    def _image_problems(self, chunk: Sequence[Any], rows: list[ManifestRow | None], ids: list[str | None],
+                        problems: list[list[ManifestProblem]]) -> None:
+        probes = [row if row is not None else _image_probe(entry) for row, entry in zip(rows, chunk, strict=True)]
+        present = [(i, probe) for i, probe in enumerate(probes) if probe is not None]
+        listed = list(self.pool.map(lambda item: _list_images(item[1], self.base_uri, self.rules), present))
+        fresh = (uri for uris, _ in listed for uri in uris if uri not in self.verdicts)
+        self.verdicts.update(_image_verdicts(fresh, self.options, self.pool))
+        for (i, _), (uris, why) in zip(present, listed, strict=True):
+            for reason in [why, *(self.verdicts[uri] for uri in uris)]:
+                if reason is not None:
+                    problems[i].append(ManifestProblem(self.done + i + 1, ids[i], reason))
+
+    def check(self, chunk: Sequence[ManifestRow | Mapping[str, Any] | ManifestProblem]) -> None:
+        """Parse and check one chunk of rows, numbered on from the rows checked before it."""
+        rows, parsed, ids = parse_rows(chunk)
+        problems = [[p._replace(row=p.row + self.done) for p in ps] for ps in parsed]
+        self._id_problems(ids, problems)
+        for i, row in enumerate(rows):
+            if row is not None:
+                problems[i] += [ManifestProblem(self.done + i + 1, row.id, why)
+                                for why in self.rules.problems(row, self.base_uri)]
+        self._image_problems(chunk, rows, ids, problems)
+        self.problems += [p for ps in problems for p in ps]
+        self.rows += [r for r in rows if r is not None]
+        self.done += len(chunk)
+
+
 def validate_manifest(
-    rows_or_raw: Sequence[ManifestRow | Mapping[str, Any] | ManifestProblem],
+    rows_or_raw: Iterable[ManifestRow | Mapping[str, Any] | ManifestProblem],
     base_uri: str | None,
     *,
     max_workers: int = VALIDATE_WORKERS,
@@ -101,41 +163,18 @@ def validate_manifest(
     row has images, and every image exists, fully decodes and is accepted by ``image_options`` (too
     large, or transparent under alpha='refuse', is that row's problem), in ``max_workers`` threads,
     and the workload's own ``rules`` (the engine's ``Engine.rows``; the default refuses ``targets``),
-    since reads from S3 are latency-bound. Relative image paths are taken against ``base_uri``. Decodes every
-    image once: seconds per thousand small local images, more on S3.
+    since reads from S3 are latency-bound. Relative image paths are taken against ``base_uri``. Rows are
+    taken ``CHUNK_ROWS`` at a time from ``rows_or_raw`` (an iterator streams: raw rows are not all held),
+    and each distinct image is decoded once, however many rows name it.
     """
-    entries = list(rows_or_raw)
-    rows, problems, ids = parse_rows(entries)
-    first_seen: dict[str, int] = {}
-    for n, rid in enumerate(ids, start=1):
-        if rid is None:
-            continue
-        if (why := _check_id(rid)) is not None:
-            problems[n - 1].append(ManifestProblem(n, rid, why))
-        if rid in first_seen:
-            problems[n - 1].append(ManifestProblem(n, rid, f"duplicate id: already used by row {first_seen[rid]}"))
-        else:
-            first_seen[rid] = n
-
-    for n, row in enumerate(rows, start=1):
-        if row is not None:
-            problems[n - 1] += [ManifestProblem(n, row.id, why) for why in rules.problems(row, base_uri)]
-
-    probes = [row if row is not None else _image_probe(entry) for row, entry in zip(rows, entries, strict=True)]
-    present = [(n, probe) for n, probe in enumerate(probes, start=1) if probe is not None]
+    entries = iter(rows_or_raw)
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
-        listed = list(pool.map(lambda item: _list_images(item[1], base_uri, rules), present))
-        checks = [(n, uri) for (n, _), (uris, _) in zip(present, listed, strict=True) for uri in uris]
-        verdicts = list(pool.map(lambda check: _check_image(check[1], image_options), checks))
-    listing_problems = [(n, why) for (n, _), (_, why) in zip(present, listed, strict=True)]
-    for n, why in listing_problems + [(n, why) for (n, _), why in zip(checks, verdicts, strict=True)]:
-        if why is not None:
-            problems[n - 1].append(ManifestProblem(n, ids[n - 1], why))
-
-    flat = [p for ps in problems for p in ps]
-    if flat:
-        raise ManifestError(flat)
-    return [r for r in rows if r is not None]
+        state = _Pass(base_uri, image_options, rules, pool)
+        while chunk := list(itertools.islice(entries, CHUNK_ROWS)):
+            state.check(chunk)
+    if state.problems:
+        raise ManifestError(state.problems)
+    return state.rows
 
 
 def load_and_validate(
@@ -147,11 +186,11 @@ def load_and_validate(
     Raises ``NotFoundError`` or a one-line ``ManifestError`` for a file that cannot be read at all, else
     one ``ManifestError`` listing every bad row.
     """
-    raw = read_raw_manifest(uri)
-    if not raw:
+    raw = iter_raw_manifest(uri)
+    if (first := next(raw, None)) is None:
         raise ManifestError([], source=uri, message=f"the manifest {uri} has no rows")
     try:
-        return validate_manifest(raw, manifest_folder(uri), max_workers=max_workers, image_options=image_options,
-                                 rules=rules)
+        return validate_manifest(itertools.chain([first], raw), manifest_folder(uri), max_workers=max_workers,
+                                 image_options=image_options, rules=rules)
     except ManifestError as e:
         raise ManifestError(e.problems, source=uri) from None

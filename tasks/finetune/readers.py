@@ -12,7 +12,7 @@ import json
 import lzma
 import re
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +26,8 @@ from weightzoo.tasks.finetune.row import ManifestError, ManifestProblem, Manifes
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
 
 RawRow = dict[str, Any]
+# Parquet rows turned into Python dicts at a time (a Parquet manifest is read whole, its rows in batches).
+PARQUET_BATCH_ROWS = 4096
 
 
 def _format_of(uri: str) -> str:
@@ -79,33 +81,28 @@ def _normalise(record: Mapping[Any, Any]) -> RawRow:
     return out
 
 
-def _read_jsonl(text: str) -> list[RawRow | ManifestProblem]:
-    rows: list[RawRow | ManifestProblem] = []
-    for line in (ln for ln in text.splitlines() if ln.strip()):
-        n = len(rows) + 1
+def _read_jsonl(text: str) -> Iterator[RawRow | ManifestProblem]:
+    lines = (ln for ln in io.StringIO(text) if ln.strip())  # line by line: no list of every line at once
+    for n, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            rows.append(ManifestProblem(n, None, f"not valid JSON ({e.msg} at column {e.colno})"))
+            yield ManifestProblem(n, None, f"not valid JSON ({e.msg} at column {e.colno})")
             continue
         if not isinstance(record, dict):
-            rows.append(ManifestProblem(n, None, f"not a JSON object but {type(record).__name__}"))
+            yield ManifestProblem(n, None, f"not a JSON object but {type(record).__name__}")
             continue
-        rows.append(_normalise(record))
-    return rows
+        yield _normalise(record)
 
 
-def _read_csv(text: str) -> list[RawRow | ManifestProblem]:
-    rows: list[RawRow | ManifestProblem] = []
-    for record in csv.DictReader(io.StringIO(text)):
-        n = len(rows) + 1
+def _read_csv(text: str) -> Iterator[RawRow | ManifestProblem]:
+    for n, record in enumerate(csv.DictReader(io.StringIO(text)), start=1):
         if None in record:  # DictReader files surplus cells under the key None
             extra = len(record[None])  # type: ignore[index]
             rid = record.get("id")
-            rows.append(ManifestProblem(n, rid or None, f"{extra} more cell(s) than the header has columns"))
+            yield ManifestProblem(n, rid or None, f"{extra} more cell(s) than the header has columns")
             continue
-        rows.append(_normalise({k.strip(): v.strip() if isinstance(v, str) else v for k, v in record.items()}))
-    return rows
+        yield _normalise({k.strip(): v.strip() if isinstance(v, str) else v for k, v in record.items()})
 
 
 def _file_error(uri: str, reason: str) -> ManifestError:
@@ -143,17 +140,23 @@ def _decode(data: bytes, uri: str) -> str:
         raise _file_error(uri, f"is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); save it as UTF-8") from None
 
 
-def _read_parquet(data: bytes, uri: str) -> list[RawRow | ManifestProblem]:
+def _read_parquet(data: bytes, uri: str) -> Iterator[RawRow | ManifestProblem]:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except pa.ArrowException as e:  # the text names the in-memory buffer, not the file: drop that part
         why = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(e))
         raise _file_error(uri, f"is not a readable Parquet file ({why})") from None
-    return [_normalise(r) for r in table.to_pylist()]
+    for batch in table.to_batches(max_chunksize=PARQUET_BATCH_ROWS):  # Python objects a batch at a time
+        yield from (_normalise(r) for r in batch.to_pylist())
 
 
 def read_raw_manifest(uri: str) -> list[RawRow | ManifestProblem]:
-    """Every row of the manifest at ``uri`` as a plain dict, unvalidated, in file order.
+    """Every row of the manifest at ``uri`` as a plain dict (``iter_raw_manifest``, held in a list)."""
+    return list(iter_raw_manifest(uri))
+
+
+def iter_raw_manifest(uri: str) -> Iterator[RawRow | ManifestProblem]:
+    """Every row of the manifest at ``uri`` as a plain dict, unvalidated, in file order, one at a time.
 
     JSONL, CSV or Parquet by suffix (optionally compressed, e.g. ``.jsonl.gz``). A row that cannot
     even be parsed (a JSONL line that is not JSON) comes back as a ``ManifestProblem`` in its place,
@@ -170,9 +173,11 @@ def read_raw_manifest(uri: str) -> list[RawRow | ManifestProblem]:
         raise
     data = _read_bytes(fs, path, uri, fmt)
     if fmt == "parquet":
-        return _read_parquet(data, uri)
+        yield from _read_parquet(data, uri)
+        return
     text = _decode(data, uri)
-    return _read_jsonl(text) if fmt == "jsonl" else _read_csv(text)
+    del data  # the text is what rows are read from: not the bytes as well
+    yield from _read_jsonl(text) if fmt == "jsonl" else _read_csv(text)
 
 
 def read_manifest(uri: str) -> list[ManifestRow]:

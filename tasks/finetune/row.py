@@ -13,7 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
-from weightzoo.errors import InputError
+from weightzoo.errors import InputError, short
 from weightzoo.storage.fs import filesystem, join
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -87,7 +87,7 @@ class ManifestProblem(NamedTuple):
     reason: str
 
     def __str__(self) -> str:
-        who = f"id {self.id!r}" if self.id is not None else "no id"
+        who = f"id {short(repr(self.id))}" if self.id is not None else "no id"
         return f"row {self.row} ({who}): {self.reason}"
 
 
@@ -143,7 +143,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"unknown {loc} {value!r} (expected {error['ctx']['expected']})"
     if loc == "attributes" and kind == "dict_type":
         return f"attributes must be a JSON object or key=value;key=value pairs, got {value!r}"
-    return f"field {loc!r}: {error['msg']} (got {value!r})"
+    return f"field {loc!r}: {error['msg']} (got {short(repr(value))})"
 
 
 def parse_rows(entries: Sequence[ManifestRow | Mapping[str, Any] | ManifestProblem]) -> tuple[

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from weightzoo.errors import InputError, NotFoundError
+from weightzoo.errors import InputError, NotFoundError, short
 from weightzoo.storage.dataset import CorruptShardError, verified_shard_batches
 from weightzoo.storage.fs import (
     atomic_write,
@@ -127,6 +127,10 @@ def shard_layout(dataset_uri: str, ref: ShardRef) -> Layout:
         raise CorruptShardError(f"shard {ref.shard} is missing: run weightzoo verify --repair") from e
     except (OSError, pa.ArrowException) as e:  # truncated or overwritten: its footer no longer parses
         raise CorruptShardError(f"shard {ref.shard} cannot be read ({e}): run weightzoo verify --repair") from e
+    except (ValueError, KeyError, TypeError) as e:  # a footer that parses, with a layout that does not
+        why = short(f"{type(e).__name__}: {e}", 160)
+        raise CorruptShardError(f"shard {ref.shard} has an unreadable layout in its footer ({why}): "
+                                "run weightzoo verify --repair") from e
     if layout.fingerprint != ref.layout:
         raise LayoutMismatchError(f"shard {ref.shard} has layout {layout.fingerprint}, its ledger entry says {ref.layout}")
     return layout

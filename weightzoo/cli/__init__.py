@@ -24,6 +24,7 @@ from weightzoo.cli.commands.options import HELP_FORMATTER
 from weightzoo.cli.paths import absolute_paths, check_out
 from weightzoo.cli.progress import HIDDEN
 from weightzoo.cli.quiet import LOG_FORMATS, quiet
+from weightzoo.cli.server import mark_process, reap_orphan_servers
 from weightzoo.errors import WeightzooError
 
 # Set before prefect/transformers are imported: no telemetry calls from a closed network, no noise.
@@ -128,11 +129,23 @@ def _print_error(args: argparse.Namespace, exc: Exception) -> None:
         print(f"weightzoo {args.command}: error: {text}", file=sys.stderr)
 
 
+def _probe_storage(args: argparse.Namespace) -> None:
+    """A dataset on an object store is asked once, fast, before the command touches it: an endpoint
+    nothing listens on, refused credentials or a missing bucket is one line in seconds, not after the
+    store client's own retries (11 s and more per request)."""
+    dataset = getattr(args, "dataset", None)
+    if isinstance(dataset, str) and "://" in dataset:
+        from weightzoo.storage.health import probe
+
+        probe(dataset)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Paths made absolute, ``--out`` checked, then the command; with --quiet its stdout is dropped
     unless it prints what --json asked for."""
     absolute_paths(args)
     check_out(args)
+    _probe_storage(args)
     if not args.quiet or getattr(args, "json", False):
         return int(args.func(args) or 0)
     with open(os.devnull, "w") as devnull:
@@ -171,6 +184,8 @@ def _early(argv: list[str], command: str | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    mark_process()  # a temporary Prefect server this command starts is reaped by the next, should this one be killed
+    reap_orphan_servers()
     command = next((a for a in argv if a in COMMANDS), None)
     early = _early(argv, command)
     quiet(verbose=early.verbose, errors_only=early.quiet, log_format=early.log_format)
@@ -192,6 +207,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (WeightzooError, ValidationError) as e:  # user errors: one line; anything else keeps its traceback
         _print_error(args, e)
+        return 2
+    except Exception as e:  # a storage or Prefect API fault is one line too; a bug is not
+        from weightzoo.cli.server import prefect_fault
+        from weightzoo.storage.health import storage_fault
+
+        target = getattr(args, "dataset", None) or getattr(args, "path", None) or "the dataset"
+        fault = prefect_fault(e) or storage_fault(e, target)
+        if fault is None:
+            raise
+        _print_error(args, fault)
         return 2
 
 

@@ -18,6 +18,7 @@ _NOISY_LOGGERS = ("transformers", "diffusers", "peft", "torch", "urllib3", "boto
 _NOISY_MODULES = r"(transformers|diffusers|peft|torch|huggingface_hub|pydantic|moto|botocore|s3fs)(\.|$)"
 CONSOLE_LEVEL = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"  # Prefect's terminal handler (logging.yml: handlers.console)
 CONSOLE_FORMAT = "PREFECT_LOGGING_HANDLERS_CONSOLE_FORMATTER"
+CONSOLE_CLASS = "PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS"
 
 
 def quiet(verbose: bool = False, errors_only: bool = False, log_format: str = "text") -> None:
@@ -29,6 +30,7 @@ def quiet(verbose: bool = False, errors_only: bool = False, log_format: str = "t
     if verbose and not errors_only:
         return
     os.environ.setdefault(CONSOLE_LEVEL, "ERROR" if errors_only else "WARNING")
+    os.environ.setdefault(CONSOLE_CLASS, "weightzoo.cli.console.ConsoleHandler")  # user errors: the CLI's one line
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
