@@ -87,7 +87,7 @@ class BatchRuns:
 
 
 def validate(config: BuildConfig) -> list[str]:
-    """Manifest ids, after checking every row and image; bad rows go to the log and an artifact, then raise."""
+    """Manifest ids, after checking every row and image; bad rows go to an artifact, then raise."""
     try:
         return [r.id for r in load_and_validate(config.manifest, rules=engines.get(config.engine).rows)]
     except ManifestError as exc:
@@ -97,8 +97,7 @@ def validate(config: BuildConfig) -> list[str]:
             markdown=f"# Manifest rejected\n\n{redact(config.manifest)}\n\n| row | id | problem |\n|---|---|---|\n{lines}",
             description=f"{len(exc.problems)} problem(s); nothing was trained",
         )
-        get_run_logger().error("manifest rejected before any training:\n%s", exc)
-        raise
+        raise  # the run fails with the problems as its message: the CLI prints them in one line, the UI in the state
 
 
 def check_recipe(config: BuildConfig, ledger: Ledger) -> None:

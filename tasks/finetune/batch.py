@@ -218,6 +218,14 @@ def _record_permanent(ledger: Ledger, batch_id: str, ids: Sequence[str], exc: Ba
         log.warning("batch %s: could not record its failure in the ledger: %s", batch_id, describe(inner))
 
 
+def _skip_committed(ledger: Ledger, batch_id: str, ids: Sequence[str]) -> tuple[BatchOutcome, list[str]]:
+    """The batch's outcome so far (ids already committed are skipped) and the ids left to train."""
+    done = with_retries(ledger.committed_ids, "reading the ledger")
+    outcome = BatchOutcome(batch_id, skipped=[i for i in ids if i in done])
+    outcome.items = [ItemRecord(i, "already-committed") for i in outcome.skipped]
+    return outcome, [i for i in ids if i not in done]
+
+
 def run_batch(
     batch_id: str,
     ids: Sequence[str],
@@ -244,10 +252,7 @@ def run_batch(
     """
     started = time.perf_counter()
     ledger = Ledger(dataset)
-    done = with_retries(ledger.committed_ids, "reading the ledger")
-    outcome = BatchOutcome(batch_id, skipped=[i for i in ids if i in done])
-    outcome.items = [ItemRecord(i, "already-committed") for i in outcome.skipped]
-    todo = [i for i in ids if i not in done]
+    outcome, todo = _skip_committed(ledger, batch_id, ids)
     if not todo:
         return outcome
     rows = _rows_for(batch_id, todo, manifest)
