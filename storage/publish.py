@@ -29,6 +29,7 @@ so a rerun skips the files already complete and rewrites only the rest.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -286,6 +287,12 @@ scale = hparams["alpha"] / hparams["rank"]
 ```"""
 
 
+def _snippet_uri(out: str) -> str:
+    """The snapshot's location as the card's snippet names it: absolute for a local folder, so the snippet
+    works from any working directory (a URI is kept as it is)."""
+    return out.rstrip("/") if "://" in out else os.path.abspath(out)
+
+
 def dataset_card(meta: pa.Table, layout: Layout, schema: pa.Schema, report: PublishReport) -> str:
     """README.md: YAML header ``datasets`` reads, then what the rows are, how they were made, how to decode."""
     kinds = _counts(Counter(meta.column("kind").to_pylist()))
@@ -303,5 +310,5 @@ def dataset_card(meta: pa.Table, layout: Layout, schema: pa.Schema, report: Publ
         "`loss`, `steps`, `train_seconds`, `created_at`, and `weights`: the flattened tensors as little-endian "
         f"{layout.dtype} bytes (bf16 is read as int16, then viewed as torch.bfloat16).", "",
         "## Recipe", "", _recipe(meta),
-        "## Decode a row", "", _DECODE.format(out=report.out.rstrip("/")), "",
+        "## Decode a row", "", _DECODE.format(out=_snippet_uri(report.out)), "",
     ])

@@ -181,6 +181,18 @@ def test_dataset_card_header_and_recipe(zoo: Zoo, tmp_path: Path) -> None:
     assert Layout.from_json((tmp_path / "hub" / "layout.json").read_text()) == LAYOUT
 
 
+def test_the_cards_snippet_works_from_any_folder(zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Published to a relative folder, the card's snippet still loads the snapshot from elsewhere."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    publish(zoo.uri, "hub")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    card: dict = {}
+    exec(re.findall(r"```python\n(.*?)```", (tmp_path / "work" / "hub" / "README.md").read_text(), re.S)[0], card)
+    assert (card["ds"].num_rows, len(set(card["ds"]["id"]))) == (12, 12)
+
+
 def test_publish_resumes_and_replans(tmp_path: Path) -> None:
     zoo = make_zoo(str(tmp_path / "ds"))
     out = tmp_path / "hub"
