@@ -16,6 +16,7 @@ from typing import Any
 
 HELP = "Fine-tune every manifest row not yet committed in the dataset (resumable)."
 
+
 BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir", "lease_ttl_s")
 FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
 SHOWN_FAILURES = 20

@@ -7,6 +7,7 @@ import json
 
 HELP = "Run the whole pipeline on a tiny offline base model and synthetic subjects (~2 min on 2 CPU cores)."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",

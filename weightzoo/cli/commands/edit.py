@@ -6,6 +6,7 @@ import argparse
 
 HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")

@@ -8,6 +8,7 @@ from weightzoo.cli.commands.options import add_dataset
 
 HELP = "Write one row of a dataset as a diffusers LoRA file or a peft adapter folder."
 
+
 FORMATS = ("diffusers", "peft")  # the same as tasks/finetune/export.py's; kept here so --help imports nothing heavy
 
 

@@ -6,6 +6,7 @@ import argparse
 
 HELP = "Fit the PCA subspace of a dataset's weights (streaming, bounded memory)."
 
+
 OPTIONS = ("block_size", "power_iters", "device", "dtype", "seed", "tasks_per_pass", "keep_work")
 FLOW = ("work", "task_runner", "dask_address", "dask_workers")
 

@@ -12,6 +12,7 @@ from weightzoo.cli.commands.options import add_dataset
 
 HELP = "Remove orphan shards (written but never committed) and stale temp files; a dry run by default."
 
+
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 

@@ -6,6 +6,7 @@ import argparse
 
 HELP = "Generate a LoRA from text with a weight-diffusion model (diffusers .safetensors)."
 
+
 def _attr(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:

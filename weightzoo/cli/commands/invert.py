@@ -6,6 +6,7 @@ import argparse
 
 HELP = "Invert one image into the subspace (optimise k coefficients) → a LoRA."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("invert", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")

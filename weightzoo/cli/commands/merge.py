@@ -12,6 +12,7 @@ from weightzoo.cli.commands.options import add_dataset
 
 HELP = "Sum LoRA rows of a dataset into one diffusers LoRA file (orthogonal rows merge without interference)."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help=HELP)
     add_dataset(p)

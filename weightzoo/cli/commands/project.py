@@ -7,6 +7,7 @@ import json
 
 HELP = "Print the coordinates of a row or LoRA file in a subspace, and what they fail to explain."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("project", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")

@@ -8,6 +8,7 @@ from weightzoo.cli.commands.options import add_dataset
 
 HELP = "Write the committed rows as a Hub-style dataset: data/train-*.parquet, layout.json, README.md."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "publish", help=HELP

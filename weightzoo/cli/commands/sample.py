@@ -10,6 +10,7 @@ import argparse
 
 HELP = "Sample new LoRAs from a fitted subspace (per-component Gaussians)."
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
