@@ -4,16 +4,23 @@ Every row of a dataset is one model's weights flattened with its layout. The ord
 sort of the module keys (``down_blocks.2`` before ``down_blocks.10``), never dict insertion order,
 so the same LoRA always flattens to the same vector. The fingerprint names a layout in one string;
 shards and ledger entries carry it, and readers refuse to mix layouts.
+
+A layout may also name **fixed** tensors (``FixedTensor``): tensors every row shares that are not stored
+in the row but rebuilt exactly from a rule, a seed and a scale (a LoRA whose A is frozen and shared:
+rows hold only B). ``unflatten`` returns them with the stored ones, so every reader of a row (export,
+merge, loading) sees the whole adapter; ``flatten`` stores only the row's own tensors. They enter the
+JSON and the fingerprint only when there are some, so layouts without them are unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -41,13 +48,56 @@ def dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported weight dtype {dtype}; use one of {sorted(DTYPES)}")
 
 
+def _orthogonal_rows(shape: tuple[int, ...], seed: int, scale: float) -> torch.Tensor:
+    """``shape[0]`` orthonormal rows of the flattened ``shape[1:]`` space, times ``scale``: the Q of a seeded
+    float64 Gaussian (n, r) draw (signs fixed so R's diagonal is positive, which makes Q unique whatever
+    LAPACK computed it), cast to float32 last."""
+    r, n = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    if r > n:
+        raise ValueError(f"orthogonal rule: {r} rows do not fit a space of {n} dimensions")
+    g = torch.Generator().manual_seed(seed)
+    q, rr = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    q = q * torch.where(rr.diagonal() < 0, -1.0, 1.0)
+    return (q.T * scale).to(torch.float32).reshape(shape).contiguous()
+
+
+RULES = {"orthogonal": _orthogonal_rows}  # how a fixed tensor is rebuilt, by the name a layout records
+
+
+@dataclass(frozen=True)
+class FixedTensor:
+    """A tensor shared by every row and not stored in it: rebuilt as ``RULES[rule](shape, seed, scale)``."""
+
+    key: str
+    shape: tuple[int, ...]
+    seed: int
+    scale: float = 1.0
+    rule: str = "orthogonal"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))  # hashable, and one JSON form
+        object.__setattr__(self, "scale", float(self.scale))
+        if self.rule not in RULES:
+            raise ValueError(f"unknown fixed-tensor rule {self.rule!r}; known: {sorted(RULES)}")
+
+    def build(self) -> torch.Tensor:
+        """The tensor (float32, CPU), a fresh copy: identical on every machine and every call."""
+        return _built(self).clone()
+
+
+@functools.lru_cache(maxsize=4096)
+def _built(fixed: FixedTensor) -> torch.Tensor:
+    return RULES[fixed.rule](fixed.shape, fixed.seed, fixed.scale)
+
+
 @dataclass(frozen=True)
 class Layout:
-    """Ordered (key, shape) entries plus one storage dtype."""
+    """Ordered (key, shape) entries plus one storage dtype, and any fixed tensors rebuilt, not stored."""
 
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtype: str = "float16"
+    fixed: tuple[FixedTensor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -56,10 +106,15 @@ class Layout:
             raise ValueError("layout keys must be unique and match shapes one to one")
         if list(self.keys) != sorted(self.keys, key=_natural_key):
             raise ValueError("layout keys must be in canonical (natural-sort) order; use Layout.from_state_dict")
+        fixed = [f.key for f in self.fixed]
+        if fixed != sorted(set(fixed), key=_natural_key) or set(fixed) & set(self.keys):
+            raise ValueError("fixed tensors must have unique keys in canonical order, none of them a stored key")
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], dtype: str | None = None) -> Layout:
-        """The canonical layout of a state dict; ``dtype`` defaults to the tensors' own (which must agree)."""
+    def from_state_dict(cls, state_dict: Mapping[str, torch.Tensor], dtype: str | None = None,
+                        fixed: Iterable[FixedTensor] = ()) -> Layout:
+        """The canonical layout of a state dict; ``dtype`` defaults to the tensors' own (which must agree);
+        ``fixed``: tensors rows share and do not store (put in canonical order here)."""
         if not state_dict:
             raise ValueError("cannot build a layout from an empty state dict")
         keys = sorted(state_dict, key=_natural_key)
@@ -68,7 +123,8 @@ class Layout:
             if len(found) != 1:
                 raise ValueError(f"state dict mixes dtypes {sorted(found)}; pass dtype= to choose one")
             dtype = found.pop()
-        return cls(tuple(keys), tuple(tuple(state_dict[k].shape) for k in keys), dtype)
+        fixed = tuple(sorted(fixed, key=lambda f: _natural_key(f.key)))
+        return cls(tuple(keys), tuple(tuple(state_dict[k].shape) for k in keys), dtype, fixed)
 
     @property
     def numel(self) -> int:
@@ -95,7 +151,10 @@ class Layout:
         return out
 
     def to_dict(self) -> dict:
-        return {"dtype": self.dtype, "entries": [[k, list(s)] for k, s in zip(self.keys, self.shapes, strict=True)]}
+        out = {"dtype": self.dtype, "entries": [[k, list(s)] for k, s in zip(self.keys, self.shapes, strict=True)]}
+        if self.fixed:  # only when present: layouts without fixed tensors keep their JSON and fingerprint
+            out["fixed"] = [asdict(f) | {"shape": list(f.shape)} for f in self.fixed]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -103,17 +162,31 @@ class Layout:
     @classmethod
     def from_json(cls, text: str | bytes) -> Layout:
         d = json.loads(text)
-        return cls(tuple(k for k, _ in d["entries"]), tuple(tuple(s) for _, s in d["entries"]), d["dtype"])
+        fixed = tuple(FixedTensor(**(f | {"shape": tuple(f["shape"])})) for f in d.get("fixed", ()))
+        return cls(tuple(k for k, _ in d["entries"]), tuple(tuple(s) for _, s in d["entries"]), d["dtype"], fixed)
 
     @property
     def fingerprint(self) -> str:
-        """``sha256`` of the canonical JSON, shortened: equal iff keys, shapes and dtype are equal."""
+        """``sha256`` of the canonical JSON, shortened: equal iff keys, shapes, dtype and fixed tensors are equal."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
+    def fixed_tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The fixed tensors by key (float32, the precision rows are trained against), on ``device``."""
+        return {f.key: f.build().to(device) for f in self.fixed}
+
+    def _check_fixed(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """A fixed tensor given with a row must be the layout's own: a row of this layout cannot carry another."""
+        for f in self.fixed:
+            if f.key in state_dict:
+                t, want = state_dict[f.key].detach().to("cpu", torch.float32), _built(f)
+                if tuple(t.shape) != f.shape or not torch.allclose(t, want, rtol=1e-5, atol=1e-6 * float(f.scale)):
+                    raise ValueError(f"{f.key} is not this layout's fixed tensor ({f.rule}, seed {f.seed}, scale {f.scale})")
+
     def flatten(self, state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """One 1-D CPU tensor of ``self.dtype`` holding every entry in layout order."""
+        """One 1-D CPU tensor of ``self.dtype`` holding every stored entry in layout order (fixed tensors,
+        if given, are checked and left out)."""
         missing = set(self.keys) - set(state_dict)
-        extra = set(state_dict) - set(self.keys)
+        extra = set(state_dict) - set(self.keys) - {f.key for f in self.fixed}
         if missing or extra:
             raise KeyError(f"state dict does not match layout {self.fingerprint}: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}")
         parts = []
@@ -122,15 +195,18 @@ class Layout:
             if tuple(t.shape) != shape:
                 raise ValueError(f"{k}: shape {tuple(t.shape)} does not match layout shape {shape}")
             parts.append(t.detach().to("cpu", self.torch_dtype).reshape(-1))
+        self._check_fixed(state_dict)
         return torch.cat(parts)
 
     def unflatten(self, vector: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """The state dict back from a flat vector (torch, or numpy as read from a shard); views, no copies."""
+        """The state dict back from a flat vector (torch, or numpy as read from a shard): the stored entries as
+        views, no copies, then the fixed tensors rebuilt (float32, on the vector's device)."""
         vec = self.as_tensor(vector)
         if vec.ndim != 1 or vec.numel() != self.numel:
             raise ValueError(f"vector has shape {tuple(vec.shape)}, layout {self.fingerprint} needs ({self.numel},)")
         offs = self.offsets
-        return {k: vec[offs[i] : offs[i + 1]].view(shape) for i, (k, shape) in enumerate(zip(self.keys, self.shapes, strict=True))}
+        stored = {k: vec[offs[i] : offs[i + 1]].view(shape) for i, (k, shape) in enumerate(zip(self.keys, self.shapes, strict=True))}
+        return stored | self.fixed_tensors(vec.device)
 
     def as_tensor(self, array: torch.Tensor | np.ndarray) -> torch.Tensor:
         """A torch view of ``array`` in this layout's dtype (numpy bf16 rows arrive as int16)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import FixedTensor, Layout
 
 
 def _state_dict(dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -63,3 +63,29 @@ def test_flatten_rejects_mismatch() -> None:
         layout.flatten(bad)
     with pytest.raises(ValueError, match="needs"):
         layout.unflatten(torch.zeros(layout.numel + 1))
+
+
+def test_layout_without_fixed_tensors_keeps_its_json_and_fingerprint() -> None:
+    """Pinned: the fingerprint of a layout written before fixed tensors existed (shards and ledgers name it)."""
+    layout = Layout.from_state_dict(_state_dict(torch.float16))
+    assert layout.fingerprint == "253bacf48c682f1f" and "fixed" not in layout.to_json()
+
+
+def test_fixed_tensors_round_trip_rebuild_exactly_and_are_not_stored() -> None:
+    sd = _state_dict(torch.float32)
+    a_key = "down_blocks.2.attn1.to_q.lora_A.weight"
+    fixed = (FixedTensor(a_key, (2, 320), seed=7, scale=0.25),)
+    stored = {k: v for k, v in sd.items() if k != a_key}
+    plain, layout = Layout.from_state_dict(stored), Layout.from_state_dict(stored, fixed=fixed)
+    assert layout.numel == plain.numel and layout.fingerprint != plain.fingerprint
+    back = Layout.from_json(layout.to_json())
+    assert back == layout and back.fingerprint == layout.fingerprint
+    rows = back.unflatten(layout.flatten(stored))
+    a = rows[a_key]
+    assert set(rows) == set(stored) | {a_key} and a.dtype == torch.float32
+    assert torch.equal(a, FixedTensor(a_key, (2, 320), seed=7, scale=0.25).build())  # same bits every rebuild
+    torch.testing.assert_close(a @ a.T, 0.25**2 * torch.eye(2))  # orthogonal rows of norm = scale
+    assert torch.equal(layout.flatten(rows), layout.flatten(stored))  # the fixed tensor is checked, not stored
+    with pytest.raises(ValueError, match="not this layout's fixed"):
+        layout.flatten(rows | {a_key: a + 1e-3})
+    assert not torch.equal(FixedTensor(a_key, (2, 320), seed=8, scale=0.25).build(), a)

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = {"resolution": 32, "num_class_images": 2, "class_inference_steps": 2, "weights_dtype": "float32",
          "check_every": 5, "loss_window": 5}
-METHODS = ("lora", "orthogonal", "celeb_basis", "perfusion")
+METHODS = ("lora", "orthogonal", "lora_fa", "celeb_basis", "perfusion")
 # A merged concept must keep at least this share of its single model's improvement over the base.
 MERGE_MARGIN = 0.9
 
@@ -154,6 +154,61 @@ def test_merge_command_writes_a_lora_diffusers_loads(datasets: dict, tiny_base: 
     torch.testing.assert_close(loaded, summed, rtol=1e-4, atol=1e-4)
     assert (loaded - base).abs().max() > 1e-3
     assert cli(["merge", "--dataset", datasets["celeb_basis"][0], "--ids", ids[0], "--out", str(out)]) == 2
+    _count(ds, 3)
+
+
+# -- LoRA-FA: A fixed by the layout, rows hold B -------------------------------------------------------------
+
+
+def _unet_out(pipe: StableDiffusionPipeline) -> torch.Tensor:
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ehs = torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return pipe.unet(x, torch.tensor([50, 700]), ehs).sample
+
+
+def test_lora_fa_rows_hold_b_and_export_merge_sample_edit_load_in_diffusers(
+    datasets: dict, tiny_base: Path, tmp_path: Path
+) -> None:
+    from weightzoo.tasks.finetune.recipes.lora import fa_init
+    from weightzoo.tasks.subspace import w2w
+
+    uri, cache = datasets["lora_fa"]
+    ds = Dataset(uri)
+    layout = ds.layout
+    assert layout.keys and all(k.endswith(".lora_B.weight") for k in layout.keys)
+    assert [f.key for f in layout.fixed] == [k.replace("lora_B", "lora_A") for k in layout.keys]
+    meta, w = ds.row(ds.ids[0])
+    assert w.shape == (layout.numel,) and meta["method"] == "lora_fa"
+    pipe = load_base(str(tiny_base))  # a fresh copy: tiny_pipe is shared
+    cfg, recipe = FinetuneConfig(method="lora_fa", **SMALL), recipes.get("lora_fa")
+    for f in layout.fixed:  # A rebuilt from the footer's layout is the A the row was trained with, bit for bit
+        name = f.key.removesuffix(".lora_A.weight")
+        assert torch.equal(layout.unflatten(w)[f.key], fa_init(name, pipe.unet.get_submodule(name), ["x"], cfg)[0])
+    row = make_subjects(str(tmp_path / "s"), 1, images_per_subject=1, size=32)[0]
+    with recipe.attach(pipe, cfg, [row], recipe.prepare(pipe, cfg, [row], cache)) as adapters:
+        adapters.load_slot(0, layout.unflatten(torch.as_tensor(w)))
+        trained = _unet_out(pipe)
+    path = export(w, layout, meta["hparams"], str(tmp_path / "fa.safetensors"))
+    pipe.load_lora_weights(path)
+    torch.testing.assert_close(_unet_out(pipe), trained, rtol=1e-4, atol=1e-4)
+    pipe.unload_lora_weights()
+    base = _unet_out(pipe)
+    assert cli(["merge", "--dataset", uri, "--ids", *ds.ids[:2], "--out", str(tmp_path / "m.safetensors")]) == 0
+    pipe.load_lora_weights(str(tmp_path / "m.safetensors"))
+    assert (_unet_out(pipe) - base).abs().max() > 1e-4
+    pipe.unload_lora_weights()
+    sub = load_subspace(fit_subspace(uri, str(tmp_path / "sub"), SubspaceConfig(components=2, device="cpu")).uri)
+    sampled = w2w.sample(sub, 1)[0][0]
+    attribute = next(iter(meta["attributes"]))
+    value = w2w.attribute_directions(sub, attribute)
+    edited = w2w.edit(sub, w, w2w.edit_direction(sub, attribute, next(iter(value))), 1.0)
+    for name, vector in (("sampled", sampled), ("edited", edited)):
+        pipe.load_lora_weights(w2w.export(sub, vector, str(tmp_path / f"{name}.safetensors")))
+        assert torch.isfinite(_unet_out(pipe)).all()
+        pipe.unload_lora_weights()
+        back = w2w.load_lora_vector(str(tmp_path / f"{name}.safetensors"), layout)  # the fixed A checked, B back
+        torch.testing.assert_close(back, vector.float(), rtol=1e-6, atol=1e-7)
     _count(ds, 3)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ def load_lora_vector(path: str, layout: Layout) -> torch.Tensor:
     baked = float(_safetensors_metadata(data).get("weightzoo.scale_baked_into_lora_B", "1.0"))
     state = {k.removeprefix("unet."): t.float() for k, t in st_load(data).items()}
     state = {k: (t / baked if k.endswith(LORA_B) else t) for k, t in state.items()}
-    return Layout(layout.keys, layout.shapes, "float32").flatten(state)
+    return replace(layout, dtype="float32").flatten(state)  # a fixed A in the file is checked, not stored
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -201,16 +201,16 @@ class Inversion:
 
 
 def lora_deltas(layout: Layout, weights: torch.Tensor, scale: float) -> dict[str, torch.Tensor]:
-    """``{module.weight: scale · B @ A}`` for every LoRA pair of a flat vector; differentiable in ``weights``."""
-    sd = dict(zip(layout.keys, torch.split(weights, [int(np.prod(s)) for s in layout.shapes]), strict=True))
-    shapes = dict(zip(layout.keys, layout.shapes, strict=True))
+    """``{module.weight: scale · B @ A}`` for every LoRA pair of a flat vector (a fixed A rebuilt from the
+    layout); differentiable in ``weights``."""
+    parts = torch.split(weights, [int(np.prod(s)) for s in layout.shapes])
+    sd = {k: p.view(s) for k, p, s in zip(layout.keys, parts, layout.shapes, strict=True)}
+    sd |= {k: t.to(weights) for k, t in layout.fixed_tensors(weights.device).items()}
     out = {}
-    for key in layout.keys:
-        if key.endswith(LORA_A):
-            module = key.removesuffix(LORA_A)
-            a = sd[key].view(shapes[key])
-            b = sd[module + LORA_B].view(shapes[module + LORA_B])
-            out[f"{module}.weight"] = scale * (b @ a)
+    for key in sd:
+        if key.endswith(LORA_B):
+            module = key.removesuffix(LORA_B)
+            out[f"{module}.weight"] = scale * (sd[key] @ sd[module + LORA_A])
     return out
 
 

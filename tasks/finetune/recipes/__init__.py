@@ -38,6 +38,8 @@ NAMES: dict[str, Entry] = {
     "lora": Entry("LoRA: train A and B of (alpha/r)·B A on the target UNet layers.", "lora", lora_family=True),
     "orthogonal": Entry("Orthogonal Adaptation: A fixed to id-picked rows of an orthogonal basis, train B; "
                         "rows merge by summing.", "lora", lora_family=True),
+    "lora_fa": Entry("LoRA-FA: A frozen to one seeded orthogonal basis per layer shared by every row (the "
+                     "layout rebuilds it), train B; rows hold B only.", "lora", lora_family=True),
     "celeb_basis": Entry("Celeb Basis: learn words x basis_size coefficients of new words over celebrity-name "
                          "embeddings.", "celeb_basis", CelebBasisConfig),
     "perfusion": Entry("Perfusion: gated rank-1 edits of cross-attention K (locked to the class key) and V, plus a "

@@ -6,11 +6,16 @@ Trainable tensors: per target layer ``<module>.lora_A.weight`` (r, in) and ``<mo
 Modular Customization of Diffusion Models") fixes A to a block of r rows of one seeded orthogonal basis
 per layer, the block picked by the row's id, and trains B only: two rows with different blocks have
 A_i A_jᵀ = 0, so summing their updates (``weightzoo merge``) leaves each one's update intact on its
-own inputs. Both export as a diffusers LoRA (``export.export_lora``).
+own inputs. ``lora_fa`` (LoRA-FA, Zhang et al. 2023; HyperDreamBooth's fixed basis) fixes A to the first r
+rows of one seeded orthogonal basis per layer, *the same for every row*, scaled to the row norm of
+``lora``'s init, and trains B only: the layout records A as a fixed tensor (seed, scale), so a row stores
+only B and ΔW = B·A is linear in the row (averaging rows averages updates). All export as a diffusers
+LoRA (``export.export_lora``); ``Layout.unflatten`` puts the fixed A back.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import FixedTensor, Layout
 from weightzoo.tasks.finetune.export import export_lora
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
 from weightzoo.tasks.finetune.recipes.base import Recipe
@@ -38,14 +43,28 @@ class PackedLoRAAdapters(PackedLoRA):
         return ehs
 
 
-def lora_layout(pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
-    """The layout ``config`` produces on ``pipe``'s UNet, without training (shapes from the module tree)."""
+def shared_a(name: str, fan_in: int, config: FinetuneConfig) -> FixedTensor:
+    """``lora_fa``'s frozen A of layer ``name``: r orthonormal rows from a per-layer seed, scaled to
+    sqrt(in)/r, the expected row norm of the Gaussian init (std 1/r), so B learns at ``lora``'s pace."""
+    if fan_in < config.rank:
+        raise ValueError(f"{name}: rank {config.rank} exceeds its input size {fan_in}")
+    return FixedTensor(f"{name}.lora_A.weight", (config.rank, fan_in), stable_seed(config.seed, "lora-fa", name),
+                       math.sqrt(fan_in) / config.rank)
+
+
+def lora_layout(pipe: StableDiffusionPipeline, config: FinetuneConfig, fixed_a: bool = False) -> Layout:
+    """The layout ``config`` produces on ``pipe``'s UNet, without training (shapes from the module tree);
+    ``fixed_a``: every A is a fixed tensor of the layout (``shared_a``), rows store B only."""
     shapes: dict[str, torch.Tensor] = {}
+    fixed: list[FixedTensor] = []
     for name in find_targets(pipe.unet, config.target_modules):
         layer = pipe.unet.get_submodule(name)
-        shapes[f"{name}.lora_A.weight"] = torch.empty(config.rank, layer.in_features, device="meta")
+        if fixed_a:
+            fixed.append(shared_a(name, layer.in_features, config))
+        else:
+            shapes[f"{name}.lora_A.weight"] = torch.empty(config.rank, layer.in_features, device="meta")
         shapes[f"{name}.lora_B.weight"] = torch.empty(layer.out_features, config.rank, device="meta")
-    return Layout.from_state_dict(shapes, dtype=config.weights_dtype)
+    return Layout.from_state_dict(shapes, dtype=config.weights_dtype, fixed=fixed)
 
 
 def gaussian_init(name: str, layer: nn.Linear, ids: list[str], config: FinetuneConfig) -> torch.Tensor:
@@ -71,15 +90,22 @@ def orthogonal_init(name: str, layer: nn.Linear, ids: list[str], config: Finetun
     return torch.stack([basis[(b := stable_seed("orthogonal-block", i) % blocks) * r : b * r + r] for i in ids])
 
 
+def fa_init(name: str, layer: nn.Linear, ids: list[str], config: FinetuneConfig) -> torch.Tensor:
+    """``lora_fa``'s A: the layout's fixed tensor (``shared_a``), the same for every row."""
+    return shared_a(name, layer.in_features, config).build().expand(len(ids), -1, -1).clone()
+
+
 class LoRARecipe(Recipe):
-    """A LoRA whose down-projection A starts at ``init_a`` and trains only if ``train_a``."""
+    """A LoRA whose down-projection A starts at ``init_a`` and trains only if ``train_a``; ``fixed_a``: A is
+    a fixed tensor of the layout (not stored in rows)."""
 
     def __init__(self, name: str, train_a: bool,
-                 init_a: Callable[[str, nn.Linear, list[str], FinetuneConfig], torch.Tensor]) -> None:
-        self.name, self.train_a, self.init_a = name, train_a, init_a
+                 init_a: Callable[[str, nn.Linear, list[str], FinetuneConfig], torch.Tensor],
+                 fixed_a: bool = False) -> None:
+        self.name, self.train_a, self.init_a, self.fixed_a = name, train_a, init_a, fixed_a
 
     def layout(self, pipe: StableDiffusionPipeline, config: FinetuneConfig) -> Layout:
-        return lora_layout(pipe, config)
+        return lora_layout(pipe, config, self.fixed_a)
 
     def prepare(self, pipe: StableDiffusionPipeline, config: FinetuneConfig, rows: Sequence[ManifestRow],
                 cache_dir: str | None) -> list[str]:
@@ -96,4 +122,5 @@ class LoRARecipe(Recipe):
         return export_lora(weights, layout, hparams, out)
 
 
-RECIPES = (LoRARecipe("lora", True, gaussian_init), LoRARecipe("orthogonal", False, orthogonal_init))
+RECIPES = (LoRARecipe("lora", True, gaussian_init), LoRARecipe("orthogonal", False, orthogonal_init),
+           LoRARecipe("lora_fa", False, fa_init, fixed_a=True))
