@@ -22,7 +22,11 @@ class EditFinetuneConfig(TrainingConfig):
     RENAMED: ClassVar[dict[str, str]] = {"batch_size": "pairs_per_step", "image_size": "resolution"}
 
     # The discriminator of `FinetuneConfig | EditFinetuneConfig` in flows.
-    method: Literal["edit-lora"] = Field("edit-lora", description="Adapter method: LoRA on the edit base's convs.")
+    # "edit-lora-fa" (LoRA-FA): A frozen to seeded orthogonal rows shared by every row (the layout rebuilds it),
+    # B trained, so rows hold B and ΔW = B·A is linear in the row (docs/BENCHMARKS.md, "Edit LoRA rows").
+    method: Literal["edit-lora", "edit-lora-fa"] = Field(
+        "edit-lora", description="Adapter method: 'edit-lora': LoRA (A and B) on the edit base's convs; "
+        "'edit-lora-fa': A frozen and shared by every row (rebuilt from the layout's seed), B trained, rows hold B.")
     # Rank 2 on every conv: ~7.7k values per concept on the default base, small enough for thousands of rows.
     rank: int = Field(2, ge=1, description="LoRA rank r.")
     # alpha = rank: scale 1, so learning rates do not depend on the rank.

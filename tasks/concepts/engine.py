@@ -31,7 +31,7 @@ from torch import nn
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.concepts.base import SkipUNetGenerator
 from weightzoo.tasks.concepts.config import EditFinetuneConfig
-from weightzoo.tasks.concepts.lora import PackedConvLoRA, find_convs, packed, shared_init
+from weightzoo.tasks.concepts.lora import PackedConvLoRA, find_convs, packed, shared_fixed_a, shared_init
 from weightzoo.tasks.concepts.pairs import Pairs, psnr
 from weightzoo.tasks.device import autocast
 from weightzoo.tasks.finetune.driver import Observer, Pack, train_packs
@@ -49,13 +49,17 @@ class ConceptRun:
 
 
 def edit_layout(model: SkipUNetGenerator, config: EditFinetuneConfig) -> Layout:
-    """The canonical layout of one concept's adapter on ``model``."""
-    sd = {}
+    """The canonical layout of one concept's adapter on ``model`` (``edit-lora-fa``: A is a fixed tensor)."""
+    sd, fixed = {}, []
     for n in find_convs(model, config.target_modules):
-        out, cin, kh, kw = model.get_submodule(n).weight.shape
-        sd[f"{n}.lora_A.weight"] = torch.zeros(config.rank, cin, kh, kw)
+        conv = model.get_submodule(n)
+        out, cin, kh, kw = conv.weight.shape
+        if config.method == "edit-lora-fa":
+            fixed.append(shared_fixed_a(n, conv, config.rank, config.seed))
+        else:
+            sd[f"{n}.lora_A.weight"] = torch.zeros(config.rank, cin, kh, kw)
         sd[f"{n}.lora_B.weight"] = torch.zeros(out, config.rank, 1, 1)
-    return Layout.from_state_dict(sd, dtype=config.weights_dtype)
+    return Layout.from_state_dict(sd, dtype=config.weights_dtype, fixed=fixed)
 
 
 def _padded(batches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -79,14 +83,18 @@ class EditPack:
         self.model, self.pairs, self.config, self.layout = model, pairs, config, layout
         self.device = next(model.parameters()).device
         self.wrappers = {n: w.to(self.device) for n, w in wrappers.items()}
+        fixed = layout.fixed_tensors()
         with torch.no_grad():
-            for n, w in self.wrappers.items():  # the shared init: seeded A, B = 0, for every slot
-                w.A[:] = shared_init(n, w.base, config.rank, config.seed)
+            for n, w in self.wrappers.items():  # the shared init: seeded A (or the layout's fixed A), B = 0
+                key = f"{n}.lora_A.weight"
+                w.A[:] = fixed[key] if key in fixed else shared_init(n, w.base, config.rank, config.seed)
+                w.A.requires_grad_(key not in fixed)
                 w.B.zero_()
 
     def parameters(self) -> Iterator[nn.Parameter]:
+        """The trained tensors: A (unless the layout fixes it) and B of every adapted conv."""
         for w in self.wrappers.values():
-            yield from (w.A, w.B)
+            yield from (w.A, w.B) if w.A.requires_grad else (w.B,)
 
     def losses(self, step: int, active: list[int]) -> torch.Tensor:
         """Every concept's L1 loss on the step's pairs (one shared draw for all rows); the active ones."""
@@ -118,7 +126,7 @@ class EditPack:
 def open_edit_pack(model: SkipUNetGenerator, pairs: Sequence[Pairs], config: EditFinetuneConfig,
                    layout: Layout) -> Iterator[EditPack]:
     """K = len(pairs) adapters at the shared init in ``model``'s convs; the model is restored on exit."""
-    names = [key[: -len(".lora_A.weight")] for key in layout.keys if key.endswith(".lora_A.weight")]
+    names = [key[: -len(".lora_B.weight")] for key in layout.keys if key.endswith(".lora_B.weight")]
     with packed(model, names, len(pairs), config.rank, config.alpha / config.rank) as wrappers:
         yield EditPack(model, pairs, config, layout, wrappers)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from weightzoo.storage.layout import FixedTensor
 from weightzoo.tasks.seeds import stable_seed
 
 
@@ -66,6 +67,13 @@ def shared_init(name: str, conv: nn.Conv2d, rank: int, seed: int) -> torch.Tenso
     out, cin, kh, kw = conv.weight.shape
     bound = 1 / math.sqrt(cin * kh * kw)  # kaiming_uniform_ with a=sqrt(5) gives exactly this bound
     return (torch.rand(rank, cin, kh, kw, generator=g) * 2 - 1) * bound
+
+
+def shared_fixed_a(name: str, conv: nn.Conv2d, rank: int, seed: int) -> FixedTensor:
+    """``edit-lora-fa``'s frozen A of conv ``name``: r orthonormal rows of the (in·kh·kw) space from a per-layer
+    seed, scaled to 1/sqrt(3), the expected row norm of ``shared_init`` (n entries of variance 1/(3n))."""
+    return FixedTensor(f"{name}.lora_A.weight", (rank, *conv.weight.shape[1:]),
+                       stable_seed(seed, "edit-lora-fa", name), 1 / math.sqrt(3))
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
