@@ -32,7 +32,8 @@ class FinetuneConfig(TrainingConfig):
 
     # -- method ------------------------------------------------------------------------------------
     # A registered recipe (tasks/finetune/recipes/, docs/RECIPES.md): "lora" trains A and B; "orthogonal"
-    # fixes A to id-derived orthogonal rows (Po et al. 2024) so models can be summed; "celeb_basis" learns
+    # fixes A to id-derived orthogonal rows (Po et al. 2024) so models can be summed; "lora_fa" fixes A to one
+    # seeded orthogonal basis shared by every row (rows hold B: one chart for PCA and generators); "celeb_basis" learns
     # word-embedding coefficients over a basis of celebrity-name embeddings (Yuan et al. 2023); "perfusion"
     # learns gated, key-locked rank-1 edits of cross-attention K/V and a concept embedding (Tewel et al. 2023).
     method: Literal[recipes.names()] = Field(  # type: ignore[valid-type]
@@ -44,7 +45,7 @@ class FinetuneConfig(TrainingConfig):
         description="Options of the chosen recipe, validated by its Options model (docs/RECIPES.md), e.g. "
         "celeb_basis: {\"names\": \"s3://bucket/names.txt\", \"placeholder\": \"sks\"}; LoRA recipes take none.",
     )
-    # LoRA recipes only (lora, orthogonal); other recipes ignore them.
+    # LoRA recipes only (lora, orthogonal, lora_fa); other recipes ignore them.
     # weights2weights uses rank 1: 99,648 values per SD 1.5 model, small enough for PCA over thousands.
     rank: int = Field(1, ge=1, description="LoRA rank r.")
     # weights2weights' alpha; the effective update is (alpha / rank) * B @ A.
