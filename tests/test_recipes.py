@@ -185,6 +185,11 @@ def test_lora_fa_rows_hold_b_and_export_merge_sample_edit_load_in_diffusers(
     for f in layout.fixed:  # A rebuilt from the footer's layout is the A the row was trained with, bit for bit
         name = f.key.removesuffix(".lora_A.weight")
         assert torch.equal(layout.unflatten(w)[f.key], fa_init(name, pipe.unet.get_submodule(name), ["x"], cfg)[0])
+    sd, scale = layout.unflatten(w), meta["hparams"]["alpha"] / meta["hparams"]["rank"]
+    deltas = w2w.lora_deltas(layout, torch.as_tensor(w).float(), scale)  # what invert applies
+    assert deltas.keys() == {k.replace("lora_B.", "") for k in layout.keys}
+    for k in layout.keys:
+        torch.testing.assert_close(deltas[k.replace("lora_B.", "")], scale * sd[k].float() @ sd[k.replace("lora_B", "lora_A")])
     row = make_subjects(str(tmp_path / "s"), 1, images_per_subject=1, size=32)[0]
     with recipe.attach(pipe, cfg, [row], recipe.prepare(pipe, cfg, [row], cache)) as adapters:
         adapters.load_slot(0, layout.unflatten(torch.as_tensor(w)))
