@@ -280,7 +280,9 @@ def goals(rows: list[dict], init: dict) -> dict:
     share = {o: sum(_fewer(r, o) for r in reached) / len(reached) if reached else 0.0
              for o in STARTS if o != "f_generated"}
     med = {n: statistics.median(r["seconds"][n] for r in rows) for n in ("a_pix2pix", "b_lora_init", "f_generated")}
-    ratio = {n: med[n] / med["f_generated"] if med["f_generated"] < math.inf else 0.0 for n in ("a_pix2pix", "b_lora_init")}
+    # (f) never reaching the median: 0 against a start that does, undefined (nan) against one that does not either
+    ratio = {n: med[n] / med["f_generated"] if med["f_generated"] < math.inf else (math.nan if med[n] == math.inf else 0.0)
+             for n in ("a_pix2pix", "b_lora_init")}
     x, gen = init["_train"], init["_gen"]
     d_train = torch.cdist(x, x)
     typical = d_train[~torch.eye(len(x), dtype=torch.bool)].median()
