@@ -44,7 +44,7 @@ from weightzoo.tasks.diffusion.generator import (
     latest_checkpoint,
     train_weight_diffusion,
 )
-from weightzoo.tasks.diffusion.retrieval import knn_weights
+from weightzoo.tasks.diffusion.retrieval import knn_weights, loo_residuals
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
@@ -301,6 +301,14 @@ def test_knn_weights_are_inverse_distance_an_exact_match_takes_all_and_leave_one
     assert knn_weights(keys[:1], keys, k=10, leave_one_out=True)[0].shape == (1, 3)  # k capped at n - 1
     with pytest.raises(InputError):
         knn_weights(keys[:1], keys[:1], k=2, leave_one_out=True)
+
+
+def test_residual_targets_are_leave_one_out_and_unit_scale() -> None:
+    keys, z = torch.tensor([[0.0], [1.0], [3.0]]), torch.randn(3, 5, dtype=torch.float32)
+    expected = torch.stack([z[0] - z[1], z[1] - z[0], z[2] - z[1]])  # each row's nearest *other* row
+    targets, scale = loo_residuals(z.clone(), keys, k=1)
+    torch.testing.assert_close(targets * scale, expected)
+    torch.testing.assert_close(targets.std(0, unbiased=False), torch.ones(5))
 
 
 @pytest.fixture(scope="module", params=["structured", "prompt+attributes"])

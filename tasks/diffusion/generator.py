@@ -304,7 +304,8 @@ def condition_keys(states: torch.Tensor, pooled: torch.Tensor, structured: bool)
 def _targets(config: WeightDiffusionConfig, data, keys: torch.Tensor,
              spec: BlockSpec) -> tuple[torch.Tensor, RetrievalIndex | None]:
     """The denoiser's blocks: the standardised rows, or (``residual_k`` > 0) their leave-one-out
-    residuals from the k-nearest retrieval, scaled to unit std, with the index ``generate`` needs."""
+    residuals from the k-nearest retrieval, scaled to unit std (computed in ``data.z``'s memory), with the
+    index ``generate`` needs."""
     if not config.residual_k:
         return spec.cut(data.z), None
     targets, scale = loo_residuals(data.z, keys, config.residual_k)

@@ -64,11 +64,15 @@ def interpolate(rows: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) ->
 
 def loo_residuals(z: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(residuals / scale, scale): each row minus its leave-one-out retrieval, divided by the residuals'
-    per-parameter std (a constant column gets 1), so the denoiser's targets are unit-scale."""
-    idx, w = knn_weights(keys, keys, k, leave_one_out=True)
-    r = z - interpolate(z, idx, w)
+    per-parameter std (a constant column gets 1), so the denoiser's targets are unit-scale.
+
+    In place: ``z`` (n, D) becomes the scaled residuals, so the peak is two n × D copies, not three.
+    """
+    near = interpolate(z, *knn_weights(keys, keys, k, leave_one_out=True))
+    r = z.sub_(near)
+    del near
     scale = safe_std(r.mean(0), r.std(0, unbiased=False), rtol=1e-6)
-    return r / scale, scale
+    return r.div_(scale), scale
 
 
 @dataclass(frozen=True)
