@@ -8,13 +8,14 @@ row is actually in its weights.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from weightzoo.errors import NotFoundError
+from weightzoo.errors import InputError, NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta
@@ -43,6 +44,7 @@ from weightzoo.tasks.diffusion.generator import (
     latest_checkpoint,
     train_weight_diffusion,
 )
+from weightzoo.tasks.diffusion.retrieval import knn_weights, loo_residuals
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
@@ -282,3 +284,104 @@ def _cat(uri: str) -> bytes:
 
     fs, path = filesystem(uri)
     return fs.cat_file(path)
+
+
+# -- residual generator: k-nearest retrieval + a learnt correction ------------------------------------
+
+
+def test_knn_weights_are_inverse_distance_an_exact_match_takes_all_and_leave_one_out_skips_self() -> None:
+    keys = torch.tensor([[0.0], [1.0], [3.0], [3.0]])
+    idx, w = knn_weights(torch.tensor([[0.25], [3.0]]), keys, k=2)
+    assert idx.tolist() == [[0, 1], [2, 3]]  # distances 0.25, 0.75: weights 3 : 1; two exact matches share
+    torch.testing.assert_close(w, torch.tensor([[0.75, 0.25], [0.5, 0.5]]))
+    idx, w = knn_weights(torch.tensor([[2.9]]), keys, k=3)
+    assert idx.tolist() == [[2, 3, 1]] and w[0, 0] == w[0, 1] and w[0, 2] < w[0, 0]  # ties: row order
+    idx, w = knn_weights(keys, keys, k=1, leave_one_out=True)
+    assert idx[:, 0].tolist() == [1, 0, 3, 2] and torch.equal(w, torch.ones(4, 1))
+    assert knn_weights(keys[:1], keys, k=10, leave_one_out=True)[0].shape == (1, 3)  # k capped at n - 1
+    with pytest.raises(InputError):
+        knn_weights(keys[:1], keys[:1], k=2, leave_one_out=True)
+
+
+def test_residual_targets_are_leave_one_out_and_unit_scale() -> None:
+    keys, z = torch.tensor([[0.0], [1.0], [3.0]]), torch.randn(3, 5, dtype=torch.float32)
+    expected = torch.stack([z[0] - z[1], z[1] - z[0], z[2] - z[1]])  # each row's nearest *other* row
+    targets, scale = loo_residuals(z.clone(), keys, k=1)
+    torch.testing.assert_close(targets * scale, expected)
+    torch.testing.assert_close(targets.std(0, unbiased=False), torch.ones(5))
+
+
+@pytest.fixture(scope="module", params=["structured", "prompt+attributes"])
+def residual(request, dataset: str, tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> WeightDiffusionConfig:
+    out = tmp_path_factory.mktemp("wd-residual") / "model"
+    config = _config(dataset, tiny_base, out, steps=30, residual_k=4, condition=request.param)
+    train_weight_diffusion(config)
+    return config
+
+
+def _expected_knn(model: WeightDiffusionModel, dataset: str, queries: list[dict], k: int) -> torch.Tensor:
+    """The k-nearest interpolation computed from scratch: training rows from the dataset, keys from the encoder."""
+    ds = Dataset(dataset)
+    train = json.loads((Path(model.uri) / "split.json").read_text())["train"]
+    rows = torch.stack([ds.layout.as_tensor(ds.row(i)[1]).float() for i in train])
+    attrs = [dict(ds.row(i)[0]["attributes"]) for i in train]
+    if model.structured is not None:
+        keys, q = model.structured.encode_many(attrs), model.structured.encode_many(queries)
+    else:
+        def pooled(rows_: list[dict]) -> torch.Tensor:
+            states, masks = encode_texts(model.tokenizer, model.text_encoder, [model.text("sks person", a) for a in rows_])
+            return model.text_stats.normalise(pool_text(states, masks))
+        keys, q = pooled(attrs), pooled(queries)
+    out = []
+    for d in torch.cdist(q.double(), keys.double()):
+        near = sorted(range(len(d)), key=lambda j: (float(d[j]), j))[:k]
+        exact = [j for j in near if d[j] <= 1e-9]
+        w = {j: 1.0 for j in exact} if exact else {j: 1.0 / float(d[j]) for j in near}
+        out.append(sum(rows[j] * (v / sum(w.values())) for j, v in w.items()))
+    return torch.stack(out)
+
+
+def test_untrained_residual_generator_is_exactly_the_knn_interpolation(residual, dataset: str) -> None:
+    model = WeightDiffusionModel.load(residual.out)
+    torch.manual_seed(0)
+    model.denoiser = Denoiser(model.denoiser.config)  # the denoiser as training starts it
+    queries = [{"accessory": "hat", "colour": "red"}, {"accessory": "none", "colour": "blue"}]
+    # no exact match: between two conditions (structured), or the bare prompt (text)
+    queries.append({"accessory": "hat", "colour": "red+blue"} if model.structured is not None else {})
+    texts = [model.text("sks person", q) for q in queries]
+    base = model.retrieve(texts)
+    torch.testing.assert_close(base, _expected_knn(model, dataset, queries, 4), rtol=1e-5, atol=1e-7)
+    for steps in (1, 3):
+        assert torch.equal(model.generate(texts, steps=steps), base)
+
+
+def test_residual_generator_learns_a_correction_resumes_and_loads_from_a_copied_folder(
+        dataset: str, tiny_base: Path, tmp_path: Path) -> None:
+    opts = {"residual_k": 4, "condition": "structured"}
+    train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "a", steps=16, **opts))
+    train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=10, **opts))
+    resumed = train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=16, **opts))
+    assert resumed.resumed_from == 10 and resumed.step == 16
+    shutil.copytree(tmp_path / "b", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "b")
+    a, copy = WeightDiffusionModel.load(str(tmp_path / "a")), WeightDiffusionModel.load(str(tmp_path / "copy"))
+    for k, v in a.denoiser.state_dict().items():
+        torch.testing.assert_close(v, copy.denoiser.state_dict()[k], rtol=1e-5, atol=1e-6)
+    texts = [copy.text("", {"accessory": "hat", "colour": "red+green"}), copy.text("", {"accessory": "none", "colour": "blue"})]
+    gen = copy.generate(texts)
+    torch.testing.assert_close(gen, a.generate(texts), rtol=1e-4, atol=1e-6)
+    assert torch.isfinite(gen).all() and not torch.allclose(gen, copy.retrieve(texts))  # a correction was learnt
+    assert copy.retrieval.rows.dtype == copy.layout.torch_dtype and len(copy.retrieval.rows) == 21
+    assert not [p for p in (tmp_path / "copy").rglob("*") if p.suffix in (".pt", ".pkl", ".bin", ".pickle")]
+    with pytest.raises(ValueError, match="different config.*residual_k"):
+        train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "copy", steps=20, **{**opts, "residual_k": 2}))
+
+
+def test_a_plain_generator_has_no_retrieval_and_the_cli_takes_residual_k(trained) -> None:
+    from weightzoo.cli import build_parser
+
+    with pytest.raises(InputError, match="not a residual generator"):
+        WeightDiffusionModel.load(trained[0].out).retrieve(["sks person"])
+    args = build_parser("train-diffusion").parse_args(["train-diffusion", "--dataset", "D", "--base", "B", "--out", "O",
+                                                       "--residual-k", "3"])
+    assert args.residual_k == 3

@@ -168,30 +168,36 @@ class BlockData:
     ids: list[str]
     texts: list[str]
     z: torch.Tensor  # (n, D) float32, normalised
+    raw: torch.Tensor | None = None  # (n, D) as stored (the layout's dtype), when asked for
 
 
-def load_rows(dataset: Dataset, ids: Sequence[str], stats: Stats, condition: Condition) -> BlockData:
+def load_rows(dataset: Dataset, ids: Sequence[str], stats: Stats, condition: Condition, raw: bool = False) -> BlockData:
     """Read rows ``ids`` (in that order) normalised, with their condition text; one streaming pass.
 
     Holds n × D float32 in memory (4 GB for 10,000 SD 1.5 rank-1 LoRAs); the denoiser samples batches
-    from it at random, which a sequential stream over shards could not do.
+    from it at random, which a sequential stream over shards could not do. ``raw`` also keeps the rows as
+    stored (a residual generator's retrieval index), n × D more values in the layout's dtype.
     """
     want = {i: k for k, i in enumerate(ids)}
     z = torch.empty(len(ids), dataset.layout.numel)
+    kept = torch.empty(len(ids), dataset.layout.numel, dtype=dataset.layout.torch_dtype) if raw else None
     texts = [""] * len(ids)
     found = 0
     for table, w in dataset.iter_batches(["id", "prompt", "attributes"]):
-        x = _as_float(dataset.layout, w)
+        stored = dataset.layout.as_tensor(w)
+        x = stored.float()
         for j, (rid, prompt, attrs) in enumerate(zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "attributes")),
                                                      strict=True)):
             if rid in want:
                 k = want[rid]
                 z[k] = stats.normalise(x[j])
+                if kept is not None:
+                    kept[k] = stored[j]
                 texts[k] = condition_text(prompt or "", dict(attrs or []), condition)
                 found += 1
     if found != len(ids):
         raise NotFoundError(f"{len(ids) - found} of the requested ids are not committed in {dataset.uri}")
-    return BlockData(list(ids), texts, z)
+    return BlockData(list(ids), texts, z, kept)
 
 
 def split_ids(ids: Sequence[str], holdout_ids: Iterable[str] = (), holdout_fraction: float = 0.0,

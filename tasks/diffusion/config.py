@@ -40,6 +40,10 @@ class WeightDiffusionConfig(DenoiserSize):
         "prompt+attributes", description="Text condition: 'prompt' or 'prompt+attributes' (prompt, then 'key value' "
         "pairs); or 'structured': attributes as numbers and one-hots (no text encoder; `base` is not read).",
     )
+    # 0: the plain generator (the conditional mean of the rows). k > 0: retrieval + a learnt correction,
+    # which before training is exactly the k-nearest interpolation (tasks/diffusion/retrieval.py).
+    residual_k: int = Field(0, ge=0, description="Generate retrieval + correction: the k nearest training rows by "
+                            "condition, inverse-distance weighted, plus a denoised correction (0: plain generator).")
     stats: str | None = Field(None, description="A subspace.safetensors with mean/std to reuse; default: computed on the training rows.")
     holdout_ids: tuple[str, ...] = Field((), description="Ids never trained on (kept for evaluation).")
     holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of ids held out at random (with split_seed).")

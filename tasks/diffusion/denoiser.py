@@ -8,6 +8,8 @@ the valid text states, standardised over the training conditions) to every token
 text encoder gives texts that differ in one word states that differ by a few percent, and
 standardising makes that difference unit-scale. The output is the clean blocks ``x0``, as
 ``sqrt(ᾱ)·x_t + sqrt(1 − ᾱ)·F`` (the network learns only the correction to the best linear guess).
+A residual generator's denoiser (``residual=True``) outputs ``F`` alone from a zero-initialised layer: its
+x0 is a correction to a retrieval, which an untrained denoiser leaves exactly as it is, at any step count.
 
 Schedule (Nichol & Dhariwal's cosine): continuous ``t`` in [0, 1], ``alpha_bar(t) = cos²((t + s) /
 (1 + s) · π/2)`` with ``s = 0.008``, ``x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) ε``.
@@ -36,6 +38,9 @@ class DenoiserConfig(DenoiserSize):
     n_blocks: int = Field(ge=1, description="Blocks per model (set from the layout and block size).")
     block_size: int = Field(ge=1, description="Values per block.")
     text_dim: int = Field(ge=1, description="Width of the base text encoder's hidden states.")
+    # A residual generator's denoiser predicts a correction to a retrieval (tasks/diffusion/retrieval.py).
+    residual: bool = Field(False, description="Predict x0 = F alone (no skip), F's output layer zero-initialised: "
+                           "untrained, it predicts exactly 0, so the generator starts as its retrieval baseline.")
 
 
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +91,9 @@ class Denoiser(nn.Module):
         self.out_norm = nn.LayerNorm(c.width)
         self.out = nn.Linear(c.width, c.block_size)
         nn.init.normal_(self.block_index.weight, std=0.02)
+        if c.residual:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                 pooled: torch.Tensor) -> torch.Tensor:
@@ -95,6 +103,8 @@ class Denoiser(nn.Module):
         h = self.inp(x_t) + self.block_index(idx)[None] + (temb + self.pooled(pooled))[:, None]
         for layer in self.layers:
             h = layer(h, ctx, ~text_mask)
+        if self.config.residual:  # no skip: x_t is noise around a correction, so 0 is the untrained answer
+            return self.out(self.out_norm(h))
         # Preconditioning: for unit-variance data, sqrt(ᾱ)·x_t is the best linear guess of x0, so the
         # network only learns the correction, scaled by the noise level. Without this skip, every value
         # must squeeze through `width` features per block, and near t = 0 the network has to learn the identity.

@@ -2,12 +2,15 @@
 
 ``train_weight_diffusion(config)`` reads a dataset, holds out a split, standardises and cuts every
 training row into blocks (``weight_blocks``) and trains the block denoiser (``denoiser``) on them.
+With ``residual_k`` > 0 it generates ``retrieval + correction`` (``retrieval``): the denoiser's targets are
+each row's leave-one-out residual from the k-nearest interpolation, and untrained it adds exactly nothing.
 Everything ``generate`` needs lives in the model folder, so a model folder is all you ship::
 
     config.json         the resolved training config, the denoiser's shape, format version
     layout.json         the dataset's weight layout        hparams.json   the rows' fine-tune hparams
     stats.safetensors   per-parameter mean / std, and text_mean / text_std of the pooled conditions
     split.json          train and held-out ids
+    retrieval.safetensors   residual models only (residual_k > 0): training rows (split order), keys, k
     text_encoder/, tokenizer/   the base model's own text encoder (the condition), save_pretrained
     checkpoints/step-XXXXXXX.safetensors   denoiser + AdamW state (safetensors; never pickle)
     checkpoints/latest.json     written last: the commit of a checkpoint (step, file, loss history)
@@ -68,6 +71,8 @@ from weightzoo.tasks.diffusion.denoiser import (
     masked_mse,
     noisy,
 )
+from weightzoo.tasks.diffusion.retrieval import FILE as RETRIEVAL_FILE
+from weightzoo.tasks.diffusion.retrieval import RetrievalIndex, loo_residuals
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.subspace.pca import card_dataset
 
@@ -212,11 +217,11 @@ def _dataset_if_found(uri: str, card: dict) -> str:
         return card["config"]["dataset"]
 
 
-def _structured_inputs(ds: Dataset, train: list[str], stats: Stats):
+def _structured_inputs(ds: Dataset, train: list[str], stats: Stats, residual: bool):
     """Rows, condition keys, (n, 1, F) feature "states", masks and the fitted encoder of a structured condition."""
     from weightzoo.tasks.concepts.condition import StructuredCondition
 
-    data = load_rows(ds, train, stats, "prompt")
+    data = load_rows(ds, train, stats, "prompt", raw=residual)
     meta = ds.metadata(["id", "attributes"])
     attrs = dict(zip(meta.column("id").to_pylist(), (dict(a or []) for a in meta.column("attributes").to_pylist()),
                      strict=True))
@@ -229,9 +234,10 @@ def _structured_inputs(ds: Dataset, train: list[str], stats: Stats):
 
 def _condition_inputs(config: WeightDiffusionConfig, ds: Dataset, train: list[str], stats: Stats):
     """(rows, distinct condition texts, states, masks, encoder): text-encoder states, or structured features."""
+    residual = config.residual_k > 0  # the retrieval index keeps the rows as stored
     if config.condition == STRUCTURED:
-        return _structured_inputs(ds, train, stats)
-    data = load_rows(ds, train, stats, config.condition)
+        return _structured_inputs(ds, train, stats, residual)
+    data = load_rows(ds, train, stats, config.condition, raw=residual)
     tok, enc = load_text_encoder(config.base)
     texts = sorted(set(data.texts))  # each distinct condition is encoded once
     states, masks = encode_texts(tok, enc, texts)
@@ -252,7 +258,8 @@ def _save_encoder(out: str, encoder) -> None:
 
 
 def _prepare_folder(config: WeightDiffusionConfig, ds: Dataset, train: list[str], holdout: list[str],
-                    stats: Stats, tstats: Stats, denoiser: DenoiserConfig, encoder) -> None:
+                    stats: Stats, tstats: Stats, denoiser: DenoiserConfig, encoder,
+                    retrieval: RetrievalIndex | None) -> None:
     """Write everything ``generate`` needs besides the denoiser weights (once, at the first run)."""
     out = config.out
     fs, root = filesystem(out)
@@ -264,6 +271,8 @@ def _prepare_folder(config: WeightDiffusionConfig, ds: Dataset, train: list[str]
     save_tensors(join(out, "stats.safetensors"),
                  {"mean": stats.mean, "std": stats.std, "text_mean": tstats.mean, "text_std": tstats.std})
     _save_encoder(out, encoder)
+    if retrieval is not None:
+        retrieval.save(join(out, RETRIEVAL_FILE))
     # config.json last: its presence says the folder is complete.
     write_bytes(fs, join(root, "config.json"), dump_json({
         "format": FORMAT_VERSION, "config": config.model_dump(mode="json"), "denoiser": denoiser.model_dump(),
@@ -277,7 +286,7 @@ class _Prepared:
     """A run's inputs, computed once: the standardised rows as blocks, the conditions, the denoiser shape."""
 
     spec: BlockSpec
-    blocks: torch.Tensor  # (n, B, S) standardised training rows
+    blocks: torch.Tensor  # (n, B, S) targets: standardised training rows, or their scaled residuals
     states: torch.Tensor  # (m, L, d) condition states, one per distinct condition
     masks: torch.Tensor
     pooled: torch.Tensor  # (m, d) normalised pooled conditions
@@ -285,6 +294,22 @@ class _Prepared:
     dcfg: DenoiserConfig
     train: list[str]
     holdout: list[str]
+
+
+def condition_keys(states: torch.Tensor, pooled: torch.Tensor, structured: bool) -> torch.Tensor:
+    """(n, F) what retrieval compares: the structured features, or the standardised pooled text."""
+    return states[:, 0, :] if structured else pooled
+
+
+def _targets(config: WeightDiffusionConfig, data, keys: torch.Tensor,
+             spec: BlockSpec) -> tuple[torch.Tensor, RetrievalIndex | None]:
+    """The denoiser's blocks: the standardised rows, or (``residual_k`` > 0) their leave-one-out
+    residuals from the k-nearest retrieval, scaled to unit std (computed in ``data.z``'s memory), with the
+    index ``generate`` needs."""
+    if not config.residual_k:
+        return spec.cut(data.z), None
+    targets, scale = loo_residuals(data.z, keys, config.residual_k)
+    return spec.cut(targets), RetrievalIndex(data.raw, keys, config.residual_k, scale)
 
 
 def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Prepared:
@@ -302,15 +327,16 @@ def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Pre
         stats = load_stats(config.stats, spec.numel) if config.stats else compute_stats(ds, train)
     data, texts, states, masks, encoder = _condition_inputs(config, ds, train, stats)
     size = {k: getattr(config, k) for k in DenoiserSize.model_fields}
-    dcfg = DenoiserConfig(n_blocks=spec.n_blocks, block_size=spec.block_size, text_dim=states.shape[-1], **size)
-    if resuming:
-        tstats = Stats(saved["text_mean"], saved["text_std"])
-    else:
-        tstats = text_stats(pool_text(states, masks))
-        _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, encoder)
+    dcfg = DenoiserConfig(n_blocks=spec.n_blocks, block_size=spec.block_size, text_dim=states.shape[-1],
+                          residual=config.residual_k > 0, **size)
+    tstats = Stats(saved["text_mean"], saved["text_std"]) if resuming else text_stats(pool_text(states, masks))
     pooled = tstats.normalise(pool_text(states, masks))
     text_index = torch.tensor([texts.index(t) for t in data.texts])
-    return _Prepared(spec, spec.cut(data.z), states, masks, pooled, text_index, dcfg, train, holdout)
+    keys = condition_keys(states, pooled, config.condition == STRUCTURED)[text_index]
+    blocks, retrieval = _targets(config, data, keys, spec)
+    if not resuming:
+        _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, encoder, retrieval)
+    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout)
 
 
 def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device,
@@ -432,6 +458,7 @@ class WeightDiffusionModel:
     text_encoder: object
     step: int
     structured: object = None  # tasks.concepts.condition.StructuredCondition when condition == "structured"
+    retrieval: RetrievalIndex | None = None  # residual models (residual_k > 0): the base their correction adds to
 
     @classmethod
     def load(cls, uri: str, device: str = "cpu") -> WeightDiffusionModel:
@@ -457,10 +484,11 @@ class WeightDiffusionModel:
             structured = StructuredCondition.from_json(fs.cat_file(join(root, CONDITION_NAME)))
         else:
             tok, enc = load_text_encoder(uri, dev)
+        retrieval = RetrievalIndex.load(join(uri, RETRIEVAL_FILE)) if config.residual_k else None
         return cls(uri, config, model.to(dev).eval(),
                    BlockSpec(card["numel"], dcfg.block_size), Stats(st["mean"], st["std"]),
                    Stats(st["text_mean"], st["text_std"]), layout,
-                   _read_json(join(uri, "hparams.json")), tok, enc, int(latest["step"]), structured)
+                   _read_json(join(uri, "hparams.json")), tok, enc, int(latest["step"]), structured, retrieval)
 
     def text(self, prompt: str, attributes: Mapping[str, str] | None = None) -> str:
         """The condition text, built the way training built it (structured: the attributes as JSON)."""
@@ -477,6 +505,21 @@ class WeightDiffusionModel:
         return self._sample(states, masks, steps, seed)
 
     @torch.no_grad()
+    def retrieve(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, D) float32: a residual model's retrieval baseline alone (what ``generate`` adds its correction to)."""
+        if self.retrieval is None:
+            raise InputError(f"{self.uri} is not a residual generator (residual_k = 0): it has no retrieval")
+        if self.structured is not None:
+            feats = self.structured.encode_many([json.loads(t) for t in texts])
+            states, masks = feats[:, None, :], torch.ones(len(texts), 1, dtype=torch.bool)
+        else:
+            states, masks = encode_texts(self.tokenizer, self.text_encoder, texts)
+        return self._base(states, self.text_stats.normalise(pool_text(states, masks)))
+
+    def _base(self, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        return self.retrieval.interpolate(condition_keys(states, pooled, self.structured is not None))
+
+    @torch.no_grad()
     def generate_attributes(self, rows: Sequence[Mapping[str, object]], steps: int = 1, seed: int = 0) -> torch.Tensor:
         """(n, D) vectors for attribute dicts (structured models; an unseen categorical value is refused)."""
         if self.structured is None:
@@ -488,7 +531,11 @@ class WeightDiffusionModel:
         g = torch.Generator().manual_seed(stable_seed(seed, "generate"))
         pooled = self.text_stats.normalise(pool_text(states, masks))
         blocks = ddim_sample(self.denoiser, states, masks, pooled, steps=steps, generator=g, mask=self.spec.mask())
-        return self.stats.denormalise(self.spec.reassemble(blocks.float().cpu()))
+        out = self.spec.reassemble(blocks.float().cpu())
+        if self.retrieval is None:
+            return self.stats.denormalise(out)
+        # An untrained correction is exactly 0, so this is then exactly the retrieval.
+        return self._base(states, pooled) + out * (self.retrieval.scale * self.stats.std)
 
 
 def generate_lora(model_uri: str, prompt: str, out: str, attributes: Mapping[str, str] | None = None,

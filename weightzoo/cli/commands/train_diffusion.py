@@ -7,7 +7,7 @@ import argparse
 HELP = "Train a text-conditioned weight-diffusion model on a dataset's rows."
 
 
-FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps", "width", "depth", "heads", "condition", "stats",
+FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps", "width", "depth", "heads", "condition", "residual_k", "stats",
           "holdout_ids", "holdout_fraction", "split_seed", "seed", "checkpoint_every", "device", "mixed_precision")
 
 
