@@ -25,7 +25,15 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY_FINETUNE, deployment_build, deployment_runs, process_workers, stop_tree
+from helpers import (
+    REPO,
+    TINY_FINETUNE,
+    WORKER_QUERY_S,
+    deployment_build,
+    deployment_runs,
+    process_workers,
+    stop_tree,
+)
 
 from weightzoo.deployments import servers as srv
 from weightzoo.deployments.net import free_port
@@ -195,7 +203,8 @@ def prod_api(pg_redis: tuple[str, str], prefect_home: Path, tmp_path_factory: py
 
 
 def _env(api: str, home: Path) -> dict[str, str]:
-    return srv.worker_env(api, PREFECT_HOME=str(home / "client"), PREFECT_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1")
+    return srv.worker_env(api, PREFECT_HOME=str(home / "client"), PREFECT_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1",
+                          PREFECT_WORKER_QUERY_SECONDS=WORKER_QUERY_S)
 
 
 @pytest.fixture
