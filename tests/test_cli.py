@@ -96,49 +96,66 @@ def test_build_flags_come_from_the_chosen_engines_config(capsys: pytest.CaptureF
 # --- help, version, output levels -------------------------------------------------------------------------
 
 PROBE = """
-import sys
+import contextlib, io, json, os, sys
 from weightzoo.cli import main
-try:
-    code = main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-heavy = sorted(m for m in ("torch", "diffusers", "prefect", "transformers") if m in sys.modules)
-print("PROBE", code, ",".join(heavy) or "-", file=sys.stderr)
+results = []
+for argv, cwd in json.loads(sys.argv[1]):
+    if cwd:
+        os.chdir(cwd)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    heavy = sorted(m for m in ("torch", "diffusers", "prefect", "transformers") if m in sys.modules)
+    results.append([int(code), ",".join(heavy) or "-", out.getvalue(), err.getvalue().rstrip("\\n")])
+print(json.dumps(results))
 """
 
 
-def probe(*argv: str, cwd: Path | None = None) -> tuple[int, str, str, str]:
-    """Runs the CLI in a fresh interpreter: (exit code, heavy modules imported, stdout, stderr)."""
+def probe(*calls: tuple[list[str], Path | None]) -> list[tuple[int, str, str, str]]:
+    """Runs the CLI on each argv (in its cwd) one after another in one fresh interpreter: for each, (exit
+    code, heavy modules imported so far, stdout, stderr). What is imported accumulates, so a heavy import by
+    any call shows from that call on, as it would alone in a fresh process."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd, timeout=120)
-    print(f"\n  weightzoo {' '.join(argv)[:60]}: answered in {time.perf_counter() - start:.2f} s")
-    *err, last = proc.stderr.rstrip("\n").split("\n")
-    _, code, heavy = last.split()
-    return int(code), heavy, proc.stdout, "\n".join(err)
+    arg = json.dumps([[list(argv), str(cwd) if cwd else None] for argv, cwd in calls])
+    proc = subprocess.run([sys.executable, "-c", PROBE, arg], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"\n  {len(calls)} weightzoo command lines: answered in {time.perf_counter() - start:.2f} s")
+    return [tuple(r) for r in json.loads(proc.stdout)]
 
 
 def test_help_version_and_typos_import_no_torch_diffusers_or_prefect(tmp_path: Path) -> None:
-    code, heavy, out, _ = probe("--help")
+    typos = [("build", "--batch-sise", "--batch-size"), ("fit-subspace", "--componets", "--components"),
+             ("train-diffusion", "--checkpoint-evry", "--checkpoint-every"), ("demo", "--subjets", "--subjects")]
+    calls = [(["--help"], None), (["--version"], None), (["buidl"], None), (["export", "--datset", "D"], None),
+             (["build", "--manifest", "m.jsonl", "--base", "b", "--dataset", "d"], tmp_path),
+             *[([command, "--help"], None) for command in COMMANDS],
+             # Flags made from the engines' and flows' config models: their help and typos import no torch either.
+             (["build", "--engine", "edit-lora", "--help"], None),
+             *[([command, typo, "3"], None) for command, typo, _ in typos]]
+    results = iter(probe(*calls))
+    code, heavy, out, _ = next(results)
     assert (code, heavy) == (0, "-") and all(c in out for c in COMMANDS)
-    assert probe("--version")[:3] == (0, "-", f"weightzoo {weightzoo.__version__}\n")
-    code, heavy, _, err = probe("buidl")
+    assert next(results)[:3] == (0, "-", f"weightzoo {weightzoo.__version__}\n")
+    code, heavy, _, err = next(results)
     assert (code, heavy) == (2, "-") and err.endswith("; did you mean build?")
-    code, heavy, _, err = probe("export", "--datset", "D")
+    code, heavy, _, err = next(results)
     assert (code, heavy) == (2, "-") and err.endswith("unrecognized arguments: --datset; did you mean --dataset?")
-    code, heavy, _, err = probe("build", "--manifest", "m.jsonl", "--base", "b", "--dataset", "d", cwd=tmp_path)
+    code, heavy, _, err = next(results)
     assert (code, heavy, err) == (2, "-", f"weightzoo build: error: --manifest: no such file {tmp_path / 'm.jsonl'}")
     assert list(tmp_path.iterdir()) == []
     for command in COMMANDS:
-        code, heavy, out, _ = probe(command, "--help")
+        code, heavy, out, _ = next(results)
         assert (code, heavy) == (0, "-"), command
         assert out.startswith(f"usage: weightzoo {command}"), command
-    # Flags made from the engines' and flows' config models: their help and typos import no torch either.
-    code, heavy, out, _ = probe("build", "--engine", "edit-lora", "--help")
+    code, heavy, out, _ = next(results)
     assert (code, heavy) == (0, "-") and "--method {edit-lora}" in out
-    for command, typo, meant in [("build", "--batch-sise", "--batch-size"), ("fit-subspace", "--componets", "--components"),
-                                 ("train-diffusion", "--checkpoint-evry", "--checkpoint-every"), ("demo", "--subjets", "--subjects")]:
-        code, heavy, _, err = probe(command, typo, "3")
+    for command, _, meant in typos:
+        code, heavy, _, err = next(results)
         assert (code, heavy) == (2, "-") and err.endswith(f"; did you mean {meant}?"), (command, err)
+    assert next(results, None) is None
 
 
 def test_every_command_has_one_clean_sentence_and_a_description() -> None:

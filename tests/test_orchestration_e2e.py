@@ -1,10 +1,11 @@
 """End to end on real processes: ``prefect server start`` on loopback, ``prefect worker start`` process
 workers, the finetune-batch deployment created from this checkout, the real engine on the tiny model.
 
-The relative-paths test runs ``weightzoo build --executor deployment`` from a user's folder with relative
-``--manifest``, ``--base`` and ``--dataset``: the workers start in this checkout, so the CLI must send
-absolute paths. The kill test ``kill -9``s the worker (and its flow-run child) and the parent while a batch trains,
-then restarts the worker and reruns the build: exactly N unique ids, no uncommitted shard read.
+The fan-out test runs ``weightzoo build --executor deployment`` over three batches from a user's folder with
+relative ``--manifest``, ``--base`` and ``--dataset``: the workers start in this checkout, so the CLI must send
+absolute paths (one server/worker run checks the fan-out and the paths). The kill test ``kill -9``s the worker
+(and its flow-run child) and the parent while a batch trains, then restarts the worker and reruns the build:
+exactly N unique ids, no uncommitted shard read.
 """
 
 from __future__ import annotations
@@ -58,30 +59,15 @@ def _raw_commit_ids(dataset: Path) -> list[str]:
     return [i for f in sorted((dataset / "ledger" / "commits").glob("*.json")) for i in json.loads(f.read_text())["ids"]]
 
 
-def test_deployment_fan_out_over_three_batches(api: str, process_worker, tmp_path: Path, tiny_base: Path) -> None:
-    from weightzoo.flows.build_dataset import build_dataset
-    from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
-
-    process_worker(POOL, limit=2)
-    manifest = write_demo_manifest(str(tmp_path / "m"), 6)
-    summary = build_dataset(_request(manifest, tiny_base, tmp_path / "ds", TINY_FINETUNE))
-    assert (summary["committed"], summary["failed"], summary["pending"]) == (6, 0, 0)
-    assert len(summary["batches"]) == 3 and set(summary["batches"].values()) == {"COMPLETED"}
-    runs = _batch_runs(set(summary["batches"]))
-    assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
-    assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent in the UI
-    ds = Dataset(str(tmp_path / "ds"))
-    assert len(ds) == 6 and len(set(ds.ids)) == 6
-
-
-def test_cli_deployment_build_with_relative_paths_from_another_folder_commits_every_row(
+def test_cli_deployment_build_from_another_folder_fans_out_over_three_batches_with_relative_paths(
     api: str, process_worker, tmp_path: Path, tiny_base: Path
 ) -> None:
+    """One server/worker run checks both: the fan-out (3 batch runs, each completed and linked to the parent)
+    and ``weightzoo build`` from a user's folder with relative paths (sent absolute, resolved there)."""
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
-    n, user = 4, tmp_path / "user"  # the user's folder: not the checkout the workers start in
+    n, user = 6, tmp_path / "user"  # the user's folder: not the checkout the workers start in
     write_demo_manifest(str(user / "m"), n)
     shutil.copytree(tiny_base, user / "base")
     process_worker(POOL, limit=2)
@@ -94,10 +80,14 @@ def test_cli_deployment_build_with_relative_paths_from_another_folder_commits_ev
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout)["summary"]
     assert (summary["committed"], summary["failed"], summary["pending"]) == (n, 0, 0)
+    assert len(summary["batches"]) == 3 and set(summary["batches"].values()) == {"COMPLETED"}
+    runs = _batch_runs(set(summary["batches"]))
+    assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
+    assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent in the UI
     assert summary["dataset"] == str(user / "ds")  # resolved against the user's folder, not the workers'
     assert not (REPO / "ds").exists() and not (REPO / "m").exists()
-    ids = Dataset(str(user / "ds")).ids
-    assert len(ids) == len(set(ids)) == n
+    ds = Dataset(str(user / "ds"))
+    assert len(ds) == len(ds.ids) == len(set(ds.ids)) == n
 
 
 def _wait_for_training(dataset: Path, deadline: float) -> str:

@@ -25,7 +25,15 @@ import psutil
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY_FINETUNE, deployment_build, deployment_runs, process_workers, stop_tree
+from helpers import (
+    REPO,
+    TINY_FINETUNE,
+    WORKER_QUERY_S,
+    deployment_build,
+    deployment_runs,
+    process_workers,
+    stop_tree,
+)
 
 from weightzoo.deployments import servers as srv
 from weightzoo.deployments.net import free_port
@@ -195,7 +203,8 @@ def prod_api(pg_redis: tuple[str, str], prefect_home: Path, tmp_path_factory: py
 
 
 def _env(api: str, home: Path) -> dict[str, str]:
-    return srv.worker_env(api, PREFECT_HOME=str(home / "client"), PREFECT_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1")
+    return srv.worker_env(api, PREFECT_HOME=str(home / "client"), PREFECT_LOGGING_LEVEL="WARNING", HF_HUB_OFFLINE="1",
+                          PREFECT_WORKER_QUERY_SECONDS=WORKER_QUERY_S)
 
 
 @pytest.fixture
@@ -223,24 +232,6 @@ def _assert_exactly(dataset: Path, n: int) -> None:
     assert len(Ledger(str(dataset)).committed_ids()) == n
     raw = [i for f in sorted((dataset / "ledger" / "commits").glob("*.json")) for i in json.loads(f.read_text())["ids"]]
     assert len(raw) == len(set(raw)) == n  # no id was ever committed twice
-
-
-@pytest.mark.slow
-def test_postgres_fan_out_over_three_batches_with_two_workers(prod_api: str, prod_workers, tmp_path: Path,
-                                                              tiny_base: Path) -> None:
-    from weightzoo.flows.build_dataset import build_dataset
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
-
-    prod_workers(), prod_workers()
-    manifest = write_demo_manifest(str(tmp_path / "m"), 6)
-    earlier = {r.id for r in _runs()}
-    summary = build_dataset(_request(manifest, tiny_base, tmp_path / "ds", TINY_FINETUNE))
-    assert (summary["committed"], summary["failed"], summary["pending"]) == (6, 0, 0)
-    assert len(summary["batches"]) == 3 and set(summary["batches"].values()) == {"COMPLETED"}
-    runs = [r for r in _runs(set(summary["batches"])) if r.id not in earlier]
-    assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
-    assert all("weightzoo" in r.tags for r in runs)  # what the crashed-run automation watches
-    _assert_exactly(tmp_path / "ds", 6)
 
 
 def _training_run(worker: subprocess.Popen) -> str | None:
@@ -275,9 +266,12 @@ def _kill_one_mid_batch(workers: list[subprocess.Popen], deadline: float, killed
 
 
 @pytest.mark.slow
-def test_killed_worker_run_is_crashed_by_heartbeat_automation_and_rebuilt_in_the_same_build(
+def test_fan_out_on_two_workers_whose_killed_run_is_crashed_by_the_automation_and_rebuilt_in_the_same_build(
     prod_api: str, prod_workers, tmp_path: Path, tiny_base: Path
 ) -> None:
+    """One build of 3 batches on 2 postgres-backed workers checks the fan-out (every batch Completed, one
+    run each for the batches nobody killed, every run tagged for the automation) and the kill: the killed
+    worker's run turns Crashed through the heartbeat automation and its batch is rebuilt in round 2."""
     from prefect.client.orchestration import get_client
 
     from weightzoo.flows.build_dataset import build_dataset
@@ -298,9 +292,13 @@ def test_killed_worker_run_is_crashed_by_heartbeat_automation_and_rebuilt_in_the
     assert killed, "no batch was caught training"
     assert (summary["committed"], summary["failed"], summary["pending"]) == (n, 0, 0)
     assert summary["batches"][killed["batch"]] == "COMPLETED"  # re-planned under the same batch id, in round 2
+    assert len(summary["batches"]) == 3 and set(summary["batches"].values()) == {"COMPLETED"}
     with get_client(sync_client=True) as client:
         state = client.read_flow_run(killed["run_id"]).state
     assert state.is_crashed() and "weightzoo-crash-zombie-runs" in (state.message or "")  # the automation did it
     runs = [r for r in _runs({killed["batch"]}) if r.id not in earlier]
     assert len(runs) == 2 and sorted(r.state.type.value for r in runs) == ["COMPLETED", "CRASHED"]
+    others = [r for r in _runs(set(summary["batches"]) - {killed["batch"]}) if r.id not in earlier]
+    assert len(others) == 2 and all(r.state.is_completed() for r in others)  # the fan-out: one run per batch
+    assert all("weightzoo" in r.tags for r in runs + others)  # what the crashed-run automation watches
     _assert_exactly(tmp_path / "ds", n)

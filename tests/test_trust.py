@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -341,17 +342,33 @@ def _flip_a_weights_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _build_args(manifest: str, base: Path, dataset: str) -> list[str]:
+    return ["build", "--manifest", manifest, "--base", str(base), "--dataset", dataset, "--batch-size", "2",
+            "--finetune-json", json.dumps({**TINY_FINETUNE, "pack": 2})]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, prefect_harness: None) -> tuple[str, list[str], Path]:
+    """One real build of 4 ids in 2 batches, (manifest, ids, dataset folder); each corruption test damages
+    its own copy of the dataset, so the same clean build is not trained twice."""
+    root = tmp_path_factory.mktemp("built")
+    manifest, ids = _manifest(root, 4)
+    assert cli(_build_args(manifest, tiny_base, str(root / "ds"))) == 0
+    assert _visible(str(root / "ds")) == (4, 4)
+    return manifest, ids, root / "ds"
+
+
 @pytest.mark.parametrize("fault", ["flipped-byte", "deleted-shard"])
 def test_corrupt_shard_is_caught_by_every_reader_then_repaired_and_rebuilt(
-    fault: str, tmp_path: Path, tiny_base: Path, prefect_harness: None, capsys: pytest.CaptureFixture
+    fault: str, built: tuple[str, list[str], Path], tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """A real build; one committed shard damaged; export, fit-subspace and verify each refuse it, naming the
-    shard; verify --repair quarantines it; the next build retrains exactly its rows: N unique ids again."""
-    manifest, ids = _manifest(tmp_path, 4)
+    """A real build (a copy of the module's); one committed shard damaged; export, fit-subspace and verify each
+    refuse it, naming the shard; verify --repair quarantines it; the next build retrains exactly its rows:
+    N unique ids again."""
+    manifest, ids, clean = built
+    shutil.copytree(clean, tmp_path / "ds")
     dataset = str(tmp_path / "ds")
-    build = ["build", "--manifest", manifest, "--base", str(tiny_base), "--dataset", dataset, "--batch-size", "2",
-             "--finetune-json", json.dumps({**TINY_FINETUNE, "pack": 2})]
-    assert cli(build) == 0
+    build = _build_args(manifest, tiny_base, dataset)
     entry = Ledger(dataset).commits()[0]
     shard = tmp_path / "ds" / entry.shard
     if fault == "flipped-byte":
