@@ -68,6 +68,7 @@ from weightzoo.tasks.diffusion.denoiser import (
     masked_mse,
     noisy,
 )
+from weightzoo.tasks.diffusion.objective import TaskObjective, engine_task_loss
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.subspace.pca import card_dataset
 
@@ -183,8 +184,9 @@ def _renamed(saved: dict) -> dict:
 
 def _check_resumable(out: str, config: WeightDiffusionConfig) -> None:
     card = _read_json(join(out, "config.json"))
-    saved = _renamed(card["config"])
     now = config.model_dump(mode="json")
+    # A field added since the folder was written holds its default there (its run knew no other value).
+    saved = {**WeightDiffusionConfig(dataset="", base="", out="").model_dump(mode="json"), **_renamed(card["config"])}
     diff = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k]
                   and not (k == "dataset" and _moved_dataset(out, card, now[k])))
     if diff:
@@ -329,8 +331,9 @@ def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device
 
 def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser, opt: torch.optim.Optimizer,
                 start: int, losses: list[float], device: torch.device,
-                progress: Callable[[int, int, float], None] | None) -> list[float]:
-    """Steps ``start`` .. ``config.steps``; each step's batch, timesteps and noise come from ``(seed, step)``."""
+                progress: Callable[[int, int, float], None] | None, task: TaskObjective | None = None) -> list[float]:
+    """Steps ``start`` .. ``config.steps``; each step's batch, timesteps and noise come from ``(seed, step)``;
+    ``task`` (objective 'task') adds the predicted rows' task loss to the weight loss."""
     spec, blocks, mask = prep.spec, prep.blocks.to(device), prep.spec.mask().to(device)
     states, masks, pooled = prep.states.to(device), prep.masks.to(device), prep.pooled.to(device)
     text_index = prep.text_index.to(device)
@@ -348,6 +351,8 @@ def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser,
             c = text_index[idx]
             pred = model(noisy(blocks[idx], t, noise) * mask, t, states[c], masks[c], pooled[c])
         loss = masked_mse(pred, blocks[idx], mask)
+        if task is not None:
+            loss = loss + task(pred, idx, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -373,11 +378,14 @@ def train_weight_diffusion(
     ``progress(step, total, loss)`` is called every 10 steps and at each checkpoint.
     """
     device = resolve_device(config.device)
+    ds = Dataset(config.dataset)
+    task_loss = engine_task_loss(config, ds, device)  # objective 'task': refused here, before anything is written
     resuming = uri_exists(join(config.out, "config.json"))
-    prep = _prepare(config, Dataset(config.dataset), resuming)
+    prep = _prepare(config, ds, resuming)
+    task = None if task_loss is None else TaskObjective.bind(task_loss, config, prep.spec, prep.train, device)
     latest = latest_checkpoint(config.out) if resuming else None
     model, opt, start, losses = _resume(config, prep, device, latest)
-    losses = _train_loop(config, prep, model, opt, start, losses, device, progress)
+    losses = _train_loop(config, prep, model, opt, start, losses, device, progress, task)
     write_loss_curve(config.out, losses)
     return TrainResult(config.out, max(start, config.steps), _smoothed(losses)[-1] if losses else math.nan,
                        start, len(prep.train), len(prep.holdout))
