@@ -131,6 +131,10 @@ def main() -> None:
     p.add_argument("--diffusion-width", type=int, default=128)
     p.add_argument("--diffusion-depth", type=int, default=3)
     p.add_argument("--diffusion-lr", type=float, default=1e-3)
+    p.add_argument("--objective", choices=("weights", "task"), default="weights",
+                   help="generator objective: stored rows only, or also the edit loss through the frozen base")
+    p.add_argument("--task-weight", type=float, default=WeightDiffusionConfig.model_fields["task_weight"].default,
+                   help="weight of the task loss next to the weight loss (--objective task)")
     p.add_argument("--noise", type=float, default=0.5, help="(e): noise std as a multiple of each parameter's std")
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -141,11 +145,12 @@ def main() -> None:
     t0 = time.perf_counter()
     base, dataset, train_rows = build(args, work, cfg)
     wdiff = f"{dataset}-wdiff-{args.diffusion_steps}-{args.diffusion_width}-{args.diffusion_depth}-{args.diffusion_lr}"
+    wdiff += f"-task{args.task_weight}" if args.objective == "task" else ""
     t1 = time.perf_counter()
     train_weight_diffusion(WeightDiffusionConfig(
         dataset=dataset, base=base, out=wdiff, condition="structured", steps=args.diffusion_steps, block_size=256,
         width=args.diffusion_width, depth=args.diffusion_depth, learning_rate=args.diffusion_lr,
-        checkpoint_every=args.diffusion_steps))
+        checkpoint_every=args.diffusion_steps, objective=args.objective, task_weight=args.task_weight))
     print(f"generator: {time.perf_counter() - t1:.0f} s", flush=True)
     held = heldout_rows(args.heldout)
     model = load_base(base)
