@@ -179,6 +179,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--diffusion-lr", type=float, default=1e-3)
     p.add_argument("--residual-k", type=int, default=0, help="generator: retrieval of k rows + correction (0: plain)")
     p.add_argument("--knn", type=int, default=4, help="(g): rows interpolated (the generator's retrieval rule)")
+    p.add_argument("--objective", choices=("weights", "task"), default="weights",
+                   help="generator objective: stored rows only, or also the edit loss through the frozen base")
+    p.add_argument("--task-weight", type=float, default=WeightDiffusionConfig.model_fields["task_weight"].default,
+                   help="weight of the task loss next to the weight loss (--objective task)")
     p.add_argument("--noise", type=float, default=0.5, help="(e): noise std as a multiple of each parameter's std")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args()
@@ -188,11 +192,13 @@ def generator(args, base: str, dataset: str) -> str:
     """The structured weight generator on the dataset, in a folder named by its settings (reused)."""
     residual = f"-rk{args.residual_k}" if args.residual_k else ""  # today's folders keep their names
     wdiff = f"{dataset}-wdiff-{args.diffusion_steps}-{args.diffusion_width}-{args.diffusion_depth}-{args.diffusion_lr}{residual}"
+    wdiff += f"-task{args.task_weight}" if args.objective == "task" else ""
     t1 = time.perf_counter()
     train_weight_diffusion(WeightDiffusionConfig(
         dataset=dataset, base=base, out=wdiff, condition="structured", steps=args.diffusion_steps, block_size=256,
         width=args.diffusion_width, depth=args.diffusion_depth, learning_rate=args.diffusion_lr,
-        residual_k=args.residual_k, checkpoint_every=args.diffusion_steps))
+        residual_k=args.residual_k, checkpoint_every=args.diffusion_steps, objective=args.objective,
+        task_weight=args.task_weight))
     print(f"generator: {time.perf_counter() - t1:.0f} s", flush=True)
     return wdiff
 

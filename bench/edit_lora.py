@@ -103,14 +103,17 @@ def smoothness(base: str, families: list[str], methods: list[str], epsilons: lis
     for family in families:
         rows = nearby_rows(family)
         pairs = [concept_pairs(r, None, train=16, held_out=8, size=model.config.image_size, data_seed=0) for r in rows]
-        for method, eps in itertools.product(methods, epsilons):
-            cfg = EditFinetuneConfig(method=method, steps=steps, learning_rate=1e-2, adam_epsilon=eps, check_every=steps)
+        for spec, eps in itertools.product(methods, epsilons):
+            method, _, rank = spec.partition(":")
+            r = int(rank or 2)
+            cfg = EditFinetuneConfig(method=method, rank=r, alpha=r, steps=steps, learning_rate=1e-2, adam_epsilon=eps,
+                                     check_every=steps)
             layout = edit_layout(model, cfg)
             runs = train_concepts(model, pairs, cfg, layout, eval_every=steps)
             w = torch.stack([r.weights for r in runs])
             dw = torch.stack([update_vector(layout, r, cfg.alpha / cfg.rank) for r in w])
             dbs = [r.psnr[-1][1] for r in runs]
-            print(f"| {family} | {method} | {eps:g} | {relative(w)} | {relative(dw)} | {min(dbs):.1f}-{max(dbs):.1f} |",
+            print(f"| {family} | {method} r{r} | {eps:g} | {relative(w)} | {relative(dw)} | {min(dbs):.1f}-{max(dbs):.1f} |",
                   flush=True)
 
 
@@ -141,7 +144,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--base", help="A pretrained edit base (bench/concept_zoo.py makes one); enables the smoothness table")
     p.add_argument("--families", nargs="+", default=["hue", "sepia", "blur", "emboss"])
-    p.add_argument("--methods", nargs="+", default=["edit-lora", "edit-lora-fa"])
+    p.add_argument("--methods", nargs="+", default=["edit-lora", "edit-lora-fa"],
+                   help="METHOD[:RANK] (rank 2 if omitted; alpha = rank), e.g. edit-lora-fa:16")
     p.add_argument("--epsilons", type=float, nargs="+", default=[1e-8])
     p.add_argument("--smooth-steps", type=int, default=300, help="fine-tune steps of the smoothness rows")
     p.add_argument("--smooth-only", action="store_true", help="skip the speed table")

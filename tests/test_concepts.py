@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from weightzoo.tasks.concepts.pairs import concept_pairs, psnr
 from weightzoo.tasks.concepts.rows import EditRowRules
 from weightzoo.tasks.concepts.sources import source_images
 from weightzoo.tasks.concepts.spec import EditSpec
+from weightzoo.tasks.concepts.task_loss import edit_task_loss
 from weightzoo.tasks.concepts.zoo import concept_rows, heldout_rows, write_concept_manifest, write_pairs
 from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
@@ -250,3 +252,73 @@ def test_old_config_keys_still_load() -> None:
     defaults = EditFinetuneConfig()
     assert (defaults.learning_rate, defaults.rank, defaults.alpha, defaults.pack, defaults.weight_decay,
             defaults.weights_dtype) == (5e-3, 2, 2.0, 16, 0.0, "float32")
+
+
+# -- the generator's task objective (tasks/diffusion/objective.py, tasks/concepts/task_loss.py) ------------
+
+
+def test_edit_task_loss_applies_rows_as_their_adapters_with_gradients_to_the_rows(built, base: str) -> None:
+    """A stored row scores exactly what its merged adapter does on the same pairs; the gradient reaches the rows."""
+    _, dataset, rows = built
+    ds = Dataset(dataset)
+    loss = edit_task_loss(base, ds, "cpu", pairs_per_step=3)
+    ids = [r.id for r in rows]
+    stored = torch.stack([ds.layout.as_tensor(ds.row(i)[1]).float() for i in ids]).requires_grad_(True)
+    value = loss(ids, stored, torch.Generator().manual_seed(0))
+    value.backward()
+    value = value.detach()
+    assert torch.isfinite(value) and stored.grad is not None and stored.grad.abs().sum() > 0
+    raw = torch.randint(0, 2**31 - 1, (3,), generator=torch.Generator().manual_seed(0))
+    per_row = []
+    for row in rows:
+        pairs = concept_pairs(ManifestRow(id=row.id, kind="edit", attributes=row.attributes), None, train=8,
+                              held_out=4, size=SIZE, data_seed=0)
+        meta, w = ds.row(row.id)
+        with torch.no_grad():
+            out = merged(load_base(base), w, ds.layout, meta["hparams"])(pairs.train_src[raw % 8])
+        per_row.append(float((out - pairs.train_tgt[raw % 8]).abs().mean()))
+    assert float(value) == pytest.approx(sum(per_row) / len(per_row), rel=1e-4)
+    zero = loss(ids, torch.zeros_like(stored), torch.Generator().manual_seed(0))
+    assert float(zero) > float(value)  # the base alone edits worse than the trained rows
+
+
+def _task_config(dataset: str, base: str, out: Path, **kw) -> WeightDiffusionConfig:
+    return WeightDiffusionConfig(dataset=dataset, base=base, out=str(out), condition="structured", block_size=256,
+                                 width=32, depth=1, batch_size=4, lr_warmup_steps=0, checkpoint_every=3, device="cpu",
+                                 **kw)
+
+
+def test_task_objective_trains_the_generator_through_the_base_and_resumes(built, base: str, tmp_path: Path) -> None:
+    """Same seed, same first batch: the task objective's first loss is the weight loss plus a finite task loss,
+    and its gradient changes the denoiser; a resumed task run follows the uninterrupted one."""
+    _, dataset, _ = built
+    plain = train_weight_diffusion(_task_config(dataset, base, tmp_path / "weights", steps=6))
+    task = train_weight_diffusion(_task_config(dataset, base, tmp_path / "task", steps=6, objective="task",
+                                               task_weight=10.0))
+    lw = json.loads((tmp_path / "weights" / "losses.json").read_text())
+    lt = json.loads((tmp_path / "task" / "losses.json").read_text())
+    assert all(math.isfinite(x) for x in lt) and lt[0] > lw[0] + 0.1  # 10 x an L1 edit loss of ~0.05-0.2
+    a = WeightDiffusionModel.load(plain.uri).denoiser.state_dict()
+    b = WeightDiffusionModel.load(task.uri).denoiser.state_dict()
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+    first = train_weight_diffusion(_task_config(dataset, base, tmp_path / "resumed", steps=3, objective="task",
+                                                task_weight=10.0))
+    assert first.step == 3
+    resumed = train_weight_diffusion(_task_config(dataset, base, tmp_path / "resumed", steps=6, objective="task",
+                                                  task_weight=10.0))
+    assert resumed.resumed_from == 3
+    c = WeightDiffusionModel.load(resumed.uri).denoiser.state_dict()
+    for k in b:
+        torch.testing.assert_close(b[k], c[k], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match=r"different config \(objective\)"):
+        train_weight_diffusion(_task_config(dataset, base, tmp_path / "resumed", steps=8))
+
+
+def test_task_objective_refuses_a_base_the_rows_were_not_trained_on(built, tmp_path: Path) -> None:
+    _, dataset, _ = built
+    other = make_base(str(tmp_path / "other-base"), steps=1, config=SkipUNetConfig(channels=(8, 16, 32), image_size=SIZE),
+                      batch=2, pool=4, seed=3)
+    with pytest.raises(InputError, match="scores rows through the base they were trained on") as e:
+        train_weight_diffusion(_task_config(dataset, other, tmp_path / "gen", steps=2, objective="task"))
+    assert "\n" not in str(e.value) and not (tmp_path / "gen").exists()
+    assert len(Dataset(dataset).ids) == len(set(Dataset(dataset).ids)) == 5

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from weightzoo.errors import InputError, NotFoundError
+from weightzoo.storage.card import Recipe
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta
@@ -45,6 +46,7 @@ from weightzoo.tasks.diffusion.generator import (
     train_weight_diffusion,
 )
 from weightzoo.tasks.diffusion.retrieval import knn_weights, loo_residuals
+from weightzoo.tasks.finetune.config import FinetuneConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
@@ -221,6 +223,31 @@ def test_resume_continues_the_same_trajectory(dataset: str, tiny_base: Path, tmp
     with pytest.raises(ValueError, match="different config"):
         train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "b", steps=20, learning_rate=3e-3))
 
+
+def test_a_folder_from_before_a_config_field_existed_still_resumes(dataset: str, tiny_base: Path, tmp_path: Path) -> None:
+    """A field added since (here the objective's) counts as its default in an older folder's config.json."""
+    train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "m", steps=2))
+    card = json.loads((tmp_path / "m" / "config.json").read_text())
+    for k in ("objective", "task_weight", "task_pairs"):
+        del card["config"][k]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(card))
+    assert train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "m", steps=3)).resumed_from == 2
+    with pytest.raises(InputError, match=r"different config \(task_weight\)"):
+        train_weight_diffusion(_config(dataset, tiny_base, tmp_path / "m", steps=4, task_weight=2.0))
+
+
+def test_task_objective_is_refused_for_a_dataset_whose_engine_makes_no_examples(
+        dataset: str, layout, tiny_base: Path, tmp_path: Path) -> None:
+    """Identity rows (diffusers-lora, or no card at all) have no task loss: one line, before anything is written."""
+    carded = str(tmp_path / "carded")
+    rows, vecs = _rows(layout, 4)
+    commit_batch(Ledger(carded), "b0", layout, rows, vecs, Recipe.of("diffusers-lora", "fp", FinetuneConfig()))
+    for uri, reason in ((carded, "engine 'diffusers-lora' of .* offers no task loss"), (dataset, "has no dataset card")):
+        out = tmp_path / f"out-{Path(uri).name}"
+        with pytest.raises(InputError, match=f"objective 'task'.*{reason}") as e:
+            train_weight_diffusion(_config(uri, tiny_base, out, steps=2, objective="task"))
+        assert "\n" not in str(e.value) and not out.exists()
+    assert len(Dataset(carded)) == len(set(Dataset(carded).ids)) == 4
 
 def test_generation_is_seeded_and_un_normalised(trained) -> None:
     """Seeds make generation reproducible; outputs are whole layout vectors on the data's scale."""

@@ -60,3 +60,14 @@ class WeightDiffusionConfig(DenoiserSize):
     device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
     # bf16 autocast on CUDA: the attention and MLP matmuls run at tensor-core speed; weights stay fp32.
     mixed_precision: Literal["auto", "no", "bf16"] = Field("auto", description="'auto': bf16 autocast on CUDA only.")
+    # -- objective ------------------------------------------------------------------------------------
+    # 'task': each step's predicted rows also run through the frozen base on the workload's own examples
+    # (tasks/diffusion/objective.py; the dataset's engine must offer a task loss: edit-lora does).
+    objective: Literal["weights", "task"] = Field(
+        "weights", description="'weights': learn the stored rows; 'task': also score the predicted rows on the "
+        "workload's examples through the frozen base (the weight loss stays, as a regulariser).",
+    )
+    # 10: the L1 edit loss is ~0.1-0.2 next to a weight MSE of ~0.5; at 1 it barely moved generated rows, at 10 it
+    # cut their held-out edit L1 from 0.160 to 0.139 (24 concepts, 300 steps; docs/WEIGHT_DIFFUSION.md).
+    task_weight: float = Field(10.0, ge=0, description="Weight of the task loss next to the weight loss (objective 'task').")
+    task_pairs: int = Field(2, ge=1, description="Examples per row per step for the task loss (objective 'task').")

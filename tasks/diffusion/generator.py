@@ -71,8 +71,9 @@ from weightzoo.tasks.diffusion.denoiser import (
     masked_mse,
     noisy,
 )
+from weightzoo.tasks.diffusion.objective import TaskObjective, engine_task_loss
 from weightzoo.tasks.diffusion.retrieval import FILE as RETRIEVAL_FILE
-from weightzoo.tasks.diffusion.retrieval import RetrievalIndex, loo_residuals
+from weightzoo.tasks.diffusion.retrieval import RetrievalIndex, interpolate, knn_weights, loo_residuals
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.subspace.pca import card_dataset
 
@@ -188,8 +189,9 @@ def _renamed(saved: dict) -> dict:
 
 def _check_resumable(out: str, config: WeightDiffusionConfig) -> None:
     card = _read_json(join(out, "config.json"))
-    saved = _renamed(card["config"])
     now = config.model_dump(mode="json")
+    # A field added since the folder was written holds its default there (its run knew no other value).
+    saved = {**WeightDiffusionConfig(dataset="", base="", out="").model_dump(mode="json"), **_renamed(card["config"])}
     diff = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k]
                   and not (k == "dataset" and _moved_dataset(out, card, now[k])))
     if diff:
@@ -294,6 +296,7 @@ class _Prepared:
     dcfg: DenoiserConfig
     train: list[str]
     holdout: list[str]
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None  # objective 'task': (LOO retrievals, scale)
 
 
 def condition_keys(states: torch.Tensor, pooled: torch.Tensor, structured: bool) -> torch.Tensor:
@@ -302,14 +305,17 @@ def condition_keys(states: torch.Tensor, pooled: torch.Tensor, structured: bool)
 
 
 def _targets(config: WeightDiffusionConfig, data, keys: torch.Tensor,
-             spec: BlockSpec) -> tuple[torch.Tensor, RetrievalIndex | None]:
+             spec: BlockSpec) -> tuple[torch.Tensor, RetrievalIndex | None, torch.Tensor | None]:
     """The denoiser's blocks: the standardised rows, or (``residual_k`` > 0) their leave-one-out
     residuals from the k-nearest retrieval, scaled to unit std (computed in ``data.z``'s memory), with the
-    index ``generate`` needs."""
+    index ``generate`` needs and, for objective 'task', the standardised leave-one-out retrievals."""
     if not config.residual_k:
-        return spec.cut(data.z), None
+        return spec.cut(data.z), None, None
+    # objective 'task' scores whole rows: it adds each target back onto its leave-one-out retrieval
+    near = interpolate(data.z, *knn_weights(keys, keys, config.residual_k, leave_one_out=True)) \
+        if config.objective == "task" else None
     targets, scale = loo_residuals(data.z, keys, config.residual_k)
-    return spec.cut(targets), RetrievalIndex(data.raw, keys, config.residual_k, scale)
+    return spec.cut(targets), RetrievalIndex(data.raw, keys, config.residual_k, scale), near
 
 
 def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Prepared:
@@ -333,10 +339,11 @@ def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Pre
     pooled = tstats.normalise(pool_text(states, masks))
     text_index = torch.tensor([texts.index(t) for t in data.texts])
     keys = condition_keys(states, pooled, config.condition == STRUCTURED)[text_index]
-    blocks, retrieval = _targets(config, data, keys, spec)
+    blocks, retrieval, near = _targets(config, data, keys, spec)
     if not resuming:
         _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, encoder, retrieval)
-    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout)
+    residual = None if near is None else (near, retrieval.scale)
+    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout, residual)
 
 
 def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device,
@@ -355,8 +362,9 @@ def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device
 
 def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser, opt: torch.optim.Optimizer,
                 start: int, losses: list[float], device: torch.device,
-                progress: Callable[[int, int, float], None] | None) -> list[float]:
-    """Steps ``start`` .. ``config.steps``; each step's batch, timesteps and noise come from ``(seed, step)``."""
+                progress: Callable[[int, int, float], None] | None, task: TaskObjective | None = None) -> list[float]:
+    """Steps ``start`` .. ``config.steps``; each step's batch, timesteps and noise come from ``(seed, step)``;
+    ``task`` (objective 'task') adds the predicted rows' task loss to the weight loss."""
     spec, blocks, mask = prep.spec, prep.blocks.to(device), prep.spec.mask().to(device)
     states, masks, pooled = prep.states.to(device), prep.masks.to(device), prep.pooled.to(device)
     text_index = prep.text_index.to(device)
@@ -374,6 +382,8 @@ def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser,
             c = text_index[idx]
             pred = model(noisy(blocks[idx], t, noise) * mask, t, states[c], masks[c], pooled[c])
         loss = masked_mse(pred, blocks[idx], mask)
+        if task is not None:
+            loss = loss + task(pred, idx, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -399,11 +409,15 @@ def train_weight_diffusion(
     ``progress(step, total, loss)`` is called every 10 steps and at each checkpoint.
     """
     device = resolve_device(config.device)
+    ds = Dataset(config.dataset)
+    task_loss = engine_task_loss(config, ds, device)  # objective 'task': refused here, before anything is written
     resuming = uri_exists(join(config.out, "config.json"))
-    prep = _prepare(config, Dataset(config.dataset), resuming)
+    prep = _prepare(config, ds, resuming)
+    task = None if task_loss is None else TaskObjective.bind(task_loss, config, prep.spec, prep.train, device,
+                                                                   prep.residual)
     latest = latest_checkpoint(config.out) if resuming else None
     model, opt, start, losses = _resume(config, prep, device, latest)
-    losses = _train_loop(config, prep, model, opt, start, losses, device, progress)
+    losses = _train_loop(config, prep, model, opt, start, losses, device, progress, task)
     write_loss_curve(config.out, losses)
     return TrainResult(config.out, max(start, config.steps), _smoothed(losses)[-1] if losses else math.nan,
                        start, len(prep.train), len(prep.holdout))

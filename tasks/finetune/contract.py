@@ -124,3 +124,7 @@ class Engine:
     prepare: Callable[..., Any]  # (base, items, config, *, base_uri, cache_dir) -> driver.Prepared
     config: type  # the pydantic model of its fine-tune settings
     rows: RowRules = field(default_factory=RowRules)  # its manifest rows' rules (manifest validation)
+    # (base URI, dataset, device, examples per row per step) -> a task loss ``(ids, rows, generator) -> scalar``,
+    # differentiable in the (n, D) rows: the weight generator's objective 'task' (tasks/diffusion/objective.py).
+    # None: the workload makes no examples.
+    task_loss: Callable[..., Any] | None = None

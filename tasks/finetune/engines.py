@@ -47,7 +47,8 @@ def _edit_lora() -> Engine:
 
     base, engine = "weightzoo.tasks.concepts.base", "weightzoo.tasks.concepts.finetune"
     return Engine("edit-lora", _lazy(base, "load_base"), _lazy(base, "base_fingerprint"),
-                  _lazy(engine, "prepare"), EditFinetuneConfig, EditRowRules())
+                  _lazy(engine, "prepare"), EditFinetuneConfig, EditRowRules(),
+                  _lazy("weightzoo.tasks.concepts.task_loss", "edit_task_loss"))
 
 
 # Factories, so that naming an engine imports nothing heavy until it is used.
