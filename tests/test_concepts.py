@@ -282,6 +282,32 @@ def test_edit_task_loss_applies_rows_as_their_adapters_with_gradients_to_the_row
     assert float(zero) > float(value)  # the base alone edits worse than the trained rows
 
 
+def test_edit_task_loss_of_lora_fa_rows_uses_the_layouts_fixed_a(base: str) -> None:
+    """An edit-lora-fa row stores B only: the task loss rebuilds the fixed A and scores what the merged adapter
+    does (without it no conv would be adapted and the loss would not depend on the rows at all)."""
+    from weightzoo.tasks.concepts.task_loss import EditTaskLoss
+
+    model, config = load_base(base), CFG.model_copy(update={"method": "edit-lora-fa"})
+    layout = edit_layout(model, config)
+    rows = concept_rows(2, seed=5)
+    attributes = {r.id: dict(r.attributes) for r in rows}
+    weights = torch.randn(len(rows), layout.numel, generator=torch.Generator().manual_seed(0)) * 0.3
+    weights.requires_grad_(True)
+    loss = EditTaskLoss(model.requires_grad_(False), layout, config, attributes, pairs_per_step=3)
+    value = loss([r.id for r in rows], weights, torch.Generator().manual_seed(0))
+    value.backward()
+    value = value.detach()
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+    raw = torch.randint(0, 2**31 - 1, (3,), generator=torch.Generator().manual_seed(0))
+    per_row = []
+    for r, w in zip(rows, weights.detach(), strict=True):
+        p = concept_pairs(r, None, train=config.train_pairs, held_out=config.eval_pairs, size=SIZE, data_seed=0)
+        with torch.no_grad():
+            out = merged(load_base(base), w, layout, {"alpha": config.alpha, "rank": config.rank})(p.train_src[raw % 8])
+        per_row.append(float((out - p.train_tgt[raw % 8]).abs().mean()))
+    assert float(value) == pytest.approx(sum(per_row) / len(per_row), rel=1e-4)
+
+
 def _task_config(dataset: str, base: str, out: Path, **kw) -> WeightDiffusionConfig:
     return WeightDiffusionConfig(dataset=dataset, base=base, out=str(out), condition="structured", block_size=256,
                                  width=32, depth=1, batch_size=4, lr_warmup_steps=0, checkpoint_every=3, device="cpu",

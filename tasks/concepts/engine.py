@@ -31,7 +31,14 @@ from torch import nn
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.concepts.base import SkipUNetGenerator
 from weightzoo.tasks.concepts.config import EditFinetuneConfig
-from weightzoo.tasks.concepts.lora import PackedConvLoRA, find_convs, packed, shared_fixed_a, shared_init
+from weightzoo.tasks.concepts.lora import (
+    PackedConvLoRA,
+    adapted_convs,
+    find_convs,
+    packed,
+    shared_fixed_a,
+    shared_init,
+)
 from weightzoo.tasks.concepts.pairs import Pairs, psnr
 from weightzoo.tasks.device import autocast
 from weightzoo.tasks.finetune.driver import Observer, Pack, train_packs
@@ -126,8 +133,7 @@ class EditPack:
 def open_edit_pack(model: SkipUNetGenerator, pairs: Sequence[Pairs], config: EditFinetuneConfig,
                    layout: Layout) -> Iterator[EditPack]:
     """K = len(pairs) adapters at the shared init in ``model``'s convs; the model is restored on exit."""
-    names = [key[: -len(".lora_B.weight")] for key in layout.keys if key.endswith(".lora_B.weight")]
-    with packed(model, names, len(pairs), config.rank, config.alpha / config.rank) as wrappers:
+    with packed(model, adapted_convs(layout), len(pairs), config.rank, config.alpha / config.rank) as wrappers:
         yield EditPack(model, pairs, config, layout, wrappers)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightzoo.storage.layout import FixedTensor
+from weightzoo.storage.layout import FixedTensor, Layout
 from weightzoo.tasks.seeds import stable_seed
 
 
@@ -74,6 +74,12 @@ def shared_fixed_a(name: str, conv: nn.Conv2d, rank: int, seed: int) -> FixedTen
     seed, scaled to 1/sqrt(3), the expected row norm of ``shared_init`` (n entries of variance 1/(3n))."""
     return FixedTensor(f"{name}.lora_A.weight", (rank, *conv.weight.shape[1:]),
                        stable_seed(seed, "edit-lora-fa", name), 1 / math.sqrt(3))
+
+
+def adapted_convs(layout: Layout) -> list[str]:
+    """The convs an edit layout adapts, from its stored ``<conv>.lora_B.weight`` keys (an ``edit-lora-fa``
+    layout stores no A: its A's are fixed tensors)."""
+    return [k[: -len(".lora_B.weight")] for k in layout.keys if k.endswith(".lora_B.weight")]
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

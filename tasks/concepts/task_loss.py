@@ -25,7 +25,7 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.concepts.base import SkipUNetGenerator, load_base
 from weightzoo.tasks.concepts.config import EditFinetuneConfig
-from weightzoo.tasks.concepts.lora import packed
+from weightzoo.tasks.concepts.lora import adapted_convs, packed
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.concepts.spec import spec_problems
 from weightzoo.tasks.finetune.row import ManifestRow
@@ -35,7 +35,8 @@ A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 def row_factors(layout: Layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """(n, D) rows as the packed adapters' stacked factors, ``<conv>.A`` (n, r, in, kh, kw) and ``<conv>.B``
-    (n, out, r): views of ``rows``, so a loss on them is differentiable in the rows."""
+    (n, out, r): views of ``rows``, so a loss on them is differentiable in the rows. A layout's fixed A
+    (``edit-lora-fa``) is not in the row: it is rebuilt and shared by all n (no gradient, as in training)."""
     offs, out = layout.offsets, {}
     for i, (key, shape) in enumerate(zip(layout.keys, layout.shapes, strict=True)):
         part = rows[:, offs[i] : offs[i + 1]].reshape(len(rows), *shape)
@@ -43,6 +44,9 @@ def row_factors(layout: Layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
             out[key[: -len(A_SUFFIX)] + ".A"] = part
         elif key.endswith(B_SUFFIX):
             out[key[: -len(B_SUFFIX)] + ".B"] = part[..., 0, 0]
+    for key, a in layout.fixed_tensors(rows.device).items():
+        if key.endswith(A_SUFFIX):
+            out[key[: -len(A_SUFFIX)] + ".A"] = a.to(rows.dtype).expand(len(rows), *a.shape)
     return out
 
 
@@ -53,7 +57,7 @@ class EditTaskLoss:
                  attributes: dict[str, dict[str, str]], pairs_per_step: int) -> None:
         self.model, self.layout, self.config, self.attributes = model, layout, config, attributes
         self.pairs_per_step = pairs_per_step
-        self.names = [k[: -len(A_SUFFIX)] for k in layout.keys if k.endswith(A_SUFFIX)]
+        self.names = adapted_convs(layout)  # from B: a fixed A is not among the stored keys
         self.device = next(model.parameters()).device
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
