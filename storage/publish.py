@@ -264,8 +264,15 @@ import torch
 from datasets import load_dataset
 
 ds = load_dataset("{out}", split="train")  # a local copy, or the Hub repo id
-layout = json.load(open("{out}/layout.json"))  # {{"dtype": ..., "entries": [[key, shape], ...]}}
+layout = json.load(open("{out}/layout.json"))  # {{"dtype": ..., "entries": [[key, shape], ...], "fixed"?: [...]}}
 VIEW = {{"float16": "<f2", "bfloat16": "<i2", "float32": "<f4"}}  # numpy has no bf16: view as int16
+
+
+def fixed(f: dict) -> torch.Tensor:  # a tensor every row shares, none stores (lora_fa's A): rule "orthogonal"
+    g = torch.Generator().manual_seed(f["seed"])
+    q, r = torch.linalg.qr(torch.randn(int(np.prod(f["shape"][1:])), f["shape"][0], generator=g, dtype=torch.float64))
+    q = q * torch.where(r.diagonal() < 0, -1.0, 1.0)
+    return (q.T * f["scale"]).float().reshape(f["shape"])
 
 
 def state_dict(blob: bytes) -> dict[str, torch.Tensor]:
@@ -277,11 +284,11 @@ def state_dict(blob: bytes) -> dict[str, torch.Tensor]:
         n = int(np.prod(shape))
         out[key] = flat[start : start + n].view(*shape)
         start += n
-    return out
+    return out | {{f["key"]: fixed(f) for f in layout.get("fixed", [])}}
 
 
 row = ds[0]
-lora = state_dict(row["weights"])  # A and B as trained; the update is (alpha / rank) * B @ A
+lora = state_dict(row["weights"])  # A and B as trained (a fixed A rebuilt); the update is (alpha / rank) * B @ A
 hparams = json.loads(row["hparams"])
 scale = hparams["alpha"] / hparams["rank"]
 ```"""
@@ -293,6 +300,14 @@ def _snippet_uri(out: str) -> str:
     return out.rstrip("/") if "://" in out else os.path.abspath(out)
 
 
+def _fixed_note(layout: Layout) -> str:
+    """The fixed tensors a row does not store (``lora_fa``'s A): a reader must rebuild them (the snippet does)."""
+    if not layout.fixed:
+        return ""
+    return (f"plus {len(layout.fixed)} fixed tensors every row shares and none stores, rebuilt from the rule, "
+            "seed and scale in `layout.json`; ")
+
+
 def dataset_card(meta: pa.Table, layout: Layout, schema: pa.Schema, report: PublishReport) -> str:
     """README.md: YAML header ``datasets`` reads, then what the rows are, how they were made, how to decode."""
     kinds = _counts(Counter(meta.column("kind").to_pylist()))
@@ -302,6 +317,7 @@ def dataset_card(meta: pa.Table, layout: Layout, schema: pa.Schema, report: Publ
         f"{report.rows} fine-tuned models, one per row ({kinds}), in {len(report.files)} Parquet file(s) under "
         f"`{DATA}/`. Each row is one LoRA's weights flattened in the layout of `layout.json` "
         f"({len(layout.keys)} tensors, {layout.numel:,} values of {layout.dtype}, {layout.nbytes:,} bytes; "
+        f"{_fixed_note(layout)}"
         f"layout fingerprint `{layout.fingerprint}`), published by `weightzoo publish` from the committed rows "
         "of a weightzoo dataset: each id appears once.", "",
         "## Columns", "",

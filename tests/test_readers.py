@@ -33,7 +33,7 @@ from weightzoo.cli import main
 from weightzoo.errors import CorruptShardError, NotFoundError
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import join
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import FixedTensor, Layout
 from weightzoo.storage.ledger import COMMITS, Ledger
 from weightzoo.storage.publish import publish, publish_schema
 from weightzoo.storage.shards import RowMeta, write_shard
@@ -191,6 +191,27 @@ def test_the_cards_snippet_works_from_any_folder(zoo: Zoo, tmp_path: Path, monke
     card: dict = {}
     exec(re.findall(r"```python\n(.*?)```", (tmp_path / "work" / "hub" / "README.md").read_text(), re.S)[0], card)
     assert (card["ds"].num_rows, len(set(card["ds"]["id"]))) == (12, 12)
+
+
+@pytest.mark.usefixtures("hf_cache")
+def test_the_cards_snippet_rebuilds_a_layouts_fixed_tensors(tmp_path: Path) -> None:
+    """A lora_fa row stores B only: the card says so, and its snippet rebuilds A exactly as ``Layout`` does."""
+    fixed = FixedTensor("mid.attn.to_q.lora_A.weight", (2, 4), seed=7, scale=1.5)
+    layout = Layout(("mid.attn.to_q.lora_B.weight",), ((3, 2),), "float32", (fixed,))
+    ledger = Ledger(str(tmp_path / "ds"))
+    w = layout.to_numpy(torch.randn(2, layout.numel, generator=torch.Generator().manual_seed(0)))
+    rows = [RowMeta(id=f"r{i}", prompt="sks", attributes={}, hparams={"rank": 2, "alpha": 2.0}) for i in range(2)]
+    ledger.commit("b-fa", write_shard(ledger.fs, ledger.new_shard_path("b-fa"), layout, rows, w))
+    publish(ledger.root, str(tmp_path / "hub"))
+    text = (tmp_path / "hub" / "README.md").read_text()
+    assert "plus 1 fixed tensors" in text and Layout.from_json((tmp_path / "hub" / "layout.json").read_text()) == layout
+    card: dict = {}
+    exec(re.findall(r"```python\n(.*?)```", text, re.S)[0], card)
+    want = layout.unflatten(w[int(card["row"]["id"].removeprefix("r"))])
+    assert sorted(card["lora"]) == sorted(want)
+    for key, t in want.items():
+        assert torch.equal(card["lora"][key], t), key
+    assert (card["ds"].num_rows, len(set(card["ds"]["id"]))) == (2, 2)
 
 
 def test_publish_resumes_and_replans(tmp_path: Path) -> None:
