@@ -81,7 +81,8 @@ class FixedTensor:
             raise ValueError(f"unknown fixed-tensor rule {self.rule!r}; known: {sorted(RULES)}")
 
     def build(self) -> torch.Tensor:
-        """The tensor (float32, CPU), a fresh copy: identical on every machine and every call."""
+        """The tensor (float32, CPU), a fresh copy, identical on every call; across machines and torch versions it
+        relies on torch's seeded CPU ``randn`` stream (a changed stream would change every A: see docs/FORMAT.md)."""
         return _built(self).clone()
 
 
