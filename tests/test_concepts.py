@@ -308,6 +308,31 @@ def test_edit_task_loss_of_lora_fa_rows_uses_the_layouts_fixed_a(base: str) -> N
     assert float(value) == pytest.approx(sum(per_row) / len(per_row), rel=1e-4)
 
 
+def test_task_objective_scores_a_residual_generators_rows_as_retrieval_plus_correction(base: str) -> None:
+    """residual_k: the denoiser predicts scaled residuals, so the scored rows are (near + pred · scale) · std + mean,
+    each training row's own leave-one-out retrieval ``near`` picked by the batch's indices."""
+    from weightzoo.tasks.concepts.task_loss import EditTaskLoss
+    from weightzoo.tasks.diffusion.blocks import BlockSpec, Stats
+    from weightzoo.tasks.diffusion.objective import TaskObjective
+    from weightzoo.tasks.seeds import stable_seed
+
+    model, config = load_base(base), CFG.model_copy(update={"method": "edit-lora-fa"})
+    layout = edit_layout(model, config)
+    rows = concept_rows(3, seed=5)
+    ids = [r.id for r in rows]
+    loss = EditTaskLoss(model.requires_grad_(False), layout, config, {r.id: dict(r.attributes) for r in rows}, 2)
+    g = torch.Generator().manual_seed(1)
+    d = layout.numel
+    stats = Stats(torch.randn(d, generator=g) * 0.1, torch.rand(d, generator=g) + 0.5)
+    near, scale, pred = torch.randn(3, d, generator=g), torch.rand(d, generator=g) + 0.5, torch.randn(3, d, generator=g)
+    spec, idx = BlockSpec(d, 64), torch.tensor([2, 0])
+    objective = TaskObjective(loss, spec, stats, ids, 2.0, seed=0, residual=(near, scale))
+    got = objective(spec.cut(pred[idx]), idx, step=4)
+    scored = stats.denormalise(near[idx] + pred[idx] * scale)
+    want = 2.0 * loss([ids[2], ids[0]], scored, torch.Generator().manual_seed(stable_seed(0, "task", 4)))
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
 def _task_config(dataset: str, base: str, out: Path, **kw) -> WeightDiffusionConfig:
     return WeightDiffusionConfig(dataset=dataset, base=base, out=str(out), condition="structured", block_size=256,
                                  width=32, depth=1, batch_size=4, lr_warmup_steps=0, checkpoint_every=3, device="cpu",
