@@ -73,22 +73,31 @@ class FixedTensor:
     seed: int
     scale: float = 1.0
     rule: str = "orthogonal"
+    # sha256 (16 hex) of the built float32 bytes: written with the layout, compared when it is read back, so a
+    # rebuild that differs (torch's random stream changed) is refused instead of pairing rows with another A.
+    check: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))  # hashable, and one JSON form
         object.__setattr__(self, "scale", float(self.scale))
         if self.rule not in RULES:
             raise ValueError(f"unknown fixed-tensor rule {self.rule!r}; known: {sorted(RULES)}")
+        digest = hashlib.sha256(self.build().numpy().tobytes()).hexdigest()[:16]
+        if self.check and self.check != digest:
+            raise ValueError(f"fixed tensor {self.key} ({self.rule}, seed {self.seed}) rebuilds differently here "
+                             f"(check {digest}, recorded {self.check}): the random stream it rests on changed "
+                             "(another torch version?); its rows cannot be decoded with this A")
+        object.__setattr__(self, "check", digest)
 
     def build(self) -> torch.Tensor:
         """The tensor (float32, CPU), a fresh copy, identical on every call; across machines and torch versions it
-        relies on torch's seeded CPU ``randn`` stream (a changed stream would change every A: see docs/FORMAT.md)."""
-        return _built(self).clone()
+        relies on torch's seeded CPU ``randn`` stream, which ``check`` guards (see docs/FORMAT.md)."""
+        return _built(self.rule, self.shape, self.seed, self.scale).clone()
 
 
 @functools.lru_cache(maxsize=4096)
-def _built(fixed: FixedTensor) -> torch.Tensor:
-    return RULES[fixed.rule](fixed.shape, fixed.seed, fixed.scale)
+def _built(rule: str, shape: tuple[int, ...], seed: int, scale: float) -> torch.Tensor:
+    return RULES[rule](shape, seed, scale)
 
 
 @dataclass(frozen=True)
@@ -168,8 +177,12 @@ class Layout:
 
     @property
     def fingerprint(self) -> str:
-        """``sha256`` of the canonical JSON, shortened: equal iff keys, shapes, dtype and fixed tensors are equal."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """``sha256`` of the canonical JSON, shortened: equal iff keys, shapes, dtype and fixed tensors are equal
+        (a fixed tensor's ``check`` is derived from the rest, so it is left out)."""
+        d = self.to_dict()
+        for f in d.get("fixed", ()):
+            f.pop("check")
+        return hashlib.sha256(json.dumps(d, separators=(",", ":")).encode()).hexdigest()[:16]
 
     def fixed_tensors(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The fixed tensors by key (float32, the precision rows are trained against), on ``device``."""
@@ -179,7 +192,7 @@ class Layout:
         """A fixed tensor given with a row must be the layout's own: a row of this layout cannot carry another."""
         for f in self.fixed:
             if f.key in state_dict:
-                t, want = state_dict[f.key].detach().to("cpu", torch.float32), _built(f)
+                t, want = state_dict[f.key].detach().to("cpu", torch.float32), f.build()
                 if tuple(t.shape) != f.shape or not torch.allclose(t, want, rtol=1e-5, atol=1e-6 * float(f.scale)):
                     raise ValueError(f"{f.key} is not this layout's fixed tensor ({f.rule}, seed {f.seed}, scale {f.scale})")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -89,3 +91,18 @@ def test_fixed_tensors_round_trip_rebuild_exactly_and_are_not_stored() -> None:
     with pytest.raises(ValueError, match="not this layout's fixed"):
         layout.flatten(rows | {a_key: a + 1e-3})
     assert not torch.equal(FixedTensor(a_key, (2, 320), seed=8, scale=0.25).build(), a)
+
+
+def test_a_fixed_tensor_that_rebuilds_differently_is_refused_when_read() -> None:
+    """``check`` guards the rebuild: a layout whose recorded check differs (another random stream) is refused,
+    and the check never changes the fingerprint."""
+    fixed = FixedTensor("m.lora_A.weight", (2, 8), seed=3, scale=0.5)
+    layout = Layout(("m.lora_B.weight",), ((4, 2),), "float32", (fixed,))
+    d = layout.to_dict()
+    assert d["fixed"][0]["check"] == fixed.check and len(fixed.check) == 16
+    assert Layout.from_json(layout.to_json()) == layout
+    unchecked = {**d, "fixed": [{k: v for k, v in d["fixed"][0].items() if k != "check"}]}
+    d["fixed"][0]["check"] = "0" * 16
+    with pytest.raises(ValueError, match="rebuilds differently"):
+        Layout.from_json(json.dumps(d))
+    assert Layout.from_json(json.dumps(unchecked)).fingerprint == layout.fingerprint

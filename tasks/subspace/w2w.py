@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.subspace.pca import Subspace
@@ -63,7 +64,10 @@ def load_lora_vector(path: str, layout: Layout) -> torch.Tensor:
     baked = float(_safetensors_metadata(data).get("weightzoo.scale_baked_into_lora_B", "1.0"))
     state = {k.removeprefix("unet."): t.float() for k, t in st_load(data).items()}
     state = {k: (t / baked if k.endswith(LORA_B) else t) for k, t in state.items()}
-    return replace(layout, dtype="float32").flatten(state)  # a fixed A in the file is checked, not stored
+    try:
+        return replace(layout, dtype="float32").flatten(state)  # a fixed A in the file is checked, not stored
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{path} is not a LoRA of this subspace's layout: {e}") from None
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
