@@ -7,20 +7,16 @@ random-weights toy base they would be noise, so callers ask ``can_draw`` first.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from pathlib import Path
-
-import numpy as np
-import torch
 
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, join, write_bytes
-from weightzoo.storage.layout import Layout
 from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.row import ManifestRow
 from weightzoo.tasks.world.base import INFO_FILE
-from weightzoo.tasks.world.identities import generate, lora_loaded, png_bytes, preview_grid, strip_image
+from weightzoo.tasks.world.identities import generate, png_bytes, preview_grid, strip_image
 
 PREVIEWS = 4  # pictures per strip
 
@@ -51,19 +47,43 @@ def row_previews(base_uri: str, dataset_uri: str, out_dir: str, manifest: Sequen
     return out
 
 
-def lora_preview(base_uri: str, weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, prompt: str,
-                 out_png: str, n: int = PREVIEWS, seed: int = 0) -> str:
-    """``n`` pictures of ``prompt`` from the base with this LoRA loaded, side by side, as ``out_png``."""
+def lora_file_preview(base_uri: str, lora_path: str, prompt: str, n: int = PREVIEWS, seed: int = 0) -> str | None:
+    """``n`` pictures of ``prompt`` from the base with the LoRA file at ``lora_path`` loaded as users load it
+    (``load_lora_weights``), side by side in ``<stem>.preview.png`` beside it. ``None`` (nothing written)
+    when the base is no world base: its pictures would be noise."""
+    if not can_draw(base_uri):
+        return None
     pipe = load_base(base_uri)
     pipe.set_progress_bar_config(disable=True)
-    with lora_loaded(pipe, weights, layout, hparams):
+    folder, name = os.path.split(lora_path)
+    pipe.load_lora_weights(folder or ".", weight_name=name)
+    try:
         images = generate(pipe, prompt, n, seed)
-    fs, path = filesystem(out_png)
-    write_bytes(fs, path, png_bytes(strip_image(images, f"'{prompt}'")))
-    return out_png
+    finally:
+        pipe.unload_lora_weights()
+    out = preview_path(lora_path)
+    fs, path = filesystem(out)
+    write_bytes(fs, path, png_bytes(strip_image(images, f"'{prompt}' with {name}")))
+    return out
 
 
 def preview_path(lora_path: str) -> str:
     """Where a LoRA file's preview goes: beside it, ``<stem>.preview.png``."""
-    p = Path(lora_path)
-    return str(p.with_name(p.stem + ".preview.png")) if "://" not in lora_path else lora_path.rsplit(".", 1)[0] + ".preview.png"
+    return lora_path.rsplit(".", 1)[0] + ".preview.png"
+
+
+CARD_SECTION = "## Previews"
+
+
+def card_previews(base_uri: str, dataset_uri: str, card_dir: str, limit: int = 16) -> list[dict]:
+    """Preview grids of the first ``limit`` rows in ``card_dir/previews/`` and a "Previews" section in the
+    card's README.md that shows them (replacing the section a previous publish wrote)."""
+    grids = row_previews(base_uri, dataset_uri, join(card_dir, "previews"), limit=limit)
+    lines = [CARD_SECTION, "", f"The base ({base_uri}) with and without each row's LoRA, on the row's prompt "
+             f"(first {len(grids)} rows).", ""]
+    lines += [f"**{g['id']}** `{g['prompt']}`\n\n![{g['id']}](previews/{g['id']}.png)\n" for g in grids]
+    fs, readme = filesystem(join(card_dir, "README.md"))
+    card = fs.cat_file(readme).decode() if fs.exists(readme) else ""
+    card = card.split("\n" + CARD_SECTION + "\n", 1)[0].rstrip("\n")
+    write_bytes(fs, readme, (card + "\n\n" + "\n".join(lines)).encode())
+    return grids
