@@ -1,9 +1,10 @@
 """``pipeline``: a workload end to end, as one parent run the Prefect UI shows with its stages.
 
-base model → synthetic manifest → ``build_dataset`` → ``fit_subspace`` (identity only) → ``train_weight_diffusion``.
+base model → manifest → ``build_dataset`` → previews (world base) → ``fit_subspace`` (identity only) →
+``train_weight_diffusion``.
 The workload (``PipelineConfig.workload``) picks the base, the manifest, the fine-tune engine and the
 generator's condition (flows/config.py ``WORKLOADS``); the stages and their order are the same.
-``weightzoo demo`` runs it on the embedded default (tiny bases, local disk, ephemeral API);
+``weightzoo demo`` runs it on the embedded default (the world base and its subjects, local disk, ephemeral API);
 ``weightzoo demo --kind edit`` runs the image-editing concepts (docs/CONCEPTS.md).
 """
 
@@ -49,13 +50,19 @@ def make_manifest(kind: str, workdir: str, items: int, images_per_subject: int) 
 def preview_rows(base: str, manifest: str, dataset: str, out_dir: str, limit: int) -> list[dict]:
     """A PNG grid per row (prompt without / with its LoRA, training images) and a markdown artifact listing
     them with the reader's scores: what each LoRA draws, where people look."""
+    from pathlib import Path
+
     from prefect.artifacts import create_markdown_artifact
 
+    from weightzoo.flows.common import artifact_key, png_artifact
     from weightzoo.tasks.finetune.readers import read_manifest
     from weightzoo.tasks.world.previews import row_previews
 
     folder = manifest.rsplit("/", 1)[0]
     grids = row_previews(base, dataset, out_dir, read_manifest(manifest), folder, limit)
+    for g in grids:
+        png_artifact(Path(g["png"]).read_bytes(), artifact_key("preview", g["id"]),
+                     f"{g['id']}: '{g['prompt']}' without its LoRA, with it, its training images")
     lines = ["| row | reader agreement without LoRA | with LoRA | grid |", "|---|---|---|---|"]
     lines += [f"| {g['id']} | {g.get('without', float('nan')):.2f} | {g.get('with', float('nan')):.2f} | {g['png']} |"
               for g in grids]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+VERSION = 2  # of the world and its training recipe: a base cached by an older version is not reused
+
 
 @dataclass(frozen=True)
 class WorldBaseSettings:
@@ -11,12 +13,12 @@ class WorldBaseSettings:
 
     seed: int = 0
     steps: int = 1200  # UNet + text encoder steps
-    vae_steps: int = 400
+    vae_steps: int = 1200
     pool: int = 2048  # captioned renders the base learns from
 
     def name(self) -> str:
         """The folder name ``build_world_base`` keeps a base with these settings under."""
-        return f"world-base-seed{self.seed}-steps{self.steps}-vae{self.vae_steps}-pool{self.pool}"
+        return f"world-base-v{VERSION}-seed{self.seed}-steps{self.steps}-vae{self.vae_steps}-pool{self.pool}"
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -35,8 +35,8 @@ BODY: dict[str, tuple[int, int, int]] = {
 GROUND: dict[str, tuple[int, int, int]] = {"white": (240, 240, 240), "black": (20, 20, 20), "purple": (130, 60, 160)}
 INK = (128, 128, 128)  # the stripes: far from every body colour and every background
 JITTER = 12  # per-channel spread of an identity's exact colours around the palette
-HALF = {"small": 6.0, "large": 11.0}  # half-width of the shape in pixels at 32 px
-STRIPE_PERIOD = 4  # pixels: two rows of ink, two of body
+HALF = {"small": 7.0, "large": 11.0}  # half-width of the shape in pixels at 32 px
+STRIPE_PERIOD = 8  # pixels: four rows of ink, four of body (two latent rows each: a VAE and UNet keep them)
 SQUARE = 0.9  # the square's half-side in h: about the circle's area (pi / 4 ~ 0.89²), so sizes stay comparable
 TRIANGLE_UP, TRIANGLE_DOWN, TRIANGLE_W = 1.1, 0.9, 1.1  # apex above the centre, base below it, half the base; in h
 
@@ -109,6 +109,11 @@ def caption(labels: dict[str, str], keep: set[str] | None = None) -> str:
     return text + (f" on {labels['background']}" if "background" in keep else "")
 
 
+# Share of the frame between the largest small body (a square, 159 px at 32) and the smallest large one (a
+# triangle, 266 px): size reads right whichever the shape.
+LARGE_AREA = 0.2
+
+
 # -- the reader --------------------------------------------------------------------------------------------
 
 
@@ -176,7 +181,7 @@ def read(image: Image.Image) -> dict[str, str]:
     area = mask.sum() / (WORLD_RESOLUTION**2)
     return labels | {
         "colour": _nearest(np.median(body, axis=0), BODY), "pattern": "striped" if striped else "plain",
-        "size": "large" if area > 0.16 else "small", "shape": _shape(mask),
+        "size": "large" if area > LARGE_AREA else "small", "shape": _shape(mask),
     }
 
 
