@@ -139,6 +139,8 @@ def test_base_command_makes_each_kind_once_and_refuses_other_settings(tmp_path: 
     capsys.readouterr()
     assert main([*args[:-1], "9"]) == 2
     assert "holds a world base made with" in capsys.readouterr().err
+    assert main(["base", "--out", str(tmp_path / "x"), "--pool", "0"]) == 2
+    assert capsys.readouterr().err == "weightzoo base: error: --pool must be at least 1, got 0\n"
     assert main(["base", "--kind", "toy", "--out", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model_index.json").exists() and not (tmp_path / "t" / INFO_FILE).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "w"]
