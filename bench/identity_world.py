@@ -43,6 +43,7 @@ from weightzoo.tasks.subspace.w2w import (
     subspace_hparams,
 )
 from weightzoo.tasks.world.base import build_world_base
+from weightzoo.tasks.world.config import WORLD_FINETUNE, WorldBaseSettings
 from weightzoo.tasks.world.identities import (
     PROMPT,
     generate,
@@ -160,11 +161,11 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=None, help="held-out identities (default: identities / 16, at least 2)")
     p.add_argument("--images", type=int, default=4, help="training images per identity")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-steps", type=int, default=1200)
-    p.add_argument("--vae-steps", type=int, default=400)
-    p.add_argument("--pool", type=int, default=2048)
-    p.add_argument("--ft-steps", type=int, default=150)
-    p.add_argument("--ft-lr", type=float, default=6e-3)
+    p.add_argument("--base-steps", type=int, default=WorldBaseSettings.steps)
+    p.add_argument("--vae-steps", type=int, default=WorldBaseSettings.vae_steps)
+    p.add_argument("--pool", type=int, default=WorldBaseSettings.pool)
+    p.add_argument("--ft-steps", type=int, default=WORLD_FINETUNE["steps"])
+    p.add_argument("--ft-lr", type=float, default=WORLD_FINETUNE["learning_rate"])
     p.add_argument("--components", type=int, default=128, help="k of the fitted subspace (capped at identities - 1)")
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")

@@ -24,6 +24,7 @@ from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.config import DEFAULT_BATCH_SIZE, LEASE_TTL_S, FinetuneConfig
 from weightzoo.tasks.subspace.config import SubspaceConfig
+from weightzoo.tasks.world.config import WORLD_FINETUNE
 
 # The fine-tune settings of any built-in engine, told apart by their ``method`` (the UI renders one form each).
 AnyFinetuneConfig = Annotated[FinetuneConfig | EditFinetuneConfig, Field(discriminator="method")]
@@ -139,8 +140,7 @@ class FitSubspaceConfig(BaseModel):
 WORKLOADS: dict[str, dict[str, Any]] = {
     "identity": {
         "engine": engines.DEFAULT_ENGINE, "items": 16, "batch_size": 8,
-        "finetune": FinetuneConfig(steps=50, learning_rate=1e-3, resolution=32, num_class_images=8,
-                                   class_inference_steps=10),
+        "finetune": FinetuneConfig(**WORLD_FINETUNE),  # the world base's identities (tasks/world)
         "fit_subspace": True, "generator": {},
     },
     "edit": {
@@ -175,6 +175,11 @@ class PipelineConfig(BaseModel):
     items: int = Field(None, ge=2, description="Synthetic subjects or editing concepts, one LoRA each "
                        f"(default {WORKLOADS['identity']['items']} identity, {WORKLOADS['edit']['items']} edit).")
     images_per_subject: int = Field(4, ge=1, description="identity: images drawn per subject.")
+    identity_base: Literal["world", "toy"] = Field(
+        "world", description="identity: 'world' pretrains a tiny base that draws the procedural world and trains "
+        "one LoRA per world subject (pictures show what each learnt); 'toy' is the random-weights SD-1.5-shaped "
+        "pipeline on synthetic subjects (mechanics only: its pictures are noise).")
+    previews: int = Field(16, ge=0, description="identity on the world base: rows given a preview grid PNG.")
     # 200 steps of 32 images: the edit base learns general editing features in about a minute on 2 cores.
     base_steps: int = Field(200, ge=0, description="edit: pretraining steps of the edit base.")
     batch_size: int = Field(None, ge=1, description="Items per batch (one shard each; default "

@@ -1,9 +1,10 @@
 """``pipeline``: a workload end to end, as one parent run the Prefect UI shows with its stages.
 
-base model → synthetic manifest → ``build_dataset`` → ``fit_subspace`` (identity only) → ``train_weight_diffusion``.
+base model → manifest → ``build_dataset`` → previews (world base) → ``fit_subspace`` (identity only) →
+``train_weight_diffusion``.
 The workload (``PipelineConfig.workload``) picks the base, the manifest, the fine-tune engine and the
 generator's condition (flows/config.py ``WORKLOADS``); the stages and their order are the same.
-``weightzoo demo`` runs it on the embedded default (tiny bases, local disk, ephemeral API);
+``weightzoo demo`` runs it on the embedded default (the world base and its subjects, local disk, ephemeral API);
 ``weightzoo demo --kind edit`` runs the image-editing concepts (docs/CONCEPTS.md).
 """
 
@@ -19,46 +20,69 @@ from weightzoo.flows.fit_subspace import fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
 
 
-@task(name="make-base", task_run_name="make-{workload}-base")
-def make_base(workload: str, uri: str, base_steps: int) -> str:
-    """The workload's offline base at ``uri`` (kept if already there): the tiny SD-style pipeline, or the
-    edit base pretrained ``base_steps`` steps."""
-    if workload == "edit":
-        from weightzoo.tasks.concepts.base import make_base as make_edit_base
+@task(name="make-base", task_run_name="make-{kind}-base")
+def make_base(kind: str, uri: str, base_steps: int) -> str:
+    """The offline base of ``kind`` (world, toy or edit) at ``uri``, kept if already there (tasks/bases.py);
+    the edit base pretrained ``base_steps`` steps, the world base at its defaults."""
+    from weightzoo.tasks.bases import make_base as make_kind_base
 
-        return make_edit_base(uri, base_steps)
-    from pathlib import Path
-
-    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
-
-    if not (Path(uri) / "model_index.json").exists():
-        save_tiny_pipeline(Path(uri))
-    return uri
+    return make_kind_base(kind, uri, steps=base_steps if kind == "edit" else None)[0]
 
 
-@task(name="make-manifest", task_run_name="make-{items}-{workload}-rows")
-def make_manifest(workload: str, workdir: str, items: int, images_per_subject: int) -> str:
-    """Synthetic subjects with known attributes (and their images), or procedural edit concepts, as
-    ``workdir/manifest.jsonl`` (deterministic, so reruns resume)."""
-    if workload == "edit":
+@task(name="make-manifest", task_run_name="make-{items}-{kind}-rows")
+def make_manifest(kind: str, workdir: str, items: int, images_per_subject: int) -> str:
+    """World subjects or synthetic subjects with known attributes (and their images), or procedural edit
+    concepts, as ``workdir/manifest.jsonl`` (deterministic, so reruns resume)."""
+    if kind == "edit":
         from weightzoo.tasks.concepts.zoo import concept_rows, write_concept_manifest
 
         return write_concept_manifest(concept_rows(items), f"{workdir.rstrip('/')}/manifest.jsonl")
+    if kind == "world":
+        from weightzoo.tasks.world.identities import write_world_manifest
+
+        return write_world_manifest(workdir, items, images_per_identity=images_per_subject)
     from weightzoo.tasks.finetune.synthetic import write_demo_manifest
 
     return write_demo_manifest(workdir, items, images_per_subject=images_per_subject)
 
 
+@task(name="preview-rows", task_run_name="preview-{limit}-rows")
+def preview_rows(base: str, manifest: str, dataset: str, out_dir: str, limit: int) -> list[dict]:
+    """A PNG grid per row (prompt without / with its LoRA, training images) and a markdown artifact listing
+    them with the reader's scores: what each LoRA draws, where people look."""
+    from pathlib import Path
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from weightzoo.flows.common import artifact_key, png_artifact
+    from weightzoo.tasks.finetune.readers import read_manifest
+    from weightzoo.tasks.world.previews import row_previews
+
+    folder = manifest.rsplit("/", 1)[0]
+    grids = row_previews(base, dataset, out_dir, read_manifest(manifest), folder, limit)
+    for g in grids:
+        png_artifact(Path(g["png"]).read_bytes(), artifact_key("preview", g["id"]),
+                     f"{g['id']}: '{g['prompt']}' without its LoRA, with it, its training images")
+    lines = ["| row | reader agreement without LoRA | with LoRA | grid |", "|---|---|---|---|"]
+    lines += [f"| {g['id']} | {g.get('without', float('nan')):.2f} | {g.get('with', float('nan')):.2f} | {g['png']} |"
+              for g in grids]
+    create_markdown_artifact("\n".join(lines), key="row-previews", description="What each row's LoRA draws")
+    return grids
+
+
 @flow(name="pipeline", flow_run_name="pipeline-{config.workload}-{config.items}")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Build a dataset from scratch and learn from it: every stage is its own task or subflow run."""
-    base = make_base(config.workload, config.path("base"), config.base_steps)
-    manifest = make_manifest(config.workload, config.workdir, config.items, config.images_per_subject)
+    kind = config.workload if config.workload == "edit" else config.identity_base
+    base = make_base(kind, config.path("base"), config.base_steps)
+    manifest = make_manifest(kind, config.workdir, config.items, config.images_per_subject)
     built = build_dataset(config.build(base, manifest))
+    previews = preview_rows(base, manifest, config.path("dataset"), config.path("previews"), config.previews) \
+        if kind == "world" and config.previews and built["committed"] else []
     subspace = config.fit_subspace(built["committed"])
     if subspace is not None:
         fit_subspace(subspace)
     generator = config.generator(base)
     train_weight_diffusion_flow(generator)
     return {"base": base, "manifest": manifest, "dataset": config.path("dataset"), "build": built, "wdiff": generator.out,
-            "subspace": subspace.out if subspace else None}
+            "subspace": subspace.out if subspace else None, "previews": previews}

@@ -3,15 +3,16 @@ loads offline, its manifests validate, and a LoRA trained on a world identity pr
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.manifest import load_and_validate
 from weightzoo.tasks.world.base import INFO_FILE, build_world_base
@@ -90,17 +91,56 @@ def test_world_manifest_validates_and_its_images_read_as_its_labels(tmp_path: Pa
 
 
 def test_a_world_lora_trains_and_previews_through_diffusers(world_base: Path, tmp_path: Path) -> None:
+    """One trained row: its preview grid, the PNG beside its exported file (--preview) and the card's
+    previews (publish --preview), all through diffusers' own LoRA loading."""
+    from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.finetune.batch import run_batch
+    from weightzoo.tasks.finetune.export import export_lora
+    from weightzoo.tasks.world.previews import card_previews, lora_file_preview
 
     pipe = load_base(str(world_base))
-    rows = load_and_validate(write_world_manifest(str(tmp_path), 1, images_per_identity=2))
+    manifest = write_world_manifest(str(tmp_path / "m"), 1, images_per_identity=2)
+    rows = load_and_validate(manifest)
     config = world_finetune_config(steps=2, num_class_images=2, class_inference_steps=2, pack=1)
-    result = finetune_batch(pipe, rows, config, base_uri=str(tmp_path))
-    (item,) = result.results
-    assert item.ok
-    scores = preview_grid(pipe, rows[0], item.weights, result.layout, result.hparams,
-                          load_images(rows[0], str(tmp_path)), str(tmp_path / "grid.png"), n=2)
+    run_batch("b-1", [rows[0].id], manifest, str(world_base), str(tmp_path / "ds"), config)
+    ds = Dataset(str(tmp_path / "ds"))
+    meta, weights = ds.row(rows[0].id)
+    scores = preview_grid(pipe, rows[0], weights, ds.layout, meta["hparams"],
+                          load_images(rows[0], str(tmp_path / "m")), str(tmp_path / "grid.png"), n=2)
     assert set(scores) == {"without", "with"} and all(0.0 <= s <= 1.0 for s in scores.values())
     grid = Image.open(tmp_path / "grid.png")
     assert grid.width >= 2 * 96 and grid.height > 3 * 96
     assert not any("lora" in n for n, _ in pipe.unet.named_parameters())  # the LoRA was unloaded
+
+    lora = export_lora(torch.as_tensor(weights), ds.layout, meta["hparams"], str(tmp_path / "lora"))
+    assert lora_file_preview(str(world_base), lora, PROMPT, n=2) == lora.rsplit(".", 1)[0] + ".preview.png"
+    assert Image.open(lora.rsplit(".", 1)[0] + ".preview.png").width == 2 * 100
+    card = tmp_path / "card"
+    card.mkdir()
+    (card / "README.md").write_text("# card\n")
+    for _ in range(2):  # a second publish replaces the section, never stacks it
+        (grid_info,) = card_previews(str(world_base), str(tmp_path / "ds"), str(card), limit=4)
+    text = (card / "README.md").read_text()
+    assert text.startswith("# card\n") and text.count("## Previews") == 1
+    assert f"![{rows[0].id}](previews/{rows[0].id}.png)" in text and Path(grid_info["png"]).exists()
+    assert len(ds.ids) == 1 and len(set(ds.ids)) == 1
+
+
+def test_base_command_makes_each_kind_once_and_refuses_other_settings(tmp_path: Path, capsys) -> None:
+    from weightzoo.cli import main
+
+    args = ["base", "--out", str(tmp_path / "w"), "--steps", "1", "--vae-steps", "1", "--pool", "8"]
+    assert main(args) == 0
+    info = json.loads((tmp_path / "w" / INFO_FILE).read_text())
+    assert (info["steps"], info["vae_steps"], info["pool"], info["seed"]) == (1, 1, 8, 0)
+    before = (tmp_path / "w" / INFO_FILE).stat().st_mtime_ns
+    assert main(args) == 0 and (tmp_path / "w" / INFO_FILE).stat().st_mtime_ns == before  # kept
+    capsys.readouterr()
+    assert main([*args[:-1], "9"]) == 2
+    assert "holds a world base made with" in capsys.readouterr().err
+    assert main(["base", "--out", str(tmp_path / "x"), "--pool", "0"]) == 2
+    assert capsys.readouterr().err == "weightzoo base: error: --pool must be at least 1, got 0\n"
+    assert main(["base", "--kind", "toy", "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "model_index.json").exists() and not (tmp_path / "t" / INFO_FILE).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "w"]

@@ -4,8 +4,9 @@ tiny base (``UNet2DConditionModel``, ``CLIPTextModel``, ``AutoencoderKL``, ``CLI
 
 Pretrained offline in two phases, each seeded:
 
-1. the VAE: two narrow blocks, 2x downsampling (latents 4×16×16 for 32 px images), trained a few hundred
-   steps to reconstruct renders (flat colours compress easily; its ``scaling_factor`` is set to 1 / latent std);
+1. the VAE: two narrow blocks, 2x downsampling (latents 4×16×16 for 32 px images), trained 1200 steps
+   to reconstruct renders (its reconstructions read back 97-100 % per attribute; 400 steps lost the stripes
+   and shifted hues); its ``scaling_factor`` is set to 1 / latent std;
 2. the UNet and the text encoder together, on v-prediction (at high noise epsilon is nearly the input,
    leaving text little to explain) over a pool of captioned renders whose latents are encoded once. Captions drop attributes at random (and are sometimes empty), so vaguer
    prompts ("a photo of sks subject") mean "some subject" and classifier-free guidance works.
@@ -36,9 +37,11 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from weightzoo.errors import InputError
 from weightzoo.tasks.finetune.base_model import TINY_TEXT, TINY_UNET, _bytes_to_unicode
 from weightzoo.tasks.progress import report
 from weightzoo.tasks.seeds import stable_seed
+from weightzoo.tasks.world.config import WorldBaseSettings
 from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, jitter, random_subject, render
 
 INFO_FILE = "world_base.json"
@@ -176,32 +179,49 @@ def pretrain_unet(pipe: StableDiffusionPipeline, images: torch.Tensor, labels: l
 
 def world_base_dir(out_dir: str | os.PathLike, seed: int, steps: int, vae_steps: int, pool: int) -> Path:
     """Where ``build_world_base`` keeps the base made with these settings."""
-    return Path(out_dir) / f"world-base-seed{seed}-steps{steps}-vae{vae_steps}-pool{pool}"
+    return Path(out_dir) / WorldBaseSettings(seed, steps, vae_steps, pool).name()
 
 
-def build_world_base(out_dir: str | os.PathLike, seed: int = 0, steps: int = 1200, vae_steps: int = 400,
-                     pool: int = 2048) -> Path:
+def build_world_base(out_dir: str | os.PathLike, seed: int = WorldBaseSettings.seed, steps: int = WorldBaseSettings.steps,
+                     vae_steps: int = WorldBaseSettings.vae_steps, pool: int = WorldBaseSettings.pool) -> Path:
+    """``save_world_base`` into a folder of ``out_dir`` named by the settings, so bases of other settings
+    sit side by side. Returns the folder."""
+    settings = WorldBaseSettings(seed, steps, vae_steps, pool)
+    return save_world_base(Path(out_dir) / settings.name(), settings)
+
+
+def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings) -> Path:
     """Pretrain the world base (VAE ``vae_steps``, UNet + text ``steps``, on ``pool`` renders) and save it as
-    a diffusers pipeline under ``out_dir``, in a folder named by the settings; kept if already there.
+    a diffusers pipeline at ``dest``; kept if a base of the same settings is already there, refused if
+    one of other settings is (the folder would no longer say what it holds).
 
-    Deterministic in ``seed`` on one machine and thread count (torch's CPU kernels are). Returns the folder.
+    Deterministic in ``seed`` on one machine and thread count (torch's CPU kernels are). Returns ``dest``.
     """
-    dest = world_base_dir(out_dir, seed, steps, vae_steps, pool)
+    dest = Path(dest)
     if (dest / INFO_FILE).exists():
+        made = {k: json.loads((dest / INFO_FILE).read_text()).get(k) for k in settings.as_dict()}
+        if made != settings.as_dict():
+            raise InputError(f"{dest} holds a world base made with {made}, not {settings.as_dict()}; "
+                             "choose another folder")
         return dest
+    if dest.exists() and any(dest.iterdir()):
+        raise InputError(f"{dest} is a folder that holds something other than a world base; choose another folder")
     t0 = time.perf_counter()
-    pipe = _modules(seed)
-    images, labels = _pool(pool, seed)
-    vae_losses = pretrain_vae(pipe.vae, images, vae_steps, seed)
+    pipe = _modules(settings.seed)
+    images, labels = _pool(settings.pool, settings.seed)
+    vae_losses = pretrain_vae(pipe.vae, images, settings.vae_steps, settings.seed)
     t1 = time.perf_counter()
-    losses = pretrain_unet(pipe, images, labels, steps, seed)
-    info = {"seed": seed, "steps": steps, "vae_steps": vae_steps, "pool": pool, "threads": torch.get_num_threads(),
-            "vae_final_mse": float(np.mean(vae_losses[-20:])) if vae_losses else None,
-            "final_loss": float(np.mean(losses[-50:])) if losses else None,
-            "vae_seconds": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t0, 1)}
+    losses = pretrain_unet(pipe, images, labels, settings.steps, settings.seed)
+    info = settings.as_dict() | {
+        "threads": torch.get_num_threads(),
+        "vae_final_mse": float(np.mean(vae_losses[-20:])) if vae_losses else None,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "vae_seconds": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t0, 1)}
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".building-"))
     pipe.save_pretrained(tmp, safe_serialization=True)
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+    if dest.exists():
+        dest.rmdir()  # empty (checked above): os.replace needs the name free
     os.replace(tmp, dest)
     return dest

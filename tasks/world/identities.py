@@ -6,6 +6,7 @@ Identity ``i`` depends only on ``(seed, i)``, never on ``n``: growing a dataset 
 
 from __future__ import annotations
 
+import io
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -24,21 +25,16 @@ from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.export import export_lora
 from weightzoo.tasks.finetune.readers import write_manifest
 from weightzoo.tasks.finetune.row import ManifestRow
+from weightzoo.tasks.world.config import GUIDANCE, SAMPLE_STEPS, WORLD_FINETUNE
 from weightzoo.tasks.world.render import WORLD_RESOLUTION, agreement, jitter, random_subject, read, render
 
 PROMPT = "a photo of sks subject"  # "sks": a rare token (bytes in the world tokenizer, no meaning to the base)
 CLASS_PROMPT = "a photo of a subject"  # what the base draws for it: any subject (captions drop attributes)
-SAMPLE_STEPS = 20  # DPM-Solver steps: enough for flat shapes
-GUIDANCE = 4.0
 
 
 def world_finetune_config(**overrides) -> FinetuneConfig:
-    """DreamBooth-LoRA settings that teach a world identity in seconds on a CPU (w2w's rank 1, to_q/to_v);
-    a higher learning rate and fewer steps than SD 1.5's 1e-4 x 800, for a base 1000x smaller (6e-3 read
-    back better than 2e-3 at 150 or 400 steps on four identities)."""
-    settings = {"steps": 150, "learning_rate": 6e-3, "num_class_images": 32, "class_inference_steps": SAMPLE_STEPS,
-                "class_guidance_scale": GUIDANCE} | overrides
-    return FinetuneConfig(**settings)
+    """The world's DreamBooth-LoRA settings (``WORLD_FINETUNE``) with ``overrides``."""
+    return FinetuneConfig(**(WORLD_FINETUNE | overrides))
 
 
 def identity_id(index: int) -> str:
@@ -59,7 +55,7 @@ def make_world_identities(out_dir: str, n: int, images_per_identity: int = 4, se
         fs.makedirs(join(root, "images", identity_id(i)), exist_ok=True)
         images = [f"images/{identity_id(i)}/{k}.png" for k in range(images_per_identity)]
         for rel in images:
-            write_bytes(fs, join(root, rel), _png(render(sub, size, jitter(rng))))
+            write_bytes(fs, join(root, rel), png_bytes(render(sub, size, jitter(rng))))
         rows.append(ManifestRow(id=identity_id(i), kind="identity", prompt=PROMPT, class_prompt=CLASS_PROMPT,
                                 images=images, attributes=sub.labels))
     return rows
@@ -71,9 +67,7 @@ def write_world_manifest(out_dir: str, n: int, images_per_identity: int = 4, see
     return write_manifest(rows, join(str(out_dir), "manifest.jsonl"))
 
 
-def _png(im: Image.Image) -> bytes:
-    import io
-
+def png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()
@@ -125,21 +119,27 @@ def _strip(images: Sequence[Image.Image], title: str, cell: int, width: int) -> 
     return out
 
 
+def strip_image(images: Sequence[Image.Image], title: str, cell: int = 96) -> Image.Image:
+    """``images`` side by side under ``title``."""
+    return _strip(images, title, cell, max(1, len(images)) * (cell + 4))
+
+
 def preview_grid(pipe: StableDiffusionPipeline, row: ManifestRow, weights: torch.Tensor | np.ndarray,
                  layout: Layout, hparams: dict, training: Sequence[Image.Image], out_png: str, n: int = 4,
                  seed: int = 0, cell: int = 96) -> dict[str, float]:
-    """Write a PNG of three strips (the prompt without the LoRA, with it, the training images) and return
+    """Write a PNG of three strips (the prompt without the LoRA, with it, the training images if any) and return
     the reader's agreement with the row's labels without and with the LoRA."""
     plain = generate(pipe, row.prompt, n, seed)
     with lora_loaded(pipe, weights, layout, hparams):
         tuned = generate(pipe, row.prompt, n, seed)
     width = max(n, len(training)) * (cell + 4)
     strips = [_strip(plain, f"'{row.prompt}' without LoRA", cell, width),
-              _strip(tuned, f"with {row.id}'s LoRA", cell, width), _strip(training, "training images", cell, width)]
+              _strip(tuned, f"with {row.id}'s LoRA", cell, width)]
+    strips += [_strip(training, "training images", cell, width)] if training else []
     grid = Image.new("RGB", (width, sum(s.height for s in strips)), (255, 255, 255))
     for k, s in enumerate(strips):
         grid.paste(s, (0, k * s.height))
     fs, path = filesystem(out_png)
-    write_bytes(fs, path, _png(grid))
+    write_bytes(fs, path, png_bytes(grid))
     labels = dict(row.attributes)
     return {"without": score(plain, labels), "with": score(tuned, labels)}

@@ -4,8 +4,8 @@ A subject is one value of each attribute in ``ATTRIBUTES``: a flat shape of a sa
 plain or with horizontal grey stripes, small or large, centred on a flat background. Palettes are far
 apart (every body colour, the stripe ink and every background differ by > 70 in RGB), so ``read`` can
 label a picture from pixel statistics alone, no classifier: the background is the border's median
-colour, the body is every pixel far from it, its colour the nearest palette entry, its shape its fill
-of the bounding box (square ~1, circle ~0.79, triangle ~0.5), its size its area, stripes the share of
+colour, the body is every pixel far from it, its colour the nearest palette entry, its shape the one
+whose mask (at the body's centroid and area) overlaps it best, its size its area, stripes the share of
 ink-grey pixels in it. Drawn without anti-aliasing, so ``read(render(s)) == s`` exactly.
 
 Continuous traits (exact hues, a small offset of the centre) make two subjects with equal labels
@@ -35,8 +35,10 @@ BODY: dict[str, tuple[int, int, int]] = {
 GROUND: dict[str, tuple[int, int, int]] = {"white": (240, 240, 240), "black": (20, 20, 20), "purple": (130, 60, 160)}
 INK = (128, 128, 128)  # the stripes: far from every body colour and every background
 JITTER = 12  # per-channel spread of an identity's exact colours around the palette
-HALF = {"small": 6.0, "large": 11.0}  # half-width of the shape in pixels at 32 px
-STRIPE_PERIOD = 4  # pixels: two rows of ink, two of body
+HALF = {"small": 7.0, "large": 11.0}  # half-width of the shape in pixels at 32 px
+STRIPE_PERIOD = 8  # pixels: four rows of ink, four of body (two latent rows each: a VAE and UNet keep them)
+SQUARE = 0.9  # the square's half-side in h: about the circle's area (pi / 4 ~ 0.89²), so sizes stay comparable
+TRIANGLE_UP, TRIANGLE_DOWN, TRIANGLE_W = 1.1, 0.9, 1.1  # apex above the centre, base below it, half the base; in h
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,11 @@ def render(sub: Subject, size: int = WORLD_RESOLUTION, shift: tuple[float, float
     if shape == "circle":
         draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=sub.body)
     elif shape == "square":
-        k = h * 0.9  # the same area as the circle's bounding box would overstate it; keep sizes comparable
+        k = h * SQUARE
         draw.rectangle((cx - k, cy - k, cx + k, cy + k), fill=sub.body)
     else:
-        draw.polygon([(cx, cy - h * 1.1), (cx + h * 1.1, cy + h * 0.9), (cx - h * 1.1, cy + h * 0.9)], fill=sub.body)
+        up, down, w = h * TRIANGLE_UP, h * TRIANGLE_DOWN, h * TRIANGLE_W
+        draw.polygon([(cx, cy - up), (cx + w, cy + down), (cx - w, cy + down)], fill=sub.body)
     if sub.labels["pattern"] == "striped":
         arr = np.asarray(im).copy()
         body = np.all(arr == np.array(sub.body, dtype=np.uint8), axis=-1)
@@ -106,6 +109,11 @@ def caption(labels: dict[str, str], keep: set[str] | None = None) -> str:
     return text + (f" on {labels['background']}" if "background" in keep else "")
 
 
+# Share of the frame between the largest small body (a square, 159 px at 32) and the smallest large one (a
+# triangle, 266 px): size reads right whichever the shape.
+LARGE_AREA = 0.2
+
+
 # -- the reader --------------------------------------------------------------------------------------------
 
 
@@ -115,12 +123,38 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     return names[int(np.argmin(d))]
 
 
-def _shape(mask: np.ndarray) -> str:
-    """Fill of the bounding box: a square fills it, a circle ~0.79, a triangle ~0.5."""
+_PIXEL_Y, _PIXEL_X = np.mgrid[0:WORLD_RESOLUTION, 0:WORLD_RESOLUTION].astype(np.float32) + 0.5  # pixel centres
+# Each shape's area in units of h² and its centroid's offset below the centre in units of h, as render draws it.
+_AREA = {"circle": np.pi, "square": (2 * SQUARE) ** 2, "triangle": 2 * TRIANGLE_W * (TRIANGLE_UP + TRIANGLE_DOWN) / 2}
+_CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": (2 * TRIANGLE_DOWN - TRIANGLE_UP) / 3}
+
+
+def _template(shape: str, cx: float, cy: float, h: float) -> np.ndarray:
+    """The mask ``render`` draws for ``shape`` of half-width ``h`` centred at (cx, cy), at the world's size."""
+    dx, dy = _PIXEL_X - cx, _PIXEL_Y - cy
+    if shape == "circle":
+        return dx**2 + dy**2 <= h * h
+    if shape == "square":
+        return (np.abs(dx) <= SQUARE * h) & (np.abs(dy) <= SQUARE * h)
+    return (dy <= TRIANGLE_DOWN * h) & (np.abs(dx) <= TRIANGLE_W / (TRIANGLE_UP + TRIANGLE_DOWN) * (dy + TRIANGLE_UP * h))
+
+
+def shape_fits(mask: np.ndarray) -> dict[str, float]:
+    """IoU of the body mask with each shape of the same area and centroid: a blurred or slightly
+    mis-sized body still overlaps its own shape best (a bounding box's fill is lost to one stray pixel)."""
     ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
-    return "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+    my, mx = ys.mean() + 0.5, xs.mean() + 0.5
+    fits = {}
+    for shape, area in _AREA.items():
+        h = float(np.sqrt(len(ys) / area))
+        t = _template(shape, mx, my - _CENTROID_DY[shape] * h, h)
+        fits[shape] = float((t & mask).sum() / (t | mask).sum())
+    return fits
+
+
+def _shape(mask: np.ndarray) -> str:
+    fits = shape_fits(mask)
+    return max(fits, key=fits.__getitem__)
 
 
 def _segment(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,7 +181,7 @@ def read(image: Image.Image) -> dict[str, str]:
     area = mask.sum() / (WORLD_RESOLUTION**2)
     return labels | {
         "colour": _nearest(np.median(body, axis=0), BODY), "pattern": "striped" if striped else "plain",
-        "size": "large" if area > 0.16 else "small", "shape": _shape(mask),
+        "size": "large" if area > LARGE_AREA else "small", "shape": _shape(mask),
     }
 
 

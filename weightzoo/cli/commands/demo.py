@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "Run the whole pipeline on a tiny offline base model and synthetic subjects (~2 min on 2 CPU cores)."
+HELP = "Run the whole pipeline on a tiny offline base that draws a procedural world, one LoRA per subject."
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help=HELP,
-        description="Builds DIR/base (tiny SD-style pipeline), DIR/manifest.jsonl + DIR/images/ (synthetic subjects), "
-        "fine-tunes one LoRA per subject into DIR/dataset, fits DIR/subspace and trains DIR/wdiff. "
+        description="Builds DIR/base (a tiny SD-style pipeline pretrained to draw the world), DIR/manifest.jsonl + "
+        "DIR/images/ (world subjects), fine-tunes one LoRA per subject into DIR/dataset, writes DIR/previews/<id>.png, "
+        "fits DIR/subspace and trains DIR/wdiff. "
         "Rerunning resumes: committed subjects are not trained again.",
     )
     from weightzoo.flows.config import WORKLOADS
@@ -26,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects", type=int, default=None,
                    help=f"Synthetic subjects (identity; default {identity['items']}) or editing concepts "
                    f"(edit; default {edit['items']}), one LoRA each.")
+    p.add_argument("--base", choices=("world", "toy"), default="world", dest="identity_base",
+                   help="identity: 'world' pretrains a tiny base that draws a procedural world of subjects, so each "
+                   "row's LoRA visibly draws its subject (DIR/previews/*.png); 'toy' is the random-weights "
+                   "SD-1.5-shaped pipeline (mechanics only: its pictures are noise).")
     p.add_argument("--steps", type=int, default=None,
                    help=f"Fine-tune steps per LoRA (default {identity['finetune'].steps} for identity, "
                    f"{edit['finetune'].steps} for edit: the tiny bases learn fast).")
@@ -38,7 +43,8 @@ def pipeline_config(args: argparse.Namespace):
 
     from weightzoo.flows.config import WORKLOADS, PipelineConfig
 
-    fields: dict = {"workdir": str(Path(args.workdir).resolve()), "workload": args.kind}
+    fields: dict = {"workdir": str(Path(args.workdir).resolve()), "workload": args.kind,
+                    "identity_base": args.identity_base}
     if args.subjects is not None:
         fields["items"] = args.subjects
     if args.steps is not None:
@@ -59,11 +65,16 @@ def _print_identity(out: dict) -> None:
     from pathlib import Path
 
     build = out["build"]
-    print(f"  base model   {out['base']}  (tiny SD-style pipeline, save_pretrained format)")
+    world = bool(out.get("previews"))
+    what = "world base: draws the procedural world" if world else "tiny SD-style pipeline, random weights"
+    print(f"  base model   {out['base']}  ({what}; save_pretrained format)")
     print(f"  manifest     {out['manifest']}  (images in {Path(out['manifest']).parent / 'images'})")
     print(f"  dataset      {out['dataset']}  ({build['committed']} committed, {build['failed']} failed, {build['pending']} pending)")
     print(f"  subspace     {out['subspace']}")
     print(f"  weight diff. {out['wdiff']}")
+    if world:
+        print(f"  previews     {Path(out['previews'][0]['png']).parent}  ({len(out['previews'])} grids: prompt "
+              "without LoRA, with LoRA, training images)")
     print()
     print("Next:")
     print(f"  weightzoo status --dataset {out['dataset']} --json")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.cli.preview import add_preview, write_preview
+
 HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA."
 
 
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Comma-separated attributes whose directions are projected out first, e.g. shape,accessory.")
     p.add_argument("--dataset", help="Dataset URI holding the row (default: the one the subspace was fitted on).")
     p.add_argument("--out", required=True, help="Output .safetensors file (or a folder).")
+    add_preview(p)
     p.set_defaults(func=run)
 
 
@@ -45,4 +48,5 @@ def run(args: argparse.Namespace) -> int:
     meta, x = dataset_row(sub, args.id, args.dataset)
     path = export(sub, edit(sub, x, d, args.strength), args.out, meta["hparams"] or None)
     print(f"wrote {path} ({args.id} moved {args.strength:+g} std towards {name}={value})")
+    write_preview(args.preview, path, meta["prompt"])
     return 0

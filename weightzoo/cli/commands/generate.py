@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.cli.preview import add_preview, write_preview
+
 HELP = "Generate a LoRA from text with a weight-diffusion model (diffusers .safetensors)."
 
 
@@ -23,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="Output file, e.g. lora/pytorch_lora_weights.safetensors.")
     p.add_argument("--steps", type=int, default=1, help="DDIM steps; 1 is the paper's one-step generation (the conditional mean).")
     p.add_argument("--seed", type=int, default=0, help="Seed of the starting noise.")
+    add_preview(p)
     p.set_defaults(func=run)
 
 
@@ -46,4 +49,5 @@ def run(args: argparse.Namespace) -> int:
 
     path = generate_lora(args.model, args.prompt, args.out, dict(args.attr), steps=args.steps, seed=args.seed)
     print(f"wrote {path} ({args.steps} DDIM steps, seed {args.seed})")
+    write_preview(args.preview, path, args.prompt)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.cli.preview import add_preview, subspace_prompt, write_preview
+
 HELP = "Invert one image into the subspace (optimise k coefficients) → a LoRA."
 
 
@@ -20,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed of timesteps and noise.")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda', ...")
     p.add_argument("--out", required=True, help="Output .safetensors file (or a folder).")
+    add_preview(p, takes_base=False)
     p.set_defaults(func=run)
 
 
@@ -74,11 +77,12 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.tasks.subspace.w2w import export, invert
 
     sub = load_subspace(args.subspace)
-    prompt = args.prompt or sub.coords_table().column("prompt")[0].as_py()
+    prompt = args.prompt or subspace_prompt(sub)
     pipe = load_base(args.base, device=resolve_device(args.device))
     with terminal_progress(Bar("invert", "steps", loss=True)):
         inv = invert(sub, pipe, image, prompt, mask=mask, steps=args.steps, lr=args.learning_rate,
                      batch=args.batch, seed=args.seed, progress=report)
     path = export(sub, inv.weights, args.out)
     print(f"wrote {path}: loss on the image {inv.initial_loss:.4g} (mean model) → {inv.final_loss:.4g}")
+    write_preview(args.base if args.preview else None, path, prompt)
     return 0

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="Publish only the rows of shards that pass their check (size, layout, CRC32, ids) and list the rest; "
         "without it, a bad shard stops the publish before anything is written.",
     )
+    p.add_argument("--preview", metavar="BASE",
+                   help="Also draw a preview grid per row (the first --preview-rows) with this base (a world base) "
+                   "into OUT/previews/ and show them in the card.")
+    p.add_argument("--preview-rows", type=int, default=16, help="Rows given a preview grid.")
     p.set_defaults(func=run)
 
 
@@ -34,4 +38,16 @@ def run(args: argparse.Namespace) -> int:
     )
     for shard, ids, why in r.left_out:
         print(f"  left out {shard} ({ids} ids): {why}")
+    if args.preview:
+        _previews(args)
     return 0
+
+
+def _previews(args: argparse.Namespace) -> None:
+    from weightzoo.tasks.world.previews import can_draw, card_previews
+
+    if not can_draw(args.preview):
+        print(f"no previews: {args.preview} is no world base (its pictures would be noise)")
+        return
+    grids = card_previews(args.preview, args.dataset, args.out, args.preview_rows)
+    print(f"added {len(grids)} preview grid(s) to {args.out}/README.md (pictures in {args.out}/previews/)")

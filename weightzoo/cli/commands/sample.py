@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from weightzoo.cli.preview import add_preview, subspace_prompt, write_preview
+
 HELP = "Sample new LoRAs from a fitted subspace (per-component Gaussians)."
 
 
@@ -20,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="Random seed.")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="Scale of each component's std; below 1 stays nearer the mean model.")
+    add_preview(p)
     p.set_defaults(func=run)
 
 
@@ -45,5 +48,7 @@ def run(args: argparse.Namespace) -> int:
     sub = load_subspace(args.subspace)
     weights, _ = sample(sub, args.num, seed=args.seed, temperature=args.temperature)
     for i, w in enumerate(weights):
-        print(f"wrote {export(sub, w, join(args.out, f'sample-{i:03d}'))}")
+        path = export(sub, w, join(args.out, f"sample-{i:03d}"))
+        print(f"wrote {path}")
+        write_preview(args.preview, path, subspace_prompt(sub))
     return 0

@@ -1,0 +1,89 @@
+"""Pictures of a dataset's rows: a preview grid per row (the prompt without the row's LoRA, with it, and its
+training images when known) and a single preview PNG next to an exported LoRA.
+
+Only a base that draws something (a world base: ``world_base.json`` beside its model) gets pictures; on the
+random-weights toy base they would be noise, so callers ask ``can_draw`` first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.fs import filesystem, join, write_bytes
+from weightzoo.tasks.finetune.base_model import load_base
+from weightzoo.tasks.finetune.images import load_images
+from weightzoo.tasks.finetune.row import ManifestRow
+from weightzoo.tasks.world.base import INFO_FILE
+from weightzoo.tasks.world.identities import generate, png_bytes, preview_grid, strip_image
+
+PREVIEWS = 4  # pictures per strip
+
+
+def can_draw(base_uri: str) -> bool:
+    """Whether ``base_uri`` is a world base (the only kind whose pictures show what a LoRA learnt)."""
+    fs, path = filesystem(join(str(base_uri), INFO_FILE))
+    return fs.exists(path)
+
+
+def row_previews(base_uri: str, dataset_uri: str, out_dir: str, manifest: Sequence[ManifestRow] = (),
+                 manifest_dir: str | None = None, limit: int = 16) -> list[dict]:
+    """A grid PNG ``out_dir/<id>.png`` for each of the first ``limit`` committed rows; a row found in
+    ``manifest`` also shows its training images and its reader scores. Returns one record per grid."""
+    ds = Dataset(dataset_uri)
+    pipe = load_base(base_uri)
+    pipe.set_progress_bar_config(disable=True)
+    rows = {r.id: r for r in manifest}
+    out = []
+    for item in ds.ids[:limit]:
+        meta, w = ds.row(item)
+        row = rows.get(item) or ManifestRow(id=item, kind=meta.get("kind") or "identity", prompt=meta["prompt"],
+                                            attributes=meta.get("attributes") or {})
+        training = load_images(row, manifest_dir) if item in rows and manifest_dir else []
+        path = join(out_dir, f"{item}.png")
+        scores = preview_grid(pipe, row, w, ds.layout, meta["hparams"], training, path, n=PREVIEWS)
+        out.append({"id": item, "prompt": row.prompt, "png": path, **(scores if row.attributes else {})})
+    return out
+
+
+def lora_file_preview(base_uri: str, lora_path: str, prompt: str, n: int = PREVIEWS, seed: int = 0) -> str | None:
+    """``n`` pictures of ``prompt`` from the base with the LoRA file at ``lora_path`` loaded as users load it
+    (``load_lora_weights``), side by side in ``<stem>.preview.png`` beside it. ``None`` (nothing written)
+    when the base is no world base: its pictures would be noise."""
+    if not can_draw(base_uri):
+        return None
+    pipe = load_base(base_uri)
+    pipe.set_progress_bar_config(disable=True)
+    folder, name = os.path.split(lora_path)
+    pipe.load_lora_weights(folder or ".", weight_name=name)
+    try:
+        images = generate(pipe, prompt, n, seed)
+    finally:
+        pipe.unload_lora_weights()
+    out = preview_path(lora_path)
+    fs, path = filesystem(out)
+    write_bytes(fs, path, png_bytes(strip_image(images, f"'{prompt}' with {name}")))
+    return out
+
+
+def preview_path(lora_path: str) -> str:
+    """Where a LoRA file's preview goes: beside it, ``<stem>.preview.png``."""
+    return lora_path.rsplit(".", 1)[0] + ".preview.png"
+
+
+CARD_SECTION = "## Previews"
+
+
+def card_previews(base_uri: str, dataset_uri: str, card_dir: str, limit: int = 16) -> list[dict]:
+    """Preview grids of the first ``limit`` rows in ``card_dir/previews/`` and a "Previews" section in the
+    card's README.md that shows them (replacing the section a previous publish wrote)."""
+    grids = row_previews(base_uri, dataset_uri, join(card_dir, "previews"), limit=limit)
+    lines = [CARD_SECTION, "", f"The base ({base_uri}) with and without each row's LoRA, on the row's prompt "
+             f"(first {len(grids)} rows).", ""]
+    lines += [f"**{g['id']}** `{g['prompt']}`\n\n![{g['id']}](previews/{g['id']}.png)\n" for g in grids]
+    fs, readme = filesystem(join(card_dir, "README.md"))
+    card = fs.cat_file(readme).decode() if fs.exists(readme) else ""
+    card = card.split("\n" + CARD_SECTION + "\n", 1)[0].rstrip("\n")
+    write_bytes(fs, readme, (card + "\n\n" + "\n".join(lines)).encode())
+    return grids

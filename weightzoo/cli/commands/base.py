@@ -1,0 +1,52 @@
+"""``weightzoo base``: make one of the offline base models the workloads train on, cached and seeded.
+
+``--kind world`` pretrains the tiny text-to-image base that draws the procedural world (tasks/world): the
+only identity base whose pictures mean something. ``toy`` is the random-weights SD-1.5-shaped tiny pipeline
+(mechanics, benches, the GPU check); ``edit`` the small image-to-image base of the edit workload.
+A folder that already holds a base made with the same settings is kept, so reruns cost nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Make an offline base model: world (draws the procedural world), toy (random weights) or edit."
+KINDS = ("world", "toy", "edit")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from weightzoo.tasks.world.config import WorldBaseSettings
+
+    world = WorldBaseSettings()
+    p = sub.add_parser("base", help=HELP, description=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--kind", choices=KINDS, default="world", help="Which base.")
+    p.add_argument("--out", required=True, help="Folder for the base (a diffusers pipeline, or the edit base's files).")
+    p.add_argument("--seed", type=int, default=world.seed, help="Seed of the initialisation and the training data.")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"Pretraining steps: world UNet + text encoder (default {world.steps}), edit (default 200); "
+                   "toy is not trained.")
+    p.add_argument("--vae-steps", type=int, default=world.vae_steps, help="world: VAE pretraining steps.")
+    p.add_argument("--pool", type=int, default=world.pool, help="world: captioned renders to learn from.")
+    p.set_defaults(func=run)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from weightzoo.errors import InputError
+
+    for flag, value in (("--steps", args.steps), ("--vae-steps", args.vae_steps), ("--seed", args.seed)):
+        if value is not None and value < 0:
+            raise InputError(f"{flag} must not be negative, got {value}")
+    if args.pool < 1:
+        raise InputError(f"--pool must be at least 1, got {args.pool}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    from weightzoo.cli.progress import Bar, terminal_progress
+    from weightzoo.tasks.bases import make_base
+
+    with terminal_progress(Bar("base", "steps", loss=True)):
+        path, info = make_base(args.kind, args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
+                               pool=args.pool)
+    print(f"{args.kind} base at {path}" + (f" ({info})" if info else ""))
+    return 0
