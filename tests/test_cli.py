@@ -83,7 +83,7 @@ def test_build_flags_come_from_the_chosen_engines_config(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         main(["build", "--engine", "edit-lora", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert f"--method {{{edit.model_fields['method'].default}}}" in out
+    assert "--method {edit-lora,edit-lora-fa}" in out and edit.model_fields["method"].default == "edit-lora"
     assert f"LoRA rank r. (default {edit.model_fields['rank'].default})" in out
     assert f"(default {edit.model_fields['learning_rate'].default})" in out
     assert (edit.model_fields["rank"].default, edit.model_fields["learning_rate"].default) == (2, 5e-3)
@@ -151,7 +151,7 @@ def test_help_version_and_typos_import_no_torch_diffusers_or_prefect(tmp_path: P
         assert (code, heavy) == (0, "-"), command
         assert out.startswith(f"usage: weightzoo {command}"), command
     code, heavy, out, _ = next(results)
-    assert (code, heavy) == (0, "-") and "--method {edit-lora}" in out
+    assert (code, heavy) == (0, "-") and "--method {edit-lora,edit-lora-fa}" in out
     for command, _, meant in typos:
         code, heavy, _, err = next(results)
         assert (code, heavy) == (2, "-") and err.endswith(f"; did you mean {meant}?"), (command, err)

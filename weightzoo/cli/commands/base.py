@@ -1,8 +1,8 @@
 """``weightzoo base``: make one of the offline base models the workloads train on, cached and seeded.
 
-``--kind world`` pretrains the tiny text-to-image base that draws the procedural world (tasks/world): the
-only identity base whose pictures mean something. ``toy`` is the random-weights SD-1.5-shaped tiny pipeline
-(mechanics, benches, the GPU check); ``edit`` the small image-to-image base of the edit workload.
+--kind world pretrains the tiny text-to-image base that draws the procedural world (tasks/world): the
+only identity base whose pictures mean something. toy is the random-weights SD-1.5-shaped tiny pipeline
+(mechanics, benches, the GPU check); edit the small image-to-image base of the edit workload.
 A folder that already holds a base made with the same settings is kept, so reruns cost nothing.
 """
 
