@@ -277,6 +277,7 @@ def test_a_killed_commands_temporary_server_is_reaped_by_the_next(
     from weightzoo.storage.procs import process_gone, process_start
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"  # Prefect's 20 s is short on a loaded 2-core box
     command = subprocess.Popen([sys.executable, "-c", EPHEMERAL], stdout=subprocess.PIPE, text=True, env=env)
     server = int(command.stdout.readline())
     started = process_start(server)
