@@ -363,6 +363,11 @@ def test_task_objective_trains_the_generator_through_the_base_and_resumes(built,
         torch.testing.assert_close(b[k], c[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match=r"different config \(objective\)"):
         train_weight_diffusion(_task_config(dataset, base, tmp_path / "resumed", steps=8))
+    # a residual generator scores retrieval + correction: its one k-nearest search feeds both
+    train_weight_diffusion(_task_config(dataset, base, tmp_path / "residual", steps=2, objective="task",
+                                        task_weight=10.0, residual_k=2))
+    lr = json.loads((tmp_path / "residual" / "losses.json").read_text())
+    assert len(lr) == 2 and all(math.isfinite(x) for x in lr) and lr[0] > 0.1
 
 
 def test_task_objective_refuses_a_base_the_rows_were_not_trained_on(built, tmp_path: Path) -> None:

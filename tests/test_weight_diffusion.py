@@ -333,9 +333,12 @@ def test_knn_weights_are_inverse_distance_an_exact_match_takes_all_and_leave_one
 def test_residual_targets_are_leave_one_out_and_unit_scale() -> None:
     keys, z = torch.tensor([[0.0], [1.0], [3.0]]), torch.randn(3, 5, dtype=torch.float32)
     expected = torch.stack([z[0] - z[1], z[1] - z[0], z[2] - z[1]])  # each row's nearest *other* row
-    targets, scale = loo_residuals(z.clone(), keys, k=1)
+    targets, scale, near = loo_residuals(z.clone(), keys, k=1)
     torch.testing.assert_close(targets * scale, expected)
     torch.testing.assert_close(targets.std(0, unbiased=False), torch.ones(5))
+    assert near is None
+    targets, scale, near = loo_residuals(z.clone(), keys, k=1, keep_retrieval=True)  # objective 'task' keeps them
+    torch.testing.assert_close(near, z - expected)
 
 
 @pytest.fixture(scope="module", params=["structured", "prompt+attributes"])

@@ -73,7 +73,7 @@ from weightzoo.tasks.diffusion.denoiser import (
 )
 from weightzoo.tasks.diffusion.objective import TaskObjective, engine_task_loss
 from weightzoo.tasks.diffusion.retrieval import FILE as RETRIEVAL_FILE
-from weightzoo.tasks.diffusion.retrieval import RetrievalIndex, interpolate, knn_weights, loo_residuals
+from weightzoo.tasks.diffusion.retrieval import RetrievalIndex, loo_residuals
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.subspace.pca import card_dataset
 
@@ -311,10 +311,9 @@ def _targets(config: WeightDiffusionConfig, data, keys: torch.Tensor,
     index ``generate`` needs and, for objective 'task', the standardised leave-one-out retrievals."""
     if not config.residual_k:
         return spec.cut(data.z), None, None
-    # objective 'task' scores whole rows: it adds each target back onto its leave-one-out retrieval
-    near = interpolate(data.z, *knn_weights(keys, keys, config.residual_k, leave_one_out=True)) \
-        if config.objective == "task" else None
-    targets, scale = loo_residuals(data.z, keys, config.residual_k)
+    # objective 'task' scores whole rows: it adds each target back onto its leave-one-out retrieval, kept
+    # (n × D float32) on the training device for the whole run
+    targets, scale, near = loo_residuals(data.z, keys, config.residual_k, keep_retrieval=config.objective == "task")
     return spec.cut(targets), RetrievalIndex(data.raw, keys, config.residual_k, scale), near
 
 

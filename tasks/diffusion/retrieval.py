@@ -62,17 +62,19 @@ def interpolate(rows: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) ->
     return out
 
 
-def loo_residuals(z: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residuals / scale, scale): each row minus its leave-one-out retrieval, divided by the residuals'
-    per-parameter std (a constant column gets 1), so the denoiser's targets are unit-scale.
+def loo_residuals(z: torch.Tensor, keys: torch.Tensor, k: int,
+                  keep_retrieval: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(residuals / scale, scale, retrievals): each row minus its leave-one-out retrieval, divided by the
+    residuals' per-parameter std (a constant column gets 1), so the denoiser's targets are unit-scale.
 
-    In place: ``z`` (n, D) becomes the scaled residuals, so the peak is two n × D copies, not three.
+    In place: ``z`` (n, D) becomes the scaled residuals, so the peak is two n × D copies, not three. The
+    retrievals themselves (n × D) are returned only with ``keep_retrieval`` (objective 'task' scores whole
+    rows), so the k-nearest search runs once either way.
     """
     near = interpolate(z, *knn_weights(keys, keys, k, leave_one_out=True))
     r = z.sub_(near)
-    del near
     scale = safe_std(r.mean(0), r.std(0, unbiased=False), rtol=1e-6)
-    return r.div_(scale), scale
+    return r.div_(scale), scale, near if keep_retrieval else None
 
 
 @dataclass(frozen=True)
