@@ -363,7 +363,7 @@ def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser,
                 start: int, losses: list[float], device: torch.device,
                 progress: Callable[[int, int, float], None] | None, task: TaskObjective | None = None) -> list[float]:
     """Steps ``start`` .. ``config.steps``; each step's batch, timesteps and noise come from ``(seed, step)``;
-    ``task`` (objective 'task') adds the predicted rows' task loss to the weight loss."""
+    ``task`` (objective 'task') adds the task loss of the batch's one-step generations to the weight loss."""
     spec, blocks, mask = prep.spec, prep.blocks.to(device), prep.spec.mask().to(device)
     states, masks, pooled = prep.states.to(device), prep.masks.to(device), prep.pooled.to(device)
     text_index = prep.text_index.to(device)
@@ -379,10 +379,14 @@ def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser,
             group["lr"] = config.learning_rate * (min(1.0, (step + 1) / warm) if warm else 1.0)
         with autocast(config.mixed_precision, device):
             c = text_index[idx]
-            pred = model(noisy(blocks[idx], t, noise) * mask, t, states[c], masks[c], pooled[c])
+            cond = (states[c], masks[c], pooled[c])
+            pred = model(noisy(blocks[idx], t, noise) * mask, t, *cond)
         loss = masked_mse(pred, blocks[idx], mask)
-        if task is not None:
-            loss = loss + task(pred, idx, step)
+        if task is not None:  # scores what one-step `generate` outputs: x0 predicted from pure noise at t = 1
+            start_noise = torch.randn(noise.shape, generator=g).to(device)  # drawn last: batch, t, noise as objective 'weights'
+            with autocast(config.mixed_precision, device):
+                first = model(start_noise * mask, torch.ones_like(t), *cond)
+            loss = loss + task(first, idx, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
