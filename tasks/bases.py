@@ -17,16 +17,17 @@ EDIT_BASE_STEPS = 200  # the edit base learns general editing features in about 
 
 
 def make_base(kind: str, out: str, seed: int = 0, steps: int | None = None, vae_steps: int | None = None,
-              pool: int | None = None) -> tuple[str, dict]:
+              pool: int | None = None, rebuild: bool = False) -> tuple[str, dict]:
     """Make (or keep) the ``kind`` base at ``out``; returns its URI and what its build recorded (may be empty).
-    ``None`` settings take the kind's defaults."""
+    ``None`` settings take the kind's defaults; ``rebuild``: pretrain the world base even where weightzoo
+    ships it (the shipped one is what that makes, on one thread)."""
     if kind == "world":
         from weightzoo.tasks.world.base import INFO_FILE, save_world_base
         from weightzoo.tasks.world.config import WorldBaseSettings
 
         given = {"steps": steps, "vae_steps": vae_steps, "pool": pool}
         settings = WorldBaseSettings(seed=seed, **{k: v for k, v in given.items() if v is not None})
-        path = save_world_base(out, settings)
+        path = save_world_base(out, settings, rebuild)
         return str(path), json.loads((path / INFO_FILE).read_text())
     if kind == "edit":
         from weightzoo.tasks.concepts.base import make_base as make_edit_base

@@ -241,3 +241,23 @@ def test_bars_are_off_before_a_commands_parser_imports_diffusers() -> None:
     for argv, shown in ((["build", "--help"], "True False"), (["-v", "build", "--help"], "False True")):
         out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=300)
         assert out.stdout.strip().splitlines()[-1] == shown, (argv, out.stderr[-2000:])
+
+
+def test_the_demo_draws_on_the_shipped_world_base_unless_told_toy(tmp_path: Path) -> None:
+    """`weightzoo demo` trains world identities with the world's fine-tune settings; --base toy keeps the
+    random-weights mechanics run with its own; --steps changes only the steps of whichever applies."""
+    from weightzoo.cli.commands.demo import pipeline_config
+    from weightzoo.flows.config import WORKLOADS, WORLD_IDENTITY
+    from weightzoo.tasks.world.base import shipped_base
+    from weightzoo.tasks.world.config import WorldBaseSettings
+
+    def config(*flags: str):
+        return pipeline_config(build_parser("demo").parse_args(["demo", "--workdir", str(tmp_path), *flags]))
+
+    world, toy, short = config(), config("--base", "toy"), config("--steps", "7")
+    assert (world.identity_base, world.finetune) == ("world", WORLD_IDENTITY)
+    assert shipped_base(WorldBaseSettings()) is not None  # so the demo's base is a copy, not a pretraining
+    assert (toy.identity_base, toy.finetune) == ("toy", WORKLOADS["identity"]["finetune"])
+    assert short.finetune == WORLD_IDENTITY.model_copy(update={"steps": 7})
+    assert config("--kind", "edit").finetune == WORKLOADS["edit"]["finetune"]
+    assert list(tmp_path.iterdir()) == []  # building the config creates nothing

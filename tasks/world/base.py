@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +43,13 @@ from weightzoo.errors import InputError
 from weightzoo.tasks.finetune.base_model import TINY_TEXT, TINY_UNET, _bytes_to_unicode
 from weightzoo.tasks.progress import report
 from weightzoo.tasks.seeds import stable_seed
-from weightzoo.tasks.world.config import WorldBaseSettings
+from weightzoo.tasks.world.config import VERSION, WorldBaseSettings
 from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, jitter, random_subject, render
 
 INFO_FILE = "world_base.json"
+# The default settings' base, as `OMP_NUM_THREADS=1 weightzoo base --kind world --rebuild` made it (its
+# world_base.json says how long that took): shipped so the demo draws in minutes, not after a pretraining.
+SHIPPED = Path(__file__).with_name("shipped")
 WORDS = ("a", "photo", "of", "subject", "on", *(v for vs in ATTRIBUTES.values() for v in vs))
 
 WORLD_UNET: dict = {**TINY_UNET, "sample_size": WORLD_RESOLUTION // 2}  # the tiny UNet, at the world's size
@@ -190,10 +195,21 @@ def build_world_base(out_dir: str | os.PathLike, seed: int = WorldBaseSettings.s
     return save_world_base(Path(out_dir) / settings.name(), settings)
 
 
-def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings) -> Path:
+def shipped_base(settings: WorldBaseSettings) -> Path | None:
+    """The base shipped with weightzoo (``SHIPPED``) if it was made with ``settings`` by this version."""
+    info = SHIPPED / INFO_FILE
+    if not info.is_file():
+        return None
+    made = json.loads(info.read_text())
+    same = made.get("version") == VERSION and all(made.get(k) == v for k, v in settings.as_dict().items())
+    return SHIPPED if same else None
+
+
+def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings, rebuild: bool = False) -> Path:
     """Pretrain the world base (VAE ``vae_steps``, UNet + text ``steps``, on ``pool`` renders) and save it as
     a diffusers pipeline at ``dest``; kept if a base of the same settings is already there, refused if
-    one of other settings is (the folder would no longer say what it holds).
+    one of other settings is (the folder would no longer say what it holds). The default settings' base
+    ships with weightzoo and is copied in seconds unless ``rebuild``.
 
     Deterministic in ``seed`` on one machine and thread count (torch's CPU kernels are). Returns ``dest``.
     """
@@ -206,6 +222,9 @@ def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings) -> Pat
         return dest
     if dest.exists() and any(dest.iterdir()):
         raise InputError(f"{dest} is a folder that holds something other than a world base; choose another folder")
+    shipped = None if rebuild else shipped_base(settings)
+    if shipped is not None:
+        return _publish(dest, lambda tmp: shutil.copytree(shipped, tmp, dirs_exist_ok=True))
     t0 = time.perf_counter()
     pipe = _modules(settings.seed)
     images, labels = _pool(settings.pool, settings.seed)
@@ -213,14 +232,23 @@ def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings) -> Pat
     t1 = time.perf_counter()
     losses = pretrain_unet(pipe, images, labels, settings.steps, settings.seed)
     info = settings.as_dict() | {
-        "threads": torch.get_num_threads(),
+        "version": VERSION, "threads": torch.get_num_threads(),
         "vae_final_mse": float(np.mean(vae_losses[-20:])) if vae_losses else None,
         "final_loss": float(np.mean(losses[-50:])) if losses else None,
         "vae_seconds": round(t1 - t0, 1), "seconds": round(time.perf_counter() - t0, 1)}
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+    return _publish(dest, write)
+
+
+def _publish(dest: Path, write: Callable[[Path], object]) -> Path:
+    """``write`` the base into a temporary folder beside ``dest``, then rename it to ``dest`` (empty or absent):
+    a crash leaves no half base under the name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".building-"))
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+    write(tmp)
     if dest.exists():
         dest.rmdir()  # empty (checked above): os.replace needs the name free
     os.replace(tmp, dest)

@@ -12,7 +12,7 @@ class WorldBaseSettings:
     """Everything a world base is made from: the same settings give the same files (one machine, one thread count)."""
 
     seed: int = 0
-    steps: int = 1200  # UNet + text encoder steps
+    steps: int = 4000  # UNet + text encoder steps
     vae_steps: int = 1200
     pool: int = 2048  # captioned renders the base learns from
 

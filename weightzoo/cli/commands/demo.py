@@ -5,20 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "Run the whole pipeline on a tiny offline base, one LoRA per subject (~1-2 min on 2 CPU cores; --base world draws)."
+HELP = "Run the whole pipeline on a tiny offline base that draws, one LoRA per subject (a few minutes on 2 CPU cores)."
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help=HELP,
-        description="Builds DIR/base (a tiny SD-style pipeline; --base world: pretrained to draw the world), "
+        description="Builds DIR/base (the world base weightzoo ships, pretrained to draw a procedural world; "
+        "--base toy: the random-weights tiny SD-style pipeline), "
         "DIR/manifest.jsonl + DIR/images/ (subjects), fine-tunes one LoRA per subject into DIR/dataset, writes "
         "DIR/previews/<id>.png (world base), "
         "fits DIR/subspace and trains DIR/wdiff. "
         "Rerunning resumes: committed subjects are not trained again.",
     )
     from weightzoo.flows.config import WORKLOADS
+    from weightzoo.tasks.world.config import WORLD_FINETUNE
 
     identity, edit = WORKLOADS["identity"], WORKLOADS["edit"]
     p.add_argument("--workdir", default="work/demo", help="Work folder.")
@@ -28,13 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects", type=int, default=None,
                    help=f"Synthetic subjects (identity; default {identity['items']}) or editing concepts "
                    f"(edit; default {edit['items']}), one LoRA each.")
-    p.add_argument("--base", choices=("world", "toy"), default="toy", dest="identity_base",
-                   help="identity: 'world' pretrains a tiny base that draws a procedural world of subjects, so each "
+    p.add_argument("--base", choices=("world", "toy"), default="world", dest="identity_base",
+                   help="identity: 'world' is a tiny base that draws a procedural world of subjects, so each "
                    "row's LoRA visibly draws its subject (DIR/previews/*.png); 'toy' is the random-weights "
                    "SD-1.5-shaped pipeline (mechanics only: its pictures are noise).")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"Fine-tune steps per LoRA (default {identity['finetune'].steps} for identity, "
-                   f"{edit['finetune'].steps} for edit: the tiny bases learn fast).")
+                   help=f"Fine-tune steps per LoRA (default {WORLD_FINETUNE['steps']} on the world base, "
+                   f"{identity['finetune'].steps} on the toy one, {edit['finetune'].steps} for edit: the tiny bases "
+                   "learn fast).")
     p.set_defaults(func=run)
 
 
