@@ -4,7 +4,7 @@ base model → manifest → ``build_dataset`` → previews (world base) → ``fi
 ``train_weight_diffusion``.
 The workload (``PipelineConfig.workload``) picks the base, the manifest, the fine-tune engine and the
 generator's condition (flows/config.py ``WORKLOADS``); the stages and their order are the same.
-``weightzoo demo`` runs it on the embedded default (the tiny base, or ``--base world``; local disk, ephemeral API);
+``weightzoo demo`` runs it on the embedded default (the shipped world base, or ``--base toy``; local disk, ephemeral API);
 ``weightzoo demo --kind edit`` runs the image-editing concepts (docs/CONCEPTS.md).
 """
 
