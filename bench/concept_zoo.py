@@ -14,9 +14,10 @@ Builds (or reuses, in --work) an edit base, ``--train`` training concepts as a d
 
 ``--seed`` draws another held-out set (0 is the documented one): the training concepts and their banned
 compositions stay those of seed 0, so the base, dataset and generator folders are reused; the draw is
-checked disjoint from the training concepts. ``--residual-k`` trains the residual generator,
-``--method`` is the dataset's ``EditFinetuneConfig.method``; each configuration writes its own
-``results-<config>.json``.
+checked disjoint from the training concepts. The generator defaults to the edit workload's (flows/config.py):
+residual on ``--residual-k`` 4 nearest rows, ``--objective task`` (``--residual-k 0 --objective weights`` is
+the plain generator of the first tables); ``--method`` is the dataset's ``EditFinetuneConfig.method``; each
+configuration writes its own ``results-<config>.json``.
 
 Steps to target = first evaluation (every ``--eval-every`` steps) whose held-out PSNR reaches the target;
 time to target = steps x seconds per step of one concept trained alone (measured here for LoRA and full
@@ -177,9 +178,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--diffusion-width", type=int, default=128)
     p.add_argument("--diffusion-depth", type=int, default=3)
     p.add_argument("--diffusion-lr", type=float, default=1e-3)
-    p.add_argument("--residual-k", type=int, default=0, help="generator: retrieval of k rows + correction (0: plain)")
+    p.add_argument("--residual-k", type=int, default=4, help="generator: retrieval of k rows + correction (0: plain)")
     p.add_argument("--knn", type=int, default=4, help="(g): rows interpolated (the generator's retrieval rule)")
-    p.add_argument("--objective", choices=("weights", "task"), default="weights",
+    p.add_argument("--objective", choices=("weights", "task"), default="task",
                    help="generator objective: stored rows only, or also the edit loss through the frozen base")
     p.add_argument("--task-weight", type=float, default=WeightDiffusionConfig.model_fields["task_weight"].default,
                    help="weight of the task loss next to the weight loss (--objective task)")

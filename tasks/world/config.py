@@ -24,10 +24,12 @@ class WorldBaseSettings:
         return asdict(self)
 
 
-# DreamBooth-LoRA settings that teach a world identity in seconds on a CPU (w2w's rank 1, to_q/to_v): a higher
-# learning rate and fewer steps than SD 1.5's 1e-4 x 800, for a base 1000x smaller (6e-3 read back better
-# than 2e-3 at 150 or 400 steps on four identities). 20 DPM-Solver steps at guidance 4 draw flat shapes.
+# DreamBooth-LoRA settings that teach a world identity in seconds on a CPU (w2w's rank 1, alpha 27, to_q/to_v):
+# a higher learning rate and fewer steps than SD 1.5's 1e-4 x 800, for a base 1000x smaller. On the
+# 4,000-step base, 8 validation identities (seed 1, not the bench's) read back 0.75 of their attributes at
+# 1e-3 x 300 steps, against 0.61 at 6e-3 x 150 (the 1,200-step base's choice), 0.59 at 2e-3 x 150 and 0.59 at
+# 6e-3 x 150 with 4 images a step (docs/BENCHMARKS.md "Identity world"). 20 DPM-Solver steps at guidance 4.
 SAMPLE_STEPS = 20
 GUIDANCE = 4.0
-WORLD_FINETUNE: dict = {"steps": 150, "learning_rate": 6e-3, "resolution": 32, "num_class_images": 32,
+WORLD_FINETUNE: dict = {"steps": 300, "learning_rate": 1e-3, "resolution": 32, "num_class_images": 32,
                         "class_inference_steps": SAMPLE_STEPS, "class_guidance_scale": GUIDANCE}
