@@ -47,8 +47,9 @@ from weightzoo.tasks.world.config import VERSION, WorldBaseSettings
 from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, jitter, random_subject, render
 
 INFO_FILE = "world_base.json"
-# The default settings' base, as `OMP_NUM_THREADS=1 weightzoo base --kind world --rebuild` made it (its
-# world_base.json says how long that took): shipped so the demo draws in minutes, not after a pretraining.
+# The default settings' base, made by this module on one thread (the code path of `OMP_NUM_THREADS=1 weightzoo
+# base --kind world --rebuild`; its world_base.json says how long it took): shipped so the demo draws in
+# minutes, not after a ~20-minute pretraining.
 SHIPPED = Path(__file__).with_name("shipped")
 WORDS = ("a", "photo", "of", "subject", "on", *(v for vs in ATTRIBUTES.values() for v in vs))
 
