@@ -148,8 +148,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "engine": "edit-lora", "items": 48, "batch_size": 16,
         "finetune": EditFinetuneConfig(steps=60, learning_rate=1e-2),
         "fit_subspace": False,  # the edit workload trains its generator on the rows directly: no PCA stage
-        # residual on the 4 nearest rows, trained through the base: of the configurations the concept-zoo bench
-        # measured, its starts lead at step 0 and beat the most baselines (docs/BENCHMARKS.md "Concept zoo").
+        # residual on the 4 nearest rows, trained through the base: of the generators the concept-zoo bench
+        # measured, its starts beat the most baselines (docs/BENCHMARKS.md "Concept zoo"; none beats k-nearest).
         "generator": {"condition": "structured", "holdout_fraction": 0.1, "block_size": 256, "width": 64, "depth": 2,
                       "learning_rate": 3e-3, "residual_k": 4, "objective": "task"},
     },
