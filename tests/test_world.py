@@ -162,6 +162,10 @@ def test_base_command_makes_each_kind_once_and_refuses_other_settings(tmp_path: 
     assert "holds a world base made with" in capsys.readouterr().err
     assert main(["base", "--out", str(tmp_path / "x"), "--pool", "0"]) == 2
     assert capsys.readouterr().err == "weightzoo base: error: --pool must be at least 1, got 0\n"
+    (tmp_path / "f").write_text("not a base")  # an --out that is a file: one line, nothing written
+    assert main(["base", "--out", str(tmp_path / "f")]) == 2
+    assert "is a file or a folder that holds something other than a world base" in capsys.readouterr().err
+    (tmp_path / "f").unlink()
     assert main(["base", "--kind", "toy", "--out", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model_index.json").exists() and not (tmp_path / "t" / INFO_FILE).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "w"]

@@ -221,8 +221,9 @@ def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings, rebuil
             raise InputError(f"{dest} holds a world base made with {made}, not {settings.as_dict()}; "
                              "choose another folder")
         return dest
-    if dest.exists() and any(dest.iterdir()):
-        raise InputError(f"{dest} is a folder that holds something other than a world base; choose another folder")
+    if dest.is_file() or (dest.exists() and any(dest.iterdir())):
+        raise InputError(f"{dest} is a file or a folder that holds something other than a world base; "
+                         "choose another folder")
     shipped = None if rebuild else shipped_base(settings)
     if shipped is not None:
         return _publish(dest, lambda tmp: shutil.copytree(shipped, tmp, dirs_exist_ok=True))
