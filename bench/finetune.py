@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from weightzoo.tasks.finetune.base_model import SD15_UNET, SD15_VAE
 from weightzoo.tasks.finetune.row import ManifestRow
+from weightzoo.tasks.identity.base_model import SD15_UNET, SD15_VAE
 
 
 def save_sd15_shaped(out: Path) -> Path:
@@ -41,7 +41,7 @@ def save_sd15_shaped(out: Path) -> Path:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from weightzoo.tasks.finetune.base_model import build_tiny_pipeline
+    from weightzoo.tasks.identity.base_model import build_tiny_pipeline
 
     tiny = build_tiny_pipeline()  # for its scheduler and offline byte-level tokenizer
     text = CLIPTextModel(CLIPTextConfig(
@@ -66,9 +66,9 @@ def baseline_worker(spec: dict) -> None:
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.class_images import preprocess
     from weightzoo.tasks.finetune.images import load_image
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.class_images import preprocess
 
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -145,9 +145,9 @@ def run_weightzoo(
     n_class: int,
 ) -> tuple[float, float, object]:
     """Wall and CPU seconds to load the base once and fine-tune every row in packs of ``pack``."""
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import finetune_batch
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     cfg = FinetuneConfig(steps=args.steps, learning_rate=args.lr, pack=pack, resolution=res,
                          num_class_images=n_class, class_inference_steps=args.class_steps)
@@ -188,11 +188,11 @@ def main() -> None:
 
 def _bench(args: argparse.Namespace, work: Path) -> None:
     """Everything after option parsing, in a scratch folder the caller removes."""
-    from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
-    from weightzoo.tasks.finetune.class_images import generate_class_images
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import default_resolution, finetune_batch
-    from weightzoo.tasks.finetune.synthetic import make_subjects
+    from weightzoo.tasks.identity.base_model import load_base, save_tiny_pipeline
+    from weightzoo.tasks.identity.class_images import generate_class_images
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.engine import default_resolution, finetune_batch
+    from weightzoo.tasks.identity.synthetic import make_subjects
 
     base = str(save_tiny_pipeline(work / "base") if args.unet == "tiny" else save_sd15_shaped(work / "base"))
     pipe = load_base(base, device=args.device)

@@ -13,7 +13,9 @@ Rows (``| check | value | unit | note |``):
 - each registered recipe's seconds per step for a pack of K;
 - the PCA subspace (``tasks/subspace/pca.py``) fitted on synthetic rows of weights2weights' width
   (99,648 values: SD 1.5, rank 1, to_q/to_v) on the GPU, seconds for the whole fit (q + 2 passes);
-- weight-diffusion training (``tasks/diffusion/generator.py``) steps per second on those rows.
+- weight-diffusion training (``tasks/diffusion/generator.py``) steps per second on those rows;
+- SDXL and Flux (``bench/families.py``): the denoiser at its real architecture size (random weights, bf16),
+  rows/s packed against sequential, their weight gap and peak memory.
 
 The SD 1.5-architecture model is built from ``SD15_UNET`` with random weights (``bench/finetune.py``'s
 ``save_sd15_shaped``): no download. Figures with random weights time the same kernels as real ones.
@@ -76,7 +78,7 @@ def _sync(device: str) -> None:
 
 
 def _config(sizes: Sizes, **update):
-    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
     fields = {"steps": sizes.steps, "pack": sizes.pack, "resolution": sizes.resolution, "num_class_images": 4,
               "class_inference_steps": 2, "weights_dtype": "float32", "check_every": max(1, sizes.steps // 2),
@@ -86,9 +88,9 @@ def _config(sizes: Sizes, **update):
 
 def prepare(sizes: Sizes, work: Path) -> tuple[str, list, str, str]:
     """The base (saved), the synthetic identities, and the class latents cached once outside every timing."""
-    from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
-    from weightzoo.tasks.finetune.engine import finetune_batch
-    from weightzoo.tasks.finetune.synthetic import make_subjects
+    from weightzoo.tasks.identity.base_model import load_base, save_tiny_pipeline
+    from weightzoo.tasks.identity.engine import finetune_batch
+    from weightzoo.tasks.identity.synthetic import make_subjects
 
     base = str(save_tiny_pipeline(work / "base") if sizes.model == "tiny"
                else _load_bench("finetune").save_sd15_shaped(work / "base"))
@@ -102,10 +104,10 @@ def prepare(sizes: Sizes, work: Path) -> tuple[str, list, str, str]:
 
 def worker(spec: dict) -> None:
     """One identity in a fresh process: load the base, train, print nothing but the final loss."""
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.row import ManifestRow
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     pipe = load_base(spec["base"], device=spec["device"])
     out = finetune_batch(pipe, [ManifestRow(**spec["row"])], FinetuneConfig(**spec["config"]),
@@ -115,8 +117,8 @@ def worker(spec: dict) -> None:
 
 def training_rows(sizes: Sizes, base: str, rows: list, root: str, cache: str) -> list[tuple[str, str, str, str]]:
     """models/hour three ways, and packed-vs-sequential agreement in the device's precision."""
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.engine import finetune_batch
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     out, weights = [], {}
     pipe = load_base(base, device=sizes.device)
@@ -155,9 +157,9 @@ def _per_process(sizes: Sizes, base: str, rows: list, root: str, cache: str) -> 
 
 def recipe_rows(sizes: Sizes, base: str, rows: list, root: str, cache: str) -> list[tuple[str, str, str, str]]:
     """Seconds per training step of a pack of K, for every registered recipe (after a 1-step warm-up)."""
-    from weightzoo.tasks.finetune import recipes
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.engine import finetune_batch
+    from weightzoo.tasks.identity import recipes
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     pipe = load_base(base, device=sizes.device)
     out = []
@@ -202,6 +204,21 @@ def subspace_rows(sizes: Sizes, base: str, work: Path) -> list[tuple[str, str, s
     return out
 
 
+def family_rows(sizes: Sizes, work: Path) -> list[tuple[str, str, str, str]]:
+    """SDXL and Flux (bench/families.py): the denoiser at its real architecture size on a GPU (the tiny
+    bases with --tiny), rows/s packed against sequential, their weight gap and peak memory."""
+    families = _load_bench("families")
+    size = "tiny" if sizes.model == "tiny" else "real"
+    out = []
+    for family in ("sdxl", "flux"):
+        r = families.measure(family, size, sizes.device, sizes.items, sizes.steps, sizes.pack, work / "families", repeats=1)
+        peak = f"; peak {r[f'peak_gib_{sizes.pack}']:.1f} / {r['peak_gib_1']:.1f} GiB" if "peak_gib_1" in r else ""
+        out.append((f"{family}: rows/s packed / sequential", f"{r['ratio']:.2f}", "x",
+                    f"{r[f'rows_s_{sizes.pack}']:.3f} vs {r['rows_s_1']:.3f} rows/s, {size} size, pack={sizes.pack}, "
+                    f"max rel. gap {r['max_rel_gap']:.1e}, {r['ok']}/{sizes.items} ok{peak}"))
+    return out
+
+
 def main() -> None:
     """Parse options, run every check once, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,7 +241,7 @@ def main() -> None:
     try:
         base, rows, root, cache = prepare(sizes, work)
         table = training_rows(sizes, base, rows, root, cache) + recipe_rows(sizes, base, rows, root, cache)
-        table += subspace_rows(sizes, base, work)
+        table += subspace_rows(sizes, base, work) + family_rows(sizes, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # an SD 1.5-shaped base is ~4 GB
     device = torch.cuda.get_device_name() if sizes.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"

@@ -1,7 +1,7 @@
 """Identity rows in one chart: weights2weights' captured variance of held-out rows, ``lora`` against ``lora_fa``.
 
 The same ``--n`` training identities and ``--heldout`` held-out ones (synthetic subjects drawn by
-``tasks/finetune/synthetic.py``, DreamBooth-LoRA rows on the tiny Stable-Diffusion-style base the tests
+``tasks/identity/synthetic.py``, DreamBooth-LoRA rows on the tiny Stable-Diffusion-style base the tests
 build) are trained once per recipe in ``--methods`` through ``run_batch`` (the build path): ``lora`` trains
 A and B from the shared Gaussian A; ``lora_fa`` freezes A to one seeded orthogonal basis per layer shared by
 every row (the layout rebuilds it) and stores B only. A PCA subspace (tasks/subspace) is fitted on each
@@ -27,11 +27,11 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from weightzoo.storage.dataset import Dataset
-from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
 from weightzoo.tasks.finetune.batch import plan_batches, run_batch
-from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.readers import read_manifest
-from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+from weightzoo.tasks.identity.base_model import save_tiny_pipeline
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.synthetic import write_demo_manifest
 from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
 
 

@@ -6,13 +6,17 @@ subspace on the training rows, and measures with the pixel reader (tasks/world/r
 
 - sample: share of models sampled from the subspace whose pictures hold a readable subject, and how far each
   is from its nearest training row (weight space) against training rows' own nearest-neighbour distance;
-- edit: for each attribute, ``--edit-ids`` training identities moved towards another label along the w2w
-  direction found from the rows' labels (others projected out) by ``--strength`` std: share of pictures that
-  read the new label, and share of the other attributes kept; the same for a random unit direction;
+- edit: for each attribute, ``--edit-ids`` training identities moved towards another label along the direction
+  ``weightzoo edit`` takes (the cross-validated ridge probe, every other attribute projected out), at each of
+  ``--strengths`` std: share of pictures that read the new label, and share of the other attributes kept; the
+  same for a random unit direction (``--plot`` draws the trade-off);
 - invert: from one image of each held-out identity, the inverted model's reader agreement with its labels,
   against the training identity whose first image is nearest in pixels, and against the mean model;
 - projection: share of each held-out row's standardised norm² the subspace captures at k = 8, 32, 128.
 
+``--json FILE`` writes the claims (``sample_valid``, ``edit_accuracy``, ``edit_random_accuracy``,
+``edit_preservation``, ``edit_random_preservation``, ``invert``, ``invert_nearest``, ``invert_mean``,
+``ceiling``, at ``--strength``) as one object, so any seed is checked the same way.
 Base, dataset and subspace live in folders named by their settings, so reruns reuse them.
 Run: ``.venv/bin/python bench/identity_world.py --identities 16`` (tiny) or the defaults (256 identities).
 """
@@ -20,6 +24,7 @@ Run: ``.venv/bin/python bench/identity_world.py --identities 16`` (tiny) or the 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import time
 from pathlib import Path
@@ -29,10 +34,10 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from weightzoo.storage.dataset import Dataset
-from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.batch import plan_batches, run_batch
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.readers import read_manifest
+from weightzoo.tasks.identity.base_model import load_base
 from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     attribute_directions,
@@ -95,23 +100,22 @@ def bench_sample(sub, pipe, hparams, args) -> dict[str, float]:
 
 
 def _direction(sub, attr: str, current: str) -> tuple[str, torch.Tensor]:
-    """The next label after ``current`` that the rows carry, and w2w's direction to it with the other
-    attributes projected out (not projected when the subspace is too small to keep it: tiny runs)."""
+    """The next label after ``current`` that the rows carry, and the direction ``weightzoo edit`` takes to it
+    (the cross-validated probe, every other attribute projected out: tasks/subspace/probes.py)."""
     present = sorted(attribute_directions(sub, attr))
     values = [v for v in ATTRIBUTES[attr] if v in present]
     target = values[(values.index(current) + 1) % len(values)]
-    try:
-        return target, edit_direction(sub, attr, target, disentangle=[a for a in ATTRIBUTES if a != attr])
-    except ValueError:
-        return target, edit_direction(sub, attr, target)
+    return target, edit_direction(sub, attr, target)
 
 
 def bench_edit(sub, pipe, hparams, args) -> dict[str, float]:
+    """Edit accuracy and preservation at each of ``args.strengths`` (the w2w direction and a random one), and
+    the ceiling: how well the identities' own models draw their labels."""
     ds = Dataset(sub.dataset)
     ids = ds.ids[: args.edit_ids]
     g = torch.Generator().manual_seed(args.seed)
-    out: dict[str, list[float]] = {"unedited": [], "w2w_acc": [], "w2w_keep": [], "random_acc": [], "random_keep": []}
-    for item in ids:  # the ceiling: how well the identities' own models draw their labels
+    out: dict[str, list[float]] = {"unedited": []}
+    for item in ids:
         meta, w = ds.row(item)
         out["unedited"] += [agreement(g_, dict(meta["attributes"]))
                             for g_ in reads(pipe, w, sub.layout, hparams, args.pictures, args.seed)]
@@ -121,11 +125,33 @@ def bench_edit(sub, pipe, hparams, args) -> dict[str, float]:
             labels = dict(meta["attributes"])
             target, d = _direction(sub, attr, labels[attr])
             r = torch.randn(sub.k, generator=g)
-            for name, direction in (("w2w", d), ("random", r / r.norm())):
-                got = reads(pipe, edit(sub, w, direction, args.strength), sub.layout, hparams, args.pictures, args.seed)
-                out[f"{name}_acc"] += [g_[attr] == target for g_ in got]
-                out[f"{name}_keep"] += [agreement(g_, {a: v for a, v in labels.items() if a != attr}) for g_ in got]
+            for strength in args.strengths:
+                for name, direction in (("w2w", d), ("random", r / r.norm())):
+                    got = reads(pipe, edit(sub, w, direction, strength), sub.layout, hparams, args.pictures, args.seed)
+                    out.setdefault(f"{name}_acc@{strength:g}", []).extend(g_[attr] == target for g_ in got)
+                    out.setdefault(f"{name}_keep@{strength:g}", []).extend(
+                        agreement(g_, {a: v for a, v in labels.items() if a != attr}) for g_ in got)
     return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def strength_plot(edit: dict[str, float], strengths: list[float], path: str) -> None:
+    """Edit accuracy and preservation against strength, w2w against random: users tune strength on it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, style in (("w2w", "-"), ("random", ":")):
+        ax.plot(strengths, [edit[f"{name}_acc@{s:g}"] for s in strengths], "o" + style, color="C0", label=f"{name} accuracy")
+        ax.plot(strengths, [edit[f"{name}_keep@{s:g}"] for s in strengths], "s" + style, color="C1",
+                label=f"{name} preservation")
+    ax.set_xlabel("edit strength (dataset std along the direction)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def bench_invert(sub, pipe, hparams, args, heldout: list, manifest_dir: str) -> dict[str, float]:
@@ -170,11 +196,17 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")
     p.add_argument("--edit-ids", type=int, default=8, help="training identities edited per attribute")
-    p.add_argument("--strength", type=float, default=3.0, help="edit strength in dataset std along the direction")
+    p.add_argument("--strength", type=float, default=3.0,
+                   help="edit strength in dataset std along the direction, reported in --json")
+    p.add_argument("--strengths", type=float, nargs="+", default=None,
+                   help="strengths measured for the trade-off (default: 1 2 3 4 6, and --strength)")
+    p.add_argument("--json", help="write the claims as one JSON object to this file")
+    p.add_argument("--plot", help="write the accuracy/preservation-against-strength plot (PNG) to this file")
     p.add_argument("--invert-steps", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     args.heldout = args.heldout or max(2, args.identities // 16)
+    args.strengths = sorted(set(args.strengths or [1.0, 2.0, 3.0, 4.0, 6.0]) | {args.strength})
     torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" line per loaded model otherwise
     random.seed(args.seed)
@@ -193,6 +225,18 @@ def main() -> None:
           f"{time.perf_counter() - t0:.0f} s")
     for claim, figures in table.items():
         print(f"{claim:11s} " + "  ".join(f"{name}={value:.3f}" for name, value in figures.items()))
+    e, st = table["edit"], f"{args.strength:g}"
+    claims = {"sample_valid": table["sample"]["valid"], "edit_accuracy": e[f"w2w_acc@{st}"],
+              "edit_random_accuracy": e[f"random_acc@{st}"], "edit_preservation": e[f"w2w_keep@{st}"],
+              "edit_random_preservation": e[f"random_keep@{st}"], "invert": table["invert"]["inverted"],
+              "invert_nearest": table["invert"]["nearest"], "invert_mean": table["invert"]["mean"],
+              "ceiling": e["unedited"], "strength": args.strength, "seed": args.seed, "identities": args.identities,
+              "by_strength": {f"{s:g}": {k: e[f"{k}@{s:g}"] for k in ("w2w_acc", "w2w_keep", "random_acc", "random_keep")}
+                              for s in args.strengths}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(claims, indent=2) + "\n")
+    if args.plot:
+        strength_plot(e, args.strengths, args.plot)
 
 
 if __name__ == "__main__":

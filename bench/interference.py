@@ -82,8 +82,8 @@ def mean_kept(report: Sequence[Mapping[str, float | str]]) -> float:
 
 def concept_inputs(pipe, rows: Sequence, base_uri: str | None, resolution: int) -> tuple[dict, dict]:
     """Each concept's image latents and prompt states, as the engine encodes them."""
-    from weightzoo.tasks.finetune.engine import encode_prompt, instance_latents
     from weightzoo.tasks.finetune.images import load_images
+    from weightzoo.tasks.identity.engine import encode_prompt, instance_latents
 
     latents = {r.id: instance_latents(pipe, r, load_images(r, base_uri), resolution) for r in rows}
     return latents, {r.id: encode_prompt(pipe, r.prompt) for r in rows}
@@ -92,8 +92,8 @@ def concept_inputs(pipe, rows: Sequence, base_uri: str | None, resolution: int) 
 def train_and_merge(pipe, rows: Sequence, config, base_uri: str | None, cache_dir: str | None,
                     draws: int = 16) -> list[dict[str, float | str]]:
     """Train ``rows`` independently with ``config`` (one batch), merge them all, and report per concept."""
-    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.export import lora_state_dict, merged_state_dict
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     result = finetune_batch(pipe, list(rows), config, base_uri=base_uri, cache_dir=cache_dir)
     bad = [r.id for r in result.results if not r.ok]

@@ -25,9 +25,9 @@ def main() -> None:
     """Train the concepts with each method, merge, print one table row per method."""
     from interference import mean_kept, train_and_merge  # beside this script
 
-    from weightzoo.tasks.finetune.base_model import build_tiny_pipeline
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import make_subjects
+    from weightzoo.tasks.identity.base_model import build_tiny_pipeline
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.synthetic import make_subjects
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concepts", type=int, default=4, choices=range(2, len(TOKENS) + 1), metavar="N")

@@ -48,11 +48,11 @@ API_ERRORS = re.compile(r"database is locked|TimeoutError|timed out|ReadTimeout|
 
 def measure_step_seconds(base: str, manifest: str, steps: int) -> float:
     """Seconds per optimiser step of the real engine on the tiny model, one item, class latents cached."""
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.readers import read_manifest
     from weightzoo.tasks.finetune.row import manifest_folder
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     pipe = load_base(base)
     row = read_manifest(manifest)[:1]
@@ -78,7 +78,7 @@ def run_build(args: argparse.Namespace, items: int, work: Path, base: str) -> di
     from weightzoo.flows.build_dataset import BuildIncomplete, build_dataset
     from weightzoo.flows.config import BuildConfig
     from weightzoo.tasks.finetune.manifest import load_and_validate
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     manifest = write_demo_manifest(str(work / f"m{items}"), items, images_per_subject=1, size=32)
     t0 = time.perf_counter()
@@ -209,9 +209,9 @@ def main() -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: telemetry only errors
     if args.executor == "local" or args.backend:  # a private home: ~/.prefect's SQLite file may be busy
         os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="wz-bench-prefect-")
-    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
-    from weightzoo.tasks.finetune.config import DEFAULT_BATCH_SIZE
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.finetune.contract import DEFAULT_BATCH_SIZE
+    from weightzoo.tasks.identity.base_model import save_tiny_pipeline
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wz-bench-"))

@@ -85,7 +85,7 @@ def build_dataset(args: argparse.Namespace, pipe, rows, cfg, dataset: str, base_
     from weightzoo.storage.ledger import Ledger
     from weightzoo.storage.shards import RowMeta
     from weightzoo.storage.writer import commit_batch
-    from weightzoo.tasks.finetune.engine import finetune_batch
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     ledger = Ledger(dataset)
     hist_path = Path(dataset) / "histories.json"
@@ -120,10 +120,10 @@ def pretrain_base(args: argparse.Namespace, random_base: Path, out: Path) -> Non
     from diffusers import DDPMScheduler
     from PIL import Image
 
-    from weightzoo.tasks.finetune.base_model import load_base
-    from weightzoo.tasks.finetune.class_images import encode_images
-    from weightzoo.tasks.finetune.engine import encode_prompt
-    from weightzoo.tasks.finetune.synthetic import make_subjects
+    from weightzoo.tasks.identity.base_model import load_base
+    from weightzoo.tasks.identity.class_images import encode_images
+    from weightzoo.tasks.identity.engine import encode_prompt
+    from weightzoo.tasks.identity.synthetic import make_subjects
 
     pipe = load_base(str(random_base))
     folder = out.parent / f"{out.name}-images"
@@ -158,7 +158,7 @@ def pretrain_base(args: argparse.Namespace, random_base: Path, out: Path) -> Non
 
 def attribute_structure(ds, rows) -> dict[str, tuple[float, float]]:
     """Per attribute: mean pairwise cosine of rows' deviations from the mean, same label vs different label."""
-    from weightzoo.tasks.finetune.synthetic import ATTRIBUTES
+    from weightzoo.tasks.identity.synthetic import ATTRIBUTES
 
     ids = [r.id for r in rows]
     w = torch.stack([ds.layout.as_tensor(ds.row(i)[1]).double() for i in ids])
@@ -177,8 +177,8 @@ def attribute_structure(ds, rows) -> dict[str, tuple[float, float]]:
 
 def init_vector(pipe, cfg, layout, row_id: str) -> torch.Tensor:
     """The standard LoRA init of a row (the engine's A init, B = 0), flattened with ``layout``."""
-    from weightzoo.tasks.finetune.engine import METHODS
     from weightzoo.tasks.finetune.packed_lora import find_targets
+    from weightzoo.tasks.identity.engine import METHODS
 
     sd = {}
     for name in find_targets(pipe.unet, cfg.target_modules):
@@ -190,8 +190,8 @@ def init_vector(pipe, cfg, layout, row_id: str) -> torch.Tensor:
 
 def finetune_from(pipe, row, cfg, layout, hparams: dict, start: torch.Tensor, base_uri: str):
     """Fine-tune ``row`` starting at weights ``start`` (see the module docstring for the fallback)."""
-    from weightzoo.tasks.finetune.engine import finetune_batch
     from weightzoo.tasks.finetune.export import lora_state_dict
+    from weightzoo.tasks.identity.engine import finetune_batch
 
     if "init_weights" in inspect.signature(finetune_batch).parameters:
         return finetune_batch(pipe, [row], cfg, base_uri=base_uri, init_weights={row.id: layout.as_tensor(start)}).results[0]
@@ -223,9 +223,9 @@ def main() -> None:
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
     from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
-    from weightzoo.tasks.finetune.base_model import load_base, save_tiny_pipeline
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import make_subjects
+    from weightzoo.tasks.identity.base_model import load_base, save_tiny_pipeline
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.synthetic import make_subjects
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

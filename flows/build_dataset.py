@@ -1,4 +1,10 @@
-"""``build_dataset``: the parent flow. Validate the manifest, plan what is not committed, fan out, report.
+"""``build_dataset``: the parent flow. Check the inputs, validate the manifest, record the config, plan what
+is not committed, fan out, report.
+
+Its first steps (``build_checks.py``) are the same whoever starts it, the CLI, ``weightzoo.build`` or the
+build-dataset deployment: paths, base and manifest are checked, then every row, and only then is
+``<dataset>/_builds/<time>.json`` written; a refusal ends the run Failed within seconds, its one-line
+reason as the state message.
 
 Resume is not a Prefect feature here: the ledger is. A rerun on the same dataset plans only the ids
 that are not committed (and, with ``retry_failed``, those whose last attempt failed), so any crash,
@@ -22,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
+from weightzoo.flows.build_checks import check_build, record_config
 from weightzoo.flows.common import artifact_key
 from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch
@@ -316,13 +323,15 @@ def publish_summary(summary: dict[str, Any]) -> None:
 
 @flow(name="build-dataset", flow_run_name="build-{config.batch_size}-per-batch", log_prints=False)
 def build_dataset(config: BuildConfig) -> dict[str, Any]:
-    """Validate the manifest, train every id not yet committed in batches, report the ledger's counts;
-    Failed (``BuildIncomplete``) unless every id is committed."""
+    """Check the inputs and every manifest row, record the config, train every id not yet committed in
+    batches, report the ledger's counts; Failed (``BuildIncomplete``) unless every id is committed."""
     logger = get_run_logger()
+    check_build(config)  # paths, engine, base (index files), manifest parses: one line, nothing loaded or made
     ids = validate(config)
     probe(config.dataset)  # an unreachable store, refused credentials, no bucket: one line, before any batch
     ledger = Ledger(config.dataset)
     check_recipe(config, ledger)
+    logger.info("config recorded at %s", redact(record_config(config)))  # only once everything above passed
     batches = plan(config, ledger, ids)
     logger.info("%d ids, %d to train in %d batches of <= %d (%s executor)", len(ids),
                 sum(len(b.ids) for b in batches), len(batches), config.batch_size, config.executor)

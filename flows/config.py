@@ -8,8 +8,11 @@ algorithm saves its own config beside its output, imported here from it (``Weigh
 Free of torch and Prefect (the models come from the tasks' torch-free ``config`` modules): the CLI
 builds its flags from these models, and ``--help`` answers without loading either.
 
-Frozen and JSON-serialisable, so the same config runs in-process or is sent to a GPU worker by
-``run_deployment``. URIs only: credentials come from the worker's environment (AWS_* variables),
+A build's ``finetune`` is the named engine's own config model (``engines.get(engine).config``, a plugin's
+too), never a closed union of the built-in ones: the form takes it as a table of that model's fields.
+
+Frozen and JSON-serialisable (``Model(**m.model_dump(mode="json")) == m``), so the same config runs
+in-process or is sent to a GPU worker by ``run_deployment``. URIs only: credentials come from the worker's environment (AWS_* variables),
 never from parameters, which Prefect stores and shows.
 """
 
@@ -17,27 +20,57 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from weightzoo.tasks.concepts.config import EditFinetuneConfig
 from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.config import DEFAULT_BATCH_SIZE, LEASE_TTL_S, FinetuneConfig
+from weightzoo.tasks.finetune.contract import DEFAULT_BATCH_SIZE, LEASE_TTL_S, TrainingConfig
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.families import FAMILIES
 from weightzoo.tasks.subspace.config import SubspaceConfig
 from weightzoo.tasks.world.config import WORLD_FINETUNE
-
-# The fine-tune settings of any built-in engine, told apart by their ``method`` (the UI renders one form each).
-AnyFinetuneConfig = Annotated[FinetuneConfig | EditFinetuneConfig, Field(discriminator="method")]
 
 # "<flow name>/<deployment name>" as created by deployments/prefect.yaml.
 DEFAULT_DEPLOYMENT = "finetune-batch/gpu"
 
+# The fine-tune settings of whichever engine is named: held as that engine's own config model (an instance
+# of a ``TrainingConfig`` subclass), given as a table of its fields. Prefect's form and its parameter check
+# see an open object (any engine's fields are valid JSON there); ``engine_config`` validates it against the
+# named engine's model, and dumping gives all of that model's fields back as JSON.
+EngineSettings = Annotated[Any, WithJsonSchema({
+    "type": "object", "additionalProperties": True,
+    "description": "The engine's fine-tune settings, as a table of its config's fields (empty: its defaults); "
+                   "`weightzoo build --engine NAME --help` lists them.",
+})]
 
-def _engine_default_config(data: Any) -> Any:
-    """Without ``finetune``, the named engine's own config with its defaults (not the default engine's)."""
-    if isinstance(data, dict) and data.get("finetune") is None and data.get("engine"):
-        data = {**data, "finetune": engines.get(data["engine"]).config()}
-    return data
+
+def engine_config(engine: str, value: Any) -> TrainingConfig:
+    """``value`` (a table of fields, None for the defaults, or an instance) as ``engine``'s own config model."""
+    model = engines.get(engine).config
+    if value is None:
+        return model()
+    if isinstance(value, model):
+        return value
+    if isinstance(value, BaseModel):
+        raise ValueError(f"engine {engine!r} takes {model.__name__} settings, got a {type(value).__name__}")
+    if not isinstance(value, dict):
+        raise ValueError(f"engine {engine!r} takes a table of {model.__name__} fields, got {type(value).__name__}")
+    return model.model_validate(value)
+
+
+def _finetune_of_engine(value: Any, info: ValidationInfo) -> Any:
+    """``finetune`` validated by the engine named before it (a refused engine name is reported on its own)."""
+    engine = info.data.get("engine")
+    return value if engine is None else engine_config(engine, value)
 
 
 def _absolute(value: str | None, info: ValidationInfo) -> str | None:
@@ -46,13 +79,6 @@ def _absolute(value: str | None, info: ValidationInfo) -> str | None:
         return value
     raise ValueError(f"{info.field_name} must be an absolute path or a URI (a run may start in another folder), "
                      f"got {value!r}")
-
-
-def _check_engine_config(config: Any) -> Any:
-    want = engines.get(config.engine).config
-    if not isinstance(config.finetune, want):
-        raise ValueError(f"engine {config.engine!r} takes a {want.__name__}, got method {config.finetune.method!r}")
-    return config
 
 
 class _JobConfig(BaseModel):
@@ -64,16 +90,16 @@ class _JobConfig(BaseModel):
                           "relative image paths are taken against its folder.")
     base: str = Field(description="Base model URI (local folder or s3://...).")
     dataset: str = Field(description="Dataset URI (local folder or s3://bucket/prefix); reruns resume it.")
-    finetune: AnyFinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tune method and hyperparameters.")
-    cache_dir: str | None = Field(None, description="URI caching class latents across batches (default: <dataset>/cache).")
+    # Before ``finetune``: that field is validated by this engine's own config model.
     engine: str = Field(engines.DEFAULT_ENGINE, description="Fine-tune engine, by registered name (never a module path).")
+    finetune: EngineSettings = Field(default_factory=dict, validate_default=True, title="Fine-tune settings")
+    cache_dir: str | None = Field(None, description="URI caching class latents across batches (default: <dataset>/cache).")
     # Renewed every third of it while a batch trains: a killed holder delays its batch by at most this long.
     lease_ttl_s: float = Field(LEASE_TTL_S, ge=1, description="Lifetime of a batch's lease (seconds) without renewal.")
 
     _engine = field_validator("engine")(engines.canonical)
     _paths = field_validator("manifest", "base", "dataset", "cache_dir")(_absolute)
-    _default_config = model_validator(mode="before")(lambda data: _engine_default_config(data))
-    _matching_config = model_validator(mode="after")(lambda self: _check_engine_config(self))
+    _finetune = field_validator("finetune", mode="before")(_finetune_of_engine)
 
 
 class BatchConfig(_JobConfig):
@@ -134,7 +160,11 @@ class FitSubspaceConfig(BaseModel):
     dask_workers: int = Field(2, ge=1, description="task_runner='dask' without an address: local worker processes.")
 
 
-# What a pipeline run of each workload differs in; every other setting is the PipelineConfig field's.
+# The demo's presets: what a pipeline run of each workload differs in; every other setting is the
+# PipelineConfig field's. A workload names its engine, and the pipeline takes the engine's toy base, demo rows
+# and config from it (``contract.Engine``), so no stage names a workload's code; ``base_options`` and
+# ``row_options`` say which PipelineConfig fields go to the engine's ``toy_base`` and ``demo_rows`` (option
+# name -> field name).
 # The tiny identity model learns in far fewer steps than SD 1.5's 800, at a higher learning rate, and 32 px
 # steps are several times cheaper than its native 64 px; the edit base learns a concept in 60 steps at 1e-2.
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -143,10 +173,12 @@ WORKLOADS: dict[str, dict[str, Any]] = {
         "finetune": FinetuneConfig(steps=50, learning_rate=1e-3, resolution=32, num_class_images=8,
                                    class_inference_steps=10),
         "fit_subspace": True, "generator": {},
+        "base_options": {"family": "family"}, "row_options": {"images_per_subject": "images_per_subject"},
     },
     "edit": {
         "engine": "edit-lora", "items": 48, "batch_size": 16,
         "finetune": EditFinetuneConfig(steps=60, learning_rate=1e-2),
+        "base_options": {"steps": "base_steps"}, "row_options": {},
         "fit_subspace": False,  # the edit workload trains its generator on the rows directly: no PCA stage
         # residual on the 4 nearest rows, trained through the base: of the generators the concept-zoo bench
         # measured, its starts beat the most baselines (docs/BENCHMARKS.md "Concept zoo"; none beats k-nearest).
@@ -160,13 +192,27 @@ def _workload_defaults(data: Any) -> Any:
     """The workload's own item count, batch size and fine-tune settings where the caller gave none."""
     if isinstance(data, dict):
         defaults = WORKLOADS[data.get("workload", "identity")]
-        data = {**data, **{k: defaults[k] for k in ("items", "batch_size", "finetune") if data.get(k) is None}}
+        data = {**data, **{k: defaults[k] for k in ("items", "batch_size", "finetune") if data.get(k) in (None, {})}}
         if data.get("identity_base", "world") == "world" and data["finetune"] is WORKLOADS["identity"]["finetune"]:
             data["finetune"] = WORLD_IDENTITY  # the world base's identities (tasks/world)
     return data
 
 
 WORLD_IDENTITY = FinetuneConfig(**WORLD_FINETUNE)
+WORLD = "world"  # the identity workload's shipped base and its subjects (tasks/world): a base kind, not an engine
+
+
+def _finetune_of_workload(value: Any, info: ValidationInfo) -> Any:
+    """``finetune`` validated by the workload's engine's own config model."""
+    workload = info.data.get("workload")
+    return value if workload is None else engine_config(WORKLOADS[workload]["engine"], value)
+
+
+def _family_on_toy(family: str, info: ValidationInfo) -> str:
+    """A family other than sd names a toy base: the world base is an sd pipeline."""
+    if family != "sd" and info.data.get("workload") == "identity" and info.data.get("identity_base") == WORLD:
+        raise ValueError(f"family {family!r} is for identity_base 'toy'; the world base is an sd pipeline")
+    return family
 
 
 class PipelineConfig(BaseModel):
@@ -189,25 +235,50 @@ class PipelineConfig(BaseModel):
         "world", description="identity: 'world' is a tiny base that draws the procedural world and trains "
         "one LoRA per world subject (pictures show what each learnt); 'toy' is the random-weights SD-1.5-shaped "
         "pipeline on synthetic subjects (mechanics only: its pictures are noise).")
+    # The family of the tiny pipeline; the identity engine detects it from the base, so only the base needs it.
+    family: Literal[tuple(FAMILIES)] = Field(  # type: ignore[valid-type]
+        "sd", description="identity on the toy base: model family of the tiny pipeline "
+        f"({', '.join(FAMILIES)}); the world base is sd.")
     previews: int = Field(16, ge=0, description="identity on the world base: rows given a preview grid PNG.")
     # 200 steps of 32 images: the edit base learns general editing features in about a minute on 2 cores.
     base_steps: int = Field(200, ge=0, description="edit: pretraining steps of the edit base.")
     batch_size: int = Field(None, ge=1, description="Items per batch (one shard each; default "
                             f"{WORKLOADS['identity']['batch_size']} identity, {WORKLOADS['edit']['batch_size']} edit).")
-    finetune: AnyFinetuneConfig = Field(None, description="Fine-tune settings (default: the workload's, scaled "
-                                        "down for the tiny bases).")
+    finetune: EngineSettings = Field(default_factory=dict, validate_default=True, title="Fine-tune settings "
+                                     "(empty: the workload's, scaled down for the tiny bases)")
     components: int = Field(8, ge=1, description="identity: principal components of the subspace.")
     diffusion_steps: int = Field(300, ge=1, description="Training steps of the weight generator.")
 
     _defaults = model_validator(mode="before")(lambda data: _workload_defaults(data))
+    _finetune = field_validator("finetune", mode="before")(_finetune_of_workload)
+    _family = field_validator("family")(_family_on_toy)
 
     def path(self, name: str) -> str:
         return f"{self.workdir.rstrip('/')}/{name}"
 
+    @property
+    def engine(self) -> str:
+        """The workload's engine: its toy base, demo rows and fine-tune config make the run."""
+        return WORKLOADS[self.workload]["engine"]
+
+    def base_kind(self) -> str:
+        """``world`` (the shipped world base and its subjects), or the engine whose toy base and demo rows are used."""
+        return WORLD if self.workload == "identity" and self.identity_base == WORLD else self.engine
+
+    def base_options(self) -> dict[str, Any]:
+        """This run's options for the engine's ``toy_base`` (none for the world base)."""
+        if self.base_kind() == WORLD:
+            return {}
+        return {option: getattr(self, name) for option, name in WORKLOADS[self.workload]["base_options"].items()}
+
+    def row_options(self) -> dict[str, Any]:
+        """This run's options for the engine's ``demo_rows`` (the world's subjects take the same)."""
+        return {option: getattr(self, name) for option, name in WORKLOADS[self.workload]["row_options"].items()}
+
     def build(self, base: str, manifest: str) -> BuildConfig:
         """The build stage's config: this workload's engine on the work folder's dataset."""
         return BuildConfig(manifest=manifest, base=base, dataset=self.path("dataset"), finetune=self.finetune,
-                           engine=WORKLOADS[self.workload]["engine"], batch_size=self.batch_size)
+                           engine=self.engine, batch_size=self.batch_size)
 
     def fit_subspace(self, committed: int) -> FitSubspaceConfig | None:
         """The subspace stage's config (None for a workload without one); never more components than rows − 1."""

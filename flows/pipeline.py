@@ -2,8 +2,9 @@
 
 base model → manifest → ``build_dataset`` → previews (world base) → ``fit_subspace`` (identity only) →
 ``train_weight_diffusion``.
-The workload (``PipelineConfig.workload``) picks the base, the manifest, the fine-tune engine and the
-generator's condition (flows/config.py ``WORKLOADS``); the stages and their order are the same.
+The workload (``PipelineConfig.workload``) names its engine and the generator's condition (flows/config.py
+``WORKLOADS``); the engine makes the base (``Engine.toy_base``) and the manifest (``Engine.demo_rows``), unless
+the identity workload draws on the shipped world base and its subjects. The stages and their order are the same.
 ``weightzoo demo`` runs it on the embedded default (the shipped world base, or ``--base toy``; local disk, ephemeral API);
 ``weightzoo demo --kind edit`` runs the image-editing concepts (docs/CONCEPTS.md).
 """
@@ -14,36 +15,35 @@ from typing import Any
 
 from prefect import flow, task
 
+from weightzoo.errors import InputError
 from weightzoo.flows.build_dataset import build_dataset
-from weightzoo.flows.config import PipelineConfig
+from weightzoo.flows.config import WORLD, PipelineConfig
 from weightzoo.flows.fit_subspace import fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
+from weightzoo.tasks.finetune import engines
 
 
 @task(name="make-base", task_run_name="make-{kind}-base")
-def make_base(kind: str, uri: str, base_steps: int) -> str:
-    """The offline base of ``kind`` (world, toy or edit) at ``uri``, kept if already there (tasks/bases.py);
-    the edit base pretrained ``base_steps`` steps, the world base at its defaults."""
+def make_base(kind: str, uri: str, options: dict[str, Any]) -> str:
+    """The world base at its defaults, or the engine ``kind``'s toy base with ``options``, at ``uri``; kept
+    if already there (tasks/bases.py)."""
     from weightzoo.tasks.bases import make_base as make_kind_base
 
-    return make_kind_base(kind, uri, steps=base_steps if kind == "edit" else None)[0]
+    return make_kind_base(kind, uri, **options)[0]
 
 
 @task(name="make-manifest", task_run_name="make-{items}-{kind}-rows")
-def make_manifest(kind: str, workdir: str, items: int, images_per_subject: int) -> str:
-    """World subjects or synthetic subjects with known attributes (and their images), or procedural edit
-    concepts, as ``workdir/manifest.jsonl`` (deterministic, so reruns resume)."""
-    if kind == "edit":
-        from weightzoo.tasks.concepts.zoo import concept_rows, write_concept_manifest
-
-        return write_concept_manifest(concept_rows(items), f"{workdir.rstrip('/')}/manifest.jsonl")
-    if kind == "world":
+def make_manifest(kind: str, workdir: str, items: int, options: dict[str, Any]) -> str:
+    """World subjects, or the engine ``kind``'s demo rows (``Engine.demo_rows``), as ``workdir/manifest.jsonl``
+    (deterministic, so reruns resume)."""
+    if kind == WORLD:
         from weightzoo.tasks.world.identities import write_world_manifest
 
-        return write_world_manifest(workdir, items, images_per_identity=images_per_subject)
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
-
-    return write_demo_manifest(workdir, items, images_per_subject=images_per_subject)
+        return write_world_manifest(workdir, items, images_per_identity=options.get("images_per_subject", 4))
+    engine = engines.get(kind)
+    if engine.demo_rows is None:
+        raise InputError(f"engine {engine.name!r} has no demo rows (its Engine.demo_rows is None)")
+    return engine.demo_rows(workdir, items, **options)
 
 
 @task(name="preview-rows", task_run_name="preview-{limit}-rows")
@@ -73,12 +73,12 @@ def preview_rows(base: str, manifest: str, dataset: str, out_dir: str, limit: in
 @flow(name="pipeline", flow_run_name="pipeline-{config.workload}-{config.items}")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Build a dataset from scratch and learn from it: every stage is its own task or subflow run."""
-    kind = config.workload if config.workload == "edit" else config.identity_base
-    base = make_base(kind, config.path("base"), config.base_steps)
-    manifest = make_manifest(kind, config.workdir, config.items, config.images_per_subject)
+    kind = config.base_kind()
+    base = make_base(kind, config.path("base"), config.base_options())
+    manifest = make_manifest(kind, config.workdir, config.items, config.row_options())
     built = build_dataset(config.build(base, manifest))
     previews = preview_rows(base, manifest, config.path("dataset"), config.path("previews"), config.previews) \
-        if kind == "world" and config.previews and built["committed"] else []
+        if kind == WORLD and config.previews and built["committed"] else []
     subspace = config.fit_subspace(built["committed"])
     if subspace is not None:
         fit_subspace(subspace)

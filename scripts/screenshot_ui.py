@@ -60,9 +60,9 @@ def build_demo(work: Path, subjects: int) -> str:
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildConfig
     from weightzoo.flows.finetune_batch import finetune_batch
-    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.base_model import save_tiny_pipeline
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     base = save_tiny_pipeline(work / "base")
     manifest = write_demo_manifest(str(work / "m"), subjects)
@@ -82,9 +82,9 @@ def build_failed(work: Path, subjects: int) -> str:
     """A build none of whose rows commit (every loss diverges): its parent run ends Failed; returns its id."""
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.base_model import save_tiny_pipeline
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     base = work / "base" if (work / "base").exists() else save_tiny_pipeline(work / "base")
     manifest = write_demo_manifest(str(work / "m-failed"), subjects)

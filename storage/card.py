@@ -49,10 +49,17 @@ class Recipe:
         fields = recipe_fields(config)
         return cls(engine, base_model, fingerprint(fields), fields, layout)
 
+    @property
+    def family(self) -> str:
+        """The base's model family as its fingerprint names it (``sdxl-…``); SD 1.x/2.x bases have no prefix."""
+        head, sep, _ = self.base_model.rpartition("-")
+        return head if sep else "sd"
+
     def differences(self, other: Recipe) -> list[str]:
         """Human-readable differences (``name: card value ≠ this value``); empty when compatible."""
-        out = [f"{k}: {getattr(other, k)} ≠ {getattr(self, k)}" for k in ("engine", "base_model")
-               if getattr(self, k) != getattr(other, k)]
+        out = [f"model family: {other.family} ≠ {self.family}"] if self.family != other.family else []
+        out += [f"{k}: {getattr(other, k)} ≠ {getattr(self, k)}" for k in ("engine", "base_model")
+                if getattr(self, k) != getattr(other, k)]
         if self.layout and other.layout and self.layout != other.layout:
             out.append(f"layout: {other.layout} ≠ {self.layout}")
         if self.config_fingerprint != other.config_fingerprint:

@@ -24,7 +24,7 @@ from weightzoo.errors import CorruptShardError, NotFoundError
 from weightzoo.storage.fs import StorageOptions
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.listing import CommittedFile, committed_files
+from weightzoo.storage.listing import CommittedFile, committed_files, dataset_layout, listing_problems
 from weightzoo.storage.shards import (
     LayoutMismatchError,
     crc32_combine,
@@ -34,7 +34,7 @@ from weightzoo.storage.shards import (
     weights_crc32,
 )
 
-__all__ = ["CorruptShardError", "Dataset", "check_file", "check_files", "verified_shard_batches"]
+__all__ = ["CorruptShardError", "Dataset", "check_file", "check_files", "screen_files", "verified_shard_batches"]
 
 
 _CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -157,11 +157,39 @@ def check_files(fs: AbstractFileSystem, files: Sequence[CommittedFile]) -> list[
     return bad
 
 
+def screen_files(ledger: Ledger, files: Sequence[CommittedFile], verify: bool) -> list[tuple[CommittedFile, str]]:
+    """The files that must not be handed out, each with why, as ``verify`` would judge them: another layout
+    than the dataset's, missing or resized (one listing, no reads); with ``verify``, also every other file
+    read once (footer layout, CRC32, ids). What ``weightzoo files`` and ``publish`` leave out or refuse."""
+    bad = listing_problems(ledger.fs, files, dataset_layout(ledger, files))
+    if verify:
+        named = {f for f, _ in bad}
+        bad += check_files(ledger.fs, [f for f in files if f not in named])
+    order = {f: k for k, f in enumerate(files)}
+    return sorted(bad, key=lambda b: order[b[0]])
+
+
 def raise_bad(bad: Sequence[tuple[CommittedFile, str]], hint: str = "") -> None:
     """Refuse to hand out rows when any file failed its check: one line naming the first bad shard."""
     if bad:
         more = f" (and {len(bad) - 1} more bad shard(s))" if len(bad) > 1 else ""
         raise CorruptShardError(f"{bad[0][1]}{more}; run weightzoo verify --repair{hint}")
+
+
+def footer_layout(fs: AbstractFileSystem, f: CommittedFile) -> Layout:
+    """The layout in a committed shard's footer, checked against its entry's fingerprint: what a listing may
+    hand a reader to decode the rows with. ``CorruptShardError`` for an unreadable footer or another layout."""
+    try:
+        layout = _footer_layout(fs, f.path, f.shard)
+    except FileNotFoundError as e:
+        raise CorruptShardError(f"committed shard {f.shard} is missing") from e
+    except pa.ArrowException as e:
+        raise CorruptShardError(f"shard {f.shard} cannot be read: {e}") from e
+    if layout.fingerprint != f.layout:
+        raise CorruptShardError(
+            f"shard {f.shard} has layout {layout.fingerprint} in its footer, its ledger entry says {f.layout}"
+        )
+    return layout
 
 
 def _footer_layout(fs: AbstractFileSystem, path: str, name: str) -> Layout:

@@ -7,6 +7,7 @@ AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -18,7 +19,8 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from weightzoo.errors import InputError, short
+from weightzoo.errors import InputError, StorageError, WeightzooError, short
+from weightzoo.storage.retry import is_transient, storage_cause
 
 StorageOptions = Mapping[str, Any] | None
 
@@ -113,6 +115,52 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, durable: bool = 
 def redact(uri: str) -> str:
     """A URI safe to log: any ``user:password@`` part is removed."""
     return re.sub(r"//[^/@]*@", "//", str(uri))
+
+
+# Storage that refuses a write for good, by errno: the words a person reads for each.
+REFUSALS = {errno.EROFS: "read-only storage (read-only file system)", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted", errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "disk quota exceeded"}
+
+
+def refused(exc: BaseException, uri: str, what: str) -> StorageError | None:
+    """``exc`` as one ``StorageError`` line naming the storage ``uri``, the operation ``what`` and the refusal
+    (read-only, permission, no space), its errno kept so retry policies still read it; None for anything else."""
+    if isinstance(exc, WeightzooError) or not isinstance(exc, OSError) or exc.errno not in REFUSALS:
+        return None
+    where = f" at {exc.filename}" if exc.filename else ""
+    err = StorageError(f"storage of {redact(uri)} cannot be used: {what} failed: {REFUSALS[exc.errno]}{where}")
+    err.errno = exc.errno  # str() stays the message while strerror is unset
+    return err
+
+
+def storage_error(exc: BaseException, uri: str, what: str) -> StorageError | None:
+    """A fault raised by a storage call on ``uri`` as one ``StorageError`` line naming the URI, the operation
+    and the cause (refused write, unreachable endpoint, refused credentials, no bucket); None when it is not
+    the storage's (a bug keeps its traceback)."""
+    if isinstance(exc, WeightzooError):
+        return None
+    err = refused(exc, uri, what)
+    if err is not None:
+        return err
+    why = storage_cause(exc, "://" in str(uri) and not str(uri).startswith("file://"))
+    return StorageError(f"storage of {redact(uri)} cannot be used: {what} failed: {why}") if why else None
+
+
+@contextmanager
+def storage_step(uri: str, what: str, retried: bool = True) -> Iterator[None]:
+    """The boundary where a storage call's fault becomes one user line naming the storage ``uri`` and the
+    operation ``what`` it was part of (``verify --repair`` moving a ledger file, ``gc --delete`` removing
+    orphans, ``publish`` writing its snapshot); anything else passes as it is. ``retried``: the step may run
+    under a retry policy (``with_retries``), so a transient fault (a dropped connection) is left as it is,
+    to be retried; a ``StorageError`` is permanent."""
+    try:
+        yield
+    except Exception as e:
+        err = None if retried and is_transient(e) else storage_error(e, uri, what)
+        if err is None:
+            raise
+        raise err from e
 
 
 # -- URIs relative to one another (a card that names its dataset, a subspace that names its fit) ----------

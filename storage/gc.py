@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from weightzoo.errors import InputError, NotFoundError
-from weightzoo.storage.fs import StorageOptions, join, redact
+from weightzoo.storage.fs import StorageOptions, join, redact, storage_step
 from weightzoo.storage.lease import DEFAULT_TTL_S, leased_batches
 from weightzoo.storage.ledger import SHARDS, Ledger, is_shard_name
 from weightzoo.storage.shards import TMP_DIR
@@ -185,6 +185,7 @@ def collect(
         late = _referenced(ledger)
         report.orphans = [o for o in report.orphans if o.path.rsplit("/", 1)[-1] not in late]
     if delete and (report.orphans or report.temps):
-        ledger.fs.rm([ledger.abspath(o.path) for o in report.orphans + report.temps])
+        with storage_step(ledger.uri, f"deleting {len(report.orphans)} orphan shard(s) and {len(report.temps)} temp file(s)"):
+            ledger.fs.rm([ledger.abspath(o.path) for o in report.orphans + report.temps])
     report.deleted = delete
     return report

@@ -11,27 +11,33 @@ naming the URI and the likely cause.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
-from weightzoo.errors import CorruptShardError, StorageError, short
+from weightzoo.errors import CorruptShardError, StorageError
 from weightzoo.storage.card import read_card
 from weightzoo.storage.fs import StorageOptions, filesystem, is_local, redact
 from weightzoo.storage.ledger import Ledger
-from weightzoo.storage.retry import chain
+from weightzoo.storage.retry import storage_cause
 
 # The probe connects once, for at most this long, with no retries: an endpoint nothing listens on is
 # answered in seconds (s3fs's own 5 retries with backoff took 11 s), while a build's reads keep theirs.
 PROBE_CONNECT_S = 3.0
 PROBE_READ_S = 10.0
-_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
-                "ServerTimeoutError", "ProxyConnectionError", "NewConnectionError"}
-_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "ExpiredToken",
-            "InvalidToken", "does not exist in our records")
 
-# Below this, a shard of any real batch will not fit: warn before a build finds out after training.
-LOW_SPACE_BYTES = 64 << 20
+# Space is judged against what the next batch writes, estimated from the shards already committed (a fixed
+# 64 MiB said "no space left" right after a build of small shards succeeded). Below MIN_FREE_BYTES not even a
+# ledger entry or a small shard may fit; BATCH_MARGIN leaves room for a batch a little larger than the largest
+# so far (ids differ in length) and for its ledger files.
+MIN_FREE_BYTES = 1 << 20
+BATCH_MARGIN = 1.25
 
 
-def _local_problems(path: str) -> list[str]:
+def batch_bytes(shard_sizes: Iterable[int]) -> int:
+    """Bytes the next batch is expected to write: the largest committed shard, with the margin (0 for none)."""
+    return int(max(shard_sizes, default=0) * BATCH_MARGIN)
+
+
+def _local_problems(path: str, need: int) -> list[str]:
     probe = path
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
@@ -40,16 +46,19 @@ def _local_problems(path: str) -> list[str]:
     if st.f_flag & os.ST_RDONLY:
         out.append(f"read-only file system at {probe}")
     free = st.f_bavail * st.f_frsize
-    if free < LOW_SPACE_BYTES:
-        out.append(f"no space left: {free:,} bytes free at {probe}")
+    need = max(need, MIN_FREE_BYTES)
+    if free < need:
+        out.append(f"no space left for a batch: {free:,} bytes free at {probe}, the next batch needs about "
+                   f"{need:,} (the largest committed shard, plus {BATCH_MARGIN - 1:.0%})")
     return out
 
 
-def storage_problems(uri: str, storage_options: StorageOptions = None) -> list[str]:
-    """What stops writes to ``uri`` (empty when nothing is known to): one line per problem."""
+def storage_problems(uri: str, storage_options: StorageOptions = None, need_bytes: int = 0) -> list[str]:
+    """What stops writes to ``uri`` (empty when nothing is known to): one line per problem. ``need_bytes``:
+    what the next batch writes (``batch_bytes``); less free space than that (or than MIN_FREE_BYTES) is one."""
     fs, path = filesystem(uri, storage_options)
     if is_local(fs):
-        return _local_problems(path)
+        return _local_problems(path, need_bytes)
     bucket = path.split("/", 1)[0]
     try:
         fs.ls(bucket, detail=False)
@@ -69,32 +78,12 @@ def card_problems(ledger: Ledger) -> list[str]:
     return []
 
 
-def _cause(exc: BaseException, remote: bool) -> str | None:
-    """The likely cause of a storage exception, as advice; None for one that is not about the storage."""
-    causes = list(chain(exc))
-    names = {c.__name__ for e in causes for c in type(e).__mro__}
-    text = " ".join(str(e) for e in causes)
-    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
-        return "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
-    unreachable = [e for e in causes if {c.__name__ for c in type(e).__mro__} & _UNREACHABLE]
-    if unreachable or isinstance(exc, ConnectionRefusedError):
-        return ("the endpoint does not answer: check AWS_ENDPOINT_URL (or endpoint_url) and that the server "
-                f"runs ({short((unreachable or causes)[0], 160)})")
-    if "NoSuchBucket" in text or "bucket does not exist" in text:
-        return "no such bucket: create it or fix the name"
-    if not remote:
-        return f"permission denied ({short(text, 120)})" if isinstance(exc, PermissionError) else None
-    if any(isinstance(e, PermissionError) for e in causes) or any(word in text for word in _REFUSED):
-        return f"the credentials were refused: check the access key, secret and region ({short(text, 120)})"
-    return None
-
-
 def storage_fault(exc: BaseException, uri: str) -> StorageError | None:
     """``exc`` as one line naming ``uri`` and the likely cause (credentials, endpoint, bucket), or None
     when it is not a storage fault (a bug keeps its traceback)."""
     if isinstance(exc, StorageError):
         return exc
-    why = _cause(exc, "://" in str(uri) and not str(uri).startswith("file://"))
+    why = storage_cause(exc, "://" in str(uri) and not str(uri).startswith("file://"))
     return StorageError(f"storage of {redact(uri)} cannot be used: {why}") if why else None
 
 

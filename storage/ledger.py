@@ -36,6 +36,7 @@ from weightzoo.storage.fs import (
     filesystem,
     join,
     redact,
+    storage_step,
     write_bytes,
 )
 from weightzoo.storage.shards import LayoutMismatchError, ShardInfo
@@ -282,9 +283,10 @@ class Ledger:
         dest = f"{QUARANTINE}/{kind}/{name}"
         record = Quarantined(dest, relative, reason, _now())
         sidecar = {**asdict(record), **details}
-        write_bytes(self.fs, self.abspath(dest), self.fs.cat_file(self.abspath(relative)))
-        write_bytes(self.fs, self.abspath(dest.removesuffix(".json") + REASON_SUFFIX), json.dumps(sidecar).encode())
-        self.fs.rm(self.abspath(relative))
+        with storage_step(self.uri, f"quarantining {relative}"):
+            write_bytes(self.fs, self.abspath(dest), self.fs.cat_file(self.abspath(relative)))
+            write_bytes(self.fs, self.abspath(dest.removesuffix(".json") + REASON_SUFFIX), json.dumps(sidecar).encode())
+            self.fs.rm(self.abspath(relative))
         return record
 
     def quarantined(self) -> list[Quarantined]:

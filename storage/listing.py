@@ -8,9 +8,15 @@ commit entry (size, layout fingerprint, CRC32, ids) without another ledger read.
 
 from __future__ import annotations
 
+import contextlib
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fsspec import AbstractFileSystem
+
+from weightzoo.errors import CorruptShardError
+from weightzoo.storage.card import read_card
 from weightzoo.storage.fs import StorageOptions, is_local
 from weightzoo.storage.ledger import CommitEntry, Ledger
 from weightzoo.storage.shards import LayoutMismatchError
@@ -58,3 +64,37 @@ def one_layout(files: Sequence[CommittedFile], uri: str) -> str:
             f"has {files[0].layout}; datasets never mix layouts (run weightzoo verify)"
         )
     return files[0].layout
+
+
+def dataset_layout(ledger: Ledger, files: Sequence[CommittedFile]) -> str:
+    """The dataset's one layout fingerprint, as ``verify`` judges it: the card's (fixed at the first commit),
+    else the first entry's. Not "the first file's": a shard of another layout copied in with a forged entry
+    may sort first, and a listing must never take its layout for the dataset's."""
+    try:
+        card = read_card(ledger)
+    except CorruptShardError:  # verify reports the card; the entries still say which layout is the dataset's
+        card = None
+    if card is not None and card.layout:
+        return card.layout
+    return files[0].layout if files else ""
+
+
+def listing_problems(fs: AbstractFileSystem, files: Sequence[CommittedFile], layout: str) -> list[tuple[CommittedFile, str]]:
+    """The files a plain listing must not hand out, each with why: an entry of another layout than
+    ``layout``, a shard that is missing or not at its committed size. One listing per folder, no file read."""
+    sizes: dict[str, int] = {}
+    for folder in sorted({posixpath.dirname(f.path) for f in files}):
+        fs.invalidate_cache(folder)
+        with contextlib.suppress(FileNotFoundError):  # shards/ itself gone: every file in it is missing
+            sizes.update({d["name"]: d["size"] for d in fs.ls(folder, detail=True)})
+    bad = []
+    for f in files:
+        size = sizes.get(f.path)
+        if layout and f.layout != layout:
+            bad.append((f, f"shard {f.shard} has layout {f.layout}, the dataset's is {layout} "
+                           "(a dataset never mixes layouts)"))
+        elif size is None:
+            bad.append((f, f"committed shard {f.shard} is missing"))
+        elif size != f.nbytes:
+            bad.append((f, f"shard {f.shard} is {size} bytes, its ledger entry says {f.nbytes}"))
+    return bad

@@ -15,18 +15,17 @@ through fsspec, the same filesystem (and credentials) as the rest of weightzoo.
 
 from __future__ import annotations
 
-import posixpath
-
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 from fsspec import AbstractFileSystem
 
 from weightzoo.errors import CorruptShardError, NotFoundError
-from weightzoo.storage.dataset import check_files, raise_bad
-from weightzoo.storage.fs import StorageOptions, filesystem, is_local
+from weightzoo.storage.dataset import raise_bad, screen_files
+from weightzoo.storage.fs import StorageOptions, is_local
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.listing import CommittedFile, committed_files, one_layout
+from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.listing import CommittedFile, committed_files, listing_problems, one_layout
 from weightzoo.storage.shards import LayoutMismatchError, read_layout, shard_schema
 
 SHARD_COLUMN = "shard"
@@ -34,16 +33,9 @@ SHARD_COLUMN = "shard"
 
 def _check_files(fs: AbstractFileSystem, files: list[CommittedFile]) -> None:
     """Every file exists at its committed size: one listing per folder, not one request per file."""
-    sizes: dict[str, int] = {}
-    for folder in sorted({posixpath.dirname(f.path) for f in files}):
-        fs.invalidate_cache(folder)
-        sizes.update({d["name"]: d["size"] for d in fs.ls(folder, detail=True)})
-    for f in files:
-        size = sizes.get(f.path)
-        if size is None:
-            raise CorruptShardError(f"committed shard {f.shard} is missing")
-        if size != f.nbytes:
-            raise CorruptShardError(f"shard {f.shard} is {size} bytes, its ledger entry says {f.nbytes}")
+    bad = listing_problems(fs, files, "")
+    if bad:
+        raise CorruptShardError(bad[0][1])
 
 
 def _layout(fs: AbstractFileSystem, files: list[CommittedFile], uri: str) -> Layout:
@@ -85,11 +77,11 @@ def open_dataset(uri: str, storage_options: StorageOptions = None, verify: bool 
     files itself); ``verify=True`` reads every shard once first, as ``Dataset`` reads do, and raises
     ``CorruptShardError`` naming the first shard that fails (see docs/READING.md).
     """
-    fs = filesystem(uri, storage_options)[0]
-    files = committed_files(uri, storage_options)
+    ledger = Ledger(uri, storage_options)
+    files = committed_files(ledger)
     if verify:
-        raise_bad(check_files(fs, files))
-    return files_dataset(fs, files, uri)
+        raise_bad(screen_files(ledger, files, verify=True))
+    return files_dataset(ledger.fs, files, uri)
 
 
 def files_dataset(fs: AbstractFileSystem, files: list[CommittedFile], uri: str = "") -> ds.Dataset:

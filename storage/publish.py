@@ -42,9 +42,10 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from weightzoo.errors import CorruptShardError
-from weightzoo.storage.dataset import check_files, raise_bad
-from weightzoo.storage.fs import StorageOptions, atomic_write, filesystem, join, write_bytes
+from weightzoo.storage.dataset import raise_bad, screen_files
+from weightzoo.storage.fs import StorageOptions, atomic_write, filesystem, join, storage_step, write_bytes
 from weightzoo.storage.layout import Layout
+from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.listing import CommittedFile, committed_files
 from weightzoo.storage.open import SHARD_COLUMN, files_dataset
 from weightzoo.storage.shards import FORMAT_KEY, FORMAT_VERSION, LAYOUT_KEY, META_SCHEMA, WEIGHTS
@@ -189,9 +190,10 @@ def publish(
     entry): a bad shard stops the publish before anything is written (``CorruptShardError`` naming it),
     or with ``skip_bad`` its rows are left out and listed in ``left_out``.
     """
-    files = committed_files(dataset_uri, storage_options)  # one ledger read: the plan and the rows agree
-    src = filesystem(dataset_uri, storage_options)[0]
-    bad = check_files(src, files)
+    ledger = Ledger(dataset_uri, storage_options)
+    files = committed_files(ledger)  # one ledger read: the plan and the rows agree
+    src = ledger.fs
+    bad = screen_files(ledger, files, verify=True)
     if not skip_bad or len(bad) == len(files):  # nothing verified is left to publish
         raise_bad(bad, ", or publish --skip-bad to leave its rows out")
     files = [f for f in files if f not in {b for b, _ in bad}]
@@ -201,19 +203,23 @@ def publish(
     fs, root = filesystem(out_uri, storage_options)
     report = PublishReport(out_uri, sum(o.rows for o in outputs), [o.name for o in outputs])
     report.left_out = [(f.shard, len(f.ids), why) for f, why in bad]
-    report.removed = _remove_stale(fs, root, set(report.files))
+    with storage_step(out_uri, "listing the snapshot's earlier files", retried=False):
+        report.removed = _remove_stale(fs, root, set(report.files))
     for o in outputs:
         path = join(root, o.name)
-        if _is_complete(fs, path, o):
+        with storage_step(out_uri, f"reading {o.name}", retried=False):
+            complete = _is_complete(fs, path, o)
+        if complete:
             report.skipped.append(o.name)
             continue
-        _write(dataset, o, fs, path, layout, batch_size)
+        _write(dataset, o, fs, path, layout, batch_size)  # reads the dataset and writes out: named at the top
         report.written.append(o.name)
-    report.num_bytes, report.download_size = _sizes(fs, root, outputs)
-    write_bytes(fs, join(root, "layout.json"), json.dumps(layout.to_dict(), indent=1).encode())
     meta = dataset.to_table(columns=["kind", "method", "base_model", "hparams"])
-    card = dataset_card(meta, layout, publish_schema(layout), report)
-    write_bytes(fs, join(root, "README.md"), card.encode())
+    with storage_step(out_uri, "writing the snapshot's card and layout", retried=False):
+        report.num_bytes, report.download_size = _sizes(fs, root, outputs)
+        write_bytes(fs, join(root, "layout.json"), json.dumps(layout.to_dict(), indent=1).encode())
+        card = dataset_card(meta, layout, publish_schema(layout), report)
+        write_bytes(fs, join(root, "README.md"), card.encode())
     return report
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from weightzoo.errors import WeightzooError
+from weightzoo.errors import WeightzooError, short
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,3 +112,43 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 8, first_delay_
             sleep(delay)
             delay = min(delay * 2, max_delay_s)
     raise AssertionError("unreachable")
+
+
+# -- what a storage fault means to a person -------------------------------------------------------------
+
+# The storage clients' own packages. A fault is a storage fault when one of these raised it: the builtin
+# ConnectionRefusedError under an httpx error is the Prefect API's, and a BrokenPipeError is a closed stdout.
+_STORAGE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3", "fsspec", "gcsfs", "adlfs", "requests")
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                "ServerTimeoutError", "ProxyConnectionError", "NewConnectionError"}
+_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "ExpiredToken",
+            "InvalidToken", "does not exist in our records")
+
+
+def from_storage_client(exc: BaseException) -> bool:
+    """Whether a storage client (botocore, aiohttp, s3fs, fsspec, ...) raised ``exc`` itself."""
+    return type(exc).__module__.split(".", 1)[0] in _STORAGE_CLIENTS
+
+
+def storage_cause(exc: BaseException, remote: bool) -> str | None:
+    """The likely cause of a fault a storage call raised, as advice; None when no storage client raised
+    anything in its chain (then it is not a storage fault: a bug, the Prefect API, the terminal)."""
+    causes = list(chain(exc))
+    ours = [e for e in causes if from_storage_client(e)]
+    names = {c.__name__ for e in ours for c in type(e).__mro__}
+    text = " ".join(str(e) for e in causes)
+    if "NoCredentialsError" in names or "PartialCredentialsError" in names:
+        return "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile"
+    unreachable = [e for e in ours if {c.__name__ for c in type(e).__mro__} & _UNREACHABLE]
+    if unreachable:
+        return ("the endpoint does not answer: check AWS_ENDPOINT_URL (or endpoint_url) and that the server "
+                f"runs ({short(unreachable[0], 160)})")
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return "no such bucket: create it or fix the name"
+    if not remote:
+        return f"permission denied ({short(text, 120)})" if isinstance(exc, PermissionError) else None
+    if not ours:  # s3fs raises builtin PermissionError/FileNotFoundError, but from a botocore error
+        return None
+    if any(isinstance(e, PermissionError) for e in causes) or any(word in text for word in _REFUSED):
+        return f"the credentials were refused: check the access key, secret and region ({short(text, 120)})"
+    return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from weightzoo.errors import CorruptShardError, NotFoundError
 from weightzoo.storage.card import CARD, Recipe, read_card, write_card
 from weightzoo.storage.dataset import check_file
-from weightzoo.storage.fs import StorageOptions, join, redact
+from weightzoo.storage.fs import StorageOptions, join, redact, storage_step
 from weightzoo.storage.ledger import (
     COMMITS,
     FAILURES,
@@ -135,7 +135,8 @@ def rebuild_card(ledger: Ledger, entries: list[tuple[str, dict]]) -> str | None:
     distinct = {json.dumps(r, sort_keys=True) for r in recipes}
     if len(distinct) != 1:
         return f"the commit entries record {len(distinct)} different recipes"
-    write_card(ledger, Recipe(**recipes[0]))
+    with storage_step(ledger.uri, f"rebuilding {CARD}"):
+        write_card(ledger, Recipe(**recipes[0]))
     return None
 
 

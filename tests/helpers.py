@@ -165,7 +165,7 @@ LEASE_TTL_S = 6.0  # kill tests: a killed worker's lease expires in seconds, not
 def deployment_build(manifest: str, base: Path, dataset: Path, finetune: dict, deployment: str, wait_s: float):
     """A build that sends 2-item batches to ``deployment`` and polls every 2 s."""
     from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
     return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset), batch_size=2, executor="deployment",
                        deployment=deployment, finetune=FinetuneConfig(**finetune), poll_s=2, batch_timeout_s=wait_s,
@@ -208,7 +208,7 @@ def corrupt_image(path: str | Path) -> None:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the tiny SD-style pipeline saved with ``save_pretrained`` (built once per session)."""
-    from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
+    from weightzoo.tasks.identity.base_model import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("base") / "tiny")
 
@@ -216,7 +216,7 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_base: Path):
     """The tiny pipeline loaded on CPU in fp32. Shared: tests must not leave adapters or hooks on it."""
-    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.identity.base_model import load_base
 
     return load_base(str(tiny_base))
 

@@ -261,3 +261,46 @@ def test_the_demo_draws_on_the_shipped_world_base_unless_told_toy(tmp_path: Path
     assert short.finetune == WORLD_IDENTITY.model_copy(update={"steps": 7})
     assert config("--kind", "edit").finetune == WORKLOADS["edit"]["finetune"]
     assert list(tmp_path.iterdir()) == []  # building the config creates nothing
+
+
+def test_bases_and_demo_rows_come_from_the_workloads_engine(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`weightzoo base --kind toy --family F` makes the identity engine's toy base of that family, kept on a
+    rerun and refused over another family; the demo pipeline's base and manifest stages ask the workload's
+    engine (Engine.toy_base, Engine.demo_rows), never a workload's own code."""
+    from weightzoo.flows.config import PipelineConfig
+    from weightzoo.flows.pipeline import make_base, make_manifest
+    from weightzoo.tasks.finetune.readers import read_manifest
+    from weightzoo.tasks.identity.families import detect
+
+    out = tmp_path / "sdxl"
+    assert main(["base", "--kind", "toy", "--family", "sdxl", "--out", str(out)]) == 0
+    assert detect(str(out)).name == "sdxl"
+    before = (out / "model_index.json").stat().st_mtime_ns
+    assert main(["base", "--kind", "toy", "--family", "sdxl", "--out", str(out)]) == 0
+    assert (out / "model_index.json").stat().st_mtime_ns == before  # kept
+    capsys.readouterr()
+    for argv, line in (
+        (["--kind", "toy", "--out", str(out)], f"{out} already holds a sdxl pipeline, not sd: choose another folder"),
+        (["--kind", "toy", "--steps", "3", "--out", str(tmp_path / "x")],
+         "the diffusers-lora engine's toy base takes no steps"),
+        (["--kind", "world", "--family", "flux", "--out", str(tmp_path / "x")],
+         "the world base is an sd pipeline; family 'flux' is for a toy base"),
+        (["--engine", "nope", "--out", str(tmp_path / "x")],
+         "unknown base kind 'nope'; choose world, toy, edit or an engine: diffusers-lora, edit-lora"),
+    ):
+        assert main(["base", *argv]) == 2
+        assert capsys.readouterr().err == f"weightzoo base: error: {line}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sdxl"]
+
+    toy = PipelineConfig(workdir=str(tmp_path / "toy"), identity_base="toy", family="sd", items=2, images_per_subject=1)
+    edit = PipelineConfig(workdir=str(tmp_path / "edit"), workload="edit", items=3, base_steps=1)
+    for config, index in ((toy, "model_index.json"), (edit, "config.json")):
+        assert config.base_kind() == config.engine
+        base = make_base.fn(config.base_kind(), config.path("base"), config.base_options())
+        manifest = make_manifest.fn(config.base_kind(), config.workdir, config.items, config.row_options())
+        assert (Path(base) / index).is_file() and len(read_manifest(manifest)) == config.items
+    assert detect(toy.path("base")).name == "sd"
+    assert main(["demo", "--workdir", str(tmp_path / "w"), "--family", "sdxl"]) == 2  # the world base is sd
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "family 'sdxl' is for identity_base 'toy'" in err
+    assert not (tmp_path / "w").exists()

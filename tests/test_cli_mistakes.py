@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from weightzoo.cli import main
 from weightzoo.cli.paths import absolute_paths
 from weightzoo.tasks.finetune.readers import write_manifest
-from weightzoo.tasks.finetune.synthetic import make_subjects
+from weightzoo.tasks.identity.synthetic import make_subjects
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (not_a_pipeline / "unet").mkdir()
     diffusers_like = root / "diffusers-like"
     diffusers_like.mkdir()
-    (diffusers_like / "model_index.json").write_text("{}")
+    (diffusers_like / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    unsupported = root / "unsupported"
+    unsupported.mkdir()
+    (unsupported / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     a_file = root / "a-file"
     a_file.write_text("x")
     garbage = root / "garbage.jsonl"
     garbage.write_text("{not json\n")
     return {"root": root, "manifest": manifest, "not_a_pipeline": not_a_pipeline, "diffusers_like": diffusers_like,
-            "a_file": a_file, "garbage": garbage}
+            "a_file": a_file, "garbage": garbage, "unsupported": unsupported}
 
 
 def answer(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
@@ -72,6 +75,10 @@ def test_build_mistakes_are_one_line_and_create_nothing(
          f"weightzoo build: error: --base: no diffusers pipeline (model_index.json) at {bad}"),
         (["--manifest", m, "--base", str(tmp_path / "nobase"), "--dataset", str(dataset)],
          f"weightzoo build: error: --base: no diffusers pipeline at {tmp_path / 'nobase'}"),
+        (["--manifest", m, "--base", str(inputs["unsupported"]), "--dataset", str(dataset)],
+         f"weightzoo build: error: --base: {inputs['unsupported']}/model_index.json: pipeline class "
+         "'KandinskyPipeline' is not supported; supported: StableDiffusionPipeline (sd), "
+         "StableDiffusionXLPipeline (sdxl), StableDiffusion3Pipeline (sd3), FluxPipeline (flux)"),
         (["--manifest", m, "--base", base, "--dataset", str(dataset), "--engine", "edit-lora"],
          f"weightzoo build: error: --base: no edit base (config.json) at {base}"),
         (["--manifest", m, "--base", base, "--dataset", str(inputs["a_file"])],
@@ -80,6 +87,10 @@ def test_build_mistakes_are_one_line_and_create_nothing(
          "weightzoo build: error: unknown engine 'diffusers-lorra'; registered engines: diffusers-lora, edit-lora"),
         (["--base", base, "--dataset", str(dataset)],
          "weightzoo build: error: the following arguments are required (as flags or in --config): --manifest"),
+        (["--manifest", m, "--base", base, "--dataset", str(dataset), "--finetune-json", "[1]"],
+         "weightzoo build: error: --finetune-json must be a JSON object of the engine's config fields, got list"),
+        (["--manifest", m, "--base", base, "--dataset", str(dataset), "--finetune-json", '{"stepz": 1}'],
+         "weightzoo build: error: stepz: Extra inputs are not permitted"),
     ]
     for argv, line in cases:
         code, err = answer(["build", *argv], capsys)

@@ -18,15 +18,15 @@ from safetensors.torch import load_file
 
 import weightzoo
 from weightzoo.cli import main
-from weightzoo.cli.commands.build import BUILDS, record_config
 from weightzoo.errors import NotFoundError
+from weightzoo.flows.build_checks import BUILDS, record_config
 from weightzoo.flows.config import BuildConfig
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.finetune.export import PEFT_WEIGHT_NAME, WEIGHT_NAME
 from weightzoo.tasks.finetune.readers import read_manifest
-from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
 LAYOUT = Layout(keys=("mid.attn.to_q.lora_A.weight", "mid.attn.to_q.lora_B.weight"), shapes=((2, 8), (8, 2)),
                 dtype="float32")
@@ -115,6 +115,56 @@ def test_the_resolved_config_is_recorded_where_readers_do_not_look(tmp_path: Pat
     assert weightzoo.open_dataset(str(dataset)).count_rows() == 2
 
 
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_manifest_that_fails_validation_leaves_no_build_record(
+    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The manifest parses (so the CLI's first checks pass) but an image does not decode: the build flow
+    refuses it before ``_builds/`` is written, in one line, on a new dataset and on one with rows."""
+    from helpers import corrupt_image
+
+    folder = tmp_path / "m"
+    manifest = write_demo_manifest(str(folder), 2, images_per_subject=1, size=16)
+    corrupt_image(folder / "images" / "subject-00001" / "0.png")
+    fresh, existing = tmp_path / "fresh", tmp_path / "existing"
+    commit_rows(existing, ["subject-00000"])
+    for dataset in (fresh, existing):
+        capsys.readouterr()
+        assert main(["build", "--manifest", manifest, "--base", str(tiny_base), "--dataset", str(dataset)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("weightzoo build: error: 1 problem(s) in 1 row(s) of the manifest") and err.count("\n") == 1
+        assert not (dataset / BUILDS).exists()
+    assert not fresh.exists()
+    ids = weightzoo.weights(str(existing))[0].column("id").to_pylist()
+    assert (len(ids), len(set(ids))) == (1, 1)
+
+
+def test_a_read_only_dataset_folder_is_one_line_and_keeps_its_rows(
+    tmp_path: Path, tiny_base: Path, prefect_harness: None, capsys: pytest.CaptureFixture
+) -> None:
+    """A dataset on a file system remounted read-only: the build's config record is refused in one line
+    (no OSError traceback), exit code 2, and the committed rows are all still there."""
+    from helpers import can_mount, tmpfs
+
+    if not can_mount():
+        pytest.skip("mounting a tmpfs needs root")
+    import subprocess
+
+    manifest = write_demo_manifest(str(tmp_path / "m"), 2, images_per_subject=1, size=16)
+    with tmpfs(tmp_path / "mnt", "16m") as mnt:
+        dataset = mnt / "ds"
+        commit_rows(dataset, ["subject-00000"])
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        capsys.readouterr()
+        code = main(["build", "--manifest", manifest, "--base", str(tiny_base), "--dataset", str(dataset)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"weightzoo build: error: storage of {dataset} cannot be used: ") and "Read-only" in err
+        assert not (dataset / BUILDS).exists()
+        ids = weightzoo.weights(str(dataset))[0].column("id").to_pylist()
+        assert (len(ids), len(set(ids))) == (1, 1)
+
+
 def test_weights_and_lora_state_dict_match_the_export_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     dataset = tmp_path / "ds"
     w = commit_rows(dataset, ["a", "b", "c"])
@@ -148,7 +198,8 @@ def test_files_json_lists_the_files_before_the_layout(tmp_path: Path, capsys: py
     commit_rows(tmp_path / "ds", ["a"])
     assert main(["files", "--dataset", str(tmp_path / "ds"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert list(out) == ["dataset", "rows", "files", "layout"] and out["files"][0]["ids"] == ["a"]
+    assert list(out) == ["dataset", "rows", "files", "left_out", "layout"] and out["files"][0]["ids"] == ["a"]
+    assert out["left_out"] == [] and out["rows"] == 1
 
 
 @pytest.mark.usefixtures("prefect_harness", "one_thread")
@@ -157,7 +208,7 @@ def test_python_build_then_cli_build_with_config_resume_and_record(
 ) -> None:
     manifest = write_demo_manifest(str(tmp_path / "m"), 2, images_per_subject=1, size=32)
     dataset = tmp_path / "ds"
-    with pytest.raises(NotFoundError, match="--base: no diffusers pipeline"):
+    with pytest.raises(NotFoundError, match="^base: no diffusers pipeline"):
         weightzoo.build(manifest, str(tmp_path), str(dataset))
     assert not dataset.exists()
     summary = weightzoo.build(manifest, str(tiny_base), str(dataset), finetune=TINY_FINETUNE, batch_size=2)

@@ -24,11 +24,11 @@ from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta
 from weightzoo.storage.writer import commit_batch
-from weightzoo.tasks.finetune.base_model import load_base
-from weightzoo.tasks.finetune.config import FinetuneConfig
-from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import PEFT_CONFIG_NAME, PEFT_PREFIX, PEFT_WEIGHT_NAME, WEIGHT_NAME
-from weightzoo.tasks.finetune.synthetic import make_subjects
+from weightzoo.tasks.identity.base_model import load_base
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.engine import finetune_batch
+from weightzoo.tasks.identity.synthetic import make_subjects
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

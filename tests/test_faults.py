@@ -26,7 +26,7 @@ from weightzoo.storage.lease import Lease, leased_batches
 from weightzoo.storage.ledger import Ledger
 from weightzoo.tasks.finetune.manifest import CHUNK_ROWS, load_and_validate
 from weightzoo.tasks.finetune.row import ManifestError
-from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
 FINETUNE = json.dumps(TINY_FINETUNE)
 
@@ -171,8 +171,10 @@ def test_a_lease_held_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_p
     path.write_text(json.dumps({"holder": "x", "expires": 9e9, "host": socket.gethostname(), "pid": os.getpid(),
                                 "started": 1}))
     assert Lease(ledger, "b-2", ttl_s=120).acquire(settle_s=0)
-    # Another host's lease cannot be judged from here: it is respected until it expires.
-    path.write_text(json.dumps({"holder": "x", "expires": 9e9, "host": "elsewhere", "pid": 1, "started": 1}))
+    # Another host's lease cannot be judged from here: it is respected until it expires (an expiry within its
+    # TTL; one further ahead is a wrong clock, tests/test_probe.py).
+    path.write_text(json.dumps({"holder": "x", "expires": time.time() + 100, "ttl_s": 120, "host": "elsewhere",
+                                "pid": 1, "started": 1}))
     assert not Lease(ledger, "b-2", ttl_s=120).acquire(settle_s=0)
     assert _visible(dataset) == (0, 0)
 
@@ -241,7 +243,7 @@ def test_export_onto_an_existing_file_is_one_line(
     tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
-    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
     manifest, dataset = _manifest(tmp_path, 1), str(tmp_path / "ds")
     ids = [json.loads(line)["id"] for line in Path(manifest).read_text().splitlines()]

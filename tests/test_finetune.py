@@ -18,17 +18,17 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from weightzoo.storage.card import Recipe
-from weightzoo.tasks.finetune import engine as finetune
-from weightzoo.tasks.finetune.base_model import load_base
-from weightzoo.tasks.finetune.class_images import class_latents
-from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.driver import clip_per_item
-from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import WEIGHT_NAME, export_lora
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
-from weightzoo.tasks.finetune.recipes.lora import lora_layout
 from weightzoo.tasks.finetune.row import ManifestRow
-from weightzoo.tasks.finetune.synthetic import make_subjects
+from weightzoo.tasks.identity import engine as finetune
+from weightzoo.tasks.identity.base_model import load_base
+from weightzoo.tasks.identity.class_images import class_latents
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.engine import finetune_batch
+from weightzoo.tasks.identity.recipes.lora import lora_layout
+from weightzoo.tasks.identity.synthetic import make_subjects
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
@@ -282,7 +282,7 @@ def test_sd15_layout_matches_weights2weights() -> None:
     """SD 1.5's UNet (meta tensors, no memory) gives w2w's 99,648 values at rank 1, to_q/to_v."""
     from diffusers import UNet2DConditionModel
 
-    from weightzoo.tasks.finetune.base_model import SD15_UNET
+    from weightzoo.tasks.identity.base_model import SD15_UNET
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)

@@ -15,23 +15,24 @@ import yaml
 from helpers import REPO, TINY_FINETUNE, corrupt_image
 
 from weightzoo.cli import main as cli
+from weightzoo.flows.build_checks import BUILDS
 from weightzoo.flows.build_dataset import build_dataset
 from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch, train_and_commit
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.ledger import Ledger
 from weightzoo.tasks.finetune.batch import batch_id_for, plan_batches, run_batch
-from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.finetune.row import ManifestError
-from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _request(manifest: str, base: Path, dataset: Path, **kw) -> BuildConfig:
-    return BuildConfig(manifest=manifest, base=str(base), dataset=str(dataset),
-                        finetune=FinetuneConfig(**TINY_FINETUNE), **kw)
+    return BuildConfig(**{"manifest": manifest, "base": str(base), "dataset": str(dataset),
+                          "finetune": FinetuneConfig(**TINY_FINETUNE), **kw})
 
 
 def _flow_runs(name_prefix: str) -> list:
@@ -239,7 +240,32 @@ def test_bad_manifest_fails_the_flow_before_any_training(tmp_path: Path, tiny_ba
         state.result()
     assert {p.id for p in err.value.problems} == {"subject-00000", "subject-00002"}
     assert Ledger(str(tmp_path / "ds")).commits() == [] and not (tmp_path / "ds" / "shards").exists()
+    assert not (tmp_path / "ds" / BUILDS).exists()  # the config is recorded only once every row passed
     assert "manifest-problems" in _artifact_keys()
+    assert Dataset(str(tmp_path / "ds")).ids == []
+
+
+def test_a_deployment_started_build_checks_its_inputs_and_fails_with_the_reason(tmp_path: Path, tiny_base: Path) -> None:
+    """The build-dataset deployment calls the flow with its parameters, no CLI in front: the flow's own
+    checks refuse a missing manifest, a base of the wrong kind and an unknown field of the engine's config,
+    each run Failed with the one-line reason as its state message, before anything is made."""
+    dataset = tmp_path / "ds"
+    manifest = write_demo_manifest(str(tmp_path / "m"), 2, images_per_subject=1, size=16)
+    missing = tmp_path / "nope.jsonl"
+    cases = [
+        (_request(str(missing), tiny_base, dataset), f"NotFoundError: manifest: no such file {missing}"),
+        (_request(manifest, tmp_path / "m", dataset), f"NotFoundError: base: no diffusers pipeline (model_index.json) "
+                                                      f"at {tmp_path / 'm'}"),
+        (_request(manifest, tiny_base, dataset, engine="edit-lora", finetune=None),
+         f"NotFoundError: base: no edit base (config.json) at {tiny_base}"),
+    ]
+    for config, reason in cases:
+        params = config.model_dump(mode="json")  # what a deployment run receives
+        state = build_dataset(BuildConfig(**params), return_state=True)
+        assert state.is_failed() and state.message == f"Flow run encountered an exception: {reason}"
+    with pytest.raises(ValueError, match="stepz"):  # the engine's own config model checks the parameters
+        BuildConfig(**{**params, "engine": "diffusers-lora", "finetune": {"stepz": 1}})
+    assert not dataset.exists()
 
 
 # -- deployments contract (yaml only: no flow is imported to check it) ---------------------------------

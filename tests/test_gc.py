@@ -208,8 +208,8 @@ def test_gc_with_zero_grace_racing_a_build_never_loses_a_row(
     from helpers import TINY_FINETUNE
 
     from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     engine, n, per_batch = _null_engine(), 12, 4
     manifest = write_demo_manifest(str(tmp_path / "m"), n, images_per_subject=1, size=32)

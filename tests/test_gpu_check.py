@@ -8,7 +8,7 @@ import sys
 
 from helpers import REPO
 
-from weightzoo.tasks.finetune import recipes
+from weightzoo.tasks.identity import recipes
 
 
 def test_gpu_check_tiny_prints_every_row() -> None:
@@ -20,7 +20,7 @@ def test_gpu_check_tiny_prints_every_row() -> None:
     rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
     expected = ["models/hour packed (pack=3)", "models/hour sequential (pack=1)", "models/hour one process per identity",
                 "packed = sequential (fp32)", *[f"step time: {n}" for n in recipes.names()], "subspace fit",
-                "weight diffusion training"]
+                "weight diffusion training", "sdxl: rows/s packed / sequential", "flux: rows/s packed / sequential"]
     assert list(rows) == expected
     for name in expected:
         assert float(rows[name][0]) >= 0 and rows[name][1], (name, rows[name])

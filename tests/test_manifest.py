@@ -26,7 +26,7 @@ from weightzoo.tasks.finetune.row import (
     image_uris,
     manifest_folder,
 )
-from weightzoo.tasks.finetune.synthetic import make_subjects
+from weightzoo.tasks.identity.synthetic import make_subjects
 
 
 @pytest.fixture

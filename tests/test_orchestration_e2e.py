@@ -65,7 +65,7 @@ def test_cli_deployment_build_from_another_folder_fans_out_over_three_batches_wi
     """One server/worker run checks both: the fan-out (3 batch runs, each completed and linked to the parent)
     and ``weightzoo build`` from a user's folder with relative paths (sent absolute, resolved there)."""
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     n, user = 6, tmp_path / "user"  # the user's folder: not the checkout the workers start in
     write_demo_manifest(str(user / "m"), n)
@@ -118,7 +118,7 @@ def test_kill_worker_mid_batch_then_resume_commits_each_id_exactly_once(
     from weightzoo.storage.dataset import Dataset
     from weightzoo.storage.ledger import Ledger
     from weightzoo.storage.shards import RowMeta, write_shard
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     n = 4  # batches of 2: the first commits, the second is killed mid-training
     manifest = write_demo_manifest(str(tmp_path / "m"), n)

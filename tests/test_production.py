@@ -275,7 +275,7 @@ def test_fan_out_on_two_workers_whose_killed_run_is_crashed_by_the_automation_an
     from prefect.client.orchestration import get_client
 
     from weightzoo.flows.build_dataset import build_dataset
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     n = 6  # 3 batches of 2 on 2 workers: one worker is killed mid-batch, the other finishes everything
     manifest = write_demo_manifest(str(tmp_path / "m"), n)

@@ -1,4 +1,4 @@
-"""Recipes (tasks/finetune/recipes/): the registry, Orthogonal Adaptation merging, Celeb Basis, and a
+"""Recipes (tasks/identity/recipes/): the registry, Orthogonal Adaptation merging, Celeb Basis, and a
 dataset of every recipe through shards, export and the PCA subspace.
 
 Tiny model, a few steps, one torch thread. One module fixture builds a small committed dataset per
@@ -17,16 +17,16 @@ from safetensors.torch import load_file
 
 from weightzoo.cli import main as cli
 from weightzoo.storage.dataset import Dataset
-from weightzoo.tasks.finetune import recipes
-from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
-from weightzoo.tasks.finetune.config import FinetuneConfig
-from weightzoo.tasks.finetune.engine import finetune_batch
 from weightzoo.tasks.finetune.export import export, merged_state_dict
-from weightzoo.tasks.finetune.perfusion_loader import load_perfusion, unload_perfusion
-from weightzoo.tasks.finetune.recipes.celeb_basis import KEY
-from weightzoo.tasks.finetune.recipes.perfusion import EMBEDDING, VALUE
-from weightzoo.tasks.finetune.synthetic import make_subjects, write_demo_manifest
+from weightzoo.tasks.identity import recipes
+from weightzoo.tasks.identity.base_model import load_base
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.engine import finetune_batch
+from weightzoo.tasks.identity.perfusion_loader import load_perfusion, unload_perfusion
+from weightzoo.tasks.identity.recipes.celeb_basis import KEY
+from weightzoo.tasks.identity.recipes.perfusion import EMBEDDING, VALUE
+from weightzoo.tasks.identity.synthetic import make_subjects, write_demo_manifest
 from weightzoo.tasks.subspace.config import SubspaceConfig
 from weightzoo.tasks.subspace.pca import fit_subspace, load_subspace
 
@@ -170,7 +170,7 @@ def _unet_out(pipe: StableDiffusionPipeline) -> torch.Tensor:
 def test_lora_fa_rows_hold_b_and_export_merge_sample_edit_load_in_diffusers(
     datasets: dict, tiny_base: Path, tmp_path: Path
 ) -> None:
-    from weightzoo.tasks.finetune.recipes.lora import fa_init
+    from weightzoo.tasks.identity.recipes.lora import fa_init
     from weightzoo.tasks.subspace import w2w
 
     uri, cache = datasets["lora_fa"]

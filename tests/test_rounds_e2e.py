@@ -46,8 +46,8 @@ def test_batch_runs_lost_to_an_api_error_are_replanned_by_the_default_rounds(
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildConfig
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
     process_worker(POOL, limit=2)
     n = 4

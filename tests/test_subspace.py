@@ -148,7 +148,7 @@ def test_on_s3(s3_bucket: str, matrix: np.ndarray) -> None:
     check_against_exact(matrix, f"{s3_bucket}/sub")
     fs, path = filesystem(f"{s3_bucket}/sub")
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    assert names == ["card.json", "coords.parquet", "subspace.safetensors"]
+    assert names == ["card.json", "coords.parquet", "directions.json", "directions.safetensors", "subspace.safetensors"]
     card = json.loads(fs.cat_file(f"{path}/card.json"))
     assert card["dataset"] == f"{s3_bucket}/ds" and Layout.from_json(json.dumps(card["layout"])).numel == D
 

@@ -12,7 +12,7 @@ from PIL import Image
 from weightzoo.tasks.finetune.images import load_image, load_images
 from weightzoo.tasks.finetune.manifest import load_and_validate
 from weightzoo.tasks.finetune.row import ManifestRow
-from weightzoo.tasks.finetune.synthetic import (
+from weightzoo.tasks.identity.synthetic import (
     ATTRIBUTES,
     BACKGROUNDS,
     COLOURS,

@@ -65,7 +65,7 @@ def _invert_command(root: Path, tiny_base: Path, tiny_pipe) -> str:
     """``weightzoo invert`` on a tiny fitted subspace of the tiny model, a few steps (a shell line)."""
     from test_w2w import write_lora_dataset
 
-    from weightzoo.tasks.finetune.synthetic import _draw, _rng, _subject
+    from weightzoo.tasks.identity.synthetic import _draw, _rng, _subject
     from weightzoo.tasks.subspace.config import SubspaceConfig
     from weightzoo.tasks.subspace.pca import fit_subspace
 

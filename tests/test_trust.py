@@ -31,10 +31,10 @@ from weightzoo.storage.lease import Lease
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.retry import is_permanent, is_transient, with_retries
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.base_model import save_tiny_pipeline
 from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
-from weightzoo.tasks.finetune.config import FinetuneConfig
-from weightzoo.tasks.finetune.synthetic import write_demo_manifest
+from weightzoo.tasks.identity.base_model import save_tiny_pipeline
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
 CONFIG = FinetuneConfig(**TINY_FINETUNE)
 

@@ -43,9 +43,9 @@ N, K = 96, 10
 def write_lora_dataset(uri: str, pipe, n: int = N) -> None:
     """``n`` synthetic rows of ``pipe``'s real LoRA layout (see the module docstring), committed at ``uri``;
     also used by tests/test_terminal.py."""
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import resolved_hparams
-    from weightzoo.tasks.finetune.recipes.lora import lora_layout
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.engine import resolved_hparams
+    from weightzoo.tasks.identity.recipes.lora import lora_layout
 
     config = FinetuneConfig(prior_preservation=False)
     layout = lora_layout(pipe, config)
@@ -105,7 +105,7 @@ def test_project_rows_and_exported_files(lora_dataset: tuple[str, Subspace], tmp
 def test_sampled_lora_loads_in_diffusers_and_matches_functional_unet(
     lora_dataset: tuple[str, Subspace], tiny_base: Path, tiny_pipe, tmp_path: Path
 ) -> None:
-    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.identity.base_model import load_base
 
     _, sub = lora_dataset
     weights, c = sample(sub, 3, seed=1)
@@ -154,7 +154,7 @@ def test_edit_moves_the_attribute_probe_and_keeps_the_others(lora_dataset: tuple
 
 
 def test_invert_lowers_the_loss_and_leaves_the_pipeline_alone(lora_dataset: tuple[str, Subspace], tiny_pipe) -> None:
-    from weightzoo.tasks.finetune.synthetic import _draw, _rng, _subject
+    from weightzoo.tasks.identity.synthetic import _draw, _rng, _subject
 
     _, sub = lora_dataset
     rng = _rng(3, 0)
@@ -178,7 +178,7 @@ def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tiny_ba
     import json
 
     from weightzoo.cli import main
-    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.identity.base_model import load_base
 
     uri, _ = lora_dataset
     sub_uri = str(tmp_path / "sub")
@@ -195,9 +195,17 @@ def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tiny_ba
         with_lora = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
     assert pipe.get_active_adapters() and (with_lora - plain).abs().max() > 1e-4
     edited = str(tmp_path / "edited.safetensors")
+    capsys.readouterr()
     assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=red", "--strength", "2",
                  "--disentangle", "shape", "--out", edited]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr()
+    stored = json.loads((tmp_path / "sub" / "directions.json").read_text())["colour"]
+    assert f"colour: cross-validated accuracy {stored['cv_accuracy']:.2f}" in printed.out
+    if stored["counts"]["red"] < 10:  # the few-rows warning names the count
+        assert f"only {stored['counts']['red']} of" in printed.err
+    assert main(["edit", "--subspace", sub_uri, "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in listed] == sorted(json.loads((tmp_path / "sub" / "directions.json").read_text()))
     assert main(["project", "--subspace", sub_uri, "--lora", edited, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["coords"]) == K and out["rel_error"] < 0.05
@@ -267,9 +275,9 @@ def test_relative_refs_on_local_disk_and_buckets() -> None:
 @pytest.fixture(scope="module")
 def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[Subspace, list, str]:
     """8 synthetic subjects fine-tuned for 30 steps each (32 px, one pack), committed, fitted with k=4."""
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.engine import finetune_batch
-    from weightzoo.tasks.finetune.synthetic import make_subjects
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.engine import finetune_batch
+    from weightzoo.tasks.identity.synthetic import make_subjects
 
     root = str(tmp_path_factory.mktemp("real"))
     subjects = make_subjects(root, 8, images_per_subject=2, seed=0, size=32)
@@ -289,8 +297,8 @@ def real_subspace(tmp_path_factory: pytest.TempPathFactory, tiny_pipe) -> tuple[
 def test_real_rows_edit_sample_invert(real_subspace: tuple[Subspace, list, str], tiny_base: Path, tiny_pipe,
                                       tmp_path: Path) -> None:
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.base_model import load_base
     from weightzoo.tasks.finetune.images import load_images
+    from weightzoo.tasks.identity.base_model import load_base
 
     sub, subjects, root = real_subspace
     assert sub.card["rows"] == 8 and sub.explained_variance_ratio.sum() > 0.3
@@ -343,3 +351,22 @@ def test_invert_checks_its_images_before_loading_anything(tmp_path: Path, capsys
         assert main(common + extra) == 2, extra
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, (extra, err)
+
+
+def test_probes_are_chosen_by_cross_validation() -> None:
+    """A label carried by two coordinates among many noisy ones: the CV probe finds it (accuracy near 1, few
+    components); labels drawn at random: accuracy near chance, which the edit warning reports."""
+    from weightzoo.tasks.subspace.probes import fit_probe
+
+    g = torch.Generator().manual_seed(0)
+    n, k = 240, 64
+    c = torch.randn(n, k, generator=g) * torch.linspace(3, 0.5, k)
+    labels = ["a" if x > 0 else "b" for x in (c[:, 0] + c[:, 1]).tolist()]
+    probe = fit_probe(c, labels, "tone")
+    assert probe.cv_accuracy > 0.9 and probe.components <= 4 and probe.counts == {
+        "a": labels.count("a"), "b": labels.count("b")}
+    d = probe.direction("a")
+    assert float(d[:2].norm() / d.norm()) > 0.9  # the direction lies along the two informative coordinates
+    noise = [("x", "y", "z")[int(i)] for i in torch.randint(0, 3, (n,), generator=g)]
+    chance = fit_probe(c, noise, "noise")
+    assert chance.cv_accuracy < chance.chance + 0.1

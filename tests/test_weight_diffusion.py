@@ -46,7 +46,7 @@ from weightzoo.tasks.diffusion.generator import (
     train_weight_diffusion,
 )
 from weightzoo.tasks.diffusion.retrieval import knn_weights, loo_residuals
-from weightzoo.tasks.finetune.config import FinetuneConfig
+from weightzoo.tasks.identity.config import FinetuneConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread is steadiest
 
@@ -71,8 +71,8 @@ def _rows(layout, n: int, seed: int = 0) -> tuple[list[RowMeta], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def layout(tiny_pipe):
-    from weightzoo.tasks.finetune.config import FinetuneConfig
-    from weightzoo.tasks.finetune.recipes.lora import lora_layout
+    from weightzoo.tasks.identity.config import FinetuneConfig
+    from weightzoo.tasks.identity.recipes.lora import lora_layout
 
     return lora_layout(tiny_pipe, FinetuneConfig())
 
@@ -266,7 +266,7 @@ def test_generation_is_seeded_and_un_normalised(trained) -> None:
 def test_generate_cli_writes_a_lora_diffusers_loads(trained, tiny_base: Path, tmp_path: Path) -> None:
     pytest.importorskip("weightzoo.tasks.finetune.export")
     from weightzoo.cli import main
-    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.identity.base_model import load_base
 
     config, _ = trained
     out = tmp_path / "lora" / "pytorch_lora_weights.safetensors"

@@ -13,10 +13,17 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.manifest import load_and_validate
-from weightzoo.tasks.world.base import INFO_FILE, SHIPPED, build_world_base, shipped_base
+from weightzoo.tasks.identity.base_model import load_base
+from weightzoo.tasks.world.base import (
+    HASHES_FILE,
+    INFO_FILE,
+    SHIPPED,
+    build_world_base,
+    check_world_base,
+    shipped_base,
+)
 from weightzoo.tasks.world.config import VERSION, WorldBaseSettings
 from weightzoo.tasks.world.evaluate import prompt_accuracy
 from weightzoo.tasks.world.identities import PROMPT, preview_grid, world_finetune_config, write_world_manifest
@@ -75,6 +82,10 @@ def test_world_base_is_a_diffusers_pipeline_that_loads_offline_and_is_cached(wor
     before = (world_base / INFO_FILE).stat().st_mtime_ns
     assert build_world_base(world_base.parent, seed=0, steps=3, vae_steps=3, pool=64) == world_base
     assert (world_base / INFO_FILE).stat().st_mtime_ns == before
+    hashes = json.loads((world_base / HASHES_FILE).read_text())  # a pretrained base records its files' hashes
+    assert set(hashes) == {p.relative_to(world_base).as_posix() for p in world_base.rglob("*")
+                           if p.is_file() and p.name != HASHES_FILE}
+    check_world_base(world_base)
 
 
 def test_world_base_is_reproducible_from_its_seed(world_base: Path, tmp_path: Path) -> None:
@@ -115,9 +126,9 @@ def test_a_world_lora_trains_and_previews_through_diffusers(world_base: Path, tm
     """One trained row: its preview grid, the PNG beside its exported file (--preview) and the card's
     previews (publish --preview), all through diffusers' own LoRA loading."""
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.base_model import load_base
     from weightzoo.tasks.finetune.batch import run_batch
     from weightzoo.tasks.finetune.export import export_lora
+    from weightzoo.tasks.identity.base_model import load_base
     from weightzoo.tasks.world.previews import card_previews, lora_file_preview
 
     pipe = load_base(str(world_base))
@@ -169,3 +180,32 @@ def test_base_command_makes_each_kind_once_and_refuses_other_settings(tmp_path: 
     assert main(["base", "--kind", "toy", "--out", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "model_index.json").exists() and not (tmp_path / "t" / INFO_FILE).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "w"]
+
+
+def test_subspace_traversal_and_edit_previews_are_drawn(world_base: Path, tmp_path: Path, capsys) -> None:
+    """fit-subspace --preview draws each top component at -2, 0, +2 std; edit --preview draws the row before
+    and after its edit side by side; both through diffusers' own LoRA loading."""
+    from weightzoo.cli import main
+    from weightzoo.storage.dataset import Dataset
+    from weightzoo.tasks.finetune.batch import run_batch
+
+    manifest = write_world_manifest(str(tmp_path / "m"), 4, images_per_identity=1)
+    rows = load_and_validate(manifest)
+    config = world_finetune_config(steps=2, prior_preservation=False, pack=4)
+    run_batch("b-1", [r.id for r in rows], manifest, str(world_base), str(tmp_path / "ds"), config)
+    sub = str(tmp_path / "sub")
+    assert main(["fit-subspace", "--dataset", str(tmp_path / "ds"), "--out", sub, "-k", "2", "--no-prefect",
+                 "--preview", str(world_base)]) == 0
+    traversal = Image.open(tmp_path / "sub" / "traversal.png")
+    assert traversal.width == 3 * 100 and traversal.height == 2 * (96 + 14)  # 2 components x 3 strengths
+    attribute = next(a for a in rows[0].attributes if len({r.attributes[a] for r in rows}) > 1)
+    target = next(r.attributes[attribute] for r in rows if r.attributes[attribute] != rows[0].attributes[attribute])
+    out = str(tmp_path / "edit.safetensors")
+    capsys.readouterr()
+    assert main(["edit", "--subspace", sub, "--id", rows[0].id, "--attribute", f"{attribute}={target}",
+                 "--out", out, "--preview", str(world_base)]) == 0
+    printed = capsys.readouterr()
+    assert f"only 1 of 4 fitted rows are {attribute}={target}" in printed.err or "fitted rows are" in printed.err
+    preview = Image.open(tmp_path / "edit.preview.png")
+    assert preview.height == 2 * (96 + 14) and preview.width == 4 * 100
+    assert sorted(Dataset(str(tmp_path / "ds")).ids) == sorted(r.id for r in rows)

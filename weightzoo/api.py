@@ -1,7 +1,7 @@
 """The Python API for notebooks and scripts: build a dataset, read its rows as tensors or as a LoRA.
 
-``weightzoo.build(...)`` runs the same checks and flow as ``weightzoo build`` (paths made absolute,
-inputs checked before anything is made, the resolved config recorded under ``<dataset>/_builds/``).
+``weightzoo.build(...)`` runs the same flow, and so the same checks, as ``weightzoo build`` (paths made
+absolute, inputs checked before anything is made, the resolved config recorded under ``<dataset>/_builds/``).
 ``weights(dataset)`` gives rows as one ``(n, D)`` tensor; ``lora_state_dict(dataset, id)`` gives one row
 as the state dict ``pipe.load_lora_weights`` (diffusers) or ``set_peft_model_state_dict`` (peft) takes.
 """
@@ -23,20 +23,25 @@ def build(manifest: str, base: str, dataset: str, *, finetune: dict[str, Any] | 
 
     ``finetune`` holds the engine's fine-tune settings (a dict, or the engine's config model);
     ``settings`` any other ``BuildConfig`` field (``batch_size``, ``engine``, ``executor``, ...).
-    A wrong path, base or engine raises a ``weightzoo.errors`` error before anything is created.
+    A wrong path, base or engine raises a ``weightzoo.errors`` error before anything is created (checked
+    here, before a Prefect API starts, and again by the flow, as for every build); an incomplete build
+    raises the flow's ``BuildIncomplete``, whose ``summary`` has the counts.
     """
-    from weightzoo.cli.commands.build import check_inputs, record_config
-    from weightzoo.cli.paths import absolute
+    from weightzoo.flows.build_checks import check_inputs
     from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.flows.config import BuildConfig
-    from weightzoo.tasks.finetune import engines
 
-    manifest, base, dataset = absolute(manifest), absolute(base), absolute(dataset)
+    manifest, base, dataset = _absolute(manifest), _absolute(base), _absolute(dataset)
     engine = check_inputs(manifest, base, dataset, settings.pop("engine", None))
-    config = finetune if finetune is not None and not isinstance(finetune, dict) else engines.get(engine).config(**(finetune or {}))
-    request = BuildConfig(manifest=manifest, base=base, dataset=dataset, engine=engine, finetune=config, **settings)
-    record_config(request)
+    request = BuildConfig(manifest=manifest, base=base, dataset=dataset, engine=engine, finetune=finetune, **settings)
     return build_dataset(request)
+
+
+def _absolute(path: str) -> str:
+    """A local path made absolute (a flow run may start in another folder); a URI as it is."""
+    import os
+
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
 def weights(dataset: str, ids: Sequence[str] | None = None, dtype: torch.dtype | None = None) -> tuple[pa.Table, torch.Tensor]:

@@ -21,7 +21,7 @@ class EditFinetuneConfig(TrainingConfig):
 
     RENAMED: ClassVar[dict[str, str]] = {"batch_size": "pairs_per_step", "image_size": "resolution"}
 
-    # The discriminator of `FinetuneConfig | EditFinetuneConfig` in flows.
+    # Stored in every row's `method` column.
     # "edit-lora-fa" (LoRA-FA): A frozen to seeded orthogonal rows shared by every row (the layout rebuilds it),
     # B trained, so rows hold B and ΔW = B·A is linear in the row (docs/BENCHMARKS.md, "Edit LoRA rows").
     method: Literal["edit-lora", "edit-lora-fa"] = Field(

@@ -1,6 +1,6 @@
 """The ``edit-lora`` engine: one LoRA per editing concept on the image-to-image base, packed per step.
 
-Same contract as ``tasks/finetune/engine.py`` (``BatchResult`` of ``ItemResult``): rows in, one flat
+Same contract as ``tasks/identity/engine.py`` (``BatchResult`` of ``ItemResult``): rows in, one flat
 vector per row (canonical ``Layout``: ``<conv>.lora_A.weight`` / ``.lora_B.weight``, peft's shapes), its
 final L1 loss, or why it failed. Reading top to bottom:
 

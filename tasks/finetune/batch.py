@@ -31,7 +31,7 @@ from weightzoo.storage.shards import RowMeta
 from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.config import LEASE_TTL_S
+from weightzoo.tasks.finetune.contract import LEASE_TTL_S
 from weightzoo.tasks.finetune.driver import train_batch
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.finetune.row import ManifestRow, manifest_folder

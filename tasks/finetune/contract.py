@@ -21,6 +21,16 @@ if TYPE_CHECKING:  # annotations only: the configs import this module, and `--he
     from weightzoo.storage.layout import Layout
 
 
+# Defaults of a build's parameters (flows/config.py) and of ``batch.run_batch``, here so that neither the
+# CLI's flags nor the flows' config import the batch module's torch.
+# A deployment batch is one fresh worker process whose start (imports, base load, API calls) must stay a
+# small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start
+# under 1% at weightzoo's defaults (docs/BENCHMARKS.md, "Orchestration overhead").
+DEFAULT_BATCH_SIZE = 64
+# A batch's lease outlives a killed holder by at most this long (renewed every third of it while training).
+LEASE_TTL_S = 120.0
+
+
 class TrainingConfig(BaseModel):
     """Training fields shared by every engine (an engine's config subclasses this and sets its defaults)."""
 
@@ -116,7 +126,13 @@ class RowRules:
 class Engine:
     """A named fine-tune engine: base loader, base fingerprint, batch preparation for the shared driver
     (``driver.train_batch`` trains what it prepares), its config model and the manifest checks its rows
-    need beyond the shared ones."""
+    need beyond the shared ones; optionally a light base check, a toy base and demo rows.
+
+    It is the one place a workload is named: the build's checks, the flows' config, ``weightzoo base`` and
+    ``weightzoo demo`` ask the engine and name none. An engine may leave the optional hooks None (a plugin
+    usually does): then a build checks only that a local base path exists (a URI is left to the loader),
+    and ``weightzoo base --engine``/the demo refuse it in one line.
+    """
 
     name: str
     load_base: Callable[[str, str], Any]  # (base URI, device) -> loaded base; called once per process
@@ -128,3 +144,13 @@ class Engine:
     # differentiable in the (n, D) rows: the weight generator's objective 'task' (tasks/diffusion/objective.py).
     # None: the workload makes no examples.
     task_loss: Callable[..., Any] | None = None
+    # base URI -> None, or a one-line ``InputError``/``NotFoundError`` (no flag name: the caller adds it).
+    # Reads index files only and loads nothing: the CLI runs it before any server starts, the build flow
+    # before any batch. None: only that a local base exists.
+    check_base: Callable[[str], None] | None = None
+    # (out, *, seed, **options) -> base URI: a small base made offline (nothing downloaded) at ``out``, kept
+    # when ``out`` already holds it; for tests, benches, the demo and ``weightzoo base``. None: no toy base.
+    toy_base: Callable[..., str] | None = None
+    # (workdir, items, **options) -> manifest URI: ``items`` demo rows (and their files) under ``workdir``,
+    # deterministic so that a rerun resumes; the demo pipeline's manifest. None: no demo.
+    demo_rows: Callable[..., str] | None = None

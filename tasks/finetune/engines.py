@@ -3,10 +3,12 @@
 An engine (``contract.Engine``) is what a worker needs to turn manifest rows into rows of a dataset:
 how to load its base (once per process), how to fingerprint that base (stored with every row), how to
 prepare one batch for the shared driver (``prepare(base, items, config, *, base_uri, cache_dir) ->
-driver.Prepared``), the fine-tune config model it accepts and the manifest checks its rows need.
-A built-in engine's entry imports no torch: its config and row rules are torch-free modules and its
-functions are imported on first call, so the CLI builds flags from ``get(name).config`` at once. The built-in engines are
-listed here; a plugin package adds one through the
+driver.Prepared``), the fine-tune config model it accepts and the manifest checks its rows need; and,
+optionally, a light base check, a toy base and demo rows (the build's checks, ``weightzoo base`` and the
+demo ask the engine for those, never a workload's name).
+A built-in engine's entry imports no torch: its config, row rules and checks are torch-free modules and its
+other functions are imported on first call, so the CLI builds flags from ``get(name).config`` at once. The
+built-in engines are listed here; a plugin package adds one through the
 ``weightzoo.engines`` entry-point group (installed deliberately, so its import is the user's choice),
 and a script or bench may ``register`` one in its own process, where only that process can use it.
 """
@@ -34,21 +36,25 @@ def _lazy(module: str, name: str) -> Callable[..., Any]:
 
 
 def _diffusers_lora() -> Engine:
-    from weightzoo.tasks.finetune.config import FinetuneConfig
+    from weightzoo.tasks.identity import workload
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
-    base, engine = "weightzoo.tasks.finetune.base_model", "weightzoo.tasks.finetune.engine"
+    base, engine = "weightzoo.tasks.identity.base_model", "weightzoo.tasks.identity.engine"
     return Engine(DEFAULT_ENGINE, _lazy(base, "load_base"), _lazy(base, "base_fingerprint"),
-                  _lazy(engine, "prepare"), FinetuneConfig)
+                  _lazy(engine, "prepare"), FinetuneConfig, check_base=workload.check_base,
+                  toy_base=workload.toy_base, demo_rows=workload.demo_rows)
 
 
 def _edit_lora() -> Engine:
+    from weightzoo.tasks.concepts import workload
     from weightzoo.tasks.concepts.config import EditFinetuneConfig
     from weightzoo.tasks.concepts.rows import EditRowRules
 
     base, engine = "weightzoo.tasks.concepts.base", "weightzoo.tasks.concepts.finetune"
     return Engine("edit-lora", _lazy(base, "load_base"), _lazy(base, "base_fingerprint"),
                   _lazy(engine, "prepare"), EditFinetuneConfig, EditRowRules(),
-                  _lazy("weightzoo.tasks.concepts.task_loss", "edit_task_loss"))
+                  _lazy("weightzoo.tasks.concepts.task_loss", "edit_task_loss"), check_base=workload.check_base,
+                  toy_base=workload.toy_base, demo_rows=workload.demo_rows)
 
 
 # Factories, so that naming an engine imports nothing heavy until it is used.

@@ -2,7 +2,7 @@
 
 **diffusers** (the default, ``pytorch_lora_weights.safetensors``): a row holds the adapters exactly
 as trained (A, B, no scaling). The file holds peft/diffusers keys (``unet.<module>.lora_A.weight``,
-``...lora_B.weight``) with the ``alpha / rank`` scale baked into ``lora_B``: diffusers loads a
+``...lora_B.weight``; ``transformer.`` for SD3 and Flux rows, whose family the row's hparams record) with the ``alpha / rank`` scale baked into ``lora_B``: diffusers loads a
 peft-format file without alphas at scale 1, so baking is what makes ``pipe.load_lora_weights(path)``
 reproduce the trained model in any diffusers version and any other tool reading the same format. Tensors are written as float32 so baking adds no rounding. Safetensors
 only: a weights file is never a pickle.
@@ -41,15 +41,25 @@ PEFT_PREFIX = "base_model.model."  # PeftModel wraps the UNet as base_model (Lor
 FORMATS = ("diffusers", "peft")
 
 
+def key_prefix(hparams: dict) -> str:
+    """The prefix ``load_lora_weights`` expects of the row's model family: ``unet`` (sd, sdxl) or
+    ``transformer`` (sd3, flux). Rows from before families were recorded are SD rows."""
+    from weightzoo.tasks.identity.families import get
+
+    return get(str(hparams.get("family", "sd"))).denoiser
+
+
 def lora_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict) -> dict[str, torch.Tensor]:
-    """The diffusers-format state dict of one row: ``unet.``-prefixed keys, float32, scale baked into B."""
+    """The diffusers-format state dict of one row: keys prefixed by the family's denoiser (``unet.``,
+    ``transformer.``), float32, scale baked into B."""
     scale = float(hparams["alpha"]) / float(hparams["rank"])
+    prefix = key_prefix(hparams)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in layout.unflatten(weights).items():
         if not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"{key!r} is not a LoRA key (…lora_A.weight / …lora_B.weight); not a LoRA layout")
         t = tensor.float()
-        out[f"unet.{key}"] = (t * scale if key.endswith(".lora_B.weight") else t).contiguous()
+        out[f"{prefix}.{key}"] = (t * scale if key.endswith(".lora_B.weight") else t).contiguous()
     return out
 
 
@@ -121,7 +131,7 @@ def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, ou
     """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder).
 
     A row of a recipe outside the LoRA family is written by that recipe (its documented loader)."""
-    from weightzoo.tasks.finetune import recipes
+    from weightzoo.tasks.identity import recipes
 
     method = str(hparams.get("method", "lora"))
     if method in recipes.NAMES and not recipes.NAMES[method].lora_family:
@@ -161,9 +171,13 @@ def merged_state_dict(rows: Sequence[tuple[torch.Tensor | np.ndarray, dict]], la
     if len(scales) != len(rows):
         raise InputError(f"{len(scales)} scales for {len(rows)} rows")
     dicts = [lora_state_dict(w, layout, h) for w, h in rows]  # alpha/rank baked into each B already
+    prefixes = {key_prefix(h) for _, h in rows}
+    if len(prefixes) > 1:
+        raise InputError(f"rows of different model families cannot be merged ({', '.join(sorted(prefixes))})")
+    prefix = prefixes.pop()
     out: dict[str, torch.Tensor] = {}
     for name in _modules(layout):
-        a, b = f"unet.{name}.lora_A.weight", f"unet.{name}.lora_B.weight"
+        a, b = f"{prefix}.{name}.lora_A.weight", f"{prefix}.{name}.lora_B.weight"
         out[a] = torch.cat([d[a] for d in dicts], 0).contiguous()
         out[b] = torch.cat([s * d[b] for s, d in zip(scales, dicts, strict=True)], 1).contiguous()
     return out

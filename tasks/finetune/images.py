@@ -7,15 +7,18 @@ trained on exactly as it was checked. The rules are documented in docs/MANIFEST.
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 from typing import Annotated, Literal
 
 import numpy as np
+from fsspec import AbstractFileSystem
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from weightzoo.errors import InputError
-from weightzoo.storage.fs import filesystem
+from weightzoo.storage.fs import filesystem, is_local
 from weightzoo.tasks.finetune.row import ManifestRow, image_uris
 
 # The most ImageConfig.max_pixels may be (about 1.07 gigapixels); PIL's own bomb guard is kept above it.
@@ -126,14 +129,32 @@ def _flatten(im: Image.Image, uri: str, options: ImageConfig) -> Image.Image:
     return Image.fromarray(((colour * alpha + background * (255 - alpha) + 127) // 255).astype(np.uint8))
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def check_regular_file(fs: AbstractFileSystem, path: str, uri: str) -> None:
+    """Refuse a local path that is not a regular file, from its ``stat`` alone: opening a FIFO blocks until
+    someone writes to it (validation hung, deaf to SIGTERM), and a device reads forever. Symlinks are
+    followed, as the read would; an object store holds only objects, so nothing is asked of it here."""
+    if not is_local(fs):
+        return
+    mode = os.stat(path).st_mode  # FileNotFoundError: the caller's "image not found"
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise UnusableImageError(f"image is not a regular file: {uri} is {kind}")
+
+
 def load_image(uri: str, options: ImageConfig = DEFAULT_IMAGE_OPTIONS) -> Image.Image:
     """Read and fully decode one image as the 8-bit RGB that is trained on (see ``ImageConfig``).
 
     Turned upright by its EXIF orientation, 16-bit grey scaled to 8 bits, transparency composited or refused,
-    oversize refused before decoding. Raises FileNotFoundError, UnusableImageError, or PIL's error for a
+    oversize refused before decoding, a local path that is not a regular file (a FIFO, a device) refused
+    before it is opened. Raises FileNotFoundError, UnusableImageError, or PIL's error for a
     file that does not decode.
     """
     fs, path = filesystem(uri)
+    check_regular_file(fs, path, uri)
     with _open(fs.cat_file(path), uri, options.max_pixels) as im:
         _check_size(im, uri, options.max_pixels)
         im.load()

@@ -31,6 +31,12 @@ class ManifestRow(BaseModel):
     class_prompt: str = Field("person", description="Class prompt for prior preservation, e.g. 'person'.")
     images: list[str] = Field(default_factory=list, description="Image URIs, absolute or relative to the manifest.")
     image_dir: str | None = Field(None, description="A folder URI whose images are all used (instead of, or as well as, images).")
+    # Kohya/ai-toolkit folders caption each image; ``weightzoo manifest --from-folder`` fills this from them.
+    captions: list[str] | None = Field(
+        None, description="One caption per image in `images` (same order): each image trains with its own caption, "
+        "the row's prompt put first where the caption lacks it. Default: every image trains with `prompt`.",
+        exclude_if=lambda v: v is None,
+    )
     attributes: dict[str, str] = Field(
         default_factory=dict,
         description="Labels (e.g. colour=red) for edit directions; for kind 'edit', the edit spec: 'family' and its "
@@ -53,6 +59,20 @@ class ManifestRow(BaseModel):
             attrs = {k: canonical_number(v) if _is_number(v) else v for k, v in data["attributes"].items()}
             data = {**data, "attributes": attrs}
         return data
+
+    @model_validator(mode="after")
+    def _captions_pair_with_images(self) -> ManifestRow:
+        """Captions pair with the listed images by position: counts must match and none may be empty."""
+        if self.captions is None:
+            return self
+        if self.image_dir is not None:
+            raise ValueError("captions pair with 'images' by position; list the images instead of giving image_dir")
+        if len(self.captions) != len(self.images):
+            raise ValueError(f"{len(self.captions)} captions for {len(self.images)} images")
+        empty = [i for i, c in enumerate(self.captions) if not c.strip()]
+        if empty:
+            raise ValueError(f"the caption of image {empty[0] + 1} ({short(self.images[empty[0]])}) is empty")
+        return self
 
     @field_serializer("attributes")
     def _numbers_out(self, attributes: dict[str, str]) -> dict[str, str | float]:
@@ -141,6 +161,8 @@ def _describe(error: Mapping[str, Any]) -> str:
         return f"unknown field {loc!r} (allowed: {', '.join(ManifestRow.model_fields)})"
     if kind == "literal_error":
         return f"unknown {loc} {value!r} (expected {error['ctx']['expected']})"
+    if kind == "value_error" and not loc:  # a whole-row rule (model validator): its own sentence
+        return str(error["msg"]).removeprefix("Value error, ")
     if loc == "attributes" and kind == "dict_type":
         return f"attributes must be a JSON object or key=value;key=value pairs, got {value!r}"
     return f"field {loc!r}: {error['msg']} (got {short(repr(value))})"

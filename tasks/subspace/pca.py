@@ -384,6 +384,7 @@ def finalise(
     layout = Layout.from_json(layout_json)
     save_tensors(join(out_uri, SUBSPACE_FILE), tensors, {"layout": layout.fingerprint})
     _write_coords(join(out_uri, COORDS_FILE), parts, v.float())
+    _write_probes(out_uri)
     card = {
         "format": 1,
         "dataset": dataset_uri,
@@ -401,6 +402,18 @@ def finalise(
     fs, path = filesystem(join(out_uri, CARD_FILE))
     write_bytes(fs, path, json.dumps(card, indent=2).encode())
     return FitResult(out_uri, int(n), k, tensors["explained_variance_ratio"].tolist(), sv.tolist())
+
+
+def _write_probes(out_uri: str) -> None:
+    """The attribute directions, cross-validated on the fitted rows (tasks/subspace/probes.py), stored
+    beside the coordinates before the card commits the subspace."""
+    from weightzoo.tasks.subspace.probes import fit_probes, save_probes
+
+    fs, path = filesystem(join(out_uri, COORDS_FILE))
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    attributes = [dict(a or []) for a in table.column("attributes").to_pylist()] if "attributes" in table.column_names else []
+    save_probes(out_uri, fit_probes(_unfixed(table, "coords"), attributes) if attributes else {})
 
 
 def _part_of(partial_uri: str) -> str:

@@ -141,29 +141,45 @@ def sample(sub: Subspace, n: int = 1, seed: int = 0, temperature: float = 1.0) -
 # -- edit ------------------------------------------------------------------------------------------------
 
 
-def _labels(sub: Subspace, attribute: str) -> tuple[list[str | None], torch.Tensor]:
-    meta, c = sub.dataset_coords()
-    labels = [dict(a or []).get(attribute) for a in meta.column("attributes").to_pylist()]
-    if not any(v is not None for v in labels):
-        raise KeyError(f"no fitted row has attribute {attribute!r}")
-    return labels, c
+def probes(sub: Subspace) -> dict:
+    """The subspace's attribute probes (tasks/subspace/probes.py): stored at fit time, or fitted now for a
+    subspace from before they were stored. Cached per subspace object."""
+    from weightzoo.tasks.subspace.probes import fit_probes, load_probes
+
+    cached = sub.__dict__.get("_probes")
+    if cached is None:
+        cached = load_probes(sub.uri)
+        if cached is None:
+            meta, c = sub.dataset_coords()
+            cached = fit_probes(c, [dict(a or []) for a in meta.column("attributes").to_pylist()])
+        sub.__dict__["_probes"] = cached
+    return cached
 
 
 def attribute_directions(sub: Subspace, attribute: str) -> dict[str, torch.Tensor]:
-    """One direction per label of ``attribute``: the least-squares probe of its one-hot indicator on the
-    coordinates (rows without the attribute are left out). Probe score of value v: ``(c − c̄) · d_v``."""
-    labels, c = _labels(sub, attribute)
-    keep = [i for i, v in enumerate(labels) if v is not None]
-    values = sorted({labels[i] for i in keep})  # type: ignore[type-var]
-    x = c[keep].double()
-    y = torch.tensor([[float(labels[i] == v) for v in values] for i in keep], dtype=torch.float64)
-    beta = torch.linalg.lstsq(x - x.mean(0), y - y.mean(0), driver="gelsd").solution  # (k, m)
-    return {v: beta[:, j].float() for j, v in enumerate(values)}
+    """One direction per label of ``attribute``: its cross-validated ridge probe's weights in coefficient
+    space (rows without the attribute are left out). Probe score of value v: ``(c − c̄) · d_v``."""
+    found = probes(sub)
+    if attribute not in found:
+        raise KeyError(f"no fitted row has attribute {attribute!r} with two labels or more"
+                       + (f"; attributes: {', '.join(sorted(found))}" if found else ""))
+    p = found[attribute]
+    return {v: p.direction(v) for v in p.labels}
 
 
-def edit_direction(sub: Subspace, attribute: str, value: str, disentangle: Sequence[str] = ()) -> torch.Tensor:
+ALL_OTHERS = ("*",)  # ``disentangle``: every other attribute of the fitted rows
+
+
+def edit_direction(sub: Subspace, attribute: str, value: str, disentangle: Sequence[str] = ALL_OTHERS) -> torch.Tensor:
     """Unit direction (k,) towards ``attribute=value``. ``disentangle`` names attributes whose directions
-    are projected out first (w2w: so that editing e.g. colour does not also move shape)."""
+    are projected out first, jointly (w2w: so that editing e.g. colour does not also move shape); by
+    default every other attribute, ``()`` none; where the other attributes' directions span every
+    direction of this one (a subspace of few components), the default leaves them in."""
+    if tuple(disentangle) == ALL_OTHERS:
+        try:
+            return edit_direction(sub, attribute, value, [a for a in probes(sub) if a != attribute])
+        except ValueError:
+            return edit_direction(sub, attribute, value, ())
     dirs = attribute_directions(sub, attribute)
     if value not in dirs:
         raise KeyError(f"attribute {attribute!r} has no label {value!r}; labels: {sorted(dirs)}")
@@ -173,7 +189,7 @@ def edit_direction(sub: Subspace, attribute: str, value: str, disentangle: Seque
         q, r = torch.linalg.qr(torch.stack(others, 1))
         q = q[:, r.diagonal().abs() > 1e-10 * r.diagonal().abs().max()]  # drop dependent directions
         d = d - q @ (q.T @ d)
-    if d.norm() < 1e-12:
+    if d.norm() < 1e-6 * dirs[value].double().norm().clamp_min(1e-30):
         raise ValueError(f"direction {attribute}={value} vanishes after projecting out {list(disentangle)}")
     return (d / d.norm()).float()
 
@@ -242,16 +258,62 @@ def _mask_latent(mask: Image.Image | np.ndarray | None, shape: torch.Size) -> to
     return F.interpolate(m, size=tuple(shape[-2:]), mode="area")
 
 
+Draw = Callable[[torch.Generator, int], torch.Tensor]  # (generator, n) -> n timestep indices
+
+
+def _family_inversion_loss(sub: Subspace, pipe, image: Image.Image, prompt: str, mask: Image.Image | np.ndarray | None,
+                           hparams: dict) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                                               tuple[int, ...], Draw]:
+    """``_inversion_loss`` for SDXL, SD3 and Flux bases: the family's own training objective
+    (tasks/identity/denoise.py), with the LoRA applied functionally to its denoiser."""
+    from contextlib import nullcontext
+
+    from weightzoo.errors import InputError
+    from weightzoo.tasks.identity.class_images import encode_images
+    from weightzoo.tasks.identity.denoise import default_resolution, denoiser, objective
+
+    if mask is not None:
+        raise InputError("--mask is supported on SD 1.x/2.x bases only")
+    model = denoiser(pipe)
+    device = model.device
+    resolution = int(hparams.get("resolution") or default_resolution(pipe))
+    goal = objective(pipe, resolution)
+    with torch.no_grad():
+        latents = encode_images(pipe, [image.convert("RGB")], resolution).to(device)
+        cond = {k: v.to(device) for k, v in goal.encode(prompt).items()}
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    scale = lora_scale(hparams)
+    mu, sigma = (t.to(device) for t in coefficient_gaussians(sub))
+    comps, mean, std = sub.components.to(device), sub.mean.to(device), sub.std.to(device)
+
+    def loss_fn(u: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        params = dict(base)
+        for name, delta in lora_deltas(sub.layout, mean + std * ((mu + sigma * u) @ comps), scale).items():
+            params[name] = base[name] + delta.to(base[name].dtype)
+
+        def forward(*args, **kwargs):
+            return torch.func.functional_call(model, params, args, kwargs)
+
+        batch = {k: v.expand(len(t), *v.shape[1:]) for k, v in cond.items()}
+        lat = latents.expand(len(t), -1, -1, -1)
+        return goal.losses(forward, lat, noise, t, batch, nullcontext).mean()
+
+    return loss_fn, tuple(latents.shape[1:]), lambda g, n: goal.draw(g, (n,))
+
+
 def _inversion_loss(sub: Subspace, pipe, image: Image.Image, prompt: str, mask: Image.Image | np.ndarray | None,
                     hparams: dict) -> tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-                                        tuple[int, ...], int]:
+                                        tuple[int, ...], Draw]:
     """The inversion objective ``loss(u, t, noise)`` over standardised coefficients ``u``, the latent shape
-    and the scheduler's number of timesteps: image and prompt encoded once, the LoRA applied functionally."""
+    and the timestep draw: image and prompt encoded once, the LoRA applied functionally."""
     from diffusers import DDPMScheduler
 
-    from weightzoo.tasks.finetune.class_images import encode_images
-    from weightzoo.tasks.finetune.engine import default_resolution, encode_prompt
+    from weightzoo.tasks.identity.class_images import encode_images
+    from weightzoo.tasks.identity.engine import default_resolution, encode_prompt
+    from weightzoo.tasks.identity.families import detect_pipeline
 
+    if detect_pipeline(pipe).name != "sd":
+        return _family_inversion_loss(sub, pipe, image, prompt, mask, hparams)
     device = pipe.unet.device
     resolution = int(hparams.get("resolution") or default_resolution(pipe))
     with torch.no_grad():
@@ -273,7 +335,8 @@ def _inversion_loss(sub: Subspace, pipe, image: Image.Image, prompt: str, mask: 
         err = (model(w, noisy, t, cond.expand(len(t), -1, -1)) - target).square()
         return err.mean() if weight is None else (err * weight).sum() / (weight.sum() * err.shape[1] * len(t))
 
-    return loss_fn, tuple(latents.shape[1:]), int(scheduler.config.num_train_timesteps)
+    n_t = int(scheduler.config.num_train_timesteps)
+    return loss_fn, tuple(latents.shape[1:]), lambda g, n: torch.randint(0, n_t, (n,), generator=g)
 
 
 def invert(
@@ -286,11 +349,13 @@ def invert(
     masked; starts from the mean model. Coefficients are optimised in units of each component's dataset
     std, so one learning rate suits every component. ``progress(step, steps, loss)`` follows every step
     (the loss is read back each step anyway)."""
-    loss_fn, shape, n_t = _inversion_loss(sub, pipe, image, prompt, mask, hparams or subspace_hparams(sub))
+    from weightzoo.tasks.identity.denoise import denoiser
+
+    loss_fn, shape, draw = _inversion_loss(sub, pipe, image, prompt, mask, hparams or subspace_hparams(sub))
     mu, sigma = coefficient_gaussians(sub)
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     g = torch.Generator().manual_seed(seed)
-    eval_t = torch.randint(0, n_t, (eval_samples,), generator=g).to(device)
+    eval_t = draw(g, eval_samples).to(device)
     eval_noise = torch.randn((eval_samples, *shape), generator=g).to(device)
     u = torch.zeros(sub.k, device=device, requires_grad=True)
     with torch.no_grad():
@@ -298,7 +363,7 @@ def invert(
     opt = torch.optim.Adam([u], lr=lr)
     history = []
     for step in range(steps):
-        t = torch.randint(0, n_t, (batch,), generator=g).to(device)
+        t = draw(g, batch).to(device)
         noise = torch.randn((batch, *shape), generator=g).to(device)
         loss = loss_fn(u, t, noise)
         opt.zero_grad(set_to_none=True)

@@ -13,11 +13,15 @@ Pretrained offline in two phases, each seeded:
 
 The tokenizer is a CLIP BPE whose merges spell every world word as one token (other text falls back to
 bytes, so a rare token like "sks" stays rare). ``build_world_base`` caches the result in a folder named by
-its settings, and records the settings, losses and seconds in ``world_base.json`` beside the model.
+its settings, and records the settings, losses and seconds in ``world_base.json`` beside the model, and the
+SHA-256 of every file in ``world_base.sha256.json``: a base is checked against them when it is kept, copied
+(the shipped one) or loaded (``check_world_base``), so a flipped byte is refused, not trained on. (A base made
+before the hashes were recorded has no such file, and nothing to be checked against.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -39,14 +43,19 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from weightzoo.errors import InputError
-from weightzoo.tasks.finetune.base_model import TINY_TEXT, TINY_UNET, _bytes_to_unicode
+from weightzoo.errors import InputError, short
+from weightzoo.storage.fs import filesystem, join
+from weightzoo.tasks.identity.base_model import TINY_TEXT, TINY_UNET
+from weightzoo.tasks.identity.tokenizers import bytes_to_unicode
 from weightzoo.tasks.progress import report
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.world.config import VERSION, WorldBaseSettings
 from weightzoo.tasks.world.render import ATTRIBUTES, WORLD_RESOLUTION, caption, jitter, random_subject, render
 
 INFO_FILE = "world_base.json"
+# {path relative to the base: sha256 hex} of every other file of the base. A sidecar, not a key of INFO_FILE:
+# ``weightzoo base`` prints that file's settings, and the packaging ships `shipped/*.json`.
+HASHES_FILE = "world_base.sha256.json"
 # The default settings' base, made by this module on one thread (the code path of `OMP_NUM_THREADS=1 weightzoo
 # base --kind world --rebuild`; its world_base.json says how long it took): shipped so the demo draws in
 # minutes, not after a ~20-minute pretraining.
@@ -70,7 +79,7 @@ def write_world_tokenizer(folder: Path) -> CLIPTokenizer:
     pieces stay substrings of the word and the next merge exists, so each word ends as one token.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges: list[str] = []
     for word in WORDS:
@@ -183,6 +192,50 @@ def pretrain_unet(pipe: StableDiffusionPipeline, images: torch.Tensor, labels: l
     return losses
 
 
+class DamagedBaseError(InputError):
+    """A world base whose files are not the ones its recorded hashes name: changed after it was made."""
+
+
+def file_hashes(uri: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every file of the base at ``uri`` (a folder or an fsspec URI), by its relative path,
+    the hashes file itself left out."""
+    fs, root = filesystem(str(uri))
+    root = root.rstrip("/")
+    out = {}
+    for f in sorted(fs.find(root)):
+        rel = f[len(root) + 1:]
+        if rel != HASHES_FILE:
+            out[rel] = hashlib.sha256(fs.cat_file(f)).hexdigest()
+    return out
+
+
+def record_hashes(folder: Path) -> None:
+    """Write ``HASHES_FILE`` for the base just saved in ``folder`` (last, over every other file)."""
+    (folder / HASHES_FILE).write_text(json.dumps(file_hashes(folder), indent=1, sort_keys=True) + "\n")
+
+
+def check_world_base(uri: str | os.PathLike, cure: str = "make it again with weightzoo base --kind world") -> None:
+    """Refuse a world base whose files differ from its recorded hashes (one line, the first difference named).
+
+    Any other base (no ``world_base.json``) and a world base made before hashes were recorded pass: there is
+    nothing to check them against. Reads every file once (a world base is ~5 MB)."""
+    fs, root = filesystem(str(uri))
+    try:
+        recorded = json.loads(fs.cat_file(join(root, HASHES_FILE)))
+    except FileNotFoundError:
+        return
+    except ValueError as e:
+        raise DamagedBaseError(f"world base {uri}: {HASHES_FILE} cannot be read ({short(e, 120)}); {cure}") from e
+    found = file_hashes(uri)
+    changed = [f"{rel} has changed (sha256 {found[rel][:12]}…, {HASHES_FILE} records {want[:12]}…)"
+               for rel, want in recorded.items() if rel in found and found[rel] != want]
+    problems = changed + [f"{rel} is missing" for rel in recorded if rel not in found] \
+        + [f"{rel} is not one of its files" for rel in found if rel not in recorded]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DamagedBaseError(f"world base {uri} is not the base that was made there: {problems[0]}{more}; {cure}")
+
+
 def world_base_dir(out_dir: str | os.PathLike, seed: int, steps: int, vae_steps: int, pool: int) -> Path:
     """Where ``build_world_base`` keeps the base made with these settings."""
     return Path(out_dir) / WorldBaseSettings(seed, steps, vae_steps, pool).name()
@@ -220,13 +273,19 @@ def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings, rebuil
         if made != settings.as_dict():
             raise InputError(f"{dest} holds a world base made with {made}, not {settings.as_dict()}; "
                              "choose another folder")
+        check_world_base(dest, "remove the folder and run weightzoo base again")
         return dest
     if dest.is_file() or (dest.exists() and any(dest.iterdir())):
         raise InputError(f"{dest} is a file or a folder that holds something other than a world base; "
                          "choose another folder")
     shipped = None if rebuild else shipped_base(settings)
     if shipped is not None:
-        return _publish(dest, lambda tmp: shutil.copytree(shipped, tmp, dirs_exist_ok=True))
+        check_world_base(shipped, "reinstall weightzoo, or make the base with --rebuild")
+
+        def copy(tmp: Path) -> None:
+            shutil.copytree(shipped, tmp, dirs_exist_ok=True)
+            check_world_base(tmp, "the copy differs from the shipped files; run weightzoo base again")
+        return _publish(dest, copy)
     t0 = time.perf_counter()
     pipe = _modules(settings.seed)
     images, labels = _pool(settings.pool, settings.seed)
@@ -242,6 +301,7 @@ def save_world_base(dest: str | os.PathLike, settings: WorldBaseSettings, rebuil
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True))
+        record_hashes(tmp)
     return _publish(dest, write)
 
 
@@ -250,7 +310,11 @@ def _publish(dest: Path, write: Callable[[Path], object]) -> Path:
     a crash leaves no half base under the name."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".building-"))
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         dest.rmdir()  # empty (checked above): os.replace needs the name free
     os.replace(tmp, dest)

@@ -21,10 +21,10 @@ from PIL import Image, ImageDraw
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
-from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.export import export_lora
 from weightzoo.tasks.finetune.readers import write_manifest
 from weightzoo.tasks.finetune.row import ManifestRow
+from weightzoo.tasks.identity.config import FinetuneConfig
 from weightzoo.tasks.world.config import GUIDANCE, SAMPLE_STEPS, WORLD_FINETUNE
 from weightzoo.tasks.world.render import WORLD_RESOLUTION, agreement, jitter, random_subject, read, render
 

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, join, write_bytes
-from weightzoo.tasks.finetune.base_model import load_base
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.row import ManifestRow
+from weightzoo.tasks.identity.base_model import load_base
 from weightzoo.tasks.world.base import INFO_FILE
 from weightzoo.tasks.world.identities import generate, png_bytes, preview_grid, strip_image
 
@@ -64,6 +64,73 @@ def lora_file_preview(base_uri: str, lora_path: str, prompt: str, n: int = PREVI
     out = preview_path(lora_path)
     fs, path = filesystem(out)
     write_bytes(fs, path, png_bytes(strip_image(images, f"'{prompt}' with {name}")))
+    return out
+
+
+def edit_preview(base_uri: str, weights, layout, hparams: dict, edited_path: str, prompt: str, edit: str,
+                 n: int = PREVIEWS, seed: int = 0) -> str | None:
+    """The row before (its own LoRA) and after the edit (the written file, loaded as users load it), as two
+    strips of the same seeds in ``<stem>.preview.png`` beside the edited file; ``None`` on a base that
+    cannot draw."""
+    if not can_draw(base_uri):
+        return None
+    from PIL import Image
+
+    from weightzoo.tasks.world.identities import lora_loaded
+
+    pipe = load_base(base_uri)
+    with lora_loaded(pipe, weights, layout, hparams):
+        before = generate(pipe, prompt, n, seed)
+    folder, name = os.path.split(edited_path)
+    pipe.load_lora_weights(folder or ".", weight_name=name)
+    try:
+        after = generate(pipe, prompt, n, seed)
+    finally:
+        pipe.unload_lora_weights()
+    strips = [strip_image(before, "before"), strip_image(after, f"after: {edit}")]
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
+    for k, strip in enumerate(strips):
+        grid.paste(strip, (0, k * strip.height))
+    out = preview_path(edited_path)
+    fs, path = filesystem(out)
+    write_bytes(fs, path, png_bytes(grid))
+    return out
+
+
+TRAVERSAL = "traversal.png"
+
+
+def traversal_grid(base_uri: str, sub, components: int = 4, stds: Sequence[float] = (-2.0, 0.0, 2.0),
+                   seed: int = 0) -> str | None:
+    """``<subspace>/traversal.png``: one row per top component, drawn at each of ``stds`` dataset std along it
+    (every other coefficient at its mean), the same seed in every cell: how researchers read a subspace.
+    ``None`` on a base that cannot draw."""
+    if not can_draw(base_uri):
+        return None
+    import torch
+    from PIL import Image
+
+    from weightzoo.tasks.subspace.w2w import coefficient_gaussians, subspace_hparams
+    from weightzoo.tasks.world.identities import lora_loaded
+
+    pipe, hparams = load_base(base_uri), subspace_hparams(sub)
+    prompt = sub.coords_table().column("prompt")[0].as_py()
+    mu, sigma = coefficient_gaussians(sub)
+    strips = []
+    for i in range(min(components, sub.k)):
+        cells = []
+        for s in stds:
+            c = mu.clone()
+            c[i] += s * sigma[i]
+            with lora_loaded(pipe, sub.to_weights(c).to(torch.float32), sub.layout, hparams):
+                cells += generate(pipe, prompt, 1, seed)
+        strips.append(strip_image(cells, f"component {i + 1} at {', '.join(f'{s:+g}' for s in stds)} std"))
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
+    for k, strip in enumerate(strips):
+        grid.paste(strip, (0, k * strip.height))
+    out = join(sub.uri, TRAVERSAL)
+    fs, path = filesystem(out)
+    write_bytes(fs, path, png_bytes(grid))
     return out
 
 

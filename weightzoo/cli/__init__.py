@@ -4,24 +4,35 @@ A command module defines ``HELP`` (its one-sentence summary) and ``register(subp
 its parser and sets ``func``; heavy imports (torch, diffusers, prefect) happen inside the command, so
 ``weightzoo --help`` and a mistyped command answer at once. Every path flag is made absolute and every
 ``--out`` is checked against dataset folders here, before a command runs (weightzoo.cli.paths).
+
+A fault is named by the operation that failed, not by its exception's type: storage calls raise
+``StorageError`` naming the URI they touched (storage/fs.py ``storage_step``, ``health.probe`` for every
+object-store flag before the command), a Prefect API call's fault names the API URL, a closed stdout
+(``weightzoo status --json | head -1``) ends quietly as git does (exit 141), and SIGINT/SIGTERM end in one
+line with exit 130/143. Only what is left unnamed after that is guessed from its cause chain here.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
 import json
 import os
 import re
+import select
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import NoReturn
 
 from pydantic import ValidationError
 
 from weightzoo import __version__
 from weightzoo.cli.commands.options import HELP_FORMATTER
-from weightzoo.cli.paths import absolute_paths, check_out
+from weightzoo.cli.paths import absolute_paths, check_dataset, check_out
 from weightzoo.cli.progress import HIDDEN
 from weightzoo.cli.quiet import LOG_FORMATS, quiet
 from weightzoo.cli.server import mark_process, reap_orphan_servers
@@ -33,7 +44,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weightzoo never downloads; fail fast if anything tries
 
 # Order is the order `weightzoo --help` lists them.
-COMMANDS = ["demo", "base", "build", "serve", "status", "verify", "gc", "files", "export", "merge", "publish", "train-diffusion", "generate", "fit-subspace", "sample", "edit", "invert", "project"]
+COMMANDS = ["demo", "base", "manifest", "build", "serve", "status", "verify", "gc", "files", "export", "merge", "publish", "train-diffusion", "generate", "fit-subspace", "sample", "edit", "invert", "project"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,21 +140,99 @@ def _print_error(args: argparse.Namespace, exc: Exception) -> None:
         print(f"weightzoo {args.command}: error: {text}", file=sys.stderr)
 
 
+OBJECT_STORES = ("s3://", "s3a://", "gs://", "gcs://", "abfs://", "az://")
+
+
 def _probe_storage(args: argparse.Namespace) -> None:
-    """A dataset on an object store is asked once, fast, before the command touches it: an endpoint
-    nothing listens on, refused credentials or a missing bucket is one line in seconds, not after the
-    store client's own retries (11 s and more per request)."""
+    """Every storage a command names (its dataset, and any object-store URI among its path flags: --out,
+    --manifest, --base, ...) is asked once, fast, before the command touches it: an endpoint nothing
+    listens on, refused credentials or a missing bucket is one line in seconds naming that URI, not
+    after the store client's own retries (11 s and more per request), and not blamed on the dataset."""
+    from weightzoo.cli.paths import PATH_DESTS
+
     dataset = getattr(args, "dataset", None)
-    if isinstance(dataset, str) and "://" in dataset:
+    uris = [dataset] if isinstance(dataset, str) and "://" in dataset else []
+    uris += [v for d in PATH_DESTS if d != "dataset" and isinstance(v := getattr(args, d, None), str)
+             and v.startswith(OBJECT_STORES)]
+    if uris:
         from weightzoo.storage.health import probe
 
-        probe(dataset)
+        for uri in dict.fromkeys(uris):
+            probe(uri)
+
+
+class Interrupted(WeightzooError):
+    """The command was stopped by a signal (SIGINT from a terminal, SIGTERM from a scheduler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.code = 128 + signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it unwinds (and cleans up) as Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _stdout_closed() -> bool:
+    """Whether nobody reads this process's stdout any more: its pipe's reader is gone (poll says POLLERR)."""
+    try:
+        fd = sys.__stdout__.fileno()  # type: ignore[union-attr]
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _quiet_exit_on_closed_stdout() -> int:
+    """As git does when its reader goes (``| head``, ``| true``): no message, exit 128 + SIGPIPE. The closed
+    stdout is replaced with /dev/null so the interpreter's last flush does not complain either."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.__stdout__.fileno())  # type: ignore[union-attr]
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def _unnamed_fault(args: argparse.Namespace, e: Exception) -> WeightzooError | None:
+    """A fault no boundary named: a Prefect API call's (by the API URL), else a storage client's (by the
+    dataset URI, the command's storage); None keeps the traceback (a bug)."""
+    from weightzoo.cli.server import prefect_fault
+    from weightzoo.storage.health import storage_fault
+
+    target = getattr(args, "dataset", None) or getattr(args, "path", None) or "the dataset"
+    return _api_unreachable(e) or prefect_fault(e) or storage_fault(e, target)
+
+
+def _api_unreachable(exc: BaseException) -> WeightzooError | None:
+    """Nothing answering at the Prefect API's address, told by the request that found it out (an httpx
+    connection error to the API URL): one line naming that URL, never the storage."""
+    from weightzoo.storage.retry import chain
+
+    api = os.environ.get("PREFECT_API_URL")
+    for e in chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if not type(e).__module__.startswith("httpx") or not names & {"ConnectError", "RemoteProtocolError"}:
+            continue
+        try:
+            url = str(e.request.url)  # type: ignore[attr-defined]
+        except (AttributeError, RuntimeError):  # httpx: an exception without its request
+            continue
+        if url.startswith(api.rstrip("/")) if api else url.startswith(("http://127.0.0.1:", "http://localhost:")):
+            where = api or "the temporary server this command started"
+            return WeightzooError(f"the Prefect API ({where}) does not answer ({type(e).__name__}: {str(e)[:120]}); "
+                                  "start it (weightzoo serve) or set PREFECT_API_URL to a running server")
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
     """Paths made absolute, ``--out`` checked, then the command; with --quiet its stdout is dropped
     unless it prints what --json asked for."""
     absolute_paths(args)
+    check_dataset(args)
     check_out(args)
     _probe_storage(args)
     if not args.quiet or getattr(args, "json", False):
@@ -201,23 +290,52 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_unknown_flags(_command_parser(parser, command), argv)
     args = parser.parse_args(argv)
     HIDDEN["bars"] = args.quiet or args.log_format == "json"
+    with _sigterm_as_interrupt():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds the command as Ctrl-C does (its ``finally`` blocks run, the exit is one line and 143),
+    where nothing else owns SIGTERM; the previous handler is back afterwards (``main`` called in-process)."""
+    owned = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if owned:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        if owned and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """The command, and what its end is reported as: a result, one line, or (a bug) a traceback."""
     try:
         return _run(args)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        stopped = Interrupted(signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT)
+        _print_error(args, stopped)
+        return stopped.code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return _quiet_exit_on_closed_stdout()
     except (WeightzooError, ValidationError) as e:  # user errors: one line; anything else keeps its traceback
         _print_error(args, e)
         return 2
-    except Exception as e:  # a storage or Prefect API fault is one line too; a bug is not
-        from weightzoo.cli.server import prefect_fault
-        from weightzoo.storage.health import storage_fault
-
-        target = getattr(args, "dataset", None) or getattr(args, "path", None) or "the dataset"
-        fault = prefect_fault(e) or storage_fault(e, target)
+    except Exception as e:  # a storage or Prefect API fault no boundary named is one line too; a bug is not
+        fault = _unnamed_fault(args, e)
         if fault is None:
             raise
         _print_error(args, fault)
         return 2
+    except BaseException as e:  # Prefect's TerminationSignal: a flow run stopped by SIGTERM
+        signum = getattr(e, "signal", None)
+        if type(e).__name__ != "TerminationSignal" or not isinstance(signum, int):
+            raise
+        stopped = Interrupted(signum)
+        _print_error(args, stopped)
+        return stopped.code
 
 
 if __name__ == "__main__":

@@ -47,23 +47,38 @@ def absolute_paths(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def dataset_folder_of(path: str) -> str | None:
-    """The dataset folder holding ``path`` (itself or an ancestor), if any; local paths only."""
+    """The dataset folder holding ``path`` (itself or an ancestor), if any; local paths only.
+
+    Judged where ``path`` really leads (symlinks resolved, as a write would follow them): a link to a
+    dataset's ``shards/`` is inside that dataset, though no folder on the way the user typed is one."""
     if is_uri(path):
         return None
-    for folder in (Path(path), *Path(path).parents):
-        if any((folder / marker).exists() for marker in DATASET_MARKERS):
-            return str(folder)
+    for candidate in dict.fromkeys((Path(path), Path(os.path.realpath(path)))):
+        for folder in (candidate, *candidate.parents):
+            if any((folder / marker).exists() for marker in DATASET_MARKERS):
+                return str(folder)
     return None
 
 
 def check_out(args: argparse.Namespace) -> None:
-    """Refuse an ``--out`` inside a dataset folder, before anything is read or written."""
+    """Refuse an ``--out`` inside a dataset folder (symlinks followed), before anything is read or written."""
     out = getattr(args, "out", None)
     if not isinstance(out, str) or not out:
         return
     folder = dataset_folder_of(out)
     if folder is not None:
-        raise InputError(f"--out {out} is inside the dataset folder {folder}; write outputs elsewhere")
+        real = os.path.realpath(out)
+        via = f" (it leads to {real})" if real != os.path.abspath(out) else ""
+        raise InputError(f"--out {out} is inside the dataset folder {folder}{via}; write outputs elsewhere")
+
+
+def check_dataset(args: argparse.Namespace) -> None:
+    """Refuse a local ``--dataset`` that is a file (a dataset is a folder), before any command reads it: a
+    file's ``ledger/commits`` is a NotADirectoryError deep in the first listing."""
+    dataset = getattr(args, "dataset", None)
+    if isinstance(dataset, str) and dataset and not is_uri(dataset) and os.path.exists(dataset) \
+            and not os.path.isdir(dataset):
+        raise InputError(f"--dataset {dataset} is a file, not a dataset folder")
 
 
 def existing_file(value: str, flag: str) -> None:
@@ -73,8 +88,10 @@ def existing_file(value: str, flag: str) -> None:
     p = Path(value)
     if not p.exists():
         raise NotFoundError(f"{flag}: no such file {value}")
-    if not p.is_file():
+    if p.is_dir():
         raise InputError(f"{flag}: {value} is a folder, not a file")
+    if not p.is_file():  # a FIFO or a device: reading it would block or never end
+        raise InputError(f"{flag}: {value} is not a regular file")
     if not os.access(p, os.R_OK):
         raise InputError(f"{flag}: {value} is not readable")
 

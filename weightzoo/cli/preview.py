@@ -29,6 +29,14 @@ def write_preview(base: str | None, lora_path: str, prompt: str) -> None:
     print(f"wrote {out}" if out else f"no preview: {base} is no world base (its pictures would be noise)")
 
 
+def write_edit_preview(base: str, sub, meta: dict, weights, edited_path: str, edit: str) -> None:
+    """Draw the row before and after its edit side by side, or say why there is none."""
+    from weightzoo.tasks.world.previews import edit_preview
+
+    out = edit_preview(base, weights, sub.layout, meta["hparams"] or {}, edited_path, meta["prompt"], edit)
+    print(f"wrote {out}" if out else f"no preview: {base} is no world base (its pictures would be noise)")
+
+
 def subspace_prompt(sub) -> str:
     """The instance prompt of the subspace's first fitted row (every row of a dataset shares its prompt)."""
     return sub.coords_table().column("prompt")[0].as_py()

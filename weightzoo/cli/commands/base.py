@@ -2,8 +2,9 @@
 
 --kind world makes the tiny text-to-image base that draws the procedural world (tasks/world): the
 only identity base whose pictures mean something. Its default settings' base ships with weightzoo and is
-copied; other settings (or --rebuild) pretrain one. toy is the random-weights SD-1.5-shaped tiny pipeline
-(mechanics, benches, the GPU check); edit the small image-to-image base of the edit workload.
+copied; other settings (or --rebuild) pretrain one. toy is the identity engine's tiny random-weights
+pipeline of a model family (--family sd, sdxl, sd3 or flux: mechanics, benches, the GPU check); edit the
+edit engine's small image-to-image base. --engine NAME makes any registered engine's toy base (a plugin's too).
 A folder that already holds a base made with the same settings is kept, so reruns cost nothing.
 """
 
@@ -16,11 +17,17 @@ KINDS = ("world", "toy", "edit")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from weightzoo.tasks.identity.families import FAMILIES
     from weightzoo.tasks.world.config import WorldBaseSettings
 
     world = WorldBaseSettings()
     p = sub.add_parser("base", help=HELP, description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--kind", choices=KINDS, default="world", help="Which base.")
+    p.add_argument("--kind", choices=KINDS, default=None, help="Which base (default world).")
+    p.add_argument("--engine", default=None, metavar="NAME",
+                   help="Make this registered engine's toy base instead of a --kind (toy is diffusers-lora's, "
+                   "edit is edit-lora's).")
+    p.add_argument("--family", choices=list(FAMILIES), default=None,
+                   help="toy: model family of the tiny pipeline (default sd).")
     p.add_argument("--out", required=True, help="Folder for the base (a diffusers pipeline, or the edit base's files).")
     p.add_argument("--seed", type=int, default=world.seed, help="Seed of the initialisation and the training data.")
     p.add_argument("--steps", type=int, default=None,
@@ -37,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def check_args(args: argparse.Namespace) -> None:
     from weightzoo.errors import InputError
 
+    if args.engine and args.kind:
+        raise InputError("--kind and --engine both name the base to make: give one")
     for flag, value in (("--steps", args.steps), ("--vae-steps", args.vae_steps), ("--seed", args.seed)):
         if value is not None and value < 0:
             raise InputError(f"{flag} must not be negative, got {value}")
@@ -49,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.tasks.bases import make_base
 
+    kind = args.engine or args.kind or "world"
     with terminal_progress(Bar("base", "steps", loss=True)):
-        path, info = make_base(args.kind, args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
-                               pool=args.pool, rebuild=args.rebuild)
-    print(f"{args.kind} base at {path}" + (f" ({info})" if info else ""))
+        path, info = make_base(kind, args.out, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
+                               pool=args.pool, rebuild=args.rebuild, family=args.family)
+    print(f"{kind}{'' if args.family is None else ' ' + args.family} base at {path}" + (f" ({info})" if info else ""))
     return 0

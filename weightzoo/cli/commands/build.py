@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,8 @@ def build_request(args: argparse.Namespace):
         ft = json.loads(args.finetune_json) if args.finetune_json else {}
     except json.JSONDecodeError as e:
         raise InputError(f"--finetune-json is not valid JSON: {e}") from e
+    if not isinstance(ft, dict):
+        raise InputError(f"--finetune-json must be a JSON object of the engine's config fields, got {type(ft).__name__}")
     ft |= set_fields(args, FINETUNE_FIELDS)
     fields = set_fields(args, BUILD_FIELDS)
     config = engines.get(fields.get("engine", engines.DEFAULT_ENGINE)).config  # each engine's own settings
@@ -94,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
     request = build_request(args)
     if args.dry_run:
         return print_plan(request, args.json)
-    record_config(request)
     # In-process batches (the local executor) move the batch bar; every executor moves the committed one.
     steps = int(getattr(request.finetune, "steps", 0) or 0)  # every engine's config has steps; 0 hides the items
     with terminal_progress(Bar("batch", "row-steps", steps_per_item=steps),
@@ -110,7 +110,6 @@ def run(args: argparse.Namespace) -> int:
 # --- checks, --config, --dry-run: before any server, model or folder is made -----------------------------
 
 REQUIRED = ("manifest", "base", "dataset")  # required as flags or in --config
-BUILDS = "_builds"  # <dataset>/_builds/<UTC time>.json: each build's resolved config; no reader lists it
 NOT_SETTINGS = {"help", "config", "dry_run", "json", "verbose", "quiet", "log_format", "func"}
 
 
@@ -189,7 +188,7 @@ def settings_from_config(args: argparse.Namespace) -> None:
     _fill(args, settings, args.settings)
     if finetune:
         if not isinstance(finetune, dict):
-            raise InputError(f"--config {args.config}: 'finetune' must be a table of FinetuneConfig fields")
+            raise InputError(f"--config {args.config}: 'finetune' must be a table of the engine's config fields")
         args.finetune_json = json.dumps({**finetune, **json.loads(args.finetune_json or "{}")})
 
 
@@ -209,93 +208,29 @@ def precheck(argv: list[str]) -> None:
     if args.config:
         _fill(args, read_settings(args.config), None)
     if all(getattr(args, name) for name in REQUIRED):
-        check_inputs(args.manifest, args.base, args.dataset, args.engine)
+        from weightzoo.cli.paths import flag_of
+        from weightzoo.flows.build_checks import check_inputs
 
-
-def check_base(engine: str, base: str) -> None:
-    """The base is a model of the engine's kind, by its index file alone (nothing loads)."""
-    from weightzoo.cli.paths import existing_folder, is_uri
-    from weightzoo.errors import InputError
-
-    if engine == "diffusers-lora":
-        existing_folder(base, "--base", "model_index.json", "diffusers pipeline")
-    elif engine == "edit-lora":
-        existing_folder(base, "--base", "config.json", "edit base")
-        if not is_uri(base):
-            try:
-                card = json.loads((Path(base) / "config.json").read_text())
-            except (OSError, ValueError) as e:
-                raise InputError(f"--base: {base}/config.json does not parse: {e}") from None
-            if not isinstance(card, dict) or "config" not in card or not (Path(base) / "model.safetensors").is_file():
-                raise InputError(f"--base: {base} is no edit base (config.json with 'config' and model.safetensors)")
-
-
-def check_inputs(manifest: str, base: str, dataset: str, engine: str | None) -> str:
-    """The manifest reads, the base is of the engine's kind, the dataset is no file; returns the engine's
-    registered name. Light: no model loads, no server starts, nothing is written."""
-    from weightzoo.cli.paths import existing_file, folder_or_absent
-    from weightzoo.errors import InputError
-    from weightzoo.tasks.finetune import engines
-    from weightzoo.tasks.finetune.readers import read_manifest
-
-    existing_file(manifest, "--manifest")
-    folder_or_absent(dataset, "--dataset")
-    engine = engines.canonical(engine or engines.DEFAULT_ENGINE)  # unknown engine: one line naming the known
-    check_base(engine, base)
-    if not read_manifest(manifest):  # unreadable or malformed: ManifestError, one line per problem
-        raise InputError(f"--manifest {manifest} has no rows")
-    return engine
+        check_inputs(args.manifest, args.base, args.dataset, args.engine, name=flag_of)
 
 
 def check_build(args: argparse.Namespace) -> None:
-    """Every mistake a user can make in the flags, in about a second: nothing is made before these pass."""
+    """Every mistake a user can make in the flags, in about a second: nothing is made before these pass
+    (the build flow runs the same checks again, for the builds the CLI does not start)."""
     from weightzoo.cli.paths import flag_of
     from weightzoo.errors import InputError
+    from weightzoo.flows.build_checks import check_inputs
 
     missing = [flag_of(name) for name in REQUIRED if not getattr(args, name, None)]
     if missing:
         raise InputError(f"the following arguments are required (as flags or in --config): {', '.join(missing)}")
-    check_inputs(args.manifest, args.base, args.dataset, args.engine)
-
-
-def record_config(request: Any) -> str:
-    """Write the build's resolved config beside the dataset's ledger; returns its URI."""
-    from weightzoo.storage.fs import filesystem, join, write_bytes
-
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    uri = join(request.dataset, BUILDS, f"{stamp}.json")
-    fs, path = filesystem(uri)
-    write_bytes(fs, path, json.dumps(request.model_dump(mode="json"), indent=2, sort_keys=True).encode())
-    return uri
-
-
-def plan_of(request: Any) -> dict[str, Any]:
-    """What the build would do: the resolved request, its recipe, and the batches of what is pending."""
-    from weightzoo.storage import card
-    from weightzoo.storage.card import Recipe
-    from weightzoo.storage.ledger import Ledger
-    from weightzoo.tasks.finetune import engines
-    from weightzoo.tasks.finetune.batch import cached_fingerprint, plan_batches
-    from weightzoo.tasks.finetune.manifest import load_and_validate
-
-    ids = [r.id for r in load_and_validate(request.manifest, rules=engines.get(request.engine).rows)]
-    recipe = Recipe.of(request.engine, cached_fingerprint(request.engine, request.base), request.finetune)
-    ledger = Ledger(request.dataset)
-    existing = ledger.exists()
-    if existing:
-        card.check_recipe(ledger, recipe)
-    committed = ledger.committed_ids() if existing else set()
-    pending = ledger.pending(ids, include_failed=request.retry_failed) if existing else ids
-    batches = plan_batches(pending, request.batch_size)
-    return {"config": request.model_dump(mode="json"), "dataset_exists": existing,
-            "recipe": {"engine": recipe.engine, "base_fingerprint": recipe.base_model,
-                       "config_fingerprint": recipe.config_fingerprint},
-            "manifest_ids": len(ids), "committed": len(committed & set(ids)), "to_train": list(pending),
-            "batches": [{"batch_id": b.batch_id, "ids": list(b.ids)} for b in batches]}
+    check_inputs(args.manifest, args.base, args.dataset, args.engine, name=flag_of)
 
 
 def print_plan(request: Any, as_json: bool) -> int:
-    """``--dry-run``: the plan, and nothing created (the dataset is only read, if it exists)."""
+    """``--dry-run``: the plan (``build_checks.plan_of``), and nothing created (the dataset is only read)."""
+    from weightzoo.flows.build_checks import plan_of
+
     plan = plan_of(request)
     if as_json:
         print(json.dumps(plan, indent=2))
@@ -303,7 +238,8 @@ def print_plan(request: Any, as_json: bool) -> int:
     cfg, recipe = plan["config"], plan["recipe"]
     print(f"dry run: nothing trained, nothing written\n  manifest  {cfg['manifest']}\n  base      {cfg['base']}\n"
           f"  dataset   {cfg['dataset']}" + ("" if plan["dataset_exists"] else " (new)"))
-    print(f"  recipe    engine {recipe['engine']}, method {cfg['finetune']['method']}, base {recipe['base_fingerprint']}, "
+    method = cfg["finetune"].get("method", "-")  # every built-in engine's config has one; a plugin's may not
+    print(f"  recipe    engine {recipe['engine']}, method {method}, base {recipe['base_fingerprint']}, "
           f"config {recipe['config_fingerprint']}")
     print(f"  ids       {plan['manifest_ids']} in the manifest, {plan['committed']} committed, "
           f"{len(plan['to_train'])} to train in {len(plan['batches'])} batch(es) of up to {cfg['batch_size']} "

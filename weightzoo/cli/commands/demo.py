@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Rerunning resumes: committed subjects are not trained again.",
     )
     from weightzoo.flows.config import WORKLOADS
+    from weightzoo.tasks.identity.families import FAMILIES
     from weightzoo.tasks.world.config import WORLD_FINETUNE
 
     identity, edit = WORKLOADS["identity"], WORKLOADS["edit"]
@@ -34,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="identity: 'world' is a tiny base that draws a procedural world of subjects, so each "
                    "row's LoRA visibly draws its subject (DIR/previews/*.png); 'toy' is the random-weights "
                    "SD-1.5-shaped pipeline (mechanics only: its pictures are noise).")
+    p.add_argument("--family", choices=list(FAMILIES), default=None,
+                   help="identity with --base toy: model family of the tiny pipeline (default sd).")
     p.add_argument("--steps", type=int, default=None,
                    help=f"Fine-tune steps per LoRA (default {WORLD_FINETUNE['steps']} on the world base, "
                    f"{identity['finetune'].steps} on the toy one, {edit['finetune'].steps} for edit: the tiny bases "
@@ -51,6 +54,8 @@ def pipeline_config(args: argparse.Namespace):
                     "identity_base": args.identity_base}
     if args.subjects is not None:
         fields["items"] = args.subjects
+    if args.family is not None:
+        fields["family"] = args.family  # the toy base's; the world base refuses any but sd, in one line
     if args.steps is not None:
         world = args.kind == "identity" and args.identity_base == "world"
         fields["finetune"] = (WORLD_IDENTITY if world else WORKLOADS[args.kind]["finetune"]).model_copy(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from weightzoo.cli.preview import add_preview, write_preview
+from weightzoo.cli.preview import add_preview
 
 HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA."
 
@@ -12,14 +12,17 @@ HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help=HELP)
     p.add_argument("--subspace", required=True, help="Subspace URI written by fit-subspace.")
-    p.add_argument("--id", required=True, help="Row id to edit (read from the subspace's dataset).")
-    p.add_argument("--attribute", required=True, help="Target label as NAME=VALUE, e.g. colour=red.")
+    p.add_argument("--list", action="store_true",
+                   help="List the subspace's directions (labels, rows per label, cross-validated accuracy) and exit.")
+    p.add_argument("--id", help="Row id to edit (read from the subspace's dataset).")
+    p.add_argument("--attribute", help="Target label as NAME=VALUE, e.g. colour=red.")
     p.add_argument("--strength", type=float, default=1.0,
                    help="How far, in dataset standard deviations along the direction (negative: away).")
-    p.add_argument("--disentangle", default="",
-                   help="Comma-separated attributes whose directions are projected out first, e.g. shape,accessory.")
+    p.add_argument("--disentangle", default="*",
+                   help="Comma-separated attributes whose directions are projected out first, e.g. shape,accessory; "
+                   "'*' (default): every other attribute; '' none.")
     p.add_argument("--dataset", help="Dataset URI holding the row (default: the one the subspace was fitted on).")
-    p.add_argument("--out", required=True, help="Output .safetensors file (or a folder).")
+    p.add_argument("--out", help="Output .safetensors file (or a folder).")
     add_preview(p)
     p.set_defaults(func=run)
 
@@ -33,20 +36,66 @@ def parse_attribute(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
+def _probe_line(p) -> str:
+    counts = ", ".join(f"{v} {n}" for v, n in p.counts.items())
+    acc = "n/a (too few rows)" if p.cv_accuracy != p.cv_accuracy else f"{p.cv_accuracy:.2f}"
+    return (f"{p.attribute}: cross-validated accuracy {acc} (chance {p.chance:.2f}), {p.components} components, "
+            f"ridge {p.penalty:g}; rows per label: {counts}")
+
+
+def warnings_for(p, value: str) -> list[str]:
+    """What makes an edit towards ``value`` untrustworthy: too few rows carry it, or the probe is no better
+    than guessing (then the edit may change nothing visible)."""
+    from weightzoo.tasks.subspace.probes import MIN_ROWS
+
+    out = []
+    if p.counts.get(value, 0) < MIN_ROWS:
+        out.append(f"only {p.counts.get(value, 0)} of {sum(p.counts.values())} fitted rows are {p.attribute}={value} "
+                   f"(fewer than {MIN_ROWS}): the direction is a guess")
+    if not p.cv_accuracy >= p.chance + 0.1:
+        out.append(f"the {p.attribute} probe predicts held-out rows no better than chance "
+                   f"({p.cv_accuracy:.2f} vs {p.chance:.2f}): the edit may change nothing visible")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
-    name, value = parse_attribute(args.attribute)
+    import sys
+
     from weightzoo.errors import InputError
+
+    if args.list:
+        from weightzoo.tasks.subspace.pca import load_subspace
+        from weightzoo.tasks.subspace.w2w import probes
+
+        found = probes(load_subspace(args.subspace))
+        if not found:
+            print("no directions: no attribute of the fitted rows has two labels or more")
+        for p in found.values():
+            print(_probe_line(p))
+        return 0
+    missing = [f for f in ("id", "attribute", "out") if not getattr(args, f)]
+    if missing:
+        raise InputError(f"edit needs {', '.join('--' + f for f in missing)} (or --list)")
+    name, value = parse_attribute(args.attribute)
     from weightzoo.tasks.subspace.pca import load_subspace
-    from weightzoo.tasks.subspace.w2w import dataset_row, edit, edit_direction, export
+    from weightzoo.tasks.subspace.w2w import ALL_OTHERS, dataset_row, edit, edit_direction, export, probes
 
     sub = load_subspace(args.subspace)
-    others = [a.strip() for a in args.disentangle.split(",") if a.strip()]
+    others = ALL_OTHERS if args.disentangle.strip() == "*" else [
+        a.strip() for a in args.disentangle.split(",") if a.strip()]
     try:
         d = edit_direction(sub, name, value, disentangle=others)
     except (KeyError, ValueError) as e:  # an attribute or label the fitted rows do not have
         raise InputError(str(e.args[0] if e.args else e)) from None
+    probe = probes(sub)[name]
+    print(_probe_line(probe))
+    for line in warnings_for(probe, value):
+        print(f"warning: {line}", file=sys.stderr)
     meta, x = dataset_row(sub, args.id, args.dataset)
     path = export(sub, edit(sub, x, d, args.strength), args.out, meta["hparams"] or None)
     print(f"wrote {path} ({args.id} moved {args.strength:+g} std towards {name}={value})")
-    write_preview(args.preview, path, meta["prompt"])
+    if args.preview:
+        from weightzoo.cli.preview import write_edit_preview
+
+        write_edit_preview(args.preview, sub, meta, x, path, f"{name}={value}")
     return 0

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_fields(p, FitSubspaceConfig, FLOW)
     p.add_argument("--no-prefect", action="store_true",
                    help="Run in this process without Prefect (no API, no artifacts); same result.")
+    p.add_argument("--preview", metavar="BASE",
+                   help="Also write <out>/traversal.png: the top components, each drawn at -2, 0 and +2 std by this "
+                   "base (a world base, `weightzoo base --kind world`).")
     p.set_defaults(func=run)
 
 
@@ -53,4 +56,10 @@ def run(args: argparse.Namespace) -> int:
     total = sum(result.explained_variance_ratio)
     print(f"wrote {result.uri}: {result.components} components of {result.rows} rows explain {total:.2%} "
           "of the standardised variance")
+    if args.preview:
+        from weightzoo.tasks.subspace.pca import load_subspace
+        from weightzoo.tasks.world.previews import traversal_grid
+
+        out = traversal_grid(args.preview, load_subspace(result.uri))
+        print(f"wrote {out}" if out else f"no preview: {args.preview} is no world base (its pictures would be noise)")
     return 0

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     from weightzoo.cli.progress import Bar, terminal_progress
     from weightzoo.tasks.device import resolve_device
-    from weightzoo.tasks.finetune.base_model import load_base
+    from weightzoo.tasks.identity.base_model import load_base
     from weightzoo.tasks.progress import report
     from weightzoo.tasks.subspace.pca import load_subspace
     from weightzoo.tasks.subspace.w2w import export, invert

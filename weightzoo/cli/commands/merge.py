@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from weightzoo.errors import InputError
     from weightzoo.storage.dataset import Dataset
     from weightzoo.tasks.finetune.export import export_merged
-    from weightzoo.tasks.finetune.recipes import NAMES
+    from weightzoo.tasks.identity.recipes import NAMES
 
     if len(set(args.ids)) != len(args.ids):
         raise InputError(f"--ids repeats an id: {args.ids}")

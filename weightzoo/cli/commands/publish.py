@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_dataset(p)
     p.add_argument("--out", required=True, help="Output folder (local path or s3://...); a rerun resumes it.")
-    p.add_argument("--max-file-mb", type=int, default=512, help="Weights per output file, in MiB.")
+    p.add_argument("--max-file-mb", type=positive_int, default=512, help="Weights per output file, in MiB (at least 1).")
     p.add_argument(
         "--skip-bad", action="store_true",
         help="Publish only the rows of shards that pass their check (size, layout, CRC32, ids) and list the rest; "
@@ -24,8 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preview", metavar="BASE",
                    help="Also draw a preview grid per row (the first --preview-rows) with this base (a world base) "
                    "into OUT/previews/ and show them in the card.")
-    p.add_argument("--preview-rows", type=int, default=16, help="Rows given a preview grid.")
+    p.add_argument("--preview-rows", type=positive_int, default=16, help="Rows given a preview grid.")
     p.set_defaults(func=run)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 or less would plan one output file per shard, or none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

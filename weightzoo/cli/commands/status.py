@@ -47,7 +47,8 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
     """Counts (and failure reasons) for a dataset; ``pending`` only where a manifest is known."""
     from weightzoo.errors import NotFoundError
     from weightzoo.storage.fs import redact
-    from weightzoo.storage.health import card_problems, storage_problems
+    from weightzoo.storage.health import batch_bytes, card_problems, storage_problems
+    from weightzoo.storage.lease import lease_problems
     from weightzoo.storage.ledger import Ledger
 
     ledger = Ledger(dataset)
@@ -65,8 +66,10 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
         "failures": [{"id": f.id, "reason": f.reason, "attempt": f.attempt} for f in failed.values()],
         "missing_shards": missing_shards(ledger, commits),
         # What stops the next build from writing here (a build failing for it may not have recorded why).
-        "storage": storage_problems(dataset) + card_problems(ledger),
+        "storage": storage_problems(dataset, need_bytes=batch_bytes(c.nbytes for c in commits)) + card_problems(ledger),
         "quarantined": [{"path": q.path, "origin": q.origin, "reason": q.reason, "at": q.at} for q in ledger.quarantined()],
+        # Leases whose expiry cannot be trusted (another host's clock): builds take them over, a person should know.
+        "leases": lease_problems(ledger),
     }
     if manifest:
         from weightzoo.tasks.finetune.readers import read_manifest
@@ -92,6 +95,8 @@ def _print_text(st: dict, limit: int) -> None:
         print(f"  storage: {problem}")
     for q in st["quarantined"]:
         print(f"  quarantined {q['origin']} -> {q['path']}: {q['reason']}")
+    for problem in st["leases"]:
+        print(f"  {problem}")
 
 
 EXIT_PROBLEMS = 1  # status ran and reports a problem: a missing shard, an unusable storage or card

@@ -1,6 +1,6 @@
 """LoRA and Orthogonal Adaptation: a low-rank update ``(alpha / r) · B A`` of chosen UNet linear layers.
 
-Trainable tensors: per target layer ``<module>.lora_A.weight`` (r, in) and ``<module>.lora_B.weight``
+Trainable tensors: per target layer of the family's denoiser (UNet or transformer, ``denoise.denoiser``) ``<module>.lora_A.weight`` (r, in) and ``<module>.lora_B.weight``
 (out, r), in peft/diffusers names (the row layout). ``lora`` trains A and B from a shared Gaussian A
 (std 1/r, seeded per layer) and B = 0; ``orthogonal`` (Po et al. 2024, "Orthogonal Adaptation for
 Modular Customization of Diffusion Models") fixes A to a block of r rows of one seeded orthogonal basis
@@ -26,14 +26,15 @@ from torch import nn
 from weightzoo.storage.layout import FixedTensor, Layout
 from weightzoo.tasks.finetune.export import export_lora
 from weightzoo.tasks.finetune.packed_lora import PackedLoRA, find_targets
-from weightzoo.tasks.finetune.recipes.base import Recipe
+from weightzoo.tasks.identity.denoise import denoiser
+from weightzoo.tasks.identity.recipes.base import Recipe
 from weightzoo.tasks.seeds import stable_seed
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.row import ManifestRow
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
 
 class PackedLoRAAdapters(PackedLoRA):
@@ -57,8 +58,9 @@ def lora_layout(pipe: StableDiffusionPipeline, config: FinetuneConfig, fixed_a: 
     ``fixed_a``: every A is a fixed tensor of the layout (``shared_a``), rows store B only."""
     shapes: dict[str, torch.Tensor] = {}
     fixed: list[FixedTensor] = []
-    for name in find_targets(pipe.unet, config.target_modules):
-        layer = pipe.unet.get_submodule(name)
+    model = denoiser(pipe)
+    for name in find_targets(model, config.target_modules):
+        layer = model.get_submodule(name)
         if fixed_a:
             fixed.append(shared_a(name, layer.in_features, config))
         else:
@@ -110,12 +112,12 @@ class LoRARecipe(Recipe):
     def prepare(self, pipe: StableDiffusionPipeline, config: FinetuneConfig, rows: Sequence[ManifestRow],
                 cache_dir: str | None) -> list[str]:
         self.options(config)  # refuses options: a LoRA recipe has none
-        return find_targets(pipe.unet, config.target_modules)
+        return find_targets(denoiser(pipe), config.target_modules)
 
     def attach(self, pipe: StableDiffusionPipeline, config: FinetuneConfig, rows: Sequence[ManifestRow],
                prepared: Any) -> PackedLoRAAdapters:
         ids = [r.id for r in rows]
-        return PackedLoRAAdapters(pipe.unet, prepared, len(rows), config.rank, config.alpha / config.rank,
+        return PackedLoRAAdapters(denoiser(pipe), prepared, len(rows), config.rank, config.alpha / config.rank,
                                   lambda name, layer: self.init_a(name, layer, ids, config), self.train_a)
 
     def export(self, weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str) -> str:

@@ -16,7 +16,7 @@ concept's input word embedding (initialised at the class word's), which sets i*.
 Row: ``perfusion.embedding`` (1, D) and one ``<attn2>.to_v.perfusion_value`` (out,) per cross-attention
 layer; the covariance is fitted once per base and cached like the Celeb Basis. Export: one safetensors
 file with the embedding, the V targets, C⁻¹, τ and β; ``load_perfusion(pipe, file, token, class_word)``
-(``tasks/finetune/perfusion_loader.py``) loads the embedding as a textual inversion, recomputes i* and the locked key
+(``tasks/identity/perfusion_loader.py``) loads the embedding as a textual inversion, recomputes i* and the locked key
 from the base as training did (prompt "<token> <class word>"), and installs attention processors that
 apply the gated edits.
 """
@@ -40,16 +40,16 @@ from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
 from weightzoo.tasks.finetune.packed_lora import find_targets
-from weightzoo.tasks.finetune.recipes.base import Recipe
-from weightzoo.tasks.finetune.recipes.celeb_basis import encode_with_words, splice_instance_states, tokenise
-from weightzoo.tasks.finetune.recipes.names_basis import read_names
-from weightzoo.tasks.finetune.recipes.options import PerfusionConfig
+from weightzoo.tasks.identity.recipes.base import Recipe
+from weightzoo.tasks.identity.recipes.celeb_basis import encode_with_words, splice_instance_states, tokenise
+from weightzoo.tasks.identity.recipes.names_basis import read_names
+from weightzoo.tasks.identity.recipes.options import PerfusionConfig
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.row import ManifestRow
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
 EMBEDDING = "perfusion.embedding"
 VALUE = ".perfusion_value"

@@ -11,17 +11,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from weightzoo.tasks.finetune import recipes
 from weightzoo.tasks.finetune.contract import TrainingConfig
-
-# Defaults of a build's parameters (flows/config.py) and of ``batch.run_batch``, here so that neither the
-# CLI's flags nor the flows' config import the batch module's torch.
-# A deployment batch is one fresh worker process whose start (imports, base load, API calls) must stay a
-# small share of its training time, while a crash loses at most the batch in flight: 64 keeps the start
-# under 1% at weightzoo's defaults (docs/BENCHMARKS.md, "Orchestration overhead").
-DEFAULT_BATCH_SIZE = 64
-# A batch's lease outlives a killed holder by at most this long (renewed every third of it while training).
-LEASE_TTL_S = 120.0
+from weightzoo.tasks.identity import recipes
 
 
 class FinetuneConfig(TrainingConfig):
@@ -31,7 +22,7 @@ class FinetuneConfig(TrainingConfig):
     RENAMED: ClassVar[dict[str, str]] = {"batch_size": "images_per_step"}
 
     # -- method ------------------------------------------------------------------------------------
-    # A registered recipe (tasks/finetune/recipes/, docs/RECIPES.md): "lora" trains A and B; "orthogonal"
+    # A registered recipe (tasks/identity/recipes/, docs/RECIPES.md): "lora" trains A and B; "orthogonal"
     # fixes A to id-derived orthogonal rows (Po et al. 2024) so models can be summed; "lora_fa" fixes A to one
     # seeded orthogonal basis shared by every row (rows hold B: one chart for PCA and generators); "celeb_basis" learns
     # word-embedding coefficients over a basis of celebrity-name embeddings (Yuan et al. 2023); "perfusion"

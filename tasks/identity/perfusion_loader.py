@@ -1,6 +1,6 @@
 """Apply an exported Perfusion file to a diffusers pipeline: a textual inversion plus attention processors.
 
-    from weightzoo.tasks.finetune.perfusion_loader import load_perfusion, unload_perfusion
+    from weightzoo.tasks.identity.perfusion_loader import load_perfusion, unload_perfusion
     handle = load_perfusion(pipe, "perfusion.safetensors", token="<sks>", class_word="person")
     image = pipe("a photo of <sks> person").images[0]
     unload_perfusion(pipe, handle)   # the original processors back (the token stays in the tokenizer)
@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from weightzoo.tasks.finetune.packed_lora import find_targets
-from weightzoo.tasks.finetune.recipes.celeb_basis import encode_with_words, tokenise
-from weightzoo.tasks.finetune.recipes.perfusion import (
+from weightzoo.tasks.identity.recipes.celeb_basis import encode_with_words, tokenise
+from weightzoo.tasks.identity.recipes.perfusion import (
     EMBEDDING,
     VALUE,
     PerfusionConfig,

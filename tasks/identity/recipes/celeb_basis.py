@@ -30,15 +30,15 @@ from torch import nn
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
-from weightzoo.tasks.finetune.recipes.base import Recipe
-from weightzoo.tasks.finetune.recipes.names_basis import Basis, fitted_basis, load_basis
-from weightzoo.tasks.finetune.recipes.options import CelebBasisConfig
+from weightzoo.tasks.identity.recipes.base import Recipe
+from weightzoo.tasks.identity.recipes.names_basis import Basis, fitted_basis, load_basis
+from weightzoo.tasks.identity.recipes.options import CelebBasisConfig
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
-    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.row import ManifestRow
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
 KEY = "celeb_basis.coefficients"
 EMBEDDING_NAME = "learned_embeds.safetensors"  # the name diffusers' textual-inversion scripts write

@@ -51,7 +51,7 @@ class Basis:
 def read_names(uri: str | None) -> list[str]:
     """Names from a text file (one per line, ``#`` comments) at an fsspec URI, or the shipped list; deduplicated."""
     if uri is None:
-        text = files("weightzoo.tasks.finetune.recipes").joinpath(DEFAULT_NAMES).read_text(encoding="utf-8")
+        text = files("weightzoo.tasks.identity.recipes").joinpath(DEFAULT_NAMES).read_text(encoding="utf-8")
     else:
         fs, path = filesystem(uri)
         if not fs.exists(path):

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from weightzoo.storage.layout import Layout
-from weightzoo.tasks.finetune import recipes
+from weightzoo.tasks.identity import recipes
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
     from pydantic import BaseModel
 
-    from weightzoo.tasks.finetune.config import FinetuneConfig
     from weightzoo.tasks.finetune.row import ManifestRow
+    from weightzoo.tasks.identity.config import FinetuneConfig
 
 
 class Adapters(Protocol):

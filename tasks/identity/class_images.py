@@ -62,15 +62,18 @@ def encode_images(pipe: StableDiffusionPipeline, images: list[Image.Image], reso
 
 
 def pipeline_fingerprint(pipe: StableDiffusionPipeline) -> str:
-    """A short hash of the loaded weights (UNet, VAE, text encoder), scheduler config and vocabulary.
+    """A short hash of the loaded weights (denoiser, VAE, text encoders), scheduler config and vocabulary.
 
     Computed from memory, so it names exactly the model that generated the class images, however it
     was loaded. Reads every weight once (a few seconds for SD 1.5); called once per batch, only when a
     cache key is needed.
     """
     h = hashlib.sha256()
-    for comp in ("unet", "vae", "text_encoder"):
-        module = getattr(pipe, comp)
+    # SD's three first (its cache keys stay as they were), then what other families add.
+    for comp in ("unet", "vae", "text_encoder", "transformer", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, comp, None)
+        if module is None:
+            continue
         for name, t in sorted(module.state_dict().items()):
             t = t.detach().contiguous().cpu()
             h.update(f"{comp}.{name}:{t.dtype}:{tuple(t.shape)}".encode())

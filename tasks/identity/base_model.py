@@ -1,4 +1,5 @@
-"""The base text-to-image model: build the tiny offline one, or load any diffusers pipeline from a path.
+"""The base text-to-image model: build the tiny offline one, or load a diffusers pipeline of a supported
+family (SD 1.x/2.x, SDXL, SD3, Flux: ``families.py``) from a path.
 
 Nothing here downloads. ``load_base`` always passes ``local_files_only=True``; a remote (fsspec) base
 is copied to a local cache folder first, because diffusers reads from local directories only.
@@ -7,18 +8,24 @@ is copied to a local cache folder first, because diffusers reads from local dire
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import logging as diffusers_logging
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel
 
-from weightzoo.errors import NotFoundError
 from weightzoo.storage.fs import filesystem, is_local
+from weightzoo.tasks.identity.families import detect
+from weightzoo.tasks.identity.tokenizers import write_byte_tokenizer
 
 TINY_RESOLUTION = 64  # pixels; the tiny VAE downsamples 2x, so latents are 4×32×32
 
@@ -50,29 +57,6 @@ SD15_VAE: dict = {
 }
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte → printable-character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _write_byte_tokenizer(folder: Path) -> CLIPTokenizer:
-    """A CLIP tokenizer over single bytes (empty merges): tiny, offline, and handles any prompt."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
 # The tiny pipeline: SD 1.5's module names and block types at a fraction of the width (~1.7M parameters).
 TINY_UNET: dict = {
     "sample_size": TINY_RESOLUTION // 2, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
@@ -99,7 +83,7 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = _write_byte_tokenizer(Path(tmp))
+        tokenizer = write_byte_tokenizer(Path(tmp))
     unet = UNet2DConditionModel(**TINY_UNET)  # built in this order: the seed's draws go where they always went
     vae = AutoencoderKL(**TINY_VAE)
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TINY_TEXT))
@@ -134,16 +118,21 @@ def _local_copy(uri: str) -> str:
     return str(dest)
 
 
-def load_base(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """Load a diffusers pipeline from a local path or fsspec URI, never from a hub."""
+def load_base(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
+    """Load a diffusers pipeline of a supported family (``families.py``) from a local path or fsspec URI,
+    never from a hub. The class comes from the family table, never from the folder's own say-so."""
+    import diffusers
+
+    from weightzoo.tasks.world.base import check_world_base
+
     local = _local_copy(str(uri))
-    if not Path(local, "model_index.json").exists():
-        raise NotFoundError(f"no diffusers pipeline (model_index.json) at {uri}")
+    family = detect(local)
+    check_world_base(local)  # a world base whose files differ from its recorded hashes: refused in one line
     if os.environ.get("TQDM_DISABLE") == "1":  # the CLI without -v (tqdm's own switch): no "Loading pipeline components" bar
         diffusers_logging.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        local, local_files_only=True, dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    cls = getattr(diffusers, family.pipelines[0])
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd" else {}
+    pipe = cls.from_pretrained(local, local_files_only=True, dtype=dtype, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -151,11 +140,19 @@ def load_base(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype =
 def base_fingerprint(uri: str) -> str:
     """A short hash of every file of the base model: rows record exactly which base they were trained on.
 
-    Reads the whole model once (seconds for SD 1.5); callers compute it once per batch, not per item.
+    A world base's hash record (``world_base.sha256.json``) is left out: copies made before it existed
+    fingerprint the same. Other families than SD 1.x/2.x prefix it with their name (``sdxl-…``), so a dataset's card and every
+    row say the family and a base of another family is refused by name. Reads the whole model once
+    (seconds for SD 1.5); callers compute it once per batch, not per item.
     """
+    from weightzoo.tasks.world.base import HASHES_FILE
+
+    family = detect(uri)
     fs, path = filesystem(uri)
     h = hashlib.sha256()
     for f in sorted(fs.find(path)):
         rel = f[len(path.rstrip("/")) + 1 :]
+        if rel == HASHES_FILE:  # the world base's record of its own files' hashes: nothing new to fingerprint
+            continue
         h.update(rel.encode() + b"\0" + fs.cat_file(f))
-    return h.hexdigest()[:16]
+    return h.hexdigest()[:16] if family.name == "sd" else f"{family.name}-{h.hexdigest()[:16]}"

@@ -32,22 +32,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 from torch import nn
 
+from weightzoo.errors import InputError
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks.device import autocast, use_bf16
-from weightzoo.tasks.finetune import recipes
-from weightzoo.tasks.finetune.class_images import class_latents, encode_images
-from weightzoo.tasks.finetune.config import FinetuneConfig
 from weightzoo.tasks.finetune.contract import BatchResult, ItemResult
 from weightzoo.tasks.finetune.driver import Prepared, prepare_rows, train_batch
 from weightzoo.tasks.finetune.images import load_images
-from weightzoo.tasks.finetune.recipes.base import Adapters, Recipe
-from weightzoo.tasks.finetune.recipes.lora import LoRARecipe
 from weightzoo.tasks.finetune.row import ManifestRow
+from weightzoo.tasks.identity import recipes
+from weightzoo.tasks.identity.class_images import class_latents, encode_images
+from weightzoo.tasks.identity.config import FinetuneConfig
+from weightzoo.tasks.identity.denoise import (
+    Cond,
+    Objective,
+    default_resolution,
+    denoiser,
+    encode_sd_prompt,
+    objective,
+)
+from weightzoo.tasks.identity.families import detect_pipeline
+from weightzoo.tasks.identity.recipes.base import Adapters, Recipe
+from weightzoo.tasks.identity.recipes.lora import LoRARecipe
 from weightzoo.tasks.seeds import stable_seed
 
 # -- methods -----------------------------------------------------------------------------------------
@@ -60,62 +68,56 @@ METHODS: dict[str, LoRARecipe] = {n: r for n in recipes.names() if isinstance(r 
 # -- layout and config resolution --------------------------------------------------------------------
 
 
-def default_resolution(pipe: StableDiffusionPipeline) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-
-
-def resolved_hparams(pipe: StableDiffusionPipeline, config: FinetuneConfig) -> dict:
-    """The config with defaults resolved against ``pipe``: what a row records about how it was made."""
-    device = pipe.unet.device
-    return config.model_dump(mode="json") | {
+def resolved_hparams(pipe: Any, config: FinetuneConfig) -> dict:
+    """The config with defaults resolved against ``pipe``: what a row records about how it was made,
+    including its model family (which also keys the export's prefix and the objective)."""
+    device = denoiser(pipe).device
+    out = config.model_dump(mode="json") | {
         "resolution": config.resolution or default_resolution(pipe),
         "mixed_precision": "bf16" if use_bf16(config.mixed_precision, device) else "no",
         "scale": config.alpha / config.rank,
         "latents": "vae-posterior-mean",
-        "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
     }
+    family = detect_pipeline(pipe)
+    if family.objective == "ddpm":
+        out["prediction_type"] = pipe.scheduler.config.get("prediction_type", "epsilon")
+    return out | {"family": family.name}
 
 
 # -- inputs, computed once per batch -------------------------------------------------------------------
 
 
 def instance_latents(
-    pipe: StableDiffusionPipeline, row: ManifestRow, images: list[Image.Image], resolution: int
+    pipe: Any, row: ManifestRow, images: list[Image.Image], resolution: int
 ) -> torch.Tensor:
     """Latents (n, C, h, w) of one row's decoded images: encoded once, read by every step."""
     return encode_images(pipe, images, resolution)
 
 
-@torch.no_grad()
-def encode_prompt(pipe: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    """The (1, L, D) text embedding the UNet is conditioned on (one prompt per call: exact, order-free)."""
-    tok = pipe.tokenizer(
-        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0].float()
+encode_prompt = encode_sd_prompt  # SD 1.x/2.x's text embedding (the subspace's inversion conditions on it)
 
 
 @dataclass
 class _Batch:
     """Everything shared by the packs of one batch: model, cached inputs, the recipe's state, schedule."""
 
-    pipe: StableDiffusionPipeline
+    pipe: Any
     config: FinetuneConfig
     recipe: Recipe
     prepared: Any  # the recipe's per-batch state (target names, a fitted basis, tokenised prompts)
     inputs: BatchInputs
-    scheduler: DDPMScheduler
+    objective: Objective  # the family's conditioning, timestep draw and loss (denoise.py)
     forward: Callable
     layout: Layout
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        return denoiser(self.pipe).device
 
 
 @contextmanager
 def _training_mode(unet: nn.Module, config: FinetuneConfig) -> Iterator[None]:
-    """Freeze the UNet for adapter training and restore flags, mode and checkpointing afterwards."""
+    """Freeze the denoiser (UNet or transformer) for adapter training and restore flags, mode and checkpointing afterwards."""
     flags = [(p, p.requires_grad) for p in unet.parameters()]
     was_training, was_ckpt = unet.training, bool(getattr(unet, "is_gradient_checkpointing", False))
     unet.requires_grad_(False)
@@ -146,7 +148,7 @@ class _Stream:
     """A row's random choices, from its own generators: identical whatever pack it trains in."""
 
     sample_index: torch.Tensor  # (steps, S) indices into the row's instance latents, then class latents
-    timesteps: torch.Tensor  # (steps, S)
+    timesteps: torch.Tensor  # (steps, S): the objective's timestep indices
     noise: torch.Generator
 
     @classmethod
@@ -157,7 +159,7 @@ class _Stream:
         if c.prior_preservation:
             cls_idx = _epoch_order(g, n_class, c.steps * c.images_per_step).view(c.steps, c.images_per_step)
             idx = torch.cat([idx, cls_idx + n_images], dim=1)
-        t = torch.randint(0, run.scheduler.config.num_train_timesteps, idx.shape, generator=g)
+        t = run.objective.draw(g, tuple(idx.shape))
         return cls(idx, t, torch.Generator().manual_seed(stable_seed(c.seed, "noise", row_id)))
 
 
@@ -173,13 +175,14 @@ class _PackInputs:
     index: torch.Tensor  # (steps, K, S) into pool
     timesteps: torch.Tensor  # (steps, K, S)
     noise: list[torch.Generator]  # one per row, on CPU: the same draws on any device
-    ehs: torch.Tensor  # (K, S, L, D) text embedding of each sample
+    texts: torch.Tensor  # (n,): which text of ``cond`` conditions each pool entry (its caption, prompt or class)
+    cond: Cond  # name -> (T, ...): the pack's distinct texts' conditioning (embeddings, pooled, time ids)
 
     @classmethod
     def build(cls, run: _Batch, rows: list[ManifestRow]) -> _PackInputs:
-        c, device, dtype = run.config, run.device, run.pipe.unet.dtype
-        b = c.images_per_step
-        pool, index, timesteps, noise, ehs = [], [], [], [], []
+        c, device = run.config, run.device
+        pool, index, timesteps, noise, texts = [], [], [], [], []
+        table: dict[str, int] = {}
         offset = 0
         for row in rows:
             inst = run.inputs.latents[row.id]
@@ -190,31 +193,42 @@ class _PackInputs:
             timesteps.append(stream.timesteps)
             noise.append(stream.noise)
             offset += len(inst) + len(cls_lat)
-            prompts = [row.prompt] * b + [row.class_prompt] * (stream.sample_index.shape[1] - b)
-            ehs.append(torch.cat([run.inputs.embeds[p] for p in prompts]))
+            texts += [table.setdefault(t, len(table)) for t in image_texts(row, len(inst))]
+            if len(cls_lat):
+                texts += [table.setdefault(row.class_prompt, len(table))] * len(cls_lat)
+        embeds = [run.inputs.embeds[t] for t in table]
+        cond = {k: torch.cat([e[k] for e in embeds]).to(device) for k in embeds[0]}
         return cls(torch.cat(pool).to(device), torch.stack(index, 1).to(device), torch.stack(timesteps, 1).to(device),
-                   noise, torch.stack(ehs).to(device, dtype))
+                   noise, torch.tensor(texts, device=device), cond)
 
-    def batch(self, step: int, active: list[int], act_t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Latents, noise, timesteps and embeddings of one step for the ``active`` rows, row-major."""
+    def batch(self, step: int, active: list[int], act_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cond]:
+        """Latents, noise, timestep indices and conditioning of one step for the ``active`` rows, row-major:
+        each sample is conditioned on its own image's text (its caption, or the row's prompt)."""
         s_per = self.index.shape[2]
-        latents = self.pool.index_select(0, self.index[step, act_t].flatten())
+        picked = self.index[step, act_t].flatten()
+        latents = self.pool.index_select(0, picked)
         shape = (s_per, *self.pool.shape[1:])
         noise = torch.cat([torch.randn(shape, generator=self.noise[i]) for i in active]).to(self.pool.device)
-        return latents, noise, self.timesteps[step, act_t].flatten(), self.ehs[act_t].flatten(0, 1)
+        which = self.texts.index_select(0, picked)
+        return latents, noise, self.timesteps[step, act_t].flatten(), {k: v.index_select(0, which) for k, v in self.cond.items()}
+
+
+def image_texts(row: ManifestRow, n_images: int) -> list[str]:
+    """The text each of a row's images trains with: its caption, with the row's prompt (the instance token)
+    put first where the caption lacks it, as kohya's ``keep_tokens`` keeps the trigger; else the prompt."""
+    if not row.captions:
+        return [row.prompt] * n_images
+    return [c if row.prompt in c else f"{row.prompt}, {c}" for c in row.captions]
 
 
 def _row_losses(run: _Batch, inputs: _PackInputs, step: int, active: list[int], act_t: torch.Tensor,
                 adapters: Adapters) -> torch.Tensor:
     """One forward of the pack: each active row's loss (instance + weighted prior), shape (m,)."""
-    c, unet, sched = run.config, run.pipe.unet, run.scheduler
-    latents, noise, t, ehs = inputs.batch(step, active, act_t)
-    ehs = adapters.condition(ehs, act_t)
-    noisy = sched.add_noise(latents, noise, t)
-    target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-    with autocast(c.mixed_precision, run.device):
-        pred = run.forward(noisy.to(unet.dtype), t, encoder_hidden_states=ehs, return_dict=False)[0]
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    c = run.config
+    latents, noise, t, cond = inputs.batch(step, active, act_t)
+    cond["encoder_hidden_states"] = adapters.condition(cond["encoder_hidden_states"], act_t)
+    per_sample = run.objective.losses(run.forward, latents, noise, t, cond,
+                                      lambda: autocast(c.mixed_precision, run.device))
     per_sample = per_sample.view(len(active), -1)
     b = c.images_per_step
     loss = per_sample[:, :b].mean(1)
@@ -251,9 +265,9 @@ class _SDPack:
 
 @contextmanager
 def _open_pack(run: _Batch, rows: list[ManifestRow]) -> Iterator[_SDPack]:
-    """K fresh adapters of the recipe in the (frozen, training-mode) UNet; all restored on exit."""
+    """K fresh adapters of the recipe in the (frozen, training-mode) denoiser; all restored on exit."""
     inputs = _PackInputs.build(run, rows)
-    with _training_mode(run.pipe.unet, run.config), run.recipe.attach(run.pipe, run.config, rows, run.prepared) as a:
+    with _training_mode(denoiser(run.pipe), run.config), run.recipe.attach(run.pipe, run.config, rows, run.prepared) as a:
         yield _SDPack(run, inputs, a)
 
 
@@ -266,23 +280,26 @@ class BatchInputs:
     embedding per distinct prompt, class latents per class prompt; rows whose images fail are failures."""
 
     latents: dict[str, torch.Tensor]
-    embeds: dict[str, torch.Tensor]
+    embeds: dict[str, Cond]  # prompt -> its conditioning (the family's tensors, each (1, ...))
     class_latents: dict[str, torch.Tensor]
     failures: dict[str, ItemResult]
     seconds: dict[str, float]  # each row's own preparation plus its share of the shared work
 
 
-def prepare_inputs(pipe: StableDiffusionPipeline, items: list[ManifestRow], config: FinetuneConfig, *,
-                   base_uri: str | None = None, cache_dir: str | None = None) -> BatchInputs:
+def prepare_inputs(pipe: Any, items: list[ManifestRow], config: FinetuneConfig, *,
+                   base_uri: str | None = None, cache_dir: str | None = None,
+                   objective_: Objective | None = None) -> BatchInputs:
     """Encode a batch's images and prompts once (and generate or read its class latents once)."""
     resolution = config.resolution or default_resolution(pipe)
+    objective_ = objective_ or objective(pipe, resolution)
     latents, failures, seconds = prepare_rows(
         items, lambda row: instance_latents(pipe, row, load_images(row, base_uri), resolution), "images")
     out = BatchInputs(latents, {}, {}, failures, seconds)
     rows = [r for r in items if r.id in out.latents]
     t0 = time.perf_counter()
     classes = sorted({r.class_prompt for r in rows}) if config.prior_preservation else []
-    out.embeds = {p: encode_prompt(pipe, p) for p in sorted({r.prompt for r in rows} | set(classes))}
+    texts = {t for r in rows for t in image_texts(r, len(out.latents[r.id]))}
+    out.embeds = {p: objective_.encode(p) for p in sorted(texts | set(classes))}
     for cp in classes:
         out.class_latents[cp] = class_latents(
             pipe, cp, n=config.num_class_images, resolution=resolution, steps=config.class_inference_steps,
@@ -294,19 +311,24 @@ def prepare_inputs(pipe: StableDiffusionPipeline, items: list[ManifestRow], conf
     return out
 
 
-def prepare(pipe: StableDiffusionPipeline, items: list[ManifestRow], config: FinetuneConfig, *,
+def prepare(pipe: Any, items: list[ManifestRow], config: FinetuneConfig, *,
             base_uri: str | None = None, cache_dir: str | None = None) -> Prepared:
     """The engine's ``prepare``, the driver's view of a batch: inputs encoded once, the recipe prepared,
     packs to open. ``base_uri``: the manifest's folder, for relative image paths; ``cache_dir``: where
     class latents are cached across batches (any fsspec URI; None = regenerate per call)."""
-    inputs = prepare_inputs(pipe, items, config, base_uri=base_uri, cache_dir=cache_dir)
-    rows = [r for r in items if r.id in inputs.latents]
     recipe = recipes.get(config.method)
+    family = detect_pipeline(pipe)
+    if not recipe.lora_family and family.name != "sd":
+        raise InputError(f"method {config.method!r} trains SD 1.x/2.x bases only; this base is {family.name} "
+                         "(use a LoRA method: lora, orthogonal, lora_fa)")
+    goal = objective(pipe, config.resolution or default_resolution(pipe))
+    inputs = prepare_inputs(pipe, items, config, base_uri=base_uri, cache_dir=cache_dir, objective_=goal)
+    rows = [r for r in items if r.id in inputs.latents]
     prepared = recipe.prepare(pipe, config, rows, cache_dir)
-    run = _Batch(pipe=pipe, config=config, recipe=recipe, prepared=prepared, inputs=inputs,
-                 scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-                 forward=torch.compile(pipe.unet) if config.compile else pipe.unet, layout=recipe.layout(pipe, config))
-    hparams = resolved_hparams(pipe, config) | recipe.hparams(config, prepared)
+    model = denoiser(pipe)
+    run = _Batch(pipe=pipe, config=config, recipe=recipe, prepared=prepared, inputs=inputs, objective=goal,
+                 forward=torch.compile(model) if config.compile else model, layout=recipe.layout(pipe, config))
+    hparams = resolved_hparams(pipe, config) | goal.hparams() | recipe.hparams(config, prepared)
     return Prepared(lambda pack: _open_pack(run, pack), run.layout, hparams, inputs.failures, inputs.seconds)
 
 
@@ -314,7 +336,7 @@ def prepare(pipe: StableDiffusionPipeline, items: list[ManifestRow], config: Fin
 
 
 def finetune_batch(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     items: list[ManifestRow],
     config: FinetuneConfig,
     *,

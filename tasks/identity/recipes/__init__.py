@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from weightzoo.errors import InputError
-from weightzoo.tasks.finetune.recipes.options import CelebBasisConfig, NoRecipeConfig, PerfusionConfig
+from weightzoo.tasks.identity.recipes.options import CelebBasisConfig, NoRecipeConfig, PerfusionConfig
 
 if TYPE_CHECKING:
-    from weightzoo.tasks.finetune.recipes.base import Recipe
+    from weightzoo.tasks.identity.recipes.base import Recipe
 
 
 @dataclass(frozen=True)
