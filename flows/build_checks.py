@@ -30,7 +30,6 @@ from weightzoo.tasks.finetune import engines
 if TYPE_CHECKING:
     from weightzoo.flows.config import BuildConfig
 
-BUILDS = "_builds"  # <dataset>/_builds/<UTC time>.json: each build's resolved config; no reader lists it
 
 Namer = Callable[[str], str]  # a field name as the caller's user knows it: itself, or its CLI flag
 
@@ -87,8 +86,12 @@ def check_inputs(manifest: str, base: str, dataset: str, engine: str | None = No
 
 
 def check_build(config: BuildConfig) -> None:
-    """``check_inputs`` on a build's config (its fields name the inputs): the build flow's first step."""
+    """``check_inputs`` on a build's config (its fields name the inputs), and its tracker's package: the
+    build flow's first step."""
+    from weightzoo.tasks.finetune.tracking import check_report_to
+
     check_inputs(config.manifest, config.base, config.dataset, config.engine)
+    check_report_to(config.report_to)
 
 
 def record_config(config: BuildConfig) -> str:
@@ -97,6 +100,8 @@ def record_config(config: BuildConfig) -> str:
     from weightzoo.storage.health import storage_fault
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    from weightzoo.storage.ledger import BUILDS  # here: the ledger module imports torch, and --help must not
+
     uri = join(config.dataset, BUILDS, f"{stamp}.json")
     fs, path = filesystem(uri)
     data = json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True).encode()

@@ -23,15 +23,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 from weightzoo.flows.build_checks import check_build, record_config
-from weightzoo.flows.common import artifact_key
+from weightzoo.flows.common import artifact_key, dataset_run_name, tag_run
 from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch
+from weightzoo.flows.names import batch_run_name, dataset_tags
 from weightzoo.storage import card
 from weightzoo.storage.card import Recipe
 from weightzoo.storage.fs import redact
@@ -151,7 +152,8 @@ def _build_id() -> str | None:
 
 def _run_batch_subflow(config: BuildConfig, b: BatchPlan, runs: BatchRuns) -> str:
     """One batch as a subflow run: records its final state (LEASED when another live build is training it)."""
-    state = finetune_batch(config.batch(b.batch_id, list(b.ids), _build_id()), return_state=True)
+    with tags(*dataset_tags(config.dataset)):  # the run is made with them: filterable while it trains
+        state = finetune_batch(config.batch(b.batch_id, list(b.ids), _build_id()), return_state=True)
     if state.is_completed() and state.result().get("leased"):
         runs.record(b.batch_id, LEASED, "leased by another build until the wait ended")
     else:
@@ -220,7 +222,8 @@ def _submit_and_wait(config: BuildConfig, batches: list[BatchPlan], progress: Co
     for b in batches:
         fr = run_deployment(config.deployment,
                             parameters={"config": config.batch(b.batch_id, list(b.ids), _build_id()).model_dump(mode="json")},
-                            flow_run_name=f"finetune-{b.batch_id}", timeout=0, as_subflow=True)
+                            flow_run_name=batch_run_name(config.dataset, b.batch_id),
+                            tags=dataset_tags(config.dataset), timeout=0, as_subflow=True)
         submitted[fr.id] = b.batch_id
     logger.info("submitted %d batch runs to %s", len(submitted), config.deployment)
     runs = BatchRuns()
@@ -321,11 +324,12 @@ def publish_summary(summary: dict[str, Any]) -> None:
                              description=f"{summary['committed']}/{summary['total']} committed")
 
 
-@flow(name="build-dataset", flow_run_name="build-{config.batch_size}-per-batch", log_prints=False)
+@flow(name="build-dataset", flow_run_name=dataset_run_name("build"), log_prints=False)
 def build_dataset(config: BuildConfig) -> dict[str, Any]:
     """Check the inputs and every manifest row, record the config, train every id not yet committed in
     batches, report the ledger's counts; Failed (``BuildIncomplete``) unless every id is committed."""
     logger = get_run_logger()
+    tag_run(config.dataset)  # first: a build refused by its checks is found by its dataset too
     check_build(config)  # paths, engine, base (index files), manifest parses: one line, nothing loaded or made
     ids = validate(config)
     probe(config.dataset)  # an unreachable store, refused credentials, no bucket: one line, before any batch

@@ -1,4 +1,8 @@
-"""What every flow shares with the Prefect UI: run names, artifact keys, throttled progress, PNG artifacts."""
+"""What every flow shares with the Prefect UI: run names and tags, artifact keys, throttled progress, PNG artifacts.
+
+Runs are findable by dataset: every flow that works on a dataset names its run after it and tags it
+``dataset:<name>`` (the names themselves: ``flows/names.py``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from uuid import UUID
 
 from prefect.artifacts import create_image_artifact, create_progress_artifact, update_progress_artifact
 
+from weightzoo.flows.names import batch_run_name, dataset_name, dataset_tags
 from weightzoo.tasks.progress import report
 
 # An artifact update is one API call, while a training step can take a fraction of a second: a few
@@ -44,17 +49,37 @@ class ThrottledProgress:
         update_progress_artifact(artifact_id=self.artifact_id, progress=percent)
 
 
-def run_name(prefix: str, param: str, field: str = "out") -> Callable[[], str]:
-    """A ``flow_run_name`` callable: ``<prefix>-<last path part of params[param].field>``."""
+def _config_field(field: str) -> str:
+    """``field`` of this flow run's ``config`` parameter (a model in-process, a dict from a deployment)."""
+    from prefect.runtime import flow_run
 
-    def name() -> str:
-        from prefect.runtime import flow_run
+    config = flow_run.parameters.get("config") or {}
+    return str(config.get(field, "") if isinstance(config, dict) else getattr(config, field, ""))
 
-        params = flow_run.parameters.get(param) or {}
-        value = params.get(field, "") if isinstance(params, dict) else getattr(params, field, "")
-        return f"{prefix}-{str(value).rstrip('/').rsplit('/', 1)[-1]}"
 
-    return name
+def dataset_run_name(prefix: str) -> Callable[[], str]:
+    """A ``flow_run_name`` callable: ``<prefix>-<dataset name>`` from the run's ``config.dataset``."""
+    return lambda: f"{prefix}-{dataset_name(_config_field('dataset'))}"
+
+
+def batch_flow_run_name() -> str:
+    """The batch flow's ``flow_run_name``: ``batch_run_name`` of its ``config``."""
+    return batch_run_name(_config_field("dataset"), _config_field("batch_id"))
+
+
+def tag_run(dataset: str) -> None:
+    """Add ``dataset_tags`` to this flow run unless it has them (a top-level run is created before its
+    parameters are known; a subflow or a submitted batch run already carries them, and costs no call)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx else None
+    if run is None or set(dataset_tags(dataset)) <= set(run.tags):
+        return
+    run.tags = sorted({*run.tags, *dataset_tags(dataset)})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, tags=run.tags)
 
 
 def png_artifact(png: bytes, key: str, description: str) -> str:

@@ -96,9 +96,16 @@ class _JobConfig(BaseModel):
     cache_dir: str | None = Field(None, description="URI caching class latents across batches (default: <dataset>/cache).")
     # Renewed every third of it while a batch trains: a killed holder delays its batch by at most this long.
     lease_ttl_s: float = Field(LEASE_TTL_S, ge=1, description="Lifetime of a batch's lease (seconds) without renewal.")
+    # The diffusers scripts' switch; 'none' by default, so a build needs no tracking package.
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="Where per-row training curves go besides the dataset's loss_history column: "
+        "'tensorboard' writes each row's loss, lr and grad_norm as TensorBoard events (needs weightzoo[tracking]).")
+    logging_dir: str | None = Field(
+        None, description="report_to='tensorboard': URI of the event files, one run per row at "
+        "<logging_dir>/<dataset name>/<batch>/<row id> (default <dataset>/_tensorboard/<batch>/<row id>).")
 
     _engine = field_validator("engine")(engines.canonical)
-    _paths = field_validator("manifest", "base", "dataset", "cache_dir")(_absolute)
+    _paths = field_validator("manifest", "base", "dataset", "cache_dir", "logging_dir")(_absolute)
     _finetune = field_validator("finetune", mode="before")(_finetune_of_engine)
 
 
@@ -109,6 +116,16 @@ class BatchConfig(_JobConfig):
     ids: list[str] = Field(min_length=1, description="Manifest ids to fine-tune in this batch.")
     build_id: str | None = Field(None, description="The parent build's run id: its rerun of this batch takes over "
                                  "the lease a crashed attempt left, instead of waiting for it to expire.")
+
+    def tensorboard_dir(self) -> str:
+        """Where this batch's TensorBoard runs go (one folder per row below it)."""
+        from weightzoo.flows.names import dataset_name
+        from weightzoo.storage.fs import join
+        from weightzoo.tasks.finetune.tracking import TENSORBOARD_DIR
+
+        if self.logging_dir is None:
+            return join(self.dataset, TENSORBOARD_DIR, self.batch_id)
+        return join(self.logging_dir, dataset_name(self.dataset), self.batch_id)
 
 
 class BuildConfig(_JobConfig):
@@ -137,7 +154,7 @@ class BuildConfig(_JobConfig):
     def batch(self, batch_id: str, ids: list[str], build_id: str | None = None) -> BatchConfig:
         return BatchConfig(batch_id=batch_id, ids=ids, manifest=self.manifest, base=self.base, dataset=self.dataset,
                            finetune=self.finetune, cache_dir=self.cache(), engine=self.engine, build_id=build_id,
-                           lease_ttl_s=self.lease_ttl_s)
+                           lease_ttl_s=self.lease_ttl_s, report_to=self.report_to, logging_dir=self.logging_dir)
 
 
 class FitSubspaceConfig(BaseModel):

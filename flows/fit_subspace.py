@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from weightzoo.flows.common import png_artifact, run_name
+from weightzoo.flows.common import dataset_run_name, png_artifact, tag_run
 from weightzoo.flows.config import FitSubspaceConfig
 from weightzoo.storage.fs import join, redact
 from weightzoo.tasks.subspace import pca as sp
@@ -101,9 +101,11 @@ def publish(result: sp.FitResult, top: int = 20) -> None:
     create_table_artifact(rows, key="subspace-top-components", description=f"Top {len(rows)} components")
 
 
-@flow(name="fit-subspace", flow_run_name=run_name("fit-subspace", "config"))
+@flow(name="fit-subspace", flow_run_name=dataset_run_name("fit-subspace"))
 def fit_subspace(config: FitSubspaceConfig) -> sp.FitResult:
-    """Fit the weights2weights subspace of a dataset (q + 2 passes, each mapped over groups of shards)."""
+    """Fit the weights2weights subspace of a dataset (q + 2 passes, each mapped over groups of shards);
+    the run is named ``fit-subspace-<dataset>`` and tagged ``dataset:<dataset>``."""
+    tag_run(config.dataset)
     if _needs_dask_subflow(config):
         return flow_for(config)(config)
     result = sp.fit_subspace(config.dataset, config.out, config.options, config.work,

@@ -17,6 +17,7 @@ from prefect import flow, task
 
 from weightzoo.errors import InputError
 from weightzoo.flows.build_dataset import build_dataset
+from weightzoo.flows.common import tag_run
 from weightzoo.flows.config import WORLD, PipelineConfig
 from weightzoo.flows.fit_subspace import fit_subspace
 from weightzoo.flows.train_weight_diffusion import train_weight_diffusion_flow
@@ -72,7 +73,9 @@ def preview_rows(base: str, manifest: str, dataset: str, out_dir: str, limit: in
 
 @flow(name="pipeline", flow_run_name="pipeline-{config.workload}-{config.items}")
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Build a dataset from scratch and learn from it: every stage is its own task or subflow run."""
+    """Build a dataset from scratch and learn from it: every stage is its own task or subflow run, each
+    tagged with the dataset (as this run is)."""
+    tag_run(config.path("dataset"))
     kind = config.base_kind()
     base = make_base(kind, config.path("base"), config.base_options())
     manifest = make_manifest(kind, config.workdir, config.items, config.row_options())

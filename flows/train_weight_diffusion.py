@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from weightzoo.flows.common import ThrottledProgress, png_artifact, run_name
+from weightzoo.flows.common import ThrottledProgress, dataset_run_name, png_artifact, tag_run
 from weightzoo.storage.fs import filesystem, join, redact
 from weightzoo.tasks.diffusion import generator as wd
 
@@ -41,9 +41,11 @@ def publish(result: wd.TrainResult) -> str:
     return checkpoint
 
 
-@flow(name="train-weight-diffusion", flow_run_name=run_name("train-weight-diffusion", "config"))
+@flow(name="train-weight-diffusion", flow_run_name=dataset_run_name("train-weight-diffusion"))
 def train_weight_diffusion_flow(config: wd.WeightDiffusionConfig) -> wd.TrainResult:
-    """Train the text-conditioned weight denoiser on a dataset (minus held-out ids) and publish it."""
+    """Train the text-conditioned weight denoiser on a dataset (minus held-out ids) and publish it; the run
+    is named ``train-weight-diffusion-<dataset>`` and tagged ``dataset:<dataset>``."""
+    tag_run(config.dataset)
     result = train(config)
     publish(result)
     return result

@@ -45,6 +45,7 @@ COMMITS = "ledger/commits"
 FAILURES = "ledger/failures"
 QUARANTINE = "ledger/quarantine"
 SHARDS = "shards"
+BUILDS = "_builds"  # <dataset>/_builds/<UTC time>.json: each build's resolved config; no reader lists it
 REASON_SUFFIX = ".reason.json"  # quarantine sidecar; entry names end "-<token>.json", so never clash
 _SHARD_TOKEN = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12]: attempts at one batch never share a name
 

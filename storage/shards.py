@@ -38,6 +38,7 @@ LAYOUT_KEY = b"weightzoo.layout"
 FORMAT_KEY = b"weightzoo.format"
 FORMAT_VERSION = b"1"
 WEIGHTS = "weights"
+LOSS_HISTORY = "loss_history"
 # Temp files live in an underscore folder next to the shards: pyarrow/pandas/polars directory reads skip
 # "_"-prefixed paths, so a killed writer's leftover never breaks `read_table(shards/)`; gc removes it.
 TMP_DIR = "_tmp"
@@ -57,6 +58,9 @@ META_SCHEMA = pa.schema(
         pa.field("steps", pa.int32()),
         pa.field("train_seconds", pa.float32()),
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+        # One value per ``loss_window`` steps (hparams), the mean of that window: the row's training curve
+        # in 4 bytes a window. Shards written before it have no such column; readers give null.
+        pa.field(LOSS_HISTORY, pa.list_(pa.float32())),
     ]
 )
 
@@ -80,6 +84,7 @@ class RowMeta:
     steps: int | None = None
     train_seconds: float | None = None
     created_at: datetime | None = None
+    loss_history: Sequence[float] | None = None  # one mean per ``loss_window`` steps
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,7 @@ def _meta_table(layout: Layout, rows: Sequence[RowMeta]) -> dict[str, pa.Array]:
         cols["steps"].append(r.steps)
         cols["train_seconds"].append(r.train_seconds)
         cols["created_at"].append(r.created_at or now)
+        cols[LOSS_HISTORY].append(None if r.loss_history is None else list(r.loss_history))
     return {f.name: pa.array(cols[f.name], type=f.type) for f in META_SCHEMA}
 
 
@@ -403,7 +409,11 @@ def row_groups(
     cols = list(columns) if columns is not None else [f.name for f in META_SCHEMA]
     if weights and WEIGHTS not in cols:
         cols.append(WEIGHTS)
+    stored = set(pf.schema_arrow.names)
+    missing = [c for c in cols if c not in stored and c in META_SCHEMA.names]  # a column added after the shard
     for i in range(pf.num_row_groups):
-        table = pf.read_row_group(i, columns=cols, use_threads=True)
+        table = pf.read_row_group(i, columns=[c for c in cols if c not in missing], use_threads=True)
+        for name in missing:  # null, in the schema's type and the order asked for
+            table = table.add_column(cols.index(name), META_SCHEMA.field(name), pa.nulls(len(table), META_SCHEMA.field(name).type))
         w = weights_numpy(layout, table.column(WEIGHTS)) if weights else None
         yield (table.drop_columns([WEIGHTS]) if weights else table), w

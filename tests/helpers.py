@@ -179,8 +179,13 @@ def deployment_runs(deployment: str, batch_ids: set[str] | None = None) -> list:
     with get_client(sync_client=True) as client:
         dep = client.read_deployment_by_name(deployment)
         runs = client.read_flow_runs(limit=200)
-    return [r for r in runs if r.deployment_id == dep.id
-            and (batch_ids is None or r.name.removeprefix("finetune-") in batch_ids)]
+    return [r for r in runs if r.deployment_id == dep.id and (batch_ids is None or run_batch_id(r) in batch_ids)]
+
+
+def run_batch_id(run) -> str:
+    """The batch id of a finetune-batch flow run, from its parameters (its name also carries the dataset)."""
+    config = run.parameters.get("config") or {}
+    return config.get("batch_id", "") if isinstance(config, dict) else config.batch_id
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 import weightzoo
 from weightzoo.cli import main
 from weightzoo.errors import NotFoundError
-from weightzoo.flows.build_checks import BUILDS, record_config
+from weightzoo.flows.build_checks import record_config
 from weightzoo.flows.config import BuildConfig
 from weightzoo.storage.layout import Layout
-from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.ledger import BUILDS, Ledger
 from weightzoo.storage.shards import RowMeta, write_shard
 from weightzoo.tasks.finetune.export import PEFT_WEIGHT_NAME, WEIGHT_NAME
 from weightzoo.tasks.finetune.readers import read_manifest

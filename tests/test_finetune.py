@@ -70,7 +70,7 @@ def packed_run(tiny_pipe: StableDiffusionPipeline, subjects: tuple[str, list], c
     before = _snapshot(tiny_pipe.unet)
     calls: list[tuple[int, int]] = []
     result = finetune_batch(tiny_pipe, rows, CFG, base_uri=root, cache_dir=cache_dir,
-                            progress=lambda d, t: calls.append((d, t)))
+                            progress=lambda d, t, *loss: calls.append((d, t)))
     return result, before, _snapshot(tiny_pipe.unet), calls
 
 

@@ -15,12 +15,12 @@ import yaml
 from helpers import REPO, TINY_FINETUNE, corrupt_image
 
 from weightzoo.cli import main as cli
-from weightzoo.flows.build_checks import BUILDS
 from weightzoo.flows.build_dataset import build_dataset
 from weightzoo.flows.config import BuildConfig
 from weightzoo.flows.finetune_batch import finetune_batch, train_and_commit
+from weightzoo.flows.names import batch_run_name
 from weightzoo.storage.dataset import Dataset
-from weightzoo.storage.ledger import Ledger
+from weightzoo.storage.ledger import BUILDS, Ledger
 from weightzoo.tasks.finetune.batch import batch_id_for, plan_batches, run_batch
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.finetune.row import ManifestError
@@ -95,10 +95,9 @@ def test_local_build_end_to_end_then_rerun_is_a_no_op(tmp_path: Path, tiny_base:
     assert len(meta["base_model"]) == 16 and meta["loss"] > 0 and meta["train_seconds"] > 0
     assert weights.shape == (ds.layout.numel,)
 
-    runs = _flow_runs("finetune-b-")
-    names = {r.name for r in runs}
-    assert {f"finetune-{b}" for b in out["summary"]["batches"]} <= names
-    assert all(r.state.is_completed() for r in runs if r.name in {f"finetune-{b}" for b in out["summary"]["batches"]})
+    expected = {batch_run_name(str(dataset), b) for b in out["summary"]["batches"]}  # finetune-ds-<hash>-<batch>
+    runs = [r for r in _flow_runs("finetune-ds-") if r.name in expected]
+    assert {r.name for r in runs} == expected and all(r.state.is_completed() for r in runs)
     keys = _artifact_keys()
     assert "build-summary" in keys and "build-progress" in keys
     assert {f"batch-{b}" for b in out["summary"]["batches"]} <= keys
@@ -124,7 +123,7 @@ def test_corrupt_image_fails_its_item_only_and_a_rerun_after_the_fix_trains_only
 
     assert cli(["status", "--dataset", str(dataset), "--manifest", manifest, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
-    assert (st["committed"], st["failed"], st["pending"]) == (2, 1, 1)
+    assert (st["committed"], st["failed"], st["pending"]) == (2, 1, 0)  # pending: neither committed nor failed, as in the build summary
     assert st["failures"][0]["id"] == "subject-00001" and "images" in st["failures"][0]["reason"]
 
     first = Ledger(str(dataset)).commits()

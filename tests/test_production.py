@@ -32,6 +32,7 @@ from helpers import (
     deployment_build,
     deployment_runs,
     process_workers,
+    run_batch_id,
     stop_tree,
 )
 
@@ -256,7 +257,7 @@ def _kill_one_mid_batch(workers: list[subprocess.Popen], deadline: float, killed
                 run_id = _training_run(w)
                 if run_id is None:
                     continue
-                batch = client.read_flow_run(run_id).name.removeprefix("finetune-")
+                batch = run_batch_id(client.read_flow_run(run_id))
                 progress = [a for a in client.read_latest_artifacts(limit=200) if a.key == f"progress-{batch}"]
                 if progress and 0 < float(progress[0].data or 0) < 100:
                     stop_tree(w, signal.SIGKILL)

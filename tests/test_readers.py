@@ -37,6 +37,7 @@ from weightzoo.storage.layout import FixedTensor, Layout
 from weightzoo.storage.ledger import COMMITS, Ledger
 from weightzoo.storage.publish import publish, publish_schema
 from weightzoo.storage.shards import RowMeta, write_shard
+from weightzoo.tasks.finetune.export import lora_state_dict
 
 LAYOUT = Layout(("mid.attn.to_q.lora_A.weight", "mid.attn.to_q.lora_B.weight"), ((1, 4), (3, 1)), "bfloat16")
 DOC = (REPO / "docs" / "READING.md").read_text()
@@ -93,6 +94,12 @@ def check_rows(ids, weights: torch.Tensor, zoo: Zoo) -> None:
     got = dict(zip(ids, weights.view(torch.int16).numpy(), strict=True))
     for i, w in zoo.expected.items():
         np.testing.assert_array_equal(got[i], w, err_msg=i)
+
+
+def card_code(hub: Path | str) -> str:
+    """The published card's decode snippet, its placeholder repo replaced by the folder ``hub`` (as a user would)."""
+    text = (Path(hub) / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)[0].replace('"ORG/NAME"', repr(str(hub)))
 
 
 def doc_code(section: str, lang: str = "python") -> str:
@@ -162,10 +169,13 @@ def test_datasets_loads_the_published_snapshot(zoo: Zoo, tmp_path: Path) -> None
     assert json.loads(loaded[k]["hparams"]) == meta["hparams"]
     n = duckdb.sql(f"select count(*), count(distinct id) from '{hub}/data/*.parquet'").fetchall()[0]
     assert n == (12, 12)
-    card: dict = {}  # the dataset card's own decode snippet works too
-    exec(re.findall(r"```python\n(.*?)```", (tmp_path / "hub" / "README.md").read_text(), re.S)[0], card)
-    assert card["scale"] == 27.0 and sorted(card["lora"]) == list(LAYOUT.keys)
-    assert card["lora"][LAYOUT.keys[1]].shape == (3, 1) and card["lora"][LAYOUT.keys[1]].dtype == torch.bfloat16
+    card: dict = {}  # the dataset card's own decode snippet works too: bf16 bytes → the diffusers state dict
+    exec(card_code(hub), card)
+    meta, row = Dataset(zoo.uri).row(card["row"]["id"])
+    want = lora_state_dict(row, LAYOUT, meta["hparams"])
+    assert sorted(card["lora"]) == sorted(want) == [f"unet.{k}" for k in LAYOUT.keys]
+    for key, t in want.items():  # unet. prefix, float32, alpha/rank (27) baked into B: exactly weightzoo's export
+        assert card["lora"][key].dtype == torch.float32 and torch.equal(card["lora"][key], t), key
     assert (card["ds"].num_rows, len(set(card["ds"]["id"]))) == (12, 12)
 
 
@@ -182,14 +192,15 @@ def test_dataset_card_header_and_recipe(zoo: Zoo, tmp_path: Path) -> None:
 
 
 def test_the_cards_snippet_works_from_any_folder(zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Published to a relative folder, the card's snippet still loads the snapshot from elsewhere."""
+    """Published to a relative folder, the card names no path: its repo, set to the folder, loads it from elsewhere."""
     (tmp_path / "work").mkdir()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "work")
     publish(zoo.uri, "hub")
+    assert 'repo = "ORG/NAME"' in (tmp_path / "work" / "hub" / "README.md").read_text()
     monkeypatch.chdir(tmp_path / "elsewhere")
     card: dict = {}
-    exec(re.findall(r"```python\n(.*?)```", (tmp_path / "work" / "hub" / "README.md").read_text(), re.S)[0], card)
+    exec(card_code(tmp_path / "work" / "hub"), card)
     assert (card["ds"].num_rows, len(set(card["ds"]["id"]))) == (12, 12)
 
 
@@ -206,10 +217,13 @@ def test_the_cards_snippet_rebuilds_a_layouts_fixed_tensors(tmp_path: Path) -> N
     text = (tmp_path / "hub" / "README.md").read_text()
     assert "plus 1 fixed tensors" in text and Layout.from_json((tmp_path / "hub" / "layout.json").read_text()) == layout
     card: dict = {}
-    exec(re.findall(r"```python\n(.*?)```", text, re.S)[0], card)
-    want = layout.unflatten(w[int(card["row"]["id"].removeprefix("r"))])
-    assert sorted(card["lora"]) == sorted(want)
+    exec(card_code(tmp_path / "hub"), card)
+    row = w[int(card["row"]["id"].removeprefix("r"))]
+    want = layout.unflatten(row)
+    assert sorted(card["tensors"](card["row"])) == sorted(want)
     for key, t in want.items():
+        assert torch.equal(card["tensors"](card["row"])[key], t), key
+    for key, t in lora_state_dict(row, layout, {"rank": 2, "alpha": 2.0}).items():  # A rebuilt, B prefixed
         assert torch.equal(card["lora"][key], t), key
     assert (card["ds"].num_rows, len(set(card["ds"]["id"]))) == (2, 2)
 

@@ -31,10 +31,11 @@ from weightzoo.storage.shards import RowMeta
 from weightzoo.storage.writer import commit_batch
 from weightzoo.tasks.device import resolve_device
 from weightzoo.tasks.finetune import engines
-from weightzoo.tasks.finetune.contract import LEASE_TTL_S
+from weightzoo.tasks.finetune.contract import LEASE_TTL_S, ItemResult
 from weightzoo.tasks.finetune.driver import train_batch
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.finetune.row import ManifestRow, manifest_folder
+from weightzoo.tasks.finetune.tracking import window_means
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ItemRecord:
     loss: float | None = None
     seconds: float | None = None
     reason: str | None = None
+    loss_history: list[float] = field(default_factory=list)  # its stored curve: one mean per loss_window steps
 
 
 @dataclass
@@ -135,15 +137,18 @@ class Trained:
     weights: torch.Tensor | None
     failures: list[tuple[str, str]]
     results: list[Any]
+    curves: dict[str, list[float]] = field(default_factory=dict)  # id -> loss curve (tracking.window_means)
 
 
 _TRAINED: dict[tuple[str, str], Trained] = {}  # (dataset URI, batch id) -> trained, not yet committed
 
 
-def _row_meta(row: ManifestRow, result: Any, base_fp: str, method: str, hparams: dict) -> RowMeta:
+def _row_meta(row: ManifestRow, result: Any, base_fp: str, method: str, hparams: dict,
+              curve: list[float]) -> RowMeta:
     return RowMeta(
         id=row.id, kind=row.kind, prompt=row.prompt, attributes=dict(row.attributes), base_model=base_fp,
         method=method, hparams=hparams, loss=result.loss, steps=result.steps, train_seconds=result.seconds,
+        loss_history=curve,
     )
 
 
@@ -156,24 +161,32 @@ def _rows_for(batch_id: str, todo: Sequence[str], manifest: str) -> dict[str, Ma
 
 
 def train_rows(engine: str, base: str, rows: dict[str, ManifestRow], config: Any, recipe: Recipe, *,
-               manifest: str, cache_dir: str | None, progress: Callable[[int, int], None] | None) -> Trained:
+               manifest: str, cache_dir: str | None, progress: Callable[..., None] | None,
+               tracker: Callable[[Sequence[ItemResult]], None] | None = None) -> Trained:
     """Train ``rows``: the shared driver on the engine's ``prepare`` of its (cached) base. A row whose
-    weights are not all finite is a failure of that row (the driver's check): NaN/Inf never reaches a shard."""
+    weights are not all finite is a failure of that row (the driver's check): NaN/Inf never reaches a shard.
+    ``tracker`` gets every row's result (its per-step curves) once trained, before the commit."""
     pipe, prepare = _cached_base(engine, str(base), str(resolve_device())), engines.get(engine).prepare
     folder = manifest_folder(manifest)
     result = train_batch(list(rows.values()), config,
                          lambda items: prepare(pipe, items, config, base_uri=folder, cache_dir=cache_dir),
                          progress=progress)
+    if tracker is not None:
+        try:
+            tracker(result.results)
+        except Exception as exc:  # curves are for watching: a storage blip writing them must not cost the training
+            log.warning("tracker could not write the curves of %d rows: %s", len(result.results), describe(exc))
+    curves = {r.id: window_means(r.loss_history, config.loss_window) for r in result.results}
     method = str(result.hparams.get("method", getattr(config, "method", "")))
     metas, vectors, failures = [], [], []
     for r in result.results:
         if r.ok:
-            metas.append(_row_meta(rows[r.id], r, recipe.base_model, method, result.hparams))
+            metas.append(_row_meta(rows[r.id], r, recipe.base_model, method, result.hparams, curves[r.id]))
             vectors.append(r.weights)
         else:
             failures.append((r.id, r.reason or "unknown failure"))
     weights = torch.stack(vectors) if vectors else None
-    return Trained(result.layout, metas, weights, failures, result.results)
+    return Trained(result.layout, metas, weights, failures, result.results, curves)
 
 
 def commit_rows(ledger: Ledger, batch_id: str, trained: Trained, recipe: Recipe) -> tuple[set[str], str | None]:
@@ -195,6 +208,8 @@ def _record(outcome: BatchOutcome, trained: Trained, visible: set[str]) -> None:
             outcome.items.append(ItemRecord(r.id, "already-committed", r.loss, r.seconds))
         else:
             outcome.items.append(ItemRecord(r.id, "failed", None, r.seconds, r.reason))
+    for item in outcome.items:
+        item.loss_history = trained.curves.get(item.id, [])
 
 
 def _train_and_commit(ledger: Ledger, batch_id: str, recipe: Recipe,
@@ -236,9 +251,10 @@ def run_batch(
     *,
     engine: str = engines.DEFAULT_ENGINE,
     cache_dir: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[..., None] | None = None,
     lease_ttl_s: float = LEASE_TTL_S,
     owner: str | None = None,
+    tracker: Callable[[Sequence[ItemResult]], None] | None = None,
 ) -> BatchOutcome:
     """Train the not-yet-committed ``ids`` of one batch, write their shard, commit it, record failures.
 
@@ -265,7 +281,7 @@ def run_batch(
                 outcome.items += [ItemRecord(i, "leased") for i in todo]
                 return outcome
             train = functools.partial(train_rows, engine, base, rows, config, recipe, manifest=manifest,
-                                      cache_dir=cache_dir, progress=progress)
+                                      cache_dir=cache_dir, progress=progress, tracker=tracker)
             trained, (visible, outcome.shard) = _train_and_commit(ledger, batch_id, recipe, train)
     except Exception as exc:
         if is_permanent(exc):

@@ -97,6 +97,10 @@ class ItemResult:
     seconds: float  # this row's share of wall time: its input preparation + its pack's training / pack size
     reason: str | None
     loss_history: list[float] = field(default_factory=list)  # per-step loss, for curves and tests
+    # Per step as well, for trackers (``--report-to tensorboard``): the learning rate the step used and the
+    # row's own gradient norm before its clip (NaN where the row did not train that step).
+    lr_history: list[float] = field(default_factory=list)
+    grad_norm_history: list[float] = field(default_factory=list)
 
 
 @dataclass

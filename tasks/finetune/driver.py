@@ -5,12 +5,15 @@ is that row's failure, with the reason), and ``open_pack(rows)``, which attaches
 the shared init and gives a ``Pack``: the stacked trainable tensors, the per-row losses of one step,
 a slot's flat vector and a way to load one. Everything else is here, once, for every engine:
 
-- a duplicate id refuses the batch; ``progress(done, total)`` counts row-steps;
+- a duplicate id refuses the batch; ``progress(done, total[, loss])`` counts row-steps (with the running
+  loss once one is known); each row's per-step loss, learning rate and gradient norm come back in its result;
 - packs of ``config.pack`` rows; on out-of-memory a pack is split in halves and retried, and a row
   that runs out of memory alone fails alone;
 - AdamW with a linear warm-up, built from the shared ``TrainingConfig`` fields;
 - each row's gradient is clipped on its own (``clip_per_item``), so packing cannot change its update;
-- a row whose loss goes NaN/inf is dropped with the step it failed at; the others go on.
+- a row whose loss goes NaN/inf is dropped with the step it failed at; the others go on; a step whose
+  numbers leave float range for the whole pack (AdamW's step size ``lr / (1 - beta1)`` past float32's max,
+  say ``learning_rate=1e38``) fails the pack's rows at that step, with the reason, instead of the batch.
 
 Rows never mix: the loss is a plain sum of per-row losses, AdamW is element-wise and the clip is per
 row, so a packed row trains to the weights it would reach alone, within float tolerance.
@@ -32,7 +35,7 @@ from weightzoo.storage.layout import Layout
 from weightzoo.tasks.finetune.contract import BatchResult, ItemResult, TrainingConfig
 
 Row = TypeVar("Row")
-Progress = Callable[[int, int], None]
+Progress = Callable[..., None]  # progress(done, total[, running loss]): row-steps, as tasks/progress.py's shape
 
 
 class Pack(Protocol):
@@ -67,13 +70,16 @@ class Prepared:
 
 
 @torch.no_grad()
-def clip_per_item(params: Iterable[nn.Parameter], k: int, max_norm: float) -> torch.Tensor:
+def clip_per_item(params: Iterable[nn.Parameter], k: int, max_norm: float | None) -> torch.Tensor:
     """Clip each slot's gradient (dim 0 of every stacked tensor) to ``max_norm`` on its own, as
-    ``torch.nn.utils.clip_grad_norm_`` would in a separate run; returns the (K,) pre-clip norms."""
+    ``torch.nn.utils.clip_grad_norm_`` would in a separate run; returns the (K,) pre-clip norms
+    (``max_norm`` None: only measures them, for the trackers)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(k)
     norms = torch.stack([g.float().pow(2).flatten(1).sum(1) for g in grads]).sum(0).sqrt()
+    if max_norm is None:
+        return norms
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.view(-1, *([1] * (g.ndim - 1))).to(g.dtype))
@@ -123,10 +129,11 @@ class _Run:
     inits: Mapping[str, torch.Tensor | np.ndarray]
     observe: Observer | None = None
     done: int = 0
+    loss: float | None = None  # running loss: mean finite loss of the pack's last check window
 
     def report(self) -> None:
-        if self.progress is not None:
-            self.progress(self.done, self.total)
+        if self.progress is not None:  # the loss rides as the extra value (a terminal bar shows it)
+            self.progress(self.done, self.total, *(() if self.loss is None else (self.loss,)))
 
 
 def _drop_nonfinite(losses: torch.Tensor, since: int, active: list[int], failed: dict[int, tuple[int, str]]) -> None:
@@ -140,6 +147,24 @@ def _drop_nonfinite(losses: torch.Tensor, since: int, active: list[int], failed:
             active.remove(slot)
 
 
+def _is_overflow(exc: BaseException) -> bool:
+    """torch's refusal to turn a Python number into the tensor's dtype (c10's checked convert): the numbers of
+    this step, not the code, left float range."""
+    return "without overflow" in str(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _fail_active(active: list[int], failed: dict[int, tuple[int, str]], step: int, why: str) -> None:
+    """Every row still training fails at ``step`` (0-based) for one shared reason: a step of the whole pack
+    that cannot be taken (its update overflowed)."""
+    for slot in active:
+        failed[slot] = (step, f"non-finite update at step {step + 1}: {why}")
+    active.clear()
+
+
 def _load_inits(run: _Run, pack: Pack, rows: list[Any]) -> None:
     with torch.no_grad():
         for slot, row in enumerate(rows):
@@ -147,11 +172,14 @@ def _load_inits(run: _Run, pack: Pack, rows: list[Any]) -> None:
                 pack.load(slot, run.inits[row.id])
 
 
-def _steps(run: _Run, pack: Pack, k: int, failed: dict[int, tuple[int, str]]) -> torch.Tensor:
-    """Train the pack's steps; returns the (steps, K) losses (NaN where a row did not train)."""
+def _steps(run: _Run, pack: Pack, k: int, failed: dict[int, tuple[int, str]],
+           ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Train the pack's steps; returns the (steps, K) losses and pre-clip gradient norms (NaN where a row
+    did not train) and each step's learning rate."""
     c, params = run.config, list(pack.parameters())
     opt, sched = optimiser(params, c)
     losses = torch.full((c.steps, k), float("nan"), device=params[0].device)
+    norms, lrs = torch.full_like(losses, float("nan")), []  # kept on the device: read back once, at the end
     active, last_check, done_before = list(range(k)), 0, run.done
     act_t = torch.arange(k, device=losses.device)
     if run.observe is not None:
@@ -159,16 +187,26 @@ def _steps(run: _Run, pack: Pack, k: int, failed: dict[int, tuple[int, str]]) ->
     for step in range(c.steps):
         if len(act_t) != len(active):
             act_t = torch.tensor(active, device=losses.device)
-        row_loss = pack.losses(step, active)
-        row_loss.sum().backward()  # a plain sum: each adapter's gradient is exactly its own row's
-        if c.max_grad_norm is not None:
-            clip_per_item(params, k, c.max_grad_norm)
-        opt.step()
+        try:
+            row_loss = pack.losses(step, active)
+            row_loss.sum().backward()  # a plain sum: each adapter's gradient is exactly its own row's
+            norm = clip_per_item(params, k, c.max_grad_norm)  # max_grad_norm None: measured, not clipped
+            opt.step()
+        except RuntimeError as exc:
+            if not _is_overflow(exc):
+                raise
+            _fail_active(active, failed, step, f"{_first_line(exc)} (learning_rate {c.learning_rate:g})")
+            run.done = done_before + k * c.steps  # a failed row counts all its steps, as a dropped one does
+            run.report()
+            break
+        lrs.append(sched.get_last_lr()[0])  # the rate this step used
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses[step, act_t] = row_loss.detach()
+        norms[step, act_t] = norm.to(norms.device)[act_t]
         if (step + 1) % c.check_every == 0 or step + 1 == c.steps:
             _drop_nonfinite(losses[: step + 1], last_check, active, failed)
+            run.loss = _window_loss(losses[last_check : step + 1], run.loss)
             last_check = step + 1
             run.done = done_before + sum(step + 1 if i in active else c.steps for i in range(k))
             run.report()
@@ -176,7 +214,13 @@ def _steps(run: _Run, pack: Pack, k: int, failed: dict[int, tuple[int, str]]) ->
             run.observe(step + 1, pack, step + 1 == c.steps or not active)
         if not active:
             break
-    return losses
+    return losses, norms, lrs
+
+
+def _window_loss(window: torch.Tensor, before: float | None) -> float | None:
+    """The mean of a check window's finite losses (``before`` when none was finite)."""
+    finite = window[torch.isfinite(window)]
+    return float(finite.mean()) if finite.numel() else before
 
 
 def _train_pack(run: _Run, rows: list[Any]) -> list[ItemResult]:
@@ -185,10 +229,14 @@ def _train_pack(run: _Run, rows: list[Any]) -> list[ItemResult]:
     failed: dict[int, tuple[int, str]] = {}
     with run.open_pack(rows) as pack:
         _load_inits(run, pack, rows)
-        losses = _steps(run, pack, k, failed)
+        losses, norms, lrs = _steps(run, pack, k, failed)
         seconds = (time.perf_counter() - started) / k
-        return [_result(run.config, row.id, pack, slot, losses[:, slot].tolist(), failed.get(slot), seconds)
-                for slot, row in enumerate(rows)]
+        out = [_result(run.config, row.id, pack, slot, losses[:, slot].tolist(), failed.get(slot), seconds)
+               for slot, row in enumerate(rows)]
+    for slot, res in enumerate(out):  # the trackers' curves, as long as the row's loss history
+        n = len(res.loss_history)
+        res.lr_history, res.grad_norm_history = lrs[:n], norms[:n, slot].tolist()
+    return out
 
 
 def _result(c: TrainingConfig, row_id: str, pack: Pack, slot: int, history: list[float],
@@ -217,7 +265,7 @@ def _train_with_retry(run: _Run, rows: list[Any]) -> list[ItemResult]:
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _is_oom(exc):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = _first_line(exc)
     # Outside the except block, so the traceback's references to activations are gone before retrying.
     run.done = done_before
     if torch.cuda.is_available():

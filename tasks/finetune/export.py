@@ -11,7 +11,9 @@ only: a weights file is never a pickle.
 ``LoraConfig`` with ``r`` = rank and ``lora_alpha`` = alpha, and ``adapter_model.safetensors`` with
 peft's keys (``base_model.model.<module>.lora_A.weight``) holding A and B **unscaled**, exactly as
 trained: peft applies ``lora_alpha / r`` itself. So the file's hparams (alpha 27) and the weights
-agree; baking the scale in as well would make a peft user's update 27x too large.
+agree; baking the scale in as well would make a peft user's update 27x too large. Its
+``base_model_name_or_path`` is the base the rows were trained on (``base_name``): the base URI the
+dataset's builds recorded, else the rows' base fingerprint as ``weightzoo-base-fingerprint:<fp>``.
 
 **Other recipes** (``celeb_basis``, ...): ``export`` hands a row whose ``method`` is not a LoRA recipe to
 that recipe's own export (docs/RECIPES.md); only the diffusers format applies to them.
@@ -33,12 +35,38 @@ import torch
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.layout import Layout
+from weightzoo.storage.ledger import BUILDS
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 PEFT_CONFIG_NAME = "adapter_config.json"  # the names PeftModel.from_pretrained looks for
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the UNet as base_model (LoraModel) → .model
 FORMATS = ("diffusers", "peft")
+FINGERPRINT_BASE = "weightzoo-base-fingerprint:"  # a base known by its fingerprint only: no path, no Hub id
+
+
+def base_name(dataset: str, fingerprint: str | None = None) -> str | None:
+    """The base a dataset's rows were trained on, for peft's ``base_model_name_or_path``.
+
+    The ``base`` of the latest build record (``<dataset>/_builds/*.json``, the resolved config): a build records
+    it only after its base passed the dataset's recipe check, so it has the rows' fingerprint. It is the URI the
+    build loaded (an absolute folder or ``s3://``), as peft itself records a local base. Rows committed without a
+    build (the storage API) have no record: then ``weightzoo-base-fingerprint:<fp>`` names the base by the hash
+    of its files (what the engine's ``fingerprint`` of a candidate folder gives), never a guessed path; None if
+    neither is known."""
+    fs, folder = filesystem(join(str(dataset), BUILDS))
+    try:
+        records = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json"))
+    except FileNotFoundError:
+        records = []
+    for path in reversed(records):
+        try:
+            base = json.loads(fs.cat_file(path)).get("base")
+        except (ValueError, AttributeError):  # a record that does not parse names nothing
+            continue
+        if isinstance(base, str) and base:
+            return base
+    return f"{FINGERPRINT_BASE}{fingerprint}" if fingerprint else None
 
 
 def key_prefix(hparams: dict) -> str:
@@ -81,11 +109,13 @@ def peft_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout) -> dict[
     return {f"{PEFT_PREFIX}{k}": t.float().contiguous() for k, t in layout.unflatten(weights).items()}
 
 
-def peft_config(layout: Layout, hparams: dict) -> dict:
-    """``adapter_config.json`` as peft writes it: r = rank, lora_alpha = alpha, the exact target modules."""
+def peft_config(layout: Layout, hparams: dict, base: str | None = None) -> dict:
+    """``adapter_config.json`` as peft writes it: r = rank, lora_alpha = alpha, the exact target modules, and
+    ``base_model_name_or_path`` = ``base`` (``base_name``)."""
     from peft import LoraConfig
 
     config = LoraConfig(
+        base_model_name_or_path=base,
         r=int(hparams["rank"]),
         lora_alpha=float(hparams["alpha"]),
         target_modules=_modules(layout),  # full names: peft matches them exactly, nothing else is adapted
@@ -107,14 +137,15 @@ def _metadata(layout: Layout, hparams: dict, baked: float | None) -> dict[str, s
     return out
 
 
-def export_peft(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out_dir: str) -> str:
-    """Write one row as a peft adapter folder (any fsspec URI); returns the folder's URI."""
+def export_peft(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out_dir: str,
+                base: str | None = None) -> str:
+    """Write one row as a peft adapter folder (any fsspec URI) naming ``base`` as its base; returns the folder's URI."""
     if str(out_dir).endswith(".safetensors"):
         raise InputError(f"--format peft writes a folder (adapter_config.json + {PEFT_WEIGHT_NAME}), not {out_dir}")
     fs, root = filesystem(str(out_dir))
     data = safetensors.torch.save(peft_state_dict(weights, layout), metadata=_metadata(layout, hparams, None))
     write_bytes(fs, join(root, PEFT_WEIGHT_NAME), data)
-    config = json.dumps(peft_config(layout, hparams), indent=2, sort_keys=True, default=str)
+    config = json.dumps(peft_config(layout, hparams, base), indent=2, sort_keys=True, default=str)
     write_bytes(fs, join(root, PEFT_CONFIG_NAME), config.encode())  # last: a folder with a config is complete
     return str(out_dir)
 
@@ -127,8 +158,9 @@ def _refuse_file_as_folder(out: str, fmt: str) -> None:
                          "(or give a path ending in .safetensors)")
 
 
-def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str, fmt: str = "diffusers") -> str:
-    """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder).
+def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, out: str, fmt: str = "diffusers",
+           base: str | None = None) -> str:
+    """Write one row in ``fmt`` (``diffusers``: a .safetensors file or folder; ``peft``: a folder naming ``base``).
 
     A row of a recipe outside the LoRA family is written by that recipe (its documented loader)."""
     from weightzoo.tasks.identity import recipes
@@ -143,7 +175,7 @@ def export(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict, ou
     if fmt == "diffusers":
         return export_lora(weights, layout, hparams, out)
     if fmt == "peft":
-        return export_peft(weights, layout, hparams, out)
+        return export_peft(weights, layout, hparams, out, base)
     raise InputError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
 
 

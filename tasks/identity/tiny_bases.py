@@ -232,7 +232,16 @@ def build_tiny_pipeline(
 
 
 def save_tiny_pipeline(out_dir: str | os.PathLike, family: str = "sd", seed: int = 0) -> Path:
-    """Build the tiny ``family`` pipeline and ``save_pretrained`` it (safetensors) to ``out_dir``."""
+    """Build the tiny ``family`` pipeline and ``save_pretrained`` it (safetensors) to ``out_dir``, without
+    transformers' "Writing model shards" bar (a few-MB base needs none, and it would land on a user's stderr)."""
+    from transformers.utils import logging as transformers_logging
+
     out = Path(out_dir)
-    build_tiny_pipeline(family, seed).save_pretrained(out, safe_serialization=True)
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        build_tiny_pipeline(family, seed).save_pretrained(out, safe_serialization=True)
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
     return out

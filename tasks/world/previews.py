@@ -146,7 +146,7 @@ def card_previews(base_uri: str, dataset_uri: str, card_dir: str, limit: int = 1
     """Preview grids of the first ``limit`` rows in ``card_dir/previews/`` and a "Previews" section in the
     card's README.md that shows them (replacing the section a previous publish wrote)."""
     grids = row_previews(base_uri, dataset_uri, join(card_dir, "previews"), limit=limit)
-    lines = [CARD_SECTION, "", f"The base ({base_uri}) with and without each row's LoRA, on the row's prompt "
+    lines = [CARD_SECTION, "", f"The base ({os.path.basename(str(base_uri).rstrip('/'))}) with and without each row's LoRA, on the row's prompt "
              f"(first {len(grids)} rows).", ""]
     lines += [f"**{g['id']}** `{g['prompt']}`\n\n![{g['id']}](previews/{g['id']}.png)\n" for g in grids]
     fs, readme = filesystem(join(card_dir, "README.md"))

@@ -35,8 +35,9 @@ from weightzoo.cli.commands.options import HELP_FORMATTER
 from weightzoo.cli.paths import absolute_paths, check_dataset, check_out
 from weightzoo.cli.progress import HIDDEN
 from weightzoo.cli.quiet import LOG_FORMATS, quiet
-from weightzoo.cli.server import mark_process, reap_orphan_servers
+from weightzoo.cli.server import mark_process, patient_server, reap_orphan_servers
 from weightzoo.errors import WeightzooError
+from weightzoo.tasks.device import use_free_cores
 
 # Set before prefect/transformers are imported: no telemetry calls from a closed network, no noise.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -127,7 +128,9 @@ def build_parser(command: str | None = None, full: bool = False) -> argparse.Arg
 
 def _one_line(exc: Exception) -> str:
     if isinstance(exc, ValidationError):  # a model built from the user's flags refused them
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors())
+        # pydantic prefixes a validator's own sentence with "Value error, ": the sentence is what the user needs
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {str(e['msg']).removeprefix('Value error, ')}"
+                         for e in exc.errors())
     return " ".join(str(exc).split())
 
 
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     mark_process()  # a temporary Prefect server this command starts is reaped by the next, should this one be killed
     reap_orphan_servers()
+    patient_server()  # Prefect's temporary server may take a minute to start on a busy machine: wait, and say so
+    use_free_cores()  # torch threads for the cores others leave free, set before any command imports torch
     command = next((a for a in argv if a in COMMANDS), None)
     early = _early(argv, command)
     quiet(verbose=early.verbose, errors_only=early.quiet, log_format=early.log_format)

@@ -17,7 +17,7 @@ from weightzoo.errors import InputError, NotFoundError
 
 # argparse dests that name a file or folder, in every command that has them.
 PATH_DESTS = ("manifest", "base", "dataset", "out", "subspace", "model", "image", "mask", "lora", "cache_dir",
-              "workdir", "work", "data_dir", "config")
+              "workdir", "work", "data_dir", "config", "logging_dir")
 DATASET_MARKERS = ("ledger", "dataset_card.json")  # what makes a folder a dataset (storage/ledger.py's layout)
 
 

@@ -1,5 +1,6 @@
-"""What the terminal shows: the CLI's own progress and results by default; ``-v`` adds Prefect's run logs,
-library warnings and progress bars; ``--quiet`` leaves errors only; ``--log-format json`` for batch jobs.
+"""What the terminal shows: the CLI's own progress, results and warnings by default, on success and on failure
+alike; ``-v`` adds Prefect's logs (run logs, and its own warnings and errors with their tracebacks), library
+warnings and progress bars; ``--quiet`` leaves errors only; ``--log-format json`` for batch jobs.
 
 Called by the CLI before any command imports torch, diffusers, transformers or prefect: their verbosity
 is read from the environment at import time. Prefect's console handler is set through Prefect's own
@@ -30,7 +31,8 @@ def quiet(verbose: bool = False, errors_only: bool = False, log_format: str = "t
     if verbose and not errors_only:
         return
     os.environ.setdefault(CONSOLE_LEVEL, "ERROR" if errors_only else "WARNING")
-    os.environ.setdefault(CONSOLE_CLASS, "weightzoo.cli.console.ConsoleHandler")  # user errors: the CLI's one line
+    # Prefect's records and user errors off the terminal: the command reports its own end (weightzoo.cli.console)
+    os.environ.setdefault(CONSOLE_CLASS, "weightzoo.cli.console.ConsoleHandler")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -16,7 +16,8 @@ from typing import Any
 HELP = "Fine-tune every manifest row not yet committed in the dataset (resumable)."
 
 
-BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir", "lease_ttl_s")
+BUILD_FIELDS = ("batch_size", "executor", "deployment", "engine", "retry_failed", "rounds", "cache_dir", "lease_ttl_s",
+                "report_to", "logging_dir")
 FINETUNE_FIELDS = ("method", "steps", "rank", "learning_rate", "pack")
 SHOWN_FAILURES = 20
 
@@ -53,6 +54,10 @@ def build_request(args: argparse.Namespace):
         raise InputError(f"--finetune-json must be a JSON object of the engine's config fields, got {type(ft).__name__}")
     ft |= set_fields(args, FINETUNE_FIELDS)
     fields = set_fields(args, BUILD_FIELDS)
+    if "logging_dir" in fields:  # a config field must be absolute (a run may start in another folder)
+        from weightzoo.cli.paths import absolute
+
+        fields["logging_dir"] = absolute(fields["logging_dir"])
     config = engines.get(fields.get("engine", engines.DEFAULT_ENGINE)).config  # each engine's own settings
     return BuildConfig(manifest=args.manifest, base=args.base, dataset=args.dataset, finetune=config(**ft), **fields)
 
@@ -71,6 +76,16 @@ def run_build(request) -> dict:
     return result
 
 
+def build_bars(request: Any) -> tuple:
+    """The build's terminal bars: in-process batches (the local executor) move the batch bar, with the running
+    loss the driver reports; every executor moves the committed one."""
+    from weightzoo.cli.progress import Bar
+    from weightzoo.tasks.progress import COMMITTED
+
+    steps = int(getattr(request.finetune, "steps", 0) or 0)  # every engine's config has steps; 0 hides the items
+    return Bar("batch", "row-steps", steps_per_item=steps, loss=True), Bar("committed", "ids", name=COMMITTED)
+
+
 def _print_summary(summary: dict) -> None:
     """Counts, then each batch run that did not complete and each failed item, with their reasons."""
     bad = summary["batch_failures"]
@@ -87,18 +102,14 @@ def _print_summary(summary: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from weightzoo.cli.progress import Bar, terminal_progress
-    from weightzoo.tasks.progress import COMMITTED
+    from weightzoo.cli.progress import terminal_progress
 
     settings_from_config(args)
     check_build(args)
     request = build_request(args)
     if args.dry_run:
         return print_plan(request, args.json)
-    # In-process batches (the local executor) move the batch bar; every executor moves the committed one.
-    steps = int(getattr(request.finetune, "steps", 0) or 0)  # every engine's config has steps; 0 hides the items
-    with terminal_progress(Bar("batch", "row-steps", steps_per_item=steps),
-                           Bar("committed", "ids", name=COMMITTED)):
+    with terminal_progress(*build_bars(request)):
         summary = run_build(request)
     if args.json:
         print(json.dumps({"summary": summary}, indent=2))
@@ -220,11 +231,13 @@ def check_build(args: argparse.Namespace) -> None:
     from weightzoo.cli.paths import flag_of
     from weightzoo.errors import InputError
     from weightzoo.flows.build_checks import check_inputs
+    from weightzoo.tasks.finetune.tracking import check_report_to
 
     missing = [flag_of(name) for name in REQUIRED if not getattr(args, name, None)]
     if missing:
         raise InputError(f"the following arguments are required (as flags or in --config): {', '.join(missing)}")
     check_inputs(args.manifest, args.base, args.dataset, args.engine, name=flag_of)
+    check_report_to(getattr(args, "report_to", None) or "none", "--report-to")
 
 
 def print_plan(request: Any, as_json: bool) -> int:

@@ -47,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     from weightzoo.errors import NotFoundError
     from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.finetune.export import export
+    from weightzoo.tasks.finetune.export import base_name, export
 
     ds = Dataset(args.dataset)
     try:
         meta, vector = ds.row(args.id)
     except KeyError:
         raise NotFoundError(f"id {args.id!r} is not committed in {args.dataset}") from None
-    path = export(vector, ds.layout, meta["hparams"], args.out, args.format)
+    base = base_name(args.dataset, meta["base_model"]) if args.format == "peft" else None  # peft's config names it
+    path = export(vector, ds.layout, meta["hparams"], args.out, args.format, base=base)
     loss = "?" if meta["loss"] is None else f"{meta['loss']:.4g}"
     print(f"wrote {path} ({args.format}; id {args.id}, loss {loss}, method {meta['method']})")
     return 0

@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_dataset(p)
     p.add_argument("--out", required=True, help="Output folder (local path or s3://...); a rerun resumes it.")
+    p.add_argument("--repo-id", metavar="ORG/NAME",
+                   help="The Hub dataset this snapshot is for: the card's snippet loads it, and the command that "
+                   "pushes the folder is printed. Without it the card names ORG/NAME, to replace.")
     p.add_argument("--max-file-mb", type=positive_int, default=512, help="Weights per output file, in MiB (at least 1).")
     p.add_argument(
         "--skip-bad", action="store_true",
@@ -42,13 +45,21 @@ def positive_int(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     from weightzoo.storage.publish import publish
 
-    r = publish(args.dataset, args.out, max_file_bytes=args.max_file_mb << 20, skip_bad=args.skip_bad)
+    r = publish(args.dataset, args.out, max_file_bytes=args.max_file_mb << 20, skip_bad=args.skip_bad,
+                repo_id=args.repo_id)
     print(
         f"published {r.rows} rows to {r.out}: {len(r.files)} file(s), {len(r.written)} written, "
         f"{len(r.skipped)} already complete, {len(r.removed)} stale removed"
     )
     for shard, ids, why in r.left_out:
         print(f"  left out {shard} ({ids} ids): {why}")
+    if args.repo_id is not None:
+        from weightzoo.storage.publish import push_command
+
+        if "://" in r.out:  # hf upload takes a local folder
+            print(f"copy {r.out} to a local folder COPY, then push it: {push_command(args.repo_id, 'COPY')}")
+        else:
+            print(f"push it to the Hub: {push_command(args.repo_id, r.out)}")
     if args.preview:
         _previews(args)
     return 0

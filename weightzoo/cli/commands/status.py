@@ -44,7 +44,8 @@ def missing_shards(ledger: Ledger, commits: Sequence[CommitEntry]) -> list[dict]
 
 
 def dataset_status(dataset: str, manifest: str | None = None) -> dict:
-    """Counts (and failure reasons) for a dataset; ``pending`` only where a manifest is known."""
+    """Counts (and failure reasons) for a dataset; ``pending`` (neither committed nor failed) only where a
+    manifest is known."""
     from weightzoo.errors import NotFoundError
     from weightzoo.storage.fs import redact
     from weightzoo.storage.health import batch_bytes, card_problems, storage_problems
@@ -76,7 +77,9 @@ def dataset_status(dataset: str, manifest: str | None = None) -> dict:
 
         ids = [r.id for r in read_manifest(manifest)]
         out["total"] = len(ids)
-        out["pending"] = len(ledger.pending(ids))
+        # Neither committed nor failed, so the three counts add up to the total as a build's summary does (a failed
+        # id is listed as failed, not again as pending, whether or not the next build re-attempts it).
+        out["pending"] = len(ledger.pending(ids, include_failed=False))
     return out
 
 
