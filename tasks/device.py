@@ -3,9 +3,9 @@ means the same everywhere.
 
 CPU threads: torch's default is one intra-op thread per core, which is right on an idle machine. Beside
 busy processes it is not: torch's OpenMP threads spin at each barrier waiting for a sibling the kernel
-has descheduled for a neighbour, so a 2-thread run on 2 shared cores went several times slower than a
-1-thread run (tests/helpers.py ``one_thread``; measured in docs/BENCHMARKS.md "Load"). ``cpu_threads`` leaves
-the cores other processes keep busy to them. ``use_free_cores`` applies it through ``OMP_NUM_THREADS``
+has descheduled for a neighbour, burning CPU the neighbours need and losing time beyond the CPU share the
+run gets (docs/BENCHMARKS.md "Load"; tests/helpers.py ``one_thread``). ``cpu_threads`` leaves the cores
+other processes keep busy to them. ``use_free_cores`` applies it through ``OMP_NUM_THREADS``
 before torch is imported (torch reads it once, at import), so it is decided when the command starts, before
 this process adds load of its own, and a user's own ``OMP_NUM_THREADS`` always wins. Light: torch is
 imported by the functions that need it, so the CLI can call this before any command loads torch.

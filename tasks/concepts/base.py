@@ -26,6 +26,7 @@ from torch import nn
 from weightzoo.errors import NotFoundError
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.storage.tensors import load_tensors, save_tensors
+from weightzoo.tasks import stop
 from weightzoo.tasks.concepts.sources import source_images
 from weightzoo.tasks.concepts.zoo import random_spec
 from weightzoo.tasks.seeds import stable_seed
@@ -94,6 +95,7 @@ def pretrain_base(model: SkipUNetGenerator, steps: int, *, batch: int = 32, lr: 
     model.train()
     losses = []
     for step in range(steps):
+        stop.check()  # an interrupted command ends here, within a step
         g = torch.Generator().manual_seed(stable_seed(seed, "pretrain-step", step))
         idx = torch.randint(0, pool, (batch,), generator=g)
         x = sources[idx]

@@ -49,6 +49,7 @@ from weightzoo.storage.fs import (
 )
 from weightzoo.storage.layout import Layout
 from weightzoo.storage.tensors import load_tensors, save_tensors
+from weightzoo.tasks import stop
 from weightzoo.tasks.device import autocast, resolve_device
 from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
@@ -370,6 +371,7 @@ def _train_loop(config: WeightDiffusionConfig, prep: _Prepared, model: Denoiser,
     model.train()
     pending: list[torch.Tensor] = []
     for step in range(start, config.steps):
+        stop.check()  # an interrupted command ends here, within a step
         g = torch.Generator().manual_seed(stable_seed(config.seed, "step", step))
         idx = torch.randint(0, len(blocks), (config.batch_size,), generator=g).to(device)
         t = torch.rand(config.batch_size, generator=g).to(device)

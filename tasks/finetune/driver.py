@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from weightzoo.storage.layout import Layout
+from weightzoo.tasks import stop
 from weightzoo.tasks.finetune.contract import BatchResult, ItemResult, TrainingConfig
 
 Row = TypeVar("Row")
@@ -185,6 +186,7 @@ def _steps(run: _Run, pack: Pack, k: int, failed: dict[int, tuple[int, str]],
     if run.observe is not None:
         run.observe(0, pack, False)
     for step in range(c.steps):
+        stop.check()  # the command was interrupted: end within a step, rows left pending
         if len(act_t) != len(active):
             act_t = torch.tensor(active, device=losses.device)
         try:

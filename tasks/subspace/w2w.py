@@ -20,6 +20,7 @@ from PIL import Image
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
+from weightzoo.tasks import stop
 from weightzoo.tasks.subspace.pca import Subspace
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -363,6 +364,7 @@ def invert(
     opt = torch.optim.Adam([u], lr=lr)
     history = []
     for step in range(steps):
+        stop.check()  # an interrupted command ends here, within a step
         t = draw(g, batch).to(device)
         noise = torch.randn((batch, *shape), generator=g).to(device)
         loss = loss_fn(u, t, noise)

@@ -45,6 +45,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from weightzoo.errors import InputError, short
 from weightzoo.storage.fs import filesystem, join
+from weightzoo.tasks import stop
 from weightzoo.tasks.identity.base_model import TINY_TEXT, TINY_UNET
 from weightzoo.tasks.identity.tokenizers import bytes_to_unicode
 from weightzoo.tasks.progress import report
@@ -127,6 +128,7 @@ def pretrain_vae(vae: AutoencoderKL, images: torch.Tensor, steps: int, seed: int
     losses = []
     vae.train()
     for _ in range(steps):
+        stop.check()  # an interrupted command ends here, within a step
         x = images[torch.randint(0, len(images), (batch,), generator=g)]
         post = vae.encode(x).latent_dist
         loss = F.mse_loss(vae.decode(post.mean).sample, x) + 1e-6 * post.kl().mean()
@@ -171,6 +173,7 @@ def pretrain_unet(pipe: StableDiffusionPipeline, images: torch.Tensor, labels: l
     pipe.text_encoder.train()
     losses = []
     for _ in range(steps):
+        stop.check()  # an interrupted command ends here, within a step
         idx = torch.randint(0, len(latents), (batch,), generator=g)
         tok = pipe.tokenizer(_captions([labels[i] for i in idx], rng), padding="max_length", max_length=77,
                              truncation=True, return_tensors="pt")

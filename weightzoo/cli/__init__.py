@@ -177,7 +177,17 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    from weightzoo.tasks import stop
+
+    stop.request(signum)  # worker threads (a build's batches) stop at their next step
     raise _Terminated()
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    from weightzoo.tasks import stop
+
+    stop.request(signum)
+    raise KeyboardInterrupt
 
 
 def _stdout_closed() -> bool:
@@ -303,14 +313,23 @@ def main(argv: list[str] | None = None) -> int:
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds the command as Ctrl-C does (its ``finally`` blocks run, the exit is one line and 143),
     where nothing else owns SIGTERM; the previous handler is back afterwards (``main`` called in-process)."""
-    owned = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    from weightzoo.tasks import stop
+
+    main = threading.current_thread() is threading.main_thread()
+    owned = main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    own_int = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    stop.reset()
     if owned:
         signal.signal(signal.SIGTERM, _on_sigterm)
+    if own_int:  # Ctrl-C as before, and the build's worker threads are told too
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         yield
     finally:
         if owned and signal.getsignal(signal.SIGTERM) is _on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if own_int and signal.getsignal(signal.SIGINT) is _on_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -6,9 +6,9 @@ and stops it at exit, but a ``kill -9`` of the command leaves it running. Each c
 environment with its pid and start time, which the server inherits; the next command stops every
 temporary server whose marked parent is gone (read from /proc: nothing is recorded on disk).
 
-Prefect waits 20 s for that server to answer. On a 2-core machine beside two busy processes it took 64 s
-(a fresh ``PREFECT_HOME``: the database is made first; docs/BENCHMARKS.md "Load"), so a build failed before
-its first row. ``patient_server`` gives it ``STARTUP_TIMEOUT_S`` and, while it waits past
+Prefect waits 20 s for that server to answer, which a 2-core machine beside busy processes exceeds several
+times over (most with a fresh ``PREFECT_HOME``, whose database is made first; docs/BENCHMARKS.md "Load"), so a
+build failed before its first row. ``patient_server`` gives it ``STARTUP_TIMEOUT_S`` and, while it waits past
 ``PROGRESS_EVERY_S``, says so on the terminal (a warning of this module's logger, so ``--quiet`` and
 ``--log-format json`` apply), so a slow start is not taken for a hang.
 """
@@ -38,8 +38,8 @@ PARENT = "WEIGHTZOO_CLI_PROCESS"  # "<pid>:<start time>" of the command a tempor
 SERVER_APP = b"prefect.server.api.server:create_app"
 SERVER_MODULE = "prefect.server.api.server"
 STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # Prefect's own setting (default 20 s)
-# About 5x the slowest start measured on a loaded 2-core machine (64 s); a server that never answers still ends
-# the command, in one line (prefect_fault).
+# Several times the slowest start measured on a loaded 2-core machine (docs/BENCHMARKS.md "Load"); a server
+# that never answers still ends the command, in one line (prefect_fault).
 STARTUP_TIMEOUT_S = 300
 PROGRESS_EVERY_S = 15.0
 log = logging.getLogger(__name__)
@@ -122,6 +122,45 @@ def _wrap_start(module: ModuleType) -> None:
     if start is None or getattr(start, "_weightzoo_patient", False):
         return
     server.start = _reporting(start)  # type: ignore[union-attr]
+    run = getattr(server, "_run_uvicorn_command", None)
+    if run is not None and not getattr(run, "_weightzoo_own_session", False):
+        server._run_uvicorn_command = _own_session(module, run)  # type: ignore[union-attr]
+
+
+def _own_session(module: ModuleType, run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Start the temporary server in a session of its own: a terminal's Ctrl-C (SIGINT to the foreground
+    process group) then reaches the command only, which ends its flow run through the still-running API
+    and stops the server itself at exit, in seconds. In the command's group the server died at once and the
+    interrupted command spent minutes retrying calls to it."""
+    import subprocess
+
+    @functools.wraps(run)
+    def run_in_own_session(self: Any) -> Any:
+        popen = module.subprocess.Popen
+
+        def detached(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("start_new_session", True)
+            return popen(*args, **kwargs)
+
+        module.subprocess = _SubprocessWith(subprocess, detached)
+        try:
+            return run(self)
+        finally:
+            module.subprocess = subprocess
+
+    run_in_own_session._weightzoo_own_session = True  # type: ignore[attr-defined]
+    return run_in_own_session
+
+
+class _SubprocessWith:
+    """The ``subprocess`` module as Prefect's server module sees it while it starts its server: the same,
+    but for a ``Popen`` that detaches the server (nothing else in the process is affected)."""
+
+    def __init__(self, real: ModuleType, popen: Callable[..., Any]) -> None:
+        self._real, self.Popen = real, popen
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
 
 
 def _reporting(start: Callable[..., None]) -> Callable[..., None]:

@@ -1,0 +1,78 @@
+"""Signals are a contract: SIGINT and SIGTERM, to the process or to its group, stop a build mid-batch within
+seconds, with one line and exit 130/143, its flow runs ended, its temporary Prefect server stopped, and every
+row committed or pending (never half-written). The time to exit is printed (-s shows it), not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.lease import LEASES
+from weightzoo.storage.ledger import Ledger
+from weightzoo.tasks.identity.synthetic import write_demo_manifest
+
+SERVER = "prefect.server.api.server:create_app"
+
+
+def _servers_of(pid: int) -> list[int]:
+    """Temporary Prefect servers whose environment marks ``pid`` as their command (weightzoo/cli/server.py)."""
+    found = []
+    for p in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            env = Path(f"/proc/{p}/environ").read_bytes()
+        except OSError:
+            continue
+        if SERVER.encode() in cmd and f"WEIGHTZOO_CLI_PROCESS={pid}:".encode() in env:
+            found.append(int(p))
+    return found
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Prefect home for both builds: the second finds its database made."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.mark.parametrize(("signum", "to_group"), [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_signal_mid_batch_stops_the_build_in_seconds(tmp_path: Path, tiny_base: Path, home: Path, signum: int,
+                                                       to_group: bool) -> None:
+    manifest = write_demo_manifest(str(tmp_path / "m"), 4, images_per_subject=1, size=32)
+    dataset = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "weightzoo.cli", "build", "--manifest", manifest, "--base", str(tiny_base),
+           "--dataset", str(dataset), "--batch-size", "2", "--finetune-json",
+           json.dumps({"steps": 100_000, "prior_preservation": False, "resolution": 32, "check_every": 1})]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(home)}
+    # A terminal's job: its own process group, SIGINT not ignored (as a shell's background job would have it).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    leases = dataset / LEASES
+    deadline = time.monotonic() + 300
+    while not (leases.is_dir() and any(leases.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # a batch holds its lease while it trains: we are mid-batch
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(2)  # well into the batch's steps
+    assert _servers_of(proc.pid), "the build runs on its own temporary server"
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signum) if to_group else os.kill(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    seconds = time.monotonic() - t0
+    print(f"\n{signal.Signals(signum).name} to the {'group' if to_group else 'process'}: exit {proc.returncode} "
+          f"after {seconds:.1f} s")
+    assert proc.returncode == 128 + signum, (out, err)
+    lines = [line for line in err.strip().splitlines() if "waiting for Prefect's temporary server" not in line]
+    assert lines == [f"weightzoo build: error: interrupted by {signal.Signals(signum).name}"], err
+    time.sleep(1)
+    assert _servers_of(proc.pid) == []
+    committed = Dataset(str(dataset)).ids if (dataset / "ledger").exists() else []
+    assert len(set(committed)) == len(committed) and not Ledger(str(dataset)).failed()
+    assert not list((dataset / "shards").glob("*.parquet")) or committed  # no shard without its commit
