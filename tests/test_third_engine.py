@@ -18,10 +18,10 @@ import torch
 import weightzoo
 from weightzoo.cli import main
 from weightzoo.errors import InputError, NotFoundError, RecipeMismatchError
-from weightzoo.flows.build_checks import BUILDS
 from weightzoo.flows.build_dataset import build_dataset
 from weightzoo.flows.config import BuildConfig
 from weightzoo.storage.dataset import Dataset
+from weightzoo.storage.ledger import BUILDS
 from weightzoo.tasks.bases import make_base
 from weightzoo.tasks.finetune import engines
 
