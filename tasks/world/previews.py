@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from PIL import Image
+
 from weightzoo.storage.dataset import Dataset
 from weightzoo.storage.fs import filesystem, join, write_bytes
 from weightzoo.tasks.finetune.images import load_images
@@ -47,6 +49,24 @@ def row_previews(base_uri: str, dataset_uri: str, out_dir: str, manifest: Sequen
     return out
 
 
+def _file_pictures(pipe, lora_path: str, prompt: str, n: int, seed: int) -> list:
+    """``n`` pictures of ``prompt`` with the LoRA file loaded as users load it (``load_lora_weights``), then unloaded."""
+    folder, name = os.path.split(lora_path)
+    pipe.load_lora_weights(folder or ".", weight_name=name)
+    try:
+        return generate(pipe, prompt, n, seed)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def _stacked(strips: Sequence) -> Image.Image:
+    """Strips one under another, on white."""
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
+    for k, strip in enumerate(strips):
+        grid.paste(strip, (0, k * strip.height))
+    return grid
+
+
 def lora_file_preview(base_uri: str, lora_path: str, prompt: str, n: int = PREVIEWS, seed: int = 0) -> str | None:
     """``n`` pictures of ``prompt`` from the base with the LoRA file at ``lora_path`` loaded as users load it
     (``load_lora_weights``), side by side in ``<stem>.preview.png`` beside it. ``None`` (nothing written)
@@ -55,12 +75,8 @@ def lora_file_preview(base_uri: str, lora_path: str, prompt: str, n: int = PREVI
         return None
     pipe = load_base(base_uri)
     pipe.set_progress_bar_config(disable=True)
-    folder, name = os.path.split(lora_path)
-    pipe.load_lora_weights(folder or ".", weight_name=name)
-    try:
-        images = generate(pipe, prompt, n, seed)
-    finally:
-        pipe.unload_lora_weights()
+    images = _file_pictures(pipe, lora_path, prompt, n, seed)
+    name = os.path.basename(lora_path)
     out = preview_path(lora_path)
     fs, path = filesystem(out)
     write_bytes(fs, path, png_bytes(strip_image(images, f"'{prompt}' with {name}")))
@@ -74,26 +90,15 @@ def edit_preview(base_uri: str, weights, layout, hparams: dict, edited_path: str
     cannot draw."""
     if not can_draw(base_uri):
         return None
-    from PIL import Image
-
     from weightzoo.tasks.world.identities import lora_loaded
 
     pipe = load_base(base_uri)
     with lora_loaded(pipe, weights, layout, hparams):
         before = generate(pipe, prompt, n, seed)
-    folder, name = os.path.split(edited_path)
-    pipe.load_lora_weights(folder or ".", weight_name=name)
-    try:
-        after = generate(pipe, prompt, n, seed)
-    finally:
-        pipe.unload_lora_weights()
-    strips = [strip_image(before, "before"), strip_image(after, f"after: {edit}")]
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
-    for k, strip in enumerate(strips):
-        grid.paste(strip, (0, k * strip.height))
+    after = _file_pictures(pipe, edited_path, prompt, n, seed)
     out = preview_path(edited_path)
     fs, path = filesystem(out)
-    write_bytes(fs, path, png_bytes(grid))
+    write_bytes(fs, path, png_bytes(_stacked([strip_image(before, "before"), strip_image(after, f"after: {edit}")])))
     return out
 
 
@@ -108,7 +113,6 @@ def traversal_grid(base_uri: str, sub, components: int = 4, stds: Sequence[float
     if not can_draw(base_uri):
         return None
     import torch
-    from PIL import Image
 
     from weightzoo.tasks.subspace.w2w import coefficient_gaussians, subspace_hparams
     from weightzoo.tasks.world.identities import lora_loaded
@@ -125,12 +129,9 @@ def traversal_grid(base_uri: str, sub, components: int = 4, stds: Sequence[float
             with lora_loaded(pipe, sub.to_weights(c).to(torch.float32), sub.layout, hparams):
                 cells += generate(pipe, prompt, 1, seed)
         strips.append(strip_image(cells, f"component {i + 1} at {', '.join(f'{s:+g}' for s in stds)} std"))
-    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (255, 255, 255))
-    for k, strip in enumerate(strips):
-        grid.paste(strip, (0, k * strip.height))
     out = join(sub.uri, TRAVERSAL)
     fs, path = filesystem(out)
-    write_bytes(fs, path, png_bytes(grid))
+    write_bytes(fs, path, png_bytes(_stacked(strips)))
     return out
 
 
