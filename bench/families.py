@@ -6,9 +6,9 @@ same rows and steps in one process, and how far the packed rows are from the seq
 
 ``--size tiny`` trains on each family's tiny offline base (tasks/identity/tiny_bases.py). ``--size real``
 swaps in the denoiser at its real architecture size (``SDXL_UNET``, ``FLUX_TRANSFORMER``: random weights,
-no download) behind light text encoders of the real widths and the tiny 2x VAE at 4x the resolution, so
-the latents have the real model's size (SDXL 128x128, Flux 64x64 packed to 4,096 tokens... at 1024 px
-SDXL, 512 px Flux here); the denoiser's cost is what is measured. Peak memory is reported on CUDA.
+no download) behind light text encoders of the real widths and the tiny 2x VAE, at a resolution that gives
+the real model's latents (SDXL at 256 px: 128x128, as at 1024 px; Flux at 128 px: 64x64, 1,024 tokens, as
+at 512 px), so the denoiser's cost is what is measured. Peak memory is reported on CUDA.
 Ratios, measured in one run; no assertions: a benchmark reports.
 """
 

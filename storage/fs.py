@@ -8,6 +8,7 @@ AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_
 from __future__ import annotations
 
 import errno
+import json
 import os
 import posixpath
 import re
@@ -19,7 +20,7 @@ from typing import IO, Any
 import fsspec
 from fsspec import AbstractFileSystem
 
-from weightzoo.errors import InputError, StorageError, WeightzooError, short
+from weightzoo.errors import InputError, NotFoundError, StorageError, WeightzooError, short
 from weightzoo.storage.retry import is_transient, storage_cause
 
 StorageOptions = Mapping[str, Any] | None
@@ -110,6 +111,23 @@ def atomic_write(fs: AbstractFileSystem, path: str, durable: bool = True) -> Ite
 def write_bytes(fs: AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
     with atomic_write(fs, path, durable) as f:
         f.write(data)
+
+
+def read_index(folder: str, name: str, what: str) -> Any:
+    """The JSON index file ``name`` of a model folder (any fsspec URI), parsed: what says a folder holds a
+    ``what`` (a diffusers pipeline's ``model_index.json``, an edit base's ``config.json``) before anything
+    loads. One line each for a file where the folder should be, no index, an index that does not parse."""
+    fs, path = filesystem(str(folder))
+    if is_local(fs) and not fs.isdir(path):
+        raise NotFoundError(f"no {what} at {folder}" + (" (a file)" if fs.exists(path) else ""))
+    try:
+        raw = fs.cat_file(join(path, name))
+    except FileNotFoundError:
+        raise NotFoundError(f"no {what} ({name}) at {folder}") from None
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"{folder}/{name} does not parse: {e}") from None
 
 
 def redact(uri: str) -> str:

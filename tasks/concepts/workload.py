@@ -7,10 +7,8 @@ server starts. The toy base and the demo rows import their builders when called.
 
 from __future__ import annotations
 
-import json
-
-from weightzoo.errors import InputError, NotFoundError
-from weightzoo.storage.fs import filesystem, is_local, join
+from weightzoo.errors import InputError
+from weightzoo.storage.fs import filesystem, join, read_index
 
 # The edit base's two files (tasks/concepts/base.py's CONFIG_NAME and WEIGHTS_NAME; that module imports torch).
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -20,17 +18,8 @@ TOY_BASE_STEPS = 200
 
 def check_base(base: str) -> None:
     """An edit base: ``config.json`` that parses and names its shape, beside ``model.safetensors`` (nothing loads)."""
+    card = read_index(base, CONFIG_NAME, "edit base")
     fs, path = filesystem(str(base))
-    if is_local(fs) and not fs.isdir(path):
-        raise NotFoundError(f"no edit base at {base}" + (" (a file)" if fs.exists(path) else ""))
-    try:
-        raw = fs.cat_file(join(path, CONFIG_NAME))
-    except FileNotFoundError:
-        raise NotFoundError(f"no edit base ({CONFIG_NAME}) at {base}") from None
-    try:
-        card = json.loads(raw)
-    except ValueError as e:
-        raise InputError(f"{base}/{CONFIG_NAME} does not parse: {e}") from None
     if not isinstance(card, dict) or "config" not in card or not fs.exists(join(path, WEIGHTS_NAME)):
         raise InputError(f"{base} is no edit base ({CONFIG_NAME} with 'config' and {WEIGHTS_NAME})")
 

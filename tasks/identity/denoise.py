@@ -123,6 +123,7 @@ class FlowObjective(Objective):
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         tokenizer = pipe.tokenizer_3 if family.name == "sd3" else pipe.tokenizer_2
         self.max_sequence = min(MAX_SEQUENCE[family.name], int(tokenizer.model_max_length))
+        self._ids: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def encode(self, prompt: str) -> Cond:
         pipe = self.pipe
@@ -161,19 +162,27 @@ class FlowObjective(Objective):
             return _per_sample(pred, latents)
         n, c, h, w = latents.shape
         packed = noisy.view(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, h * w // 4, c * 4)
-        img_ids = torch.zeros(h // 2, w // 2, 3)
-        img_ids[..., 1] += torch.arange(h // 2)[:, None]
-        img_ids[..., 2] += torch.arange(w // 2)[None, :]
-        txt_ids = torch.zeros(ehs.shape[1], 3)
+        img_ids, txt_ids = self._position_ids(h, w, ehs.shape[1], latents.device, dtype)
         guidance = (torch.full((n,), FLUX_GUIDANCE, device=latents.device)
                     if model.config.get("guidance_embeds") else None)
         with autocast():
             pred = forward(hidden_states=packed.to(dtype), timestep=timesteps / 1000, guidance=guidance,
                            pooled_projections=pooled, encoder_hidden_states=ehs,
-                           txt_ids=txt_ids.to(latents.device, dtype), img_ids=img_ids.reshape(-1, 3).to(latents.device, dtype),
-                           return_dict=False)[0]
+                           txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
         pred = pred.view(n, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
         return _per_sample(pred, noise - latents)
+
+    def _position_ids(self, h: int, w: int, text: int, device: torch.device, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flux's (row, column) ids of the packed latent tokens and its all-zero text ids: the same every
+        step of a batch, so made once per shape."""
+        key = (h, w, text, device, dtype)
+        if key not in self._ids:
+            img = torch.zeros(h // 2, w // 2, 3)
+            img[..., 1] += torch.arange(h // 2)[:, None]
+            img[..., 2] += torch.arange(w // 2)[None, :]
+            self._ids[key] = (img.reshape(-1, 3).to(device, dtype), torch.zeros(text, 3, device=device, dtype=dtype))
+        return self._ids[key]
 
     def hparams(self) -> dict:
         extra = {"max_sequence_length": self.max_sequence}

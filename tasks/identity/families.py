@@ -10,11 +10,10 @@ is torch-free: the CLI checks a base with it at once; the training side lives in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
-from weightzoo.errors import InputError, NotFoundError
-from weightzoo.storage.fs import filesystem
+from weightzoo.errors import InputError
+from weightzoo.storage.fs import read_index
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,7 @@ def family_of_index(index: dict, where: str) -> Family:
 
 def detect(base: str) -> Family:
     """The family of the diffusers pipeline folder at ``base`` (any fsspec URI), from its index file."""
-    fs, path = filesystem(str(base))
-    index_path = path.rstrip("/") + "/model_index.json"
-    try:
-        raw = fs.cat_file(index_path)
-    except FileNotFoundError:
-        raise NotFoundError(f"no diffusers pipeline (model_index.json) at {base}") from None
-    try:
-        index = json.loads(raw)
-    except ValueError as e:
-        raise InputError(f"{base}/model_index.json does not parse: {e}") from None
-    return family_of_index(index, f"{base}/model_index.json")
+    return family_of_index(read_index(base, "model_index.json", "diffusers pipeline"), f"{base}/model_index.json")
 
 
 def detect_pipeline(pipe: object) -> Family:

@@ -7,19 +7,17 @@ pays for torch. The toy base and the demo rows import their (torch) builders whe
 
 from __future__ import annotations
 
-from weightzoo.errors import InputError, NotFoundError
-from weightzoo.storage.fs import filesystem, is_local, join
+from weightzoo.errors import InputError
+from weightzoo.storage.fs import filesystem, join
 from weightzoo.tasks.identity import families
 
 INDEX = "model_index.json"  # what makes a folder a diffusers pipeline (``save_pretrained`` writes it)
 
 
 def check_base(base: str) -> None:
-    """A diffusers pipeline of a supported family, told by its ``model_index.json`` alone (nothing loads)."""
-    fs, path = filesystem(str(base))
-    if is_local(fs) and not fs.isdir(path):
-        raise NotFoundError(f"no diffusers pipeline at {base}" + (" (a file)" if fs.exists(path) else ""))
-    families.detect(base)  # no index, an index that does not parse, an unsupported pipeline class: one line
+    """A diffusers pipeline of a supported family, told by its ``model_index.json`` alone (nothing loads): a
+    file or no folder, no index, an index that does not parse, an unsupported pipeline class: one line."""
+    families.detect(base)
 
 
 def toy_base(out: str, *, seed: int = 0, family: str = "sd") -> str:

@@ -236,18 +236,23 @@ def lora_deltas(layout: Layout, weights: torch.Tensor, scale: float) -> dict[str
 
 
 class LoRAUNet:
-    """Calls the shared pipeline's UNet with W + ΔW via ``torch.func.functional_call``: gradients reach the
+    """Calls the shared pipeline's UNet (or any family's denoiser, through ``params``) with W + ΔW via ``torch.func.functional_call``: gradients reach the
     coefficients, never the UNet's parameters, and the pipeline is left unmodified."""
 
     def __init__(self, unet: torch.nn.Module, layout: Layout, scale: float) -> None:
         self.unet, self.layout, self.scale = unet, layout, scale
         self.base = {n: p.detach() for n, p in unet.named_parameters()}
 
-    def __call__(self, weights: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def params(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's parameters with the LoRA of ``weights`` added (differentiable in ``weights``)."""
         params = dict(self.base)
         for name, delta in lora_deltas(self.layout, weights, self.scale).items():
             params[name] = self.base[name] + delta.to(self.base[name].dtype)
-        return torch.func.functional_call(self.unet, params, (noisy, t), {"encoder_hidden_states": cond}).sample
+        return params
+
+    def __call__(self, weights: torch.Tensor, noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.unet, self.params(weights), (noisy, t),
+                                          {"encoder_hidden_states": cond}).sample
 
 
 def _mask_latent(mask: Image.Image | np.ndarray | None, shape: torch.Size) -> torch.Tensor | None:
@@ -282,15 +287,12 @@ def _family_inversion_loss(sub: Subspace, pipe, image: Image.Image, prompt: str,
     with torch.no_grad():
         latents = encode_images(pipe, [image.convert("RGB")], resolution).to(device)
         cond = {k: v.to(device) for k, v in goal.encode(prompt).items()}
-    base = {n: p.detach() for n, p in model.named_parameters()}
-    scale = lora_scale(hparams)
+    lora = LoRAUNet(model, sub.layout, lora_scale(hparams))  # its parameters with a row's LoRA added
     mu, sigma = (t.to(device) for t in coefficient_gaussians(sub))
     comps, mean, std = sub.components.to(device), sub.mean.to(device), sub.std.to(device)
 
     def loss_fn(u: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        params = dict(base)
-        for name, delta in lora_deltas(sub.layout, mean + std * ((mu + sigma * u) @ comps), scale).items():
-            params[name] = base[name] + delta.to(base[name].dtype)
+        params = lora.params(mean + std * ((mu + sigma * u) @ comps))
 
         def forward(*args, **kwargs):
             return torch.func.functional_call(model, params, args, kwargs)
