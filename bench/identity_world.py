@@ -12,12 +12,16 @@ subspace on the training rows, and measures with the pixel reader (tasks/world/r
   same for a random unit direction (``--plot`` draws the trade-off);
 - invert: from one image of each held-out identity, the inverted model's reader agreement with its labels,
   against the training identity whose first image is nearest in pixels, and against the mean model;
-- projection: share of each held-out row's standardised norm² the subspace captures at k = 8, 32, 128.
+- projection: share of each held-out row's standardised norm² the subspace captures at k = 8, 32, 128;
+- generate: weight generators (``GENERATORS``) trained on the training rows and asked for ``--gen-combos``
+  attribute combinations no training identity has; agreement of their LoRAs' pictures with the request.
 
 ``--json FILE`` writes the claims (``sample_valid``, ``edit_accuracy``, ``edit_random_accuracy``,
 ``edit_preservation``, ``edit_random_preservation``, ``invert``, ``invert_nearest``, ``invert_mean``,
-``ceiling``, at ``--strength``) as one object, so any seed is checked the same way.
-Base, dataset and subspace live in folders named by their settings, so reruns reuse them.
+``ceiling``, ``generate_agreement``, at ``--strength``) as one object, so any seed is checked the same way;
+``--parts`` measures some claims only and keeps the others an earlier run of that seed wrote.
+``--seed`` draws identities and pictures; the base stays the shipped one (``--base-seed``).
+Base, dataset, subspace and generators live in folders named by their settings, so reruns reuse them.
 Run: ``.venv/bin/python bench/identity_world.py --identities 16`` (tiny) or the defaults (256 identities).
 """
 
@@ -63,9 +67,9 @@ KS = (8, 32, 128)
 
 def build(args) -> tuple[Path, str, str, list]:
     """Base, manifest, training and held-out datasets (kept and reused) and the manifest rows."""
-    base = build_world_base(Path(args.work) / "bases", args.seed, args.base_steps, args.vae_steps, args.pool)
+    base = build_world_base(Path(args.work) / "bases", args.base_seed, args.base_steps, args.vae_steps, args.pool)
     cfg = world_finetune_config(steps=args.ft_steps, learning_rate=args.ft_lr, pack=8)
-    data = Path(args.work) / f"{base.name}-n{args.identities}-h{args.heldout}-img{args.images}-ft{args.ft_steps}-{args.ft_lr}"
+    data = Path(args.work) / f"{base.name}-draw{args.seed}-n{args.identities}-h{args.heldout}-img{args.images}-ft{args.ft_steps}-{args.ft_lr}"
     manifest = data / "manifest.jsonl"
     if not manifest.exists():
         write_world_manifest(str(data), args.identities + args.heldout, args.images, args.seed)
@@ -108,17 +112,22 @@ def _direction(sub, attr: str, current: str) -> tuple[str, torch.Tensor]:
     return target, edit_direction(sub, attr, target)
 
 
+def bench_ceiling(sub, pipe, hparams, args) -> dict[str, float]:
+    """How well the edited identities' own models draw their labels: the ceiling of every claim."""
+    ds = Dataset(sub.dataset)
+    got = []
+    for item in ds.ids[: args.edit_ids]:
+        meta, w = ds.row(item)
+        got += [agreement(g_, dict(meta["attributes"])) for g_ in reads(pipe, w, sub.layout, hparams, args.pictures, args.seed)]
+    return {"unedited": float(np.mean(got))}
+
+
 def bench_edit(sub, pipe, hparams, args) -> dict[str, float]:
-    """Edit accuracy and preservation at each of ``args.strengths`` (the w2w direction and a random one), and
-    the ceiling: how well the identities' own models draw their labels."""
+    """Edit accuracy and preservation at each of ``args.strengths``: the w2w direction and a random one."""
     ds = Dataset(sub.dataset)
     ids = ds.ids[: args.edit_ids]
     g = torch.Generator().manual_seed(args.seed)
-    out: dict[str, list[float]] = {"unedited": []}
-    for item in ids:
-        meta, w = ds.row(item)
-        out["unedited"] += [agreement(g_, dict(meta["attributes"]))
-                            for g_ in reads(pipe, w, sub.layout, hparams, args.pictures, args.seed)]
+    out: dict[str, list[float]] = {}
     for attr in ATTRIBUTES:
         for item in ids:
             meta, w = ds.row(item)
@@ -170,6 +179,49 @@ def bench_invert(sub, pipe, hparams, args, heldout: list, manifest_dir: str) -> 
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
+# The generators compared: the text condition the identity pipeline used to default to, the attributes as
+# one-hots (StructuredCondition), and one-hots plus the residual on the 4 nearest rows (the edit workload's).
+GENERATORS = {"text": {"condition": "prompt+attributes"}, "structured": {"condition": "structured"},
+              "structured+knn4": {"condition": "structured", "residual_k": 4}}
+
+
+def unseen_combinations(train_attrs: list[dict[str, str]], n: int, seed: int) -> list[dict[str, str]]:
+    """Up to ``n`` attribute combinations no training identity has (a seeded draw of all of them)."""
+    import itertools
+
+    seen = {tuple(a[k] for k in ATTRIBUTES) for a in train_attrs}
+    combos = [dict(zip(ATTRIBUTES, c, strict=True)) for c in itertools.product(*ATTRIBUTES.values()) if c not in seen]
+    random.Random(seed).shuffle(combos)
+    return combos[:n]
+
+
+def bench_generate(train_uri: str, base: Path, pipe, hparams, args) -> dict[str, float]:
+    """Each generator of ``GENERATORS`` trained on the training rows, asked for attribute combinations no
+    training identity has: the reader's agreement with the requested attributes (``generate_agreement`` is the
+    best), and how far generations for different combinations are apart against one combination's two seeds."""
+    from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
+    from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
+
+    ds = Dataset(train_uri)
+    attrs = [dict(a or []) for a in ds.metadata(["attributes"]).column("attributes").to_pylist()]
+    combos = unseen_combinations(attrs, args.gen_combos, args.seed)
+    out: dict[str, float] = {"combinations": float(len(combos))}
+    for name, fields in GENERATORS.items():
+        folder = f"{train_uri}-wdiff-{name}-s{args.gen_steps}"
+        train_weight_diffusion(WeightDiffusionConfig(dataset=train_uri, base=str(base), out=folder,
+                                                     steps=args.gen_steps, device="cpu", **fields))
+        model = WeightDiffusionModel.load(folder)
+        texts = [model.text(PROMPT, c) for c in combos]
+        rows = model.generate(texts, seed=args.seed)
+        again = model.generate(texts, seed=args.seed + 1)
+        out[f"{name}_agreement"] = float(np.mean([agreement(g_, c) for w, c in zip(rows, combos, strict=True)
+                                                  for g_ in reads(pipe, w, model.layout, hparams, args.pictures, args.seed)]))
+        between = torch.cdist(rows, rows)[~torch.eye(len(rows), dtype=torch.bool)].mean()
+        out[f"{name}_between/within"] = float(between / (rows - again).norm(dim=1).mean().clamp_min(1e-12))
+    out["generate_agreement"] = max(out[f"{name}_agreement"] for name in GENERATORS)
+    return out
+
+
 def bench_projection(sub, heldout_uri: str) -> dict[str, float]:
     ds = Dataset(heldout_uri)
     z = torch.stack([(torch.from_numpy(ds.row(i)[1].astype(np.float32)) - sub.mean) / sub.std for i in ds.ids])
@@ -186,7 +238,9 @@ def main() -> None:
     p.add_argument("--identities", type=int, default=256)
     p.add_argument("--heldout", type=int, default=None, help="held-out identities (default: identities / 16, at least 2)")
     p.add_argument("--images", type=int, default=4, help="training images per identity")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the draw: identities, samples, edits, pictures")
+    p.add_argument("--base-seed", type=int, default=WorldBaseSettings.seed,
+                   help="the world base's seed (default: the shipped base's, so any draw tests what users get)")
     p.add_argument("--base-steps", type=int, default=WorldBaseSettings.steps)
     p.add_argument("--vae-steps", type=int, default=WorldBaseSettings.vae_steps)
     p.add_argument("--pool", type=int, default=WorldBaseSettings.pool)
@@ -203,6 +257,11 @@ def main() -> None:
     p.add_argument("--json", help="write the claims as one JSON object to this file")
     p.add_argument("--plot", help="write the accuracy/preservation-against-strength plot (PNG) to this file")
     p.add_argument("--invert-steps", type=int, default=100)
+    p.add_argument("--parts", nargs="+", default=["sample", "edit", "invert", "projection", "generate"],
+                   choices=["sample", "edit", "invert", "projection", "generate"],
+                   help="claims measured (the ceiling always); --json keeps an earlier run's other claims")
+    p.add_argument("--gen-steps", type=int, default=2000, help="training steps of each weight generator")
+    p.add_argument("--gen-combos", type=int, default=16, help="unseen attribute combinations asked of the generators")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     args.heldout = args.heldout or max(2, args.identities // 16)
@@ -218,25 +277,38 @@ def main() -> None:
         fit_subspace(train_uri, sub_uri, SubspaceConfig(components=k, device="cpu"))
     sub, pipe = load_subspace(sub_uri), load_base(str(base))
     hparams = subspace_hparams(sub)
-    table = {"sample": bench_sample(sub, pipe, hparams, args), "edit": bench_edit(sub, pipe, hparams, args),
-             "invert": bench_invert(sub, pipe, hparams, args, rows[args.identities :], str(Path(train_uri).parent)),
-             "projection": bench_projection(sub, heldout_uri)}
+    heldout = rows[args.identities :]
+    parts = {"ceiling": lambda: bench_ceiling(sub, pipe, hparams, args),
+             "sample": lambda: bench_sample(sub, pipe, hparams, args), "edit": lambda: bench_edit(sub, pipe, hparams, args),
+             "invert": lambda: bench_invert(sub, pipe, hparams, args, heldout, str(Path(train_uri).parent)),
+             "projection": lambda: bench_projection(sub, heldout_uri),
+             "generate": lambda: bench_generate(train_uri, base, pipe, hparams, args)}
+    table = {name: run() for name, run in parts.items() if name == "ceiling" or name in args.parts}
     print(f"\nidentity world: {args.identities} identities, {args.heldout} held out, k={k}, "
           f"{time.perf_counter() - t0:.0f} s")
     for claim, figures in table.items():
         print(f"{claim:11s} " + "  ".join(f"{name}={value:.3f}" for name, value in figures.items()))
-    e, st = table["edit"], f"{args.strength:g}"
-    claims = {"sample_valid": table["sample"]["valid"], "edit_accuracy": e[f"w2w_acc@{st}"],
-              "edit_random_accuracy": e[f"random_acc@{st}"], "edit_preservation": e[f"w2w_keep@{st}"],
-              "edit_random_preservation": e[f"random_keep@{st}"], "invert": table["invert"]["inverted"],
-              "invert_nearest": table["invert"]["nearest"], "invert_mean": table["invert"]["mean"],
-              "ceiling": e["unedited"], "strength": args.strength, "seed": args.seed, "identities": args.identities,
-              "by_strength": {f"{s:g}": {k: e[f"{k}@{s:g}"] for k in ("w2w_acc", "w2w_keep", "random_acc", "random_keep")}
-                              for s in args.strengths}}
-    if args.json:
-        Path(args.json).write_text(json.dumps(claims, indent=2) + "\n")
-    if args.plot:
-        strength_plot(e, args.strengths, args.plot)
+    claims = {"ceiling": table["ceiling"]["unedited"], "seed": args.seed, "identities": args.identities}
+    if "sample" in table:
+        claims["sample_valid"] = table["sample"]["valid"]
+    if "edit" in table:
+        e, st = table["edit"], f"{args.strength:g}"
+        claims |= {"edit_accuracy": e[f"w2w_acc@{st}"], "edit_random_accuracy": e[f"random_acc@{st}"],
+                   "edit_preservation": e[f"w2w_keep@{st}"], "edit_random_preservation": e[f"random_keep@{st}"],
+                   "strength": args.strength,
+                   "by_strength": {f"{s:g}": {k: e[f"{k}@{s:g}"] for k in ("w2w_acc", "w2w_keep", "random_acc",
+                                                                           "random_keep")} for s in args.strengths}}
+    if "invert" in table:
+        inv = table["invert"]
+        claims |= {"invert": inv["inverted"], "invert_nearest": inv["nearest"], "invert_mean": inv["mean"]}
+    if "generate" in table:
+        claims |= {"generate_agreement": table["generate"]["generate_agreement"], "generate": table["generate"]}
+    if args.json:  # a run of some --parts updates the claims an earlier run wrote
+        old = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+        keep = old if (old.get("seed"), old.get("identities")) == (args.seed, args.identities) else {}
+        Path(args.json).write_text(json.dumps(keep | claims, indent=2) + "\n")
+    if args.plot and "edit" in table:
+        strength_plot(table["edit"], args.strengths, args.plot)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ folder's URI. The algorithm is ``weightzoo.tasks.diffusion.generator``; the para
 
 from __future__ import annotations
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from weightzoo.flows.common import ThrottledProgress, dataset_run_name, png_artifact, tag_run
@@ -32,11 +32,14 @@ def publish(result: wd.TrainResult) -> str:
     data_uri = png_artifact(png, "weight-diffusion-loss", f"Loss of {redact(result.uri)}")
     latest = wd.latest_checkpoint(result.uri) or {}
     checkpoint = join(result.uri, "checkpoints", latest.get("file", "?"))
+    warning = wd.condition_warning(result.uri)
+    if warning:
+        get_run_logger().warning(redact(warning))
     create_markdown_artifact(
         key="weight-diffusion-summary",
         markdown=(f"### Weight diffusion `{redact(result.uri)}`\n\nstep {result.step} (resumed from "
                   f"{result.resumed_from}), loss {result.loss:.4g}; {result.train_ids} rows trained on, "
-                  f"{result.holdout_ids} held out.\n\nCheckpoint: `{redact(checkpoint)}`\n\n![loss]({data_uri})"),
+                  f"{result.holdout_ids} held out.\n\nCheckpoint: `{redact(checkpoint)}`\n\n{redact(warning or '')}\n\n![loss]({data_uri})"),
     )
     return checkpoint
 

@@ -122,6 +122,7 @@ OUT_COMMANDS = {  # every command with an --out, with its other required flags (
     "edit": ["--subspace", "S", "--id", "a", "--attribute", "colour=red"],
     "invert": ["--subspace", "S", "--base", "B", "--image", "i.png"],
     "generate": ["--model", "W", "--prompt", "p"],
+    "init": ["--model", "W"],
     "fit-subspace": ["--dataset", "D"],
     "train-diffusion": ["--dataset", "D", "--base", "B"],
 }

@@ -41,10 +41,15 @@ from weightzoo.tasks.diffusion.denoiser import (
     noisy,
 )
 from weightzoo.tasks.diffusion.generator import (
+    CONDITION_CHECK,
+    FOLLOWS,
     WeightDiffusionModel,
+    condition_warning,
     latest_checkpoint,
     train_weight_diffusion,
+    write_condition_check,
 )
+from weightzoo.tasks.diffusion.retrieval import FILE as RETRIEVAL_FILE
 from weightzoo.tasks.diffusion.retrieval import knn_weights, loo_residuals
 from weightzoo.tasks.identity.config import FinetuneConfig
 
@@ -415,3 +420,82 @@ def test_a_plain_generator_has_no_retrieval_and_the_cli_takes_residual_k(trained
     args = build_parser("train-diffusion").parse_args(["train-diffusion", "--dataset", "D", "--base", "B", "--out", "O",
                                                        "--residual-k", "3"])
     assert args.residual_k == 3
+
+
+@pytest.mark.parametrize("residual", ["structured"], indirect=True)
+def test_generate_warns_when_the_model_ignores_its_condition(residual, tmp_path: Path, capsys) -> None:
+    """The condition check of a model that follows its condition (the k-nearest retrieval does by construction)
+    says so; the same folder with the condition's paths zeroed (cross-attention out, pooled MLP out) gives
+    generations equal for every condition, and `generate` warns in one line."""
+    from safetensors.torch import load_file, save_file
+
+    from weightzoo.cli import main
+
+    check = json.loads((Path(residual.out) / CONDITION_CHECK).read_text())
+    assert check["conditions"] == 8 and check["ratio"] > FOLLOWS and condition_warning(residual.out) is None
+    deaf = tmp_path / "deaf"
+    shutil.copytree(residual.out, deaf)
+    ckpt = next((deaf / "checkpoints").glob("step-*.safetensors"))
+    tensors = load_file(ckpt)
+    for name in tensors:
+        if ".cross_attn.out_proj." in name or name.startswith("model.pooled.2."):
+            tensors[name] = torch.zeros_like(tensors[name])
+    save_file(tensors, ckpt)
+    model = WeightDiffusionModel.load(str(deaf))
+    model.retrieval = None  # what its denoiser alone makes of each condition
+    texts = [model.text("sks person", {"accessory": "hat", "colour": c}) for c in ("red", "blue")]
+    torch.testing.assert_close(model.generate(texts[:1]), model.generate(texts[1:]))  # same noise, either condition
+    (deaf / RETRIEVAL_FILE).unlink()
+    config = json.loads((deaf / "config.json").read_text())
+    config["config"]["residual_k"] = 0
+    (deaf / "config.json").write_text(json.dumps(config))
+    check = write_condition_check(str(deaf), texts, seed=0)
+    assert check is not None and check["ratio"] < FOLLOWS  # ~1: two conditions differ as two noises do
+    out = tmp_path / "lora.safetensors"
+    assert main(["generate", "--model", str(deaf), "--prompt", "sks person", "--attr", "colour=red",
+                 "--attr", "accessory=hat", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert out.exists() and len(err) == 1 and "ignores its condition" in err[0] and "structured" in err[0]
+
+
+@pytest.mark.parametrize("residual", ["structured"], indirect=True)
+def test_init_writes_a_start_a_manifest_row_trains_from(residual, tiny_base: Path, tmp_path: Path) -> None:
+    """`weightzoo init` writes the retrieval (auto, a residual model) as a LoRA file; a build row naming it as
+    `init` starts from it, a row naming a LoRA of another layout fails alone, named, and a missing file is
+    refused before anything loads."""
+    from helpers import TINY_FINETUNE
+    from safetensors.torch import save_file
+
+    from weightzoo.cli import main
+    from weightzoo.tasks.finetune.batch import run_batch
+    from weightzoo.tasks.finetune.manifest import load_and_validate
+    from weightzoo.tasks.finetune.row import ManifestError
+    from weightzoo.tasks.finetune.starts import load_lora_vector
+    from weightzoo.tasks.identity.synthetic import write_demo_manifest
+
+    folder = tmp_path / "m"
+    manifest = Path(write_demo_manifest(str(folder), 3, images_per_subject=1, size=32))
+    attrs = {"accessory": "hat", "colour": "red+blue"}  # no training row has it: an interpolation
+    assert main(["init", "--model", residual.out, *[a for k, v in attrs.items() for a in ("--attr", f"{k}={v}")],
+                 "--out", str(folder / "start.safetensors")]) == 0
+    model = WeightDiffusionModel.load(residual.out)
+    start = load_lora_vector(str(folder / "start.safetensors"), model.layout)
+    stored = model.retrieve([model.text("", attrs)])[0].to(model.layout.torch_dtype).float()  # in the rows' dtype
+    torch.testing.assert_close(start, stored, rtol=1e-6, atol=1e-8)
+    save_file({"other.lora_A.weight": torch.zeros(1, 4)}, folder / "other.safetensors")
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["init"], rows[1]["init"] = "start.safetensors", "other.safetensors"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = FinetuneConfig(**{**TINY_FINETUNE, "learning_rate": 1e-12})  # the start, moved by nothing visible
+    ids = [r["id"] for r in rows]
+    out = run_batch("b-init", ids, str(manifest), str(tiny_base), str(tmp_path / "ds"), config)
+    assert out.committed == [ids[0], ids[2]] and [i for i, _ in out.failed] == [ids[1]]
+    assert "other.safetensors is not a LoRA of this layout" in out.failed[0][1]
+    ds = Dataset(str(tmp_path / "ds"))
+    assert sorted(ds.ids) == sorted([ids[0], ids[2]]) and len(set(ds.ids)) == 2
+    torch.testing.assert_close(torch.from_numpy(ds.row(ids[0])[1]).float(), start.to(torch.float16).float())
+    assert not torch.allclose(torch.from_numpy(ds.row(ids[2])[1]).float(), start.to(torch.float16).float())
+    rows[2]["init"] = "missing.safetensors"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError, match=rf"row 3 \(id '{ids[2]}'\): init file not found: .*missing\.safetensors"):
+        load_and_validate(str(manifest))

@@ -15,6 +15,8 @@ Everything ``generate`` needs lives in the model folder, so a model folder is al
     checkpoints/step-XXXXXXX.safetensors   denoiser + AdamW state (safetensors; never pickle)
     checkpoints/latest.json     written last: the commit of a checkpoint (step, file, loss history)
     losses.json, loss.png       the loss curve
+    condition_check.json        how far generations for different training conditions are apart, against
+                                one condition's two seeds (``generate`` warns when the condition has no effect)
 
 Resume: a rerun with the same ``out`` continues from ``latest.json`` up to ``steps``; a config that
 differs in anything but ``steps``/``checkpoint_every``/``device`` is refused, never silently restarted.
@@ -83,6 +85,11 @@ FORMAT_VERSION = 1
 # whose attributes are the concept. The features enter where the text states do, as one "token".
 STRUCTURED = "structured"
 CONDITION_NAME = "condition.json"
+CONDITION_CHECK = "condition_check.json"
+# Generations for different conditions closer than this many times one condition's two seeds: the model
+# ignores its condition (a plain generator that learnt the rows' mean; e.g. 16 rows, a text condition).
+FOLLOWS = 1.5
+CHECK_CONDITIONS = 8  # distinct training conditions the check generates for
 # Changing these does not change what is learnt, so a resume may change them.
 _RESUMABLE = {"steps", "checkpoint_every", "device", "out"}
 
@@ -297,6 +304,7 @@ class _Prepared:
     dcfg: DenoiserConfig
     train: list[str]
     holdout: list[str]
+    texts: list[str]  # the distinct condition texts, in the order of ``states``
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # objective 'task': (LOO retrievals, scale)
 
 
@@ -343,7 +351,7 @@ def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Pre
     if not resuming:
         _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, encoder, retrieval)
     residual = None if near is None else (near, retrieval.scale)
-    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout, residual)
+    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout, texts, residual)
 
 
 def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device,
@@ -424,6 +432,7 @@ def train_weight_diffusion(
     model, opt, start, losses = _resume(config, prep, device, latest)
     losses = _train_loop(config, prep, model, opt, start, losses, device, progress, task)
     write_loss_curve(config.out, losses)
+    write_condition_check(config.out, prep.texts[:CHECK_CONDITIONS], config.seed)
     return TrainResult(config.out, max(start, config.steps), _smoothed(losses)[-1] if losses else math.nan,
                        start, len(prep.train), len(prep.holdout))
 
@@ -555,6 +564,38 @@ class WeightDiffusionModel:
             return self.stats.denormalise(out)
         # An untrained correction is exactly 0, so this is then exactly the retrieval.
         return self._base(states, pooled) + out * (self.retrieval.scale * self.stats.std)
+
+
+def write_condition_check(uri: str, texts: Sequence[str], seed: int) -> dict | None:
+    """``condition_check.json``: mean distance between the generations for ``texts`` (distinct training
+    conditions) over the mean distance between each one's generations from two seeds. Near 1 or below, the
+    condition changes the output no more than the noise does. None (nothing written) for fewer than 2 texts."""
+    if len(texts) < 2:
+        return None
+    model = WeightDiffusionModel.load(uri)
+    a, b = model.generate(list(texts), seed=seed), model.generate(list(texts), seed=seed + 1)
+    between = float(torch.pdist(a).mean())
+    # a model that ignores the noise too gives two equal seeds: then 1% of a row's norm stands for "one condition"
+    within = max(float((a - b).norm(dim=1).mean()), 0.01 * float(a.norm(dim=1).mean()), 1e-12)
+    check = {"conditions": len(texts), "between": between, "within": within, "ratio": between / within,
+             "step": model.step}
+    fs, root = filesystem(uri)
+    write_bytes(fs, join(root, CONDITION_CHECK), dump_json(check))
+    return check
+
+
+def condition_warning(uri: str) -> str | None:
+    """A one-line warning when the model folder's condition check says its condition has no effect."""
+    path = join(uri, CONDITION_CHECK)
+    if not uri_exists(path):
+        return None
+    check = _read_json(path)
+    if check["ratio"] >= FOLLOWS:
+        return None
+    return (f"warning: {uri} ignores its condition: generations for {check['conditions']} training conditions are "
+            f"{check['ratio']:.2f}x as far apart as one condition's two seeds (under {FOLLOWS}); what it generates "
+            "is about the same for any prompt or attributes. Train longer, or use condition 'structured' with "
+            "residual_k (docs/WEIGHT_DIFFUSION.md)")
 
 
 def generate_lora(model_uri: str, prompt: str, out: str, attributes: Mapping[str, str] | None = None,

@@ -34,7 +34,8 @@ from weightzoo.tasks.finetune import engines
 from weightzoo.tasks.finetune.contract import LEASE_TTL_S, ItemResult
 from weightzoo.tasks.finetune.driver import train_batch
 from weightzoo.tasks.finetune.readers import read_manifest
-from weightzoo.tasks.finetune.row import ManifestRow, manifest_folder
+from weightzoo.tasks.finetune.row import ManifestRow, manifest_folder, resolve
+from weightzoo.tasks.finetune.starts import with_starts
 from weightzoo.tasks.finetune.tracking import window_means
 
 log = logging.getLogger(__name__)
@@ -168,9 +169,12 @@ def train_rows(engine: str, base: str, rows: dict[str, ManifestRow], config: Any
     ``tracker`` gets every row's result (its per-step curves) once trained, before the commit."""
     pipe, prepare = _cached_base(engine, str(base), str(resolve_device())), engines.get(engine).prepare
     folder = manifest_folder(manifest)
+    files = {i: resolve(r.init, folder) for i, r in rows.items() if r.init}
+    starts: dict[str, torch.Tensor] = {}  # filled by the prepare below, in the batch's layout, before any step
     result = train_batch(list(rows.values()), config,
-                         lambda items: prepare(pipe, items, config, base_uri=folder, cache_dir=cache_dir),
-                         progress=progress)
+                         with_starts(lambda items: prepare(pipe, items, config, base_uri=folder, cache_dir=cache_dir),
+                                     files, starts),
+                         progress=progress, init_weights=starts)
     if tracker is not None:
         try:
             tracker(result.results)

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from weightzoo.errors import short
-from weightzoo.storage.fs import UnsafeIdError, check_id
+from weightzoo.storage.fs import UnsafeIdError, check_id, filesystem
 from weightzoo.tasks.finetune.contract import RowRules
 from weightzoo.tasks.finetune.images import DEFAULT_IMAGE_OPTIONS, ImageConfig, UnusableImageError, load_image
 from weightzoo.tasks.finetune.readers import iter_raw_manifest
@@ -31,6 +31,7 @@ from weightzoo.tasks.finetune.row import (
     image_uris,
     manifest_folder,
     parse_rows,
+    resolve,
 )
 
 # Image checks are bound by storage latency (an S3 GET is ~10-50 ms), not by CPU, so many threads pay off.
@@ -47,6 +48,22 @@ def _check_id(row_id: str) -> str | None:
     except UnsafeIdError as e:
         return str(e).replace(f"id {short(repr(row_id))}", "id", 1)  # the problem line already names the id
     return None
+
+
+def _init_problem(row: ManifestRow, base_uri: str | None) -> str | None:
+    """Why the row's ``init`` start cannot be used (read into the batch's layout later, once the base is
+    loaded: ``starts.with_starts``), or None."""
+    if row.init is None:
+        return None
+    uri = resolve(row.init, base_uri)
+    if not uri.endswith(".safetensors"):
+        return f"init {short(uri)}: not a .safetensors LoRA file"
+    try:
+        fs, path = filesystem(uri)
+        found = fs.isfile(path)
+    except Exception as e:  # storage that cannot be asked is this row's problem, named
+        return f"init {short(uri)}: {type(e).__name__}: {e}"
+    return None if found else f"init file not found: {short(uri)}"
 
 
 def _list_images(row: ManifestRow, base_uri: str | None, rules: RowRules) -> tuple[list[str], str | None]:
@@ -141,8 +158,9 @@ class _Pass:
         self._id_problems(ids, problems)
         for i, row in enumerate(rows):
             if row is not None:
+                why_init = _init_problem(row, self.base_uri)
                 problems[i] += [ManifestProblem(self.done + i + 1, row.id, why)
-                                for why in self.rules.problems(row, self.base_uri)]
+                                for why in [*self.rules.problems(row, self.base_uri), why_init] if why is not None]
         self._image_problems(chunk, rows, ids, problems)
         self.problems += [p for ps in problems for p in ps]
         self.rows += [r for r in rows if r is not None]

@@ -37,6 +37,12 @@ class ManifestRow(BaseModel):
         "the row's prompt put first where the caption lacks it. Default: every image trains with `prompt`.",
         exclude_if=lambda v: v is None,
     )
+    # `weightzoo init` writes one for a new concept from a trained weight generator (docs/WEIGHT_DIFFUSION.md).
+    init: str | None = Field(
+        None, description="A LoRA file (diffusers .safetensors, e.g. from `weightzoo init` or `export`) this row's "
+        "training starts from instead of the shared init; absolute or relative to the manifest.",
+        exclude_if=lambda v: v is None,
+    )
     attributes: dict[str, str] = Field(
         default_factory=dict,
         description="Labels (e.g. colour=red) for edit directions; for kind 'edit', the edit spec: 'family' and its "

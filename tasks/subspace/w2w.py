@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks import stop
+from weightzoo.tasks.finetune.starts import load_lora_vector  # noqa: F401  (a LoRA file → row: project's input)
 from weightzoo.tasks.subspace.pca import Subspace
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
@@ -49,32 +49,6 @@ def export(sub: Subspace, weights: torch.Tensor, out_path: str, hparams: dict | 
     layout = sub.layout
     return export_lora(weights.detach().float().to(layout.torch_dtype), layout, hparams or subspace_hparams(sub),
                        out_path)
-
-
-def load_lora_vector(path: str, layout: Layout) -> torch.Tensor:
-    """A diffusers/peft LoRA file → flat float32 vector of ``layout`` (unscaled A, B, as rows are stored).
-
-    Accepts ``unet.``-prefixed or bare keys; a scale baked into ``lora_B`` by ``export_lora`` (recorded
-    in the file's metadata) is divided out, so exported files project exactly like their rows. Flattened
-    in float32, not the storage dtype: projecting a file must not round it to fp16 first.
-    """
-    from safetensors.torch import load as st_load
-
-    fs, p = filesystem(path)
-    data = fs.cat_file(p)
-    baked = float(_safetensors_metadata(data).get("weightzoo.scale_baked_into_lora_B", "1.0"))
-    state = {k.removeprefix("unet."): t.float() for k, t in st_load(data).items()}
-    state = {k: (t / baked if k.endswith(LORA_B) else t) for k, t in state.items()}
-    try:
-        return replace(layout, dtype="float32").flatten(state)  # a fixed A in the file is checked, not stored
-    except (KeyError, ValueError) as e:
-        raise InputError(f"{path} is not a LoRA of this subspace's layout: {e}") from None
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors bytes (a JSON header after its 8-byte length)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
 
 
 def dataset_row(sub: Subspace, item_id: str, dataset: str | None = None) -> tuple[dict, np.ndarray]:

@@ -45,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weightzoo never downloads; fail fast if anything tries
 
 # Order is the order `weightzoo --help` lists them.
-COMMANDS = ["demo", "base", "manifest", "build", "serve", "status", "verify", "gc", "files", "export", "merge", "publish", "train-diffusion", "generate", "fit-subspace", "sample", "edit", "invert", "project"]
+COMMANDS = ["demo", "base", "manifest", "build", "serve", "status", "verify", "gc", "files", "export", "merge", "publish", "train-diffusion", "generate", "init", "fit-subspace", "sample", "edit", "invert", "project"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -45,9 +45,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    from weightzoo.tasks.diffusion.generator import generate_lora
+    import sys
+
+    from weightzoo.tasks.diffusion.generator import condition_warning, generate_lora
 
     path = generate_lora(args.model, args.prompt, args.out, dict(args.attr), steps=args.steps, seed=args.seed)
     print(f"wrote {path} ({args.steps} DDIM steps, seed {args.seed})")
+    warning = condition_warning(args.model)
+    if warning:
+        print(warning, file=sys.stderr)
     write_preview(args.preview, path, args.prompt)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "Train a text-conditioned weight-diffusion model on a dataset's rows."
 
@@ -42,4 +43,9 @@ def run(args: argparse.Namespace) -> int:
             result = train_weight_diffusion_flow(config)
     print(f"model {result.uri}: step {result.step} (resumed from {result.resumed_from}), loss {result.loss:.4g}, "
           f"{result.train_ids} rows trained on, {result.holdout_ids} held out")
+    from weightzoo.tasks.diffusion.generator import condition_warning
+
+    warning = condition_warning(result.uri)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
