@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= work/demo
+# Test processes (pytest-xdist, one test file per process at a time): see docs/BENCHMARKS.md "Test suite time".
+TEST_WORKERS ?= 3
 
 .PHONY: demo test lint install clean
 install: $(VENV)/.installed
@@ -19,7 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

@@ -180,9 +180,9 @@ def bench_invert(sub, pipe, hparams, args, heldout: list, manifest_dir: str) -> 
 
 
 # The generators compared: the text condition the identity pipeline used to default to, the attributes as
-# one-hots (StructuredCondition), and one-hots plus the residual on the 4 nearest rows (the edit workload's).
-GENERATORS = {"text": {"condition": "prompt+attributes"}, "structured": {"condition": "structured"},
-              "structured+knn4": {"condition": "structured", "residual_k": 4}}
+# one-hots (StructuredCondition), and each plus the residual on the 4 nearest rows (the edit workload's).
+GENERATORS = {"text": {"condition": "prompt+attributes"}, "text+knn4": {"condition": "prompt+attributes", "residual_k": 4},
+              "structured": {"condition": "structured"}, "structured+knn4": {"condition": "structured", "residual_k": 4}}
 
 
 def unseen_combinations(train_attrs: list[dict[str, str]], n: int, seed: int) -> list[dict[str, str]]:
@@ -250,8 +250,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")
     p.add_argument("--edit-ids", type=int, default=8, help="training identities edited per attribute")
-    p.add_argument("--strength", type=float, default=3.0,
-                   help="edit strength in dataset std along the direction, reported in --json")
+    p.add_argument("--strength", type=float, default=4.0,
+                   help="edit strength in dataset std along the direction, reported in --json (weightzoo edit's default)")
     p.add_argument("--strengths", type=float, nargs="+", default=None,
                    help="strengths measured for the trade-off (default: 1 2 3 4 6, and --strength)")
     p.add_argument("--json", help="write the claims as one JSON object to this file")

@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--seed", type=int, default=1, help="the validation draw (not the identity world bench's 0)")
     p.add_argument("--pictures", type=int, default=2)
-    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["default", "600 steps", "lr 2e-3", "no prior"],
+                   help="recipes measured (default: the single changes; the combinations on request)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)

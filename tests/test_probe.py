@@ -421,3 +421,18 @@ def test_an_interrupt_is_one_line_and_its_exit_code(sig: str, to_group: bool, tm
     assert proc.returncode == 128 + signum and out == ""
     assert _one_error(err, "status") == f"weightzoo status: error: interrupted by {sig}"
     assert _visible(uri) == (12, 12)
+
+
+def test_a_manifest_piped_through_a_fifo_is_read_as_a_stream(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A FIFO (or `--manifest <(...)`) cannot seek: it is read to its end, not refused with a traceback."""
+    import threading
+
+    fifo = tmp_path / "manifest.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "ds" / "ledger").mkdir(parents=True)
+    rows = "".join(json.dumps({"id": f"s{i}", "images": ["a.png"]}) + "\n" for i in range(3))
+    writer = threading.Thread(target=fifo.write_text, args=(rows,))
+    writer.start()
+    assert main(["status", "--dataset", str(tmp_path / "ds"), "--manifest", str(fifo)]) == 0
+    writer.join()
+    assert "0 committed in 0 shards, 0 failed, 3 pending of 3" in capsys.readouterr().out

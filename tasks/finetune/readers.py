@@ -10,7 +10,9 @@ import gzip
 import io
 import json
 import lzma
+import os
 import re
+import stat
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from weightzoo.errors import InputError, NotFoundError
-from weightzoo.storage.fs import atomic_write, filesystem
+from weightzoo.storage.fs import atomic_write, filesystem, is_local
 from weightzoo.tasks.finetune.row import ManifestError, ManifestProblem, ManifestRow, parse_rows
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".parquet", ".pq")
@@ -115,8 +117,14 @@ def _directory_error(uri: str) -> ManifestError:
 
 
 def _read_bytes(fs: AbstractFileSystem, path: str, uri: str, fmt: str) -> bytes:
-    """The manifest's bytes (text formats decompressed), or a one-line error naming it instead of a traceback."""
+    """The manifest's bytes (text formats decompressed), or a one-line error naming it instead of a traceback.
+
+    A local pipe (``--manifest <(zcat m.jsonl.gz)``, a FIFO) is read as a stream: fsspec's local file seeks,
+    which a pipe cannot."""
     try:
+        if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode):
+            with open(path, "rb") as pipe:
+                return pipe.read()
         with fs.open(path, "rb", compression=None if fmt == "parquet" else "infer") as f:
             return f.read()
     except IsADirectoryError:
