@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= work/demo
 # Test processes (pytest-xdist, one test file per process at a time): see docs/BENCHMARKS.md "Test suite time".
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 4
 
 .PHONY: demo test lint install clean
 install: $(VENV)/.installed
