@@ -19,6 +19,7 @@ from weightzoo.cli import main as cli
 from weightzoo.storage.dataset import Dataset
 from weightzoo.tasks.finetune.batch import batch_id_for, run_batch
 from weightzoo.tasks.finetune.export import export, merged_state_dict
+from weightzoo.tasks.finetune.starts import load_lora_vector
 from weightzoo.tasks.identity import recipes
 from weightzoo.tasks.identity.base_model import load_base
 from weightzoo.tasks.identity.config import FinetuneConfig
@@ -212,7 +213,7 @@ def test_lora_fa_rows_hold_b_and_export_merge_sample_edit_load_in_diffusers(
         pipe.load_lora_weights(w2w.export(sub, vector, str(tmp_path / f"{name}.safetensors")))
         assert torch.isfinite(_unet_out(pipe)).all()
         pipe.unload_lora_weights()
-        back = w2w.load_lora_vector(str(tmp_path / f"{name}.safetensors"), layout)  # the fixed A checked, B back
+        back = load_lora_vector(str(tmp_path / f"{name}.safetensors"), layout)  # the fixed A checked, B back
         torch.testing.assert_close(back, vector.float(), rtol=1e-6, atol=1e-7)
     _count(ds, 3)
 

@@ -18,6 +18,7 @@ import torch
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.shards import RowMeta
 from weightzoo.storage.writer import commit_batch
+from weightzoo.tasks.finetune.starts import load_lora_vector
 from weightzoo.tasks.subspace.config import SubspaceConfig
 from weightzoo.tasks.subspace.pca import Subspace, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
@@ -27,7 +28,6 @@ from weightzoo.tasks.subspace.w2w import (
     edit_direction,
     export,
     invert,
-    load_lora_vector,
     project,
     sample,
     subspace_hparams,

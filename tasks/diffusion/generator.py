@@ -544,6 +544,12 @@ class WeightDiffusionModel:
             states, masks = encode_texts(self.tokenizer, self.text_encoder, texts)
         return self._base(states, self.text_stats.normalise(pool_text(states, masks)))
 
+    def export(self, vector: torch.Tensor, out: str) -> str:
+        """One vector of this model (``generate``, ``retrieve``) as a diffusers LoRA file in its rows' layout."""
+        from weightzoo.tasks.finetune.export import export_lora
+
+        return export_lora(self.layout.as_tensor(vector), self.layout, self.hparams, out)
+
     def _base(self, states: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         return self.retrieval.interpolate(condition_keys(states, pooled, self.structured is not None))
 
@@ -601,8 +607,5 @@ def condition_warning(uri: str) -> str | None:
 def generate_lora(model_uri: str, prompt: str, out: str, attributes: Mapping[str, str] | None = None,
                   steps: int = 1, seed: int = 0) -> str:
     """Sample one LoRA for ``prompt`` (+ ``attributes``) and export it as diffusers safetensors; returns ``out``."""
-    from weightzoo.tasks.finetune.export import export_lora
-
     model = WeightDiffusionModel.load(model_uri)
-    vector = model.generate([model.text(prompt, attributes)], steps=steps, seed=seed)[0]
-    return export_lora(model.layout.as_tensor(vector), model.layout, model.hparams, out)
+    return model.export(model.generate([model.text(prompt, attributes)], steps=steps, seed=seed)[0], out)

@@ -4,7 +4,7 @@ A weight generator's model folder offers two starts for a condition: the **gener
 one-step output; for a residual model, its retrieval plus the learnt correction) and, for a residual model
 (``residual_k`` > 0), the **retrieved** one (the k nearest training rows by condition, inverse-distance
 weighted). ``auto`` takes what the benches measured to fine-tune fastest. The file is a diffusers LoRA
-(``export_lora``): it loads into a pipeline as it is, and a manifest row's ``init`` starts that row's
+(``WeightDiffusionModel.export``): it loads into a pipeline as it is, and a manifest row's ``init`` starts that row's
 training from it (``tasks/finetune/starts.py``).
 """
 
@@ -36,10 +36,9 @@ def write_start(model_uri: str, prompt: str, out: str, attributes: Mapping[str, 
                 start: Start = "auto", seed: int = 0) -> tuple[str, str]:
     """Write the start for ``prompt`` (+ ``attributes``) as a diffusers LoRA at ``out``; returns (file, start used)."""
     from weightzoo.tasks.diffusion.generator import WeightDiffusionModel
-    from weightzoo.tasks.finetune.export import export_lora
 
     model = WeightDiffusionModel.load(model_uri)
     how = choose(start, model.retrieval is not None)
     text = model.text(prompt, attributes)
     vector = (model.retrieve([text]) if how == "retrieved" else model.generate([text], seed=seed))[0]
-    return export_lora(model.layout.as_tensor(vector), model.layout, model.hparams, out), how
+    return model.export(vector, out), how

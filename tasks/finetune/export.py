@@ -43,6 +43,8 @@ PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps the UNet as base_model (LoraModel) → .model
 FORMATS = ("diffusers", "peft")
 FINGERPRINT_BASE = "weightzoo-base-fingerprint:"  # a base known by its fingerprint only: no path, no Hub id
+# Metadata key: the scale baked into lora_B (a reader of the file divides it out: starts.load_lora_vector).
+BAKED_SCALE = "weightzoo.scale_baked_into_lora_B"
 
 
 def base_name(dataset: str, fingerprint: str | None = None) -> str | None:
@@ -133,7 +135,7 @@ def _metadata(layout: Layout, hparams: dict, baked: float | None) -> dict[str, s
         "weightzoo.hparams": json.dumps(hparams, sort_keys=True, default=str),
     }
     if baked is not None:
-        out["weightzoo.scale_baked_into_lora_B"] = repr(baked)
+        out[BAKED_SCALE] = repr(baked)
     return out
 
 
@@ -224,7 +226,7 @@ def export_merged(rows: Sequence[tuple[torch.Tensor | np.ndarray, dict]], layout
         "weightzoo.layout": layout.fingerprint,
         "weightzoo.merged_ids": json.dumps(list(ids)),
         "weightzoo.merged_methods": json.dumps(sorted({str(h.get("method")) for _, h in rows})),
-        "weightzoo.scale_baked_into_lora_B": "alpha/rank of each row, times its merge scale",
+        BAKED_SCALE: "alpha/rank of each row, times its merge scale",
     }
     data = safetensors.torch.save(merged_state_dict(rows, layout, scales), metadata=metadata)
     fs, fs_path = filesystem(path)

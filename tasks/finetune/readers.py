@@ -122,7 +122,7 @@ def _read_bytes(fs: AbstractFileSystem, path: str, uri: str, fmt: str) -> bytes:
     A local pipe (``--manifest <(zcat m.jsonl.gz)``, a FIFO) is read as a stream: fsspec's local file seeks,
     which a pipe cannot."""
     try:
-        if is_local(fs) and not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode):
+        if is_local(fs) and not (stat.S_ISREG(mode := os.stat(path).st_mode) or stat.S_ISDIR(mode)):
             with open(path, "rb") as pipe:
                 return pipe.read()
         with fs.open(path, "rb", compression=None if fmt == "parquet" else "infer") as f:

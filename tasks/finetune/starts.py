@@ -21,10 +21,10 @@ from weightzoo.storage.layout import Layout
 from weightzoo.storage.retry import describe
 from weightzoo.tasks.finetune.contract import ItemResult
 from weightzoo.tasks.finetune.driver import Prepared
+from weightzoo.tasks.finetune.export import BAKED_SCALE
 
-LORA_B = ".lora_B.weight"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 PREFIXES = ("unet.", "transformer.")  # what export writes for each model family (export.key_prefix)
-BAKED = "weightzoo.scale_baked_into_lora_B"
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -45,7 +45,7 @@ def load_lora_vector(path: str, layout: Layout) -> torch.Tensor:
     fs, p = filesystem(path)
     data = fs.cat_file(p)
     try:
-        baked = float(safetensors_metadata(data).get(BAKED, "1.0"))
+        baked = float(safetensors_metadata(data).get(BAKED_SCALE, "1.0"))
         tensors = st_load(data)
     except Exception as exc:  # any parse error of untrusted bytes: not a safetensors file
         raise InputError(f"{path} is not a safetensors LoRA file ({describe(exc)})") from None

@@ -20,11 +20,8 @@ from PIL import Image
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import Layout
 from weightzoo.tasks import stop
-from weightzoo.tasks.finetune.starts import load_lora_vector  # noqa: F401  (a LoRA file → row: project's input)
+from weightzoo.tasks.finetune.starts import LORA_A, LORA_B
 from weightzoo.tasks.subspace.pca import Subspace
-
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
-
 
 # -- shared helpers --------------------------------------------------------------------------------------
 
@@ -81,7 +78,7 @@ class Projection:
 
 
 def project(sub: Subspace, weights: torch.Tensor | np.ndarray) -> Projection:
-    """Project one weight vector (a row, or ``load_lora_vector`` of a file) onto the subspace."""
+    """Project one weight vector (a row, or ``starts.load_lora_vector`` of a file) onto the subspace."""
     x = sub.layout.as_tensor(weights).float() if isinstance(weights, np.ndarray) else weights.float()
     z = (x - sub.mean) / sub.std
     c = z @ sub.components.T

@@ -34,8 +34,9 @@ def lora_file(uri: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     lora = lora_file(args.lora) if args.lora else None
+    from weightzoo.tasks.finetune.starts import load_lora_vector
     from weightzoo.tasks.subspace.pca import load_subspace
-    from weightzoo.tasks.subspace.w2w import dataset_row, load_lora_vector, project
+    from weightzoo.tasks.subspace.w2w import dataset_row, project
 
     sub = load_subspace(args.subspace)
     x = load_lora_vector(lora, sub.layout) if lora else dataset_row(sub, args.id, args.dataset)[1]
