@@ -333,6 +333,46 @@ def test_task_objective_scores_a_residual_generators_rows_as_retrieval_plus_corr
     assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
+def test_inner_steps_move_each_row_as_its_own_adamw_fine_tune_and_the_gradient_is_taken_there(base: str) -> None:
+    """``InnerAdam`` moves every row as torch's AdamW would train it alone (same examples, warm-up); the
+    objective then scores the moved rows and hands their gradient to the start (first-order)."""
+    from weightzoo.tasks.concepts.task_loss import EditTaskLoss
+    from weightzoo.tasks.diffusion.blocks import BlockSpec, Stats
+    from weightzoo.tasks.diffusion.objective import InnerAdam, TaskObjective
+    from weightzoo.tasks.seeds import stable_seed
+
+    model = load_base(base).requires_grad_(False)
+    layout = edit_layout(model, CFG)
+    rows = concept_rows(2, seed=5)
+    ids = [r.id for r in rows]
+    loss = EditTaskLoss(model, layout, CFG, {r.id: dict(r.attributes) for r in rows}, 2)
+    start = torch.randn(2, layout.numel, generator=torch.Generator().manual_seed(1)) * 0.05
+    inner = InnerAdam(3, 1e-2, (0.9, 0.999), 1e-8, warmup=2)
+    moved = inner.run(loss, ids, start, torch.Generator().manual_seed(7))
+    for k, rid in enumerate(ids):
+        x = start[k : k + 1].clone().requires_grad_(True)
+        opt, gen = torch.optim.AdamW([x], lr=1e-2, weight_decay=0.0, eps=1e-8), torch.Generator().manual_seed(7)
+        for step in range(3):
+            opt.param_groups[0]["lr"] = 1e-2 * min(1.0, (step + 1) / 2)
+            opt.zero_grad()
+            loss([rid], x, gen).backward()
+            opt.step()
+        torch.testing.assert_close(moved[k], x.detach()[0], rtol=1e-4, atol=1e-5)
+    assert float(loss(ids, moved, torch.Generator().manual_seed(0))) < float(loss(ids, start, torch.Generator().manual_seed(0)))
+    d, idx = layout.numel, torch.tensor([1, 0])
+    spec = BlockSpec(d, 64)
+    objective = TaskObjective(loss, spec, Stats(torch.zeros(d), torch.ones(d)), ids, 2.0, seed=0, inner=inner)
+    pred = spec.cut(start[idx]).requires_grad_(True)
+    got = objective(pred, idx, step=4)
+    got.backward()
+    g = torch.Generator().manual_seed(stable_seed(0, "task", 4))
+    there = inner.run(loss, [ids[1], ids[0]], start[idx], g).requires_grad_(True)
+    want = 2.0 * loss([ids[1], ids[0]], there, g)
+    want.backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    torch.testing.assert_close(spec.reassemble(pred.grad), there.grad, rtol=1e-4, atol=1e-7)
+
+
 def _task_config(dataset: str, base: str, out: Path, **kw) -> WeightDiffusionConfig:
     return WeightDiffusionConfig(dataset=dataset, base=base, out=str(out), condition="structured", block_size=256,
                                  width=32, depth=1, batch_size=4, lr_warmup_steps=0, checkpoint_every=3, device="cpu",
@@ -341,8 +381,9 @@ def _task_config(dataset: str, base: str, out: Path, **kw) -> WeightDiffusionCon
 
 def test_task_objective_trains_the_generator_through_the_base_and_resumes(built, base: str, tmp_path: Path) -> None:
     """Same seed, same first batch: the task objective's first loss is the weight loss plus a finite task loss,
-    and its gradient changes the denoiser; a resumed task run follows the uninterrupted one."""
-    _, dataset, _ = built
+    and its gradient changes the denoiser; a resumed task run follows the uninterrupted one. A residual, an SVD-form
+    and an inner-steps run train too."""
+    _, dataset, rows = built
     plain = train_weight_diffusion(_task_config(dataset, base, tmp_path / "weights", steps=6))
     task = train_weight_diffusion(_task_config(dataset, base, tmp_path / "task", steps=6, objective="task",
                                                task_weight=10.0))
@@ -368,6 +409,18 @@ def test_task_objective_trains_the_generator_through_the_base_and_resumes(built,
                                         task_weight=10.0, residual_k=2))
     lr = json.loads((tmp_path / "residual" / "losses.json").read_text())
     assert len(lr) == 2 and all(math.isfinite(x) for x in lr) and lr[0] > 0.1
+    # the SVD form with simulated inner steps: its index and its generated rows are rows in that form
+    from weightzoo.tasks.finetune.gauge import svd_form
+
+    svd = train_weight_diffusion(_task_config(dataset, base, tmp_path / "svd", steps=2, objective="task",
+                                              task_weight=10.0, residual_k=2, form="svd", inner_steps=1))
+    model = WeightDiffusionModel.load(svd.uri)
+    gen = model.generate_attributes([r.attributes for r in rows[:2]])
+    torch.testing.assert_close(svd_form(model.layout, gen), gen, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(svd_form(model.layout, model.retrieval.rows.float()), model.retrieval.rows.float(),
+                               rtol=1e-4, atol=1e-5)
+    ls = json.loads((tmp_path / "svd" / "losses.json").read_text())
+    assert len(ls) == 2 and all(math.isfinite(x) for x in ls)
 
 
 def test_task_objective_refuses_a_base_the_rows_were_not_trained_on(built, tmp_path: Path) -> None:

@@ -418,8 +418,8 @@ def test_a_plain_generator_has_no_retrieval_and_the_cli_takes_residual_k(trained
     with pytest.raises(InputError, match="not a residual generator"):
         WeightDiffusionModel.load(trained[0].out).retrieve(["sks person"])
     args = build_parser("train-diffusion").parse_args(["train-diffusion", "--dataset", "D", "--base", "B", "--out", "O",
-                                                       "--residual-k", "3"])
-    assert args.residual_k == 3
+                                                       "--residual-k", "3", "--form", "svd", "--inner-steps", "2"])
+    assert (args.residual_k, args.form, args.inner_steps, args.inner_lr) == (3, "svd", 2, None)
 
 
 @pytest.mark.parametrize("residual", ["structured"], indirect=True)

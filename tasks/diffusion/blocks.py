@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +86,16 @@ def _as_float(layout: Layout, w: np.ndarray) -> torch.Tensor:
     return layout.as_tensor(w).float()
 
 
-def compute_stats(dataset: Dataset, ids: Iterable[str] | None = None) -> Stats:
+# How rows are re-expressed before anything is learnt from them (the SVD form, tasks/finetune/gauge.py).
+RowForm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _as_rows(layout: Layout, w: np.ndarray, form: RowForm | None) -> torch.Tensor:
+    x = _as_float(layout, w)
+    return x if form is None else form(x)
+
+
+def compute_stats(dataset: Dataset, ids: Iterable[str] | None = None, form: RowForm | None = None) -> Stats:
     """Mean and std (ddof 0) of the rows ``ids`` (default all), in one streaming float64 pass.
 
     Computed on the training rows only, so held-out rows leak nothing into the normalisation.
@@ -94,7 +103,7 @@ def compute_stats(dataset: Dataset, ids: Iterable[str] | None = None) -> Stats:
     keep = None if ids is None else set(ids)
     n, s, ss = 0, None, None
     for table, w in dataset.iter_batches(["id"]):
-        x = _as_float(dataset.layout, w).double()
+        x = _as_rows(dataset.layout, w, form).double()
         if keep is not None:
             x = x[torch.tensor([i in keep for i in table.column("id").to_pylist()])]
         if s is None:
@@ -171,12 +180,14 @@ class BlockData:
     raw: torch.Tensor | None = None  # (n, D) as stored (the layout's dtype), when asked for
 
 
-def load_rows(dataset: Dataset, ids: Sequence[str], stats: Stats, condition: Condition, raw: bool = False) -> BlockData:
+def load_rows(dataset: Dataset, ids: Sequence[str], stats: Stats, condition: Condition, raw: bool = False,
+              form: RowForm | None = None) -> BlockData:
     """Read rows ``ids`` (in that order) normalised, with their condition text; one streaming pass.
 
     Holds n × D float32 in memory (4 GB for 10,000 SD 1.5 rank-1 LoRAs); the denoiser samples batches
     from it at random, which a sequential stream over shards could not do. ``raw`` also keeps the rows as
-    stored (a residual generator's retrieval index), n × D more values in the layout's dtype.
+    stored (a residual generator's retrieval index), n × D more values in the layout's dtype. ``form``
+    re-expresses every row first (then "as stored" means: in that form, in the layout's dtype).
     """
     want = {i: k for k, i in enumerate(ids)}
     z = torch.empty(len(ids), dataset.layout.numel)
@@ -185,7 +196,8 @@ def load_rows(dataset: Dataset, ids: Sequence[str], stats: Stats, condition: Con
     found = 0
     for table, w in dataset.iter_batches(["id", "prompt", "attributes"]):
         stored = dataset.layout.as_tensor(w)
-        x = stored.float()
+        x = stored.float() if form is None else form(stored.float())
+        stored = stored if form is None else x.to(stored.dtype)
         for j, (rid, prompt, attrs) in enumerate(zip(*(table.column(c).to_pylist() for c in ("id", "prompt", "attributes")),
                                                      strict=True)):
             if rid in want:

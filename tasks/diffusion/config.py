@@ -44,6 +44,10 @@ class WeightDiffusionConfig(DenoiserSize):
     # which before training is exactly the k-nearest interpolation (tasks/diffusion/retrieval.py).
     residual_k: int = Field(0, ge=0, description="Generate retrieval + correction: the k nearest training rows by "
                             "condition, inverse-distance weighted, plus a denoised correction (0: plain generator).")
+    # 'svd': every LoRA row re-expressed by its layers' SVD (tasks/finetune/gauge.py) before statistics, retrieval
+    # and targets, so rows of nearby edits are nearby rows; generated rows are then in that form too.
+    form: Literal["rows", "svd"] = Field("rows", description="Rows as stored ('rows'), or each LoRA layer's ΔW "
+                                         "re-expressed by SVD as B = U·√S, A = √S·Vᵀ ('svd': no gauge freedom).")
     stats: str | None = Field(None, description="A subspace.safetensors with mean/std to reuse; default: computed on the training rows.")
     holdout_ids: tuple[str, ...] = Field((), description="Ids never trained on (kept for evaluation).")
     holdout_fraction: float = Field(0.0, ge=0, lt=1, description="Fraction of ids held out at random (with split_seed).")
@@ -71,3 +75,10 @@ class WeightDiffusionConfig(DenoiserSize):
     # cut their held-out edit L1 from 0.160 to 0.139 (24 concepts, 300 steps; docs/WEIGHT_DIFFUSION.md).
     task_weight: float = Field(10.0, ge=0, description="Weight of the task loss next to the weight loss (objective 'task').")
     task_pairs: int = Field(2, ge=1, description="Examples per row per step for the task loss (objective 'task').")
+    # What the concept-zoo bench counts is steps to a target from the start, not the start's own loss: score the
+    # rows after a few steps of their own fine-tune (first-order, as Reptile/FOMAML: the gradient at the moved
+    # rows is applied to the start).
+    inner_steps: int = Field(0, ge=0, description="Objective 'task': score the rows after this many simulated Adam "
+                             "steps of the rows' own fine-tune from the generated start (0: the start itself).")
+    inner_lr: float | None = Field(None, gt=0, description="Learning rate of those simulated steps (default: the "
+                                   "rows' own fine-tune learning rate).")

@@ -26,6 +26,7 @@ resumed run follows the uninterrupted run's trajectory exactly (on the same devi
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -55,6 +56,7 @@ from weightzoo.tasks import stop
 from weightzoo.tasks.device import autocast, resolve_device
 from weightzoo.tasks.diffusion.blocks import (
     BlockSpec,
+    RowForm,
     Stats,
     compute_stats,
     condition_text,
@@ -77,6 +79,7 @@ from weightzoo.tasks.diffusion.denoiser import (
 from weightzoo.tasks.diffusion.objective import TaskObjective, engine_task_loss
 from weightzoo.tasks.diffusion.retrieval import FILE as RETRIEVAL_FILE
 from weightzoo.tasks.diffusion.retrieval import RetrievalIndex, loo_residuals
+from weightzoo.tasks.finetune import gauge
 from weightzoo.tasks.seeds import stable_seed
 from weightzoo.tasks.subspace.pca import card_dataset
 
@@ -227,11 +230,22 @@ def _dataset_if_found(uri: str, card: dict) -> str:
         return card["config"]["dataset"]
 
 
-def _structured_inputs(ds: Dataset, train: list[str], stats: Stats, residual: bool):
+def row_form(config: WeightDiffusionConfig, layout: Layout) -> RowForm | None:
+    """How rows are re-expressed before the run learns from them: None as stored, or the SVD form (refused
+    in one line for rows that have no LoRA factors, or with ``stats`` computed on rows as stored)."""
+    if config.form == "rows":
+        return None
+    gauge.factor_pairs(layout)  # the refusal, before anything is read or written
+    if config.stats:
+        raise InputError("form 'svd' computes its own statistics (of the rows in that form); leave stats unset")
+    return functools.partial(gauge.svd_form, layout)
+
+
+def _structured_inputs(ds: Dataset, train: list[str], stats: Stats, residual: bool, form: RowForm | None):
     """Rows, condition keys, (n, 1, F) feature "states", masks and the fitted encoder of a structured condition."""
     from weightzoo.tasks.concepts.condition import StructuredCondition
 
-    data = load_rows(ds, train, stats, "prompt", raw=residual)
+    data = load_rows(ds, train, stats, "prompt", raw=residual, form=form)
     meta = ds.metadata(["id", "attributes"])
     attrs = dict(zip(meta.column("id").to_pylist(), (dict(a or []) for a in meta.column("attributes").to_pylist()),
                      strict=True))
@@ -242,12 +256,13 @@ def _structured_inputs(ds: Dataset, train: list[str], stats: Stats, residual: bo
     return data, texts, feats[:, None, :], torch.ones(len(texts), 1, dtype=torch.bool), encoder
 
 
-def _condition_inputs(config: WeightDiffusionConfig, ds: Dataset, train: list[str], stats: Stats):
+def _condition_inputs(config: WeightDiffusionConfig, ds: Dataset, train: list[str], stats: Stats,
+                      form: RowForm | None):
     """(rows, distinct condition texts, states, masks, encoder): text-encoder states, or structured features."""
     residual = config.residual_k > 0  # the retrieval index keeps the rows as stored
     if config.condition == STRUCTURED:
-        return _structured_inputs(ds, train, stats, residual)
-    data = load_rows(ds, train, stats, config.condition, raw=residual)
+        return _structured_inputs(ds, train, stats, residual, form)
+    data = load_rows(ds, train, stats, config.condition, raw=residual, form=form)
     tok, enc = load_text_encoder(config.base)
     texts = sorted(set(data.texts))  # each distinct condition is encoded once
     states, masks = encode_texts(tok, enc, texts)
@@ -331,6 +346,7 @@ def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Pre
     against it (same split, same statistics), never silently restarted."""
     train, holdout = split_ids(ds.ids, config.holdout_ids, config.holdout_fraction, config.split_seed)
     spec = BlockSpec(ds.layout.numel, config.block_size)
+    form = row_form(config, ds.layout)
     if resuming:
         _check_resumable(config.out, config)
         if _read_json(join(config.out, "split.json"))["train"] != train:
@@ -338,8 +354,8 @@ def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Pre
         saved = load_tensors(join(config.out, "stats.safetensors"))
         stats = Stats(saved["mean"], saved["std"])
     else:
-        stats = load_stats(config.stats, spec.numel) if config.stats else compute_stats(ds, train)
-    data, texts, states, masks, encoder = _condition_inputs(config, ds, train, stats)
+        stats = load_stats(config.stats, spec.numel) if config.stats else compute_stats(ds, train, form)
+    data, texts, states, masks, encoder = _condition_inputs(config, ds, train, stats, form)
     size = {k: getattr(config, k) for k in DenoiserSize.model_fields}
     dcfg = DenoiserConfig(n_blocks=spec.n_blocks, block_size=spec.block_size, text_dim=states.shape[-1],
                           residual=config.residual_k > 0, **size)
@@ -427,7 +443,7 @@ def train_weight_diffusion(
     resuming = uri_exists(join(config.out, "config.json"))
     prep = _prepare(config, ds, resuming)
     task = None if task_loss is None else TaskObjective.bind(task_loss, config, prep.spec, prep.train, device,
-                                                                   prep.residual)
+                                                                   prep.residual, row_form(config, ds.layout))
     latest = latest_checkpoint(config.out) if resuming else None
     model, opt, start, losses = _resume(config, prep, device, latest)
     losses = _train_loop(config, prep, model, opt, start, losses, device, progress, task)
@@ -542,7 +558,7 @@ class WeightDiffusionModel:
             states, masks = feats[:, None, :], torch.ones(len(texts), 1, dtype=torch.bool)
         else:
             states, masks = encode_texts(self.tokenizer, self.text_encoder, texts)
-        return self._base(states, self.text_stats.normalise(pool_text(states, masks)))
+        return self._in_form(self._base(states, self.text_stats.normalise(pool_text(states, masks))))
 
     def export(self, vector: torch.Tensor, out: str) -> str:
         """One vector of this model (``generate``, ``retrieve``) as a diffusers LoRA file in its rows' layout."""
@@ -567,9 +583,14 @@ class WeightDiffusionModel:
         blocks = ddim_sample(self.denoiser, states, masks, pooled, steps=steps, generator=g, mask=self.spec.mask())
         out = self.spec.reassemble(blocks.float().cpu())
         if self.retrieval is None:
-            return self.stats.denormalise(out)
+            return self._in_form(self.stats.denormalise(out))
         # An untrained correction is exactly 0, so this is then exactly the retrieval.
-        return self._base(states, pooled) + out * (self.retrieval.scale * self.stats.std)
+        return self._in_form(self._base(states, pooled) + out * (self.retrieval.scale * self.stats.std))
+
+    def _in_form(self, rows: torch.Tensor) -> torch.Tensor:
+        """A model of the SVD form returns its rows in that form (an average or a correction of rows in the form
+        leaves it: the same rank-r edit, re-balanced); otherwise the rows as they are."""
+        return rows if self.config.form == "rows" else gauge.svd_form(self.layout, rows)
 
 
 def write_condition_check(uri: str, texts: Sequence[str], seed: int) -> dict | None:

@@ -8,8 +8,9 @@ import sys
 HELP = "Train a text-conditioned weight-diffusion model on a dataset's rows."
 
 
-FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps", "width", "depth", "heads", "condition", "residual_k", "stats",
-          "holdout_ids", "holdout_fraction", "split_seed", "seed", "checkpoint_every", "device", "mixed_precision")
+FIELDS = ("steps", "block_size", "batch_size", "learning_rate", "lr_warmup_steps", "width", "depth", "heads", "condition", "residual_k", "form", "stats",
+          "holdout_ids", "holdout_fraction", "split_seed", "seed", "checkpoint_every", "device", "mixed_precision",
+          "objective", "task_weight", "task_pairs", "inner_steps", "inner_lr")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
