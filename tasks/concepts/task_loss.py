@@ -29,8 +29,7 @@ from weightzoo.tasks.concepts.lora import adapted_convs, packed
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.concepts.spec import spec_problems
 from weightzoo.tasks.finetune.row import ManifestRow
-
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+from weightzoo.tasks.finetune.starts import LORA_A, LORA_B
 
 
 def row_factors(layout: Layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -40,13 +39,13 @@ def row_factors(layout: Layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
     offs, out = layout.offsets, {}
     for i, (key, shape) in enumerate(zip(layout.keys, layout.shapes, strict=True)):
         part = rows[:, offs[i] : offs[i + 1]].reshape(len(rows), *shape)
-        if key.endswith(A_SUFFIX):
-            out[key[: -len(A_SUFFIX)] + ".A"] = part
-        elif key.endswith(B_SUFFIX):
-            out[key[: -len(B_SUFFIX)] + ".B"] = part[..., 0, 0]
+        if key.endswith(LORA_A):
+            out[key[: -len(LORA_A)] + ".A"] = part
+        elif key.endswith(LORA_B):
+            out[key[: -len(LORA_B)] + ".B"] = part[..., 0, 0]
     for key, a in layout.fixed_tensors(rows.device).items():
-        if key.endswith(A_SUFFIX):
-            out[key[: -len(A_SUFFIX)] + ".A"] = a.to(rows.dtype).expand(len(rows), *a.shape)
+        if key.endswith(LORA_A):
+            out[key[: -len(LORA_A)] + ".A"] = a.to(rows.dtype).expand(len(rows), *a.shape)
     return out
 
 

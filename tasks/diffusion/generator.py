@@ -321,6 +321,7 @@ class _Prepared:
     holdout: list[str]
     texts: list[str]  # the distinct condition texts, in the order of ``states``
     residual: tuple[torch.Tensor, torch.Tensor] | None = None  # objective 'task': (LOO retrievals, scale)
+    form: RowForm | None = None  # how the rows were re-expressed (``row_form``)
 
 
 def condition_keys(states: torch.Tensor, pooled: torch.Tensor, structured: bool) -> torch.Tensor:
@@ -367,7 +368,7 @@ def _prepare(config: WeightDiffusionConfig, ds: Dataset, resuming: bool) -> _Pre
     if not resuming:
         _prepare_folder(config, ds, train, holdout, stats, tstats, dcfg, encoder, retrieval)
     residual = None if near is None else (near, retrieval.scale)
-    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout, texts, residual)
+    return _Prepared(spec, blocks, states, masks, pooled, text_index, dcfg, train, holdout, texts, residual, form)
 
 
 def _resume(config: WeightDiffusionConfig, prep: _Prepared, device: torch.device,
@@ -443,7 +444,7 @@ def train_weight_diffusion(
     resuming = uri_exists(join(config.out, "config.json"))
     prep = _prepare(config, ds, resuming)
     task = None if task_loss is None else TaskObjective.bind(task_loss, config, prep.spec, prep.train, device,
-                                                                   prep.residual, row_form(config, ds.layout))
+                                                                   prep.residual, prep.form)
     latest = latest_checkpoint(config.out) if resuming else None
     model, opt, start, losses = _resume(config, prep, device, latest)
     losses = _train_loop(config, prep, model, opt, start, losses, device, progress, task)

@@ -93,17 +93,14 @@ class InnerAdam:
                    hparams.get("adam_epsilon", 1e-8), hparams.get("lr_warmup_steps", 0))
 
     def run(self, loss: TaskLoss, ids: Sequence[str], rows: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The rows after the steps (detached: first-order, no gradient through the steps)."""
-        x, (b1, b2) = rows.detach(), self.betas
-        m, v = torch.zeros_like(x), torch.zeros_like(x)
+        """The rows after the steps (detached: first-order, no gradient through the steps); torch's Adam moves them."""
+        x = rows.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas, eps=self.eps)
         for k in range(1, self.steps + 1):
-            x.requires_grad_(True)
-            (g,) = torch.autograd.grad(loss(ids, x, generator) * len(ids), x)
-            m.mul_(b1).add_(g, alpha=1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            lr = self.lr * (min(1.0, k / self.warmup) if self.warmup else 1.0)
-            x = (x.detach() - lr / (1 - b1**k) * m / ((v / (1 - b2**k)).sqrt() + self.eps))
-        return x
+            opt.param_groups[0]["lr"] = self.lr * (min(1.0, k / self.warmup) if self.warmup else 1.0)
+            (x.grad,) = torch.autograd.grad(loss(ids, x, generator) * len(ids), x)
+            opt.step()
+        return x.detach()
 
 
 @dataclass(frozen=True)
