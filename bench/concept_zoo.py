@@ -13,6 +13,9 @@ Builds (or reuses, in --work) an edit base, ``--train`` training concepts as a d
       else the mean of its parts' soups
   (d_svd) (d) in the SVD form (tasks/finetune/gauge.py: the same edit ΔW, canonical factors B = U·√S, A = √S·Vᵀ)
   (g_svd) the mean *edit* of (g)'s rows with (g)'s weights (their ΔW averaged, truncated to rank r by SVD)
+  (*_rg) with ``--gauge-scale S ...``: (c) as the mean edit of every row, (d), (f) and (g)'s mean edit, each
+      in the recipe's gauge (``svd_form(..., norms)``: same ΔW, A rows orthogonal with S x the training rows'
+      median A norm), named ``<start>_rg`` for S = 1, ``<start>_rg<S>`` otherwise
 
 ``--also KEY=VALUE[,KEY=VALUE] ...`` trains more generators (the main one with those changes: the first-order
 ``inner_steps``, the SVD ``form``, ...) and scores each as one more start, ``f:<changes>``, beside the same
@@ -22,7 +25,8 @@ baselines in the same run; the goals are checked for every generator start.
 compositions stay those of seed 0, so the base, dataset and generator folders are reused; the draw is
 checked disjoint from the training concepts. The generator defaults to the edit workload's (flows/config.py):
 residual on ``--residual-k`` 4 nearest rows, ``--objective task`` (``--residual-k 0 --objective weights`` is
-the plain generator of the first tables); ``--method`` is the dataset's ``EditFinetuneConfig.method``; each
+the plain generator of the first tables); ``--starts`` scores only the named starts ((a), the target, always
+runs); ``--method`` is the dataset's ``EditFinetuneConfig.method``; each
 configuration writes its own ``results-<config>.json``.
 
 Steps to target = first evaluation (every ``--eval-every`` steps) whose held-out PSNR reaches the target;
@@ -35,6 +39,7 @@ Run: ``.venv/bin/python bench/concept_zoo.py --work /tmp/czoo`` (see docs/BENCHM
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -56,7 +61,7 @@ from weightzoo.tasks.diffusion.config import WeightDiffusionConfig
 from weightzoo.tasks.diffusion.generator import WeightDiffusionModel, train_weight_diffusion
 from weightzoo.tasks.diffusion.retrieval import interpolate, knn_weights
 from weightzoo.tasks.finetune.batch import plan_batches, run_batch
-from weightzoo.tasks.finetune.gauge import mean_edit, svd_form
+from weightzoo.tasks.finetune.gauge import a_norms, mean_edit, svd_form
 from weightzoo.tasks.finetune.readers import read_manifest
 
 GENERATED = "f_generated"
@@ -156,6 +161,8 @@ def starts(args, dataset: str, wdiffs: dict[str, str], train_rows, held) -> dict
     families = [r.attributes["family"] for r in rows]
     near_idx, near_w = knn_weights(queries, feats, args.knn)
     knn = interpolate(x, near_idx, near_w)
+    gauged, gauged_norms = recipe_gauged(args, ds.layout, x, nearest, made[GENERATED][0], near_idx, near_w)
+    gauged_gen = {n: torch.stack(gauged[n]) for n in gauged_norms}
     model = made[GENERATED][2]
     if model.retrieval is not None and model.retrieval.k == args.knn and args.form == "rows":  # (g): its own retrieval
         torch.testing.assert_close(model.retrieve([model.text("", r.attributes) for r in held]), knn)
@@ -165,9 +172,33 @@ def starts(args, dataset: str, wdiffs: dict[str, str], train_rows, held) -> dict
             "h_family_soup": [family_soup(x, families, r.attributes["family"]) for r in held],
             "d_nearest_svd": list(svd_form(ds.layout, torch.stack(nearest))),
             "g_knn_svd": list(mean_edit(ds.layout, x, near_idx, near_w)),
-            "_train": x, "_gen": {name: gen for name, (gen, _, _) in made.items()},
-            "_gen_s": {name: s for name, (_, s, _) in made.items()},
-            "_svd": {name: m.config.form == "svd" for name, (_, _, m) in made.items()}, "_layout": ds.layout}
+            **gauged, "_train": x, "_gen": {**{name: gen for name, (gen, _, _) in made.items()}, **gauged_gen},
+            "_gen_s": {**{name: s for name, (_, s, _) in made.items()}, **{n: made[GENERATED][1] for n in gauged_gen}},
+            # the form a generator's rows are in: the training rows are compared with them in that form
+            "_form": {**{name: (lambda r: svd_form(ds.layout, r)) if m.config.form == "svd" else (lambda r: r)
+                         for name, (_, _, m) in made.items()},
+                      **{n: functools.partial(svd_form, ds.layout, norms=gauged_norms[n]) for n in gauged_gen}}}
+
+
+def gauge_names(scale: float) -> tuple[str, ...]:
+    tail = "_rg" if scale == 1 else f"_rg{scale:g}"
+    return tuple(n + tail for n in ("c_mean", "d_nearest", GENERATED, "g_knn"))
+
+
+def recipe_gauged(args, layout, x, nearest, gen, near_idx, near_w) -> tuple[dict[str, list], dict[str, list[float]]]:
+    """(c), (d), (f) and (g) in the recipe's gauge, for each ``--gauge-scale``: the edit of each unchanged;
+    and the A norms of each generated start's gauge."""
+    out, made, base = {}, {}, a_norms(layout, x)
+    everything = torch.arange(len(x))[None].expand(len(nearest), -1)
+    for scale in args.gauge_scale:
+        norms = [scale * n for n in base]
+        c, d, f, g = gauge_names(scale)
+        out[c] = list(mean_edit(layout, x, everything, torch.full(everything.shape, 1 / len(x)), norms))
+        out[d] = list(svd_form(layout, torch.stack(nearest), norms))
+        out[f] = list(svd_form(layout, gen, norms))
+        out[g] = list(mean_edit(layout, x, near_idx, near_w, norms))
+        made[f] = norms
+    return out, made
 
 
 def step_seconds(model, pairs, cfg: EditFinetuneConfig, layout, steps: int = 60) -> dict[str, float]:
@@ -217,6 +248,9 @@ def parse_args() -> argparse.Namespace:
                    "start (f:<changes>), trained and scored in this run beside the same baselines")
     p.add_argument("--draw", default=None, help="held-out draw prefix (default: heldout, heldout<seed>); "
                    "'validation' is the draw configurations are chosen on")
+    p.add_argument("--gauge-scale", type=float, nargs="*", default=[1.0], metavar="S",
+                   help="starts (*_rg) in the recipe's gauge, A rows at S x the training rows' median A norm")
+    p.add_argument("--starts", nargs="+", default=None, help="score only these starts (default: every one)")
     p.add_argument("--noise", type=float, default=0.5, help="(e): noise std as a multiple of each parameter's std")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p.parse_args()
@@ -255,7 +289,7 @@ def also(args, spec: str) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # folders are recorded in configs: one spelling per folder
     work.mkdir(parents=True, exist_ok=True)
     cfg = EditFinetuneConfig(method=args.method, steps=args.ft_steps, learning_rate=args.ft_lr, rank=args.rank,
                              alpha=args.rank, adam_epsilon=args.adam_eps, pack=32)
@@ -273,7 +307,11 @@ def main() -> None:
     run_cfg = cfg.model_copy(update={"steps": args.budget, "check_every": args.budget})
     layout = edit_layout(model, run_cfg)
     curves: dict[str, list] = {}
-    names = (*STARTS, *(n for n in wdiffs if n != GENERATED))
+    names = (*STARTS, *(n for n in wdiffs if n != GENERATED), *(n for s in args.gauge_scale for n in gauge_names(s)))
+    unknown = sorted(set(args.starts or ()) - set(names))
+    if unknown:
+        raise SystemExit(f"--starts: {unknown} are not starts of this run ({', '.join(names)})")
+    names = tuple(n for n in names if args.starts is None or n in args.starts or n == "b_lora_init")  # (b): the goal's unit
     for name in names:
         t1 = time.perf_counter()
         runs = train_concepts(model, pairs, run_cfg, layout, init[name], eval_every=args.eval_every)
@@ -341,9 +379,7 @@ def goals(rows: list[dict], init: dict, f: str, names: tuple[str, ...]) -> dict:
     # (f) never reaching the median: 0 against a start that does, undefined (nan) against one that does not either
     ratio = {n: med[n] / med[f] if med[f] < math.inf else (math.nan if med[n] == math.inf else 0.0)
              for n in ("a_pix2pix", "b_lora_init")}
-    x, gen = init["_train"], init["_gen"][f]
-    if init["_svd"][f]:  # its rows are in the SVD form: compare them with the training rows in that form
-        x = svd_form(init["_layout"], x)
+    x, gen = init["_form"][f](init["_train"]), init["_gen"][f]  # training rows in the generated rows' form
     d_train = torch.cdist(x, x)
     typical = d_train[~torch.eye(len(x), dtype=torch.bool)].median()
     return {"start": f, "reached_by_any_lora_start": len(reached), "f_fewer_steps_share": share,
@@ -356,9 +392,11 @@ def goals(rows: list[dict], init: dict, f: str, names: tuple[str, ...]) -> dict:
 def print_goals(g: dict, n: int) -> None:
     m, f = g["reached_by_any_lora_start"], g["start"]
     shares = ", ".join(f"{o} {v:.0%}{' ok' if v >= GOAL_SHARE else ''}" for o, v in g["f_fewer_steps_share"].items())
-    met = all(g["f_fewer_steps_share"][o] >= GOAL_SHARE for o in BEAT)
+    missing = [o for o in BEAT if o not in g["f_fewer_steps_share"]]
+    met = not missing and all(g["f_fewer_steps_share"][o] >= GOAL_SHARE for o in BEAT)
+    verdict = f"not checked ({', '.join(missing)} not scored)" if missing else "met" if met else "not met"
     print(f"goal ({f}): strictly fewer steps on >= {GOAL_SHARE:.0%} of the {m}/{n} concepts any LoRA start reaches, "
-          f"against each of {', '.join(BEAT)}: {'met' if met else 'not met'} ({shares})")
+          f"against each of {', '.join(BEAT)}: {verdict} ({shares})")
     for key, goal, name in (("median_s_ratio_b_over_f", GOAL_B, "(b)"), ("median_s_ratio_a_over_f", GOAL_A, "(a)")):
         print(f"goal ({f}): median time to target {name} / this >= {goal}x: {g[key]:.2f}x, {'met' if g[key] >= goal else 'not met'}")
     print(f"not copies ({f}): generated row to its nearest training row (median) {g['gen_to_nearest_train_median']:.3f}; "
@@ -368,9 +406,9 @@ def print_goals(g: dict, n: int) -> None:
 
 def report(args, held, curves, secs, init, results: Path, total: float, starts: tuple[str, ...]) -> None:
     names = ("a_pix2pix", *starts)
-    secs = {**secs, "generate": init["_gen_s"]}
+    secs = {**secs, "generate": {n: v for n, v in init["_gen_s"].items() if n in starts}}
     rows, table = concept_rows_table(args, held, curves, secs, names)
-    checks = [goals(rows, init, f, names) for f in init["_gen"]]
+    checks = [goals(rows, init, f, names) for f in init["_gen"] if f in names]
     summary = {"args": vars(args), "total_s": total, "seconds_per_step": secs, "rows": rows, "goals": checks}
     results.write_text(json.dumps(summary, indent=1, default=str))
     print("| held-out concept | target dB | " + " | ".join(names) + " |")

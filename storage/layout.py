@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+# The suffixes of a LoRA row's keys (peft's names): one owner for every reader and writer of them.
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # numpy has no bfloat16: bf16 bytes are viewed as int16 (same width), then as bf16 in torch.
 NUMPY_VIEW: dict[str, np.dtype] = {

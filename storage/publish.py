@@ -50,7 +50,7 @@ from fsspec import AbstractFileSystem
 from weightzoo.errors import CorruptShardError, InputError
 from weightzoo.storage.dataset import raise_bad, screen_files
 from weightzoo.storage.fs import StorageOptions, atomic_write, filesystem, join, storage_step, write_bytes
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import LORA_A, LORA_B, Layout
 from weightzoo.storage.ledger import Ledger
 from weightzoo.storage.listing import CommittedFile, committed_files
 from weightzoo.storage.open import SHARD_COLUMN, files_dataset
@@ -289,7 +289,6 @@ _DTYPES = {pa.string(): "string", pa.float32(): "float32", pa.int32(): "int32", 
 # tasks/identity/families.py's ``Family.denoiser``, copied because storage imports no task (a test keeps
 # them equal). Rows record their family in hparams; rows from before families are SD rows.
 DENOISERS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
-_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 def feature_dtype(t: pa.DataType) -> str:
@@ -441,7 +440,7 @@ pipe.load_lora_weights(lora)  # the row's LoRA, at the strength it was trained w
 
 
 def _is_lora(layout: Layout) -> bool:
-    return all(k.endswith(_LORA_SUFFIXES) for k in (*layout.keys, *(f.key for f in layout.fixed)))
+    return all(k.endswith((LORA_A, LORA_B)) for k in (*layout.keys, *(f.key for f in layout.fixed)))
 
 
 def decode_snippet(layout: Layout, repo_id: str | None) -> str:

@@ -316,3 +316,24 @@ def test_a_prefect_api_time_out_is_one_line_suggesting_serve(tmp_path: Path) -> 
     assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert api in lines[0] and "did not answer in time" in lines[0] and "weightzoo serve" in lines[0]
     assert _visible(dataset) == (40, 40)
+
+
+def test_the_commands_terminal_leaves_prefects_server_database_off_and_other_libraries_errors_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A temporary server stopped mid-query logs SQLAlchemy's cancelled pool reset as an ERROR with a traceback
+    (seen once on a full-disk build's terminal): Prefect's server internals, so off the command's terminal, as
+    its ``prefect.*`` records are; another library's error still shows."""
+    import logging
+
+    from weightzoo.cli.console import ConsoleHandler
+
+    monkeypatch.setenv("PREFECT__SERVER_EPHEMERAL", "1")  # as Prefect marks its temporary server
+    handler = ConsoleHandler()
+
+    def record(name: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, "Exception during reset or similar", None, None)
+
+    assert not handler.filter(record("sqlalchemy.pool.impl.AsyncAdaptedQueuePool"))
+    assert not handler.filter(record("prefect.server"))
+    assert handler.filter(record("botocore.endpoint"))

@@ -7,7 +7,7 @@ import torch
 
 from weightzoo.errors import InputError
 from weightzoo.storage.layout import FixedTensor, Layout
-from weightzoo.tasks.finetune.gauge import mean_edit, svd_form
+from weightzoo.tasks.finetune.gauge import a_norms, mean_edit, svd_form
 
 
 def _state(g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -72,3 +72,26 @@ def test_rows_without_factor_pairs_are_refused_in_one_line() -> None:
         with pytest.raises(InputError, match="the SVD form needs LoRA rows that store both") as e:
             svd_form(layout, torch.zeros(1, layout.numel))
         assert "\n" not in str(e.value)
+
+
+def test_the_recipe_gauge_keeps_every_edit_with_a_rows_of_the_stored_norm() -> None:
+    g = torch.Generator().manual_seed(2)
+    states = [_state(g) for _ in range(5)]
+    layout = Layout.from_state_dict(states[0], "float32")
+    rows = torch.stack([layout.flatten(s) for s in states])
+    norms = a_norms(layout, rows)  # factor_pairs order: conv, lin
+    assert norms == pytest.approx([float(torch.stack([s[f"{m}.lora_A.weight"].reshape(2, -1) for s in states]).norm(dim=2).median())
+                                   for m in ("conv", "lin")])
+    moved = svd_form(layout, rows, [3.0, 0.5])
+    for row, c in zip(rows, moved, strict=True):
+        for want, got in zip(_edits(layout, row), _edits(layout, c), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        s = layout.unflatten(c)
+        for m, n in (("conv", 3.0), ("lin", 0.5)):  # A's rows orthogonal, each of the given norm
+            a = s[f"{m}.lora_A.weight"].reshape(2, -1)
+            torch.testing.assert_close(a @ a.T, n * n * torch.eye(2), rtol=1e-4, atol=1e-4)
+    # the mean edit in that gauge: the same edit as in the SVD form, other factors
+    idx, w = torch.tensor([[0, 3]]), torch.tensor([[0.5, 0.5]])
+    got, canon = mean_edit(layout, rows, idx, w, [3.0, 0.5]), mean_edit(layout, rows, idx, w)
+    for a, b in zip(_edits(layout, got[0]), _edits(layout, canon[0]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

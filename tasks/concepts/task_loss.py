@@ -22,14 +22,13 @@ from torch.func import functional_call
 
 from weightzoo.errors import InputError
 from weightzoo.storage.dataset import Dataset
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import LORA_A, LORA_B, Layout
 from weightzoo.tasks.concepts.base import SkipUNetGenerator, load_base
 from weightzoo.tasks.concepts.config import EditFinetuneConfig
 from weightzoo.tasks.concepts.lora import adapted_convs, packed
 from weightzoo.tasks.concepts.pairs import concept_pairs
 from weightzoo.tasks.concepts.spec import spec_problems
 from weightzoo.tasks.finetune.row import ManifestRow
-from weightzoo.tasks.finetune.starts import LORA_A, LORA_B
 
 
 def row_factors(layout: Layout, rows: torch.Tensor) -> dict[str, torch.Tensor]:

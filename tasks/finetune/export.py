@@ -34,7 +34,7 @@ import torch
 
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem, join, write_bytes
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import LORA_A, LORA_B, Layout
 from weightzoo.storage.ledger import BUILDS
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
@@ -79,6 +79,13 @@ def key_prefix(hparams: dict) -> str:
     return get(str(hparams.get("family", "sd"))).denoiser
 
 
+def lora_key(key: str) -> str:
+    """``key`` itself, refused unless it is a LoRA factor's (…lora_A.weight / …lora_B.weight)."""
+    if not key.endswith((LORA_A, LORA_B)):
+        raise ValueError(f"{key!r} is not a LoRA key (…lora_A.weight / …lora_B.weight); not a LoRA layout")
+    return key
+
+
 def lora_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout, hparams: dict) -> dict[str, torch.Tensor]:
     """The diffusers-format state dict of one row: keys prefixed by the family's denoiser (``unet.``,
     ``transformer.``), float32, scale baked into B."""
@@ -86,10 +93,8 @@ def lora_state_dict(weights: torch.Tensor | np.ndarray, layout: Layout, hparams:
     prefix = key_prefix(hparams)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in layout.unflatten(weights).items():
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(f"{key!r} is not a LoRA key (…lora_A.weight / …lora_B.weight); not a LoRA layout")
         t = tensor.float()
-        out[f"{prefix}.{key}"] = (t * scale if key.endswith(".lora_B.weight") else t).contiguous()
+        out[f"{prefix}.{lora_key(key)}"] = (t * scale if key.endswith(LORA_B) else t).contiguous()
     return out
 
 
@@ -97,9 +102,7 @@ def _modules(layout: Layout) -> list[str]:
     """The adapted modules' full names (``down_blocks.0....attn1.to_q``), in layout order."""
     names: list[str] = []
     for key in layout.keys:
-        if not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(f"{key!r} is not a LoRA key (…lora_A.weight / …lora_B.weight); not a LoRA layout")
-        name = key.rsplit(".", 2)[0]
+        name = lora_key(key).rsplit(".", 2)[0]
         if name not in names:
             names.append(name)
     return names
@@ -211,7 +214,7 @@ def merged_state_dict(rows: Sequence[tuple[torch.Tensor | np.ndarray, dict]], la
     prefix = prefixes.pop()
     out: dict[str, torch.Tensor] = {}
     for name in _modules(layout):
-        a, b = f"{prefix}.{name}.lora_A.weight", f"{prefix}.{name}.lora_B.weight"
+        a, b = f"{prefix}.{name}{LORA_A}", f"{prefix}.{name}{LORA_B}"
         out[a] = torch.cat([d[a] for d in dicts], 0).contiguous()
         out[b] = torch.cat([s * d[b] for s, d in zip(scales, dicts, strict=True)], 1).contiguous()
     return out

@@ -7,6 +7,15 @@ that freedom: ΔW's rank-r SVD ``U·S·Vᵀ`` stored back as ``B = U·√S``, ``
 fixed (the largest-magnitude entry of its ``U`` column positive). Same layout, same ΔW, only the factors
 change, so a row in this form is still a row: it exports, loads and trains as any other.
 
+The SVD form is the *slowest* gauge to fine-tune from: Adam moves every factor entry by about its learning
+rate, so ΔW moves by about ``lr·(|A| + |B|)`` per step, least when ``|B|`` and ``|A|`` are equal. Rows trained
+from peft's init keep A near its Kaiming norm and B small (the concept zoo's: |A| ≈ 2.5, |B| ≈ 0.6 per
+component). ``a_norms`` measures that split on stored rows, and ``svd_form(..., norms)`` puts a row in
+**the recipe's gauge**: the same ΔW with ``A = c·Vᵀ`` (orthogonal rows of the stored rows' median norm c) and
+``B = U·S/c``, factored as a trained row is. Measured (docs/BENCHMARKS.md, "The recipe's gauge"): on three
+draws of held-out edit concepts, starts put in it reach the target neither faster nor slower than as they
+are, so nothing applies it by default; ``bench/concept_zoo.py --gauge-scale`` scores it.
+
 ``mean_edit`` is the average *edit* of rows (the weighted mean of their ΔW, truncated to rank r by SVD),
 where averaging the stored factors gives ``mean(B)·mean(A)``, which is no row's edit.
 
@@ -22,8 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from weightzoo.errors import InputError
-from weightzoo.storage.layout import Layout
-from weightzoo.tasks.finetune.starts import LORA_A, LORA_B
+from weightzoo.storage.layout import LORA_A, LORA_B, Layout
 
 
 @dataclass(frozen=True)
@@ -52,8 +60,9 @@ def factor_pairs(layout: Layout) -> list[FactorPair]:
     return pairs
 
 
-def balanced(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B', A')`` with ``B'·A'`` the best rank-``rank`` approximation of ``b·a`` in the SVD form.
+def balanced(b: torch.Tensor, a: torch.Tensor, rank: int, a_norm: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B', A')`` with ``B'·A'`` the best rank-``rank`` approximation of ``b·a`` in the SVD form, or with
+    ``a_norm``, in the gauge whose A rows are orthogonal of that norm (``B' = U·S/a_norm``).
 
     ``b`` (n, out, R), ``a`` (n, R, m), any R (R > rank: a sum of adapters, truncated). Float64 inside.
     """
@@ -65,10 +74,10 @@ def balanced(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     u, v, s = qb @ u[..., :k], qa @ vh.transpose(1, 2)[..., :k], s[..., :k]
     pick = u.abs().argmax(1, keepdim=True)
     sign = torch.where(torch.gather(u, 1, pick) < 0, -1.0, 1.0).to(u.dtype)  # (n, 1, k): flips U and V alike
-    root = s.sqrt()[:, None, :]
+    on_b, on_a = (s.sqrt(), s.sqrt()) if a_norm is None else (s / a_norm, torch.full_like(s, a_norm))
     big_b, big_a = u.new_zeros(n, out, rank), u.new_zeros(n, rank, m)
-    big_b[..., :k] = u * sign * root
-    big_a[:, :k] = (v * sign * root).transpose(1, 2)
+    big_b[..., :k] = u * sign * on_b[:, None, :]
+    big_a[:, :k] = (v * sign * on_a[:, None, :]).transpose(1, 2)
     return big_b.to(b.dtype), big_a.to(a.dtype)
 
 
@@ -77,27 +86,35 @@ def _factors(rows: torch.Tensor, p: FactorPair) -> tuple[torch.Tensor, torch.Ten
     return rows[:, p.b].reshape(n, p.out, p.rank), rows[:, p.a].reshape(n, p.rank, -1)
 
 
-def svd_form(layout: Layout, rows: torch.Tensor) -> torch.Tensor:
-    """(n, D) float32 rows in the SVD form: every module's ΔW unchanged (to float rounding), factors canonical."""
+def a_norms(layout: Layout, rows: torch.Tensor) -> list[float]:
+    """Per factor pair (``factor_pairs`` order): the median norm of the rows' A rows, the recipe's gauge."""
+    return [float(_factors(rows.float(), p)[1].norm(dim=2).median()) for p in factor_pairs(layout)]
+
+
+def svd_form(layout: Layout, rows: torch.Tensor, norms: list[float] | None = None) -> torch.Tensor:
+    """(n, D) float32 rows in the SVD form (or, with ``norms`` from ``a_norms``, in that recipe's gauge): every
+    module's ΔW unchanged (to float rounding), factors canonical."""
     out = rows.float().clone()
-    for p in factor_pairs(layout):
+    for i, p in enumerate(factor_pairs(layout)):
         b, a = _factors(out, p)
-        nb, na = balanced(b, a, p.rank)
+        nb, na = balanced(b, a, p.rank, None if norms is None else norms[i])
         out[:, p.b], out[:, p.a] = nb.reshape(len(out), -1), na.reshape(len(out), -1)
     return out
 
 
-def mean_edit(layout: Layout, rows: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def mean_edit(layout: Layout, rows: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+              norms: list[float] | None = None) -> torch.Tensor:
     """(q, D) float32: for each query, the weighted mean of the edits of ``rows[idx[q]]`` (weights summing
-    to 1), truncated to the rows' rank, in the SVD form; any value outside the factors is averaged as is."""
+    to 1), truncated to the rows' rank, in the SVD form (or the gauge of ``norms``, as ``svd_form``); any value
+    outside the factors is averaged as is."""
     near = rows[idx].float()  # (q, k, D)
     w = weights.float()[..., None]
     out = (near * w).sum(1)
     q, k = idx.shape
-    for p in factor_pairs(layout):
+    for i, p in enumerate(factor_pairs(layout)):
         b, a = _factors(near.reshape(q * k, -1), p)
         b = (b.view(q, k, p.out, p.rank) * w[..., None]).permute(0, 2, 1, 3).reshape(q, p.out, k * p.rank)
         a = a.reshape(q, k * p.rank, -1)
-        nb, na = balanced(b, a, p.rank)
+        nb, na = balanced(b, a, p.rank, None if norms is None else norms[i])
         out[:, p.b], out[:, p.a] = nb.reshape(q, -1), na.reshape(q, -1)
     return out

@@ -17,13 +17,12 @@ import torch
 
 from weightzoo.errors import InputError
 from weightzoo.storage.fs import filesystem
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import LORA_B, Layout
 from weightzoo.storage.retry import describe
 from weightzoo.tasks.finetune.contract import ItemResult
 from weightzoo.tasks.finetune.driver import Prepared
 from weightzoo.tasks.finetune.export import BAKED_SCALE
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 PREFIXES = ("unet.", "transformer.")  # what export writes for each model family (export.key_prefix)
 
 

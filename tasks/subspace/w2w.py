@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from weightzoo.storage.fs import filesystem
-from weightzoo.storage.layout import Layout
+from weightzoo.storage.layout import LORA_A, LORA_B, Layout
 from weightzoo.tasks import stop
-from weightzoo.tasks.finetune.starts import LORA_A, LORA_B
 from weightzoo.tasks.subspace.pca import Subspace
 
 # -- shared helpers --------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
 so only the terminal is quieter: the API, and so the UI, still gets every record. Two kinds of record
 stay off the terminal:
 
-- Prefect's own (its loggers ``prefect.*``, run logs included, and ``docket.*``, its server's task queue), in
-  the command's process and its temporary server. A failed run is reported by the command itself, once: its
-  summary (a build's counts and reasons), its one-line error, or a bug's traceback. Prefect's copies of the
+- Prefect's own (its loggers ``prefect.*``, run logs included, ``docket.*``, its server's task queue, and
+  ``sqlalchemy.*``, its server's database), in the command's process and its temporary server. A failed run
+  is reported by the command itself, once: its summary (a build's counts and reasons), its one-line error, or
+  a bug's traceback. Prefect's copies of the
   same failure were hundreds of lines (a full disk printed 515: each task's and flow's ERROR record with its
   traceback, then a BuildIncomplete traceback) before the command's own line. Processes a command starts to
   keep running (``weightzoo serve``'s server and workers, which write their logs to files) inherit this
@@ -29,7 +30,9 @@ from prefect.logging.handlers import PrefectConsoleHandler
 from weightzoo.cli.server import PARENT
 from weightzoo.errors import WeightzooError
 
-PREFECT_LOGGERS = ("prefect", "docket")  # Prefect's engine, client, server and run logs; its server's task queue
+# Prefect's engine, client, server and run logs; its server's task queue; its server's database layer (a
+# temporary server stopped mid-query logs SQLAlchemy's cancelled pool reset as an ERROR with a traceback)
+PREFECT_LOGGERS = ("prefect", "docket", "sqlalchemy")
 
 
 def prefects_own(record: logging.LogRecord) -> bool:
