@@ -175,7 +175,7 @@ def starts(args, dataset: str, wdiffs: dict[str, str], train_rows, held) -> dict
             **gauged, "_train": x, "_gen": {**{name: gen for name, (gen, _, _) in made.items()}, **gauged_gen},
             "_gen_s": {**{name: s for name, (_, s, _) in made.items()}, **{n: made[GENERATED][1] for n in gauged_gen}},
             # the form a generator's rows are in: the training rows are compared with them in that form
-            "_form": {**{name: (lambda r: svd_form(ds.layout, r)) if m.config.form == "svd" else (lambda r: r)
+            "_form": {**{name: functools.partial(svd_form, ds.layout) if m.config.form == "svd" else (lambda r: r)
                          for name, (_, _, m) in made.items()},
                       **{n: functools.partial(svd_form, ds.layout, norms=gauged_norms[n]) for n in gauged_gen}}}
 
@@ -189,11 +189,11 @@ def recipe_gauged(args, layout, x, nearest, gen, near_idx, near_w) -> tuple[dict
     """(c), (d), (f) and (g) in the recipe's gauge, for each ``--gauge-scale``: the edit of each unchanged;
     and the A norms of each generated start's gauge."""
     out, made, base = {}, {}, a_norms(layout, x)
-    everything = torch.arange(len(x))[None].expand(len(nearest), -1)
+    everything = torch.arange(len(x))[None]  # (c): one query over every row, the same start for each concept
     for scale in args.gauge_scale:
         norms = [scale * n for n in base]
         c, d, f, g = gauge_names(scale)
-        out[c] = list(mean_edit(layout, x, everything, torch.full(everything.shape, 1 / len(x)), norms))
+        out[c] = list(mean_edit(layout, x, everything, torch.full(everything.shape, 1 / len(x)), norms)) * len(nearest)
         out[d] = list(svd_form(layout, torch.stack(nearest), norms))
         out[f] = list(svd_form(layout, gen, norms))
         out[g] = list(mean_edit(layout, x, near_idx, near_w, norms))
@@ -286,8 +286,19 @@ def also(args, spec: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), **typed})
 
 
+def start_names(args) -> tuple[str, ...]:
+    """The starts this run scores: every one, or ``--starts`` (and (b), the goal's unit); an unknown name is
+    refused in one line before anything is built."""
+    names = (*STARTS, *(f"f:{a}" for a in args.also), *(n for s in args.gauge_scale for n in gauge_names(s)))
+    unknown = sorted(set(args.starts or ()) - set(names))
+    if unknown:
+        raise SystemExit(f"--starts: {unknown} are not starts of this run ({', '.join(names)})")
+    return tuple(n for n in names if args.starts is None or n in args.starts or n == "b_lora_init")
+
+
 def main() -> None:
     args = parse_args()
+    names = start_names(args)
     torch.set_num_threads(args.threads)
     work = Path(args.work).resolve()  # folders are recorded in configs: one spelling per folder
     work.mkdir(parents=True, exist_ok=True)
@@ -307,11 +318,6 @@ def main() -> None:
     run_cfg = cfg.model_copy(update={"steps": args.budget, "check_every": args.budget})
     layout = edit_layout(model, run_cfg)
     curves: dict[str, list] = {}
-    names = (*STARTS, *(n for n in wdiffs if n != GENERATED), *(n for s in args.gauge_scale for n in gauge_names(s)))
-    unknown = sorted(set(args.starts or ()) - set(names))
-    if unknown:
-        raise SystemExit(f"--starts: {unknown} are not starts of this run ({', '.join(names)})")
-    names = tuple(n for n in names if args.starts is None or n in args.starts or n == "b_lora_init")  # (b): the goal's unit
     for name in names:
         t1 = time.perf_counter()
         runs = train_concepts(model, pairs, run_cfg, layout, init[name], eval_every=args.eval_every)
