@@ -68,9 +68,9 @@ KS = (8, 32, 128)
 def build(args) -> tuple[Path, str, str, list]:
     """Base, manifest, training and held-out datasets (kept and reused) and the manifest rows."""
     base = build_world_base(Path(args.work) / "bases", args.base_seed, args.base_steps, args.vae_steps, args.pool)
-    cfg = world_finetune_config(steps=args.ft_steps, learning_rate=args.ft_lr, pack=8, prior_preservation=not args.no_prior)
+    cfg = world_finetune_config(steps=args.ft_steps, learning_rate=args.ft_lr, pack=8, prior_preservation=args.prior)
     data = Path(args.work) / (f"{base.name}-draw{args.seed}-n{args.identities}-h{args.heldout}-img{args.images}-ft{args.ft_steps}-{args.ft_lr}"
-                              + ("-noprior" if args.no_prior else ""))
+                              + ("" if args.prior else "-noprior"))
     manifest = data / "manifest.jsonl"
     if not manifest.exists():
         write_world_manifest(str(data), args.identities + args.heldout, args.images, args.seed)
@@ -247,8 +247,8 @@ def main() -> None:
     p.add_argument("--pool", type=int, default=WorldBaseSettings.pool)
     p.add_argument("--ft-steps", type=int, default=WORLD_FINETUNE["steps"])
     p.add_argument("--ft-lr", type=float, default=WORLD_FINETUNE["learning_rate"])
-    p.add_argument("--no-prior", action="store_true",
-                   help="LoRAs without prior preservation (bench/world_recipe.py's best on validation draw 2)")
+    p.add_argument("--prior", action=argparse.BooleanOptionalAction, default=WORLD_FINETUNE["prior_preservation"],
+                   help="LoRAs with prior preservation (runs 1-4's recipe; the world recipe has none since run 5)")
     p.add_argument("--components", type=int, default=128, help="k of the fitted subspace (capped at identities - 1)")
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")

@@ -5,7 +5,7 @@ The identity world bench's ceiling is how well the identities' own LoRAs draw th
 (``--seed 2`` by default, never the bench's draws 0 and 1): each recipe of ``RECIPES`` trains ``--identities``
 world identities on the shipped world base (the same ``run_batch`` path as ``bench/identity_world.py``),
 and the pixel reader reads ``--pictures`` pictures of each LoRA: agreement overall and per attribute, and
-the seconds each recipe's rows took (its cost beside the default).
+the seconds each recipe's rows took (its cost beside the others).
 
 Run: ``.venv/bin/python bench/world_recipe.py --threads 2`` (16 identities, 1.5-5 min per recipe on 2 cores).
 Datasets are kept under ``--work`` by recipe name, so a rerun only measures.
@@ -35,12 +35,13 @@ from weightzoo.tasks.world.identities import (
 )
 from weightzoo.tasks.world.render import ATTRIBUTES, read
 
-# name -> overrides of the world recipe (tasks/world/config.py WORLD_FINETUNE: 300 steps at 1e-3, rank 1,
-# to_q/to_v, prior preservation on 32 class images). Rank and targets stay w2w's: they set the row layout.
+# name -> the recipe's settings over tasks/world/config.py WORLD_FINETUNE (300 steps at 1e-3, rank 1, to_q/to_v,
+# no prior preservation; 32 class images where it is on). Rank and targets stay w2w's: they set the row layout.
+# Each states its prior setting, so a recipe's name keeps meaning one thing whatever the default is.
 RECIPES: dict[str, dict] = {
-    "default": {},
-    "600 steps": {"steps": 600},
-    "lr 2e-3": {"learning_rate": 2e-3},
+    "prior": {"prior_preservation": True},
+    "600 steps, prior": {"steps": 600, "prior_preservation": True},
+    "lr 2e-3, prior": {"learning_rate": 2e-3, "prior_preservation": True},
     "no prior": {"prior_preservation": False},
     "600 steps, no prior": {"steps": 600, "prior_preservation": False},
     "lr 2e-3, no prior": {"learning_rate": 2e-3, "prior_preservation": False},
@@ -70,8 +71,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--seed", type=int, default=2, help="the validation draw (the identity world bench runs draws 0 and 1)")
     p.add_argument("--pictures", type=int, default=2)
-    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=["default", "600 steps", "lr 2e-3", "no prior"],
-                   help="recipes measured (default: the single changes; the combinations on request)")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                   help="recipes measured (default: all)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
