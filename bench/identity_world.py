@@ -248,7 +248,8 @@ def main() -> None:
     p.add_argument("--ft-steps", type=int, default=WORLD_FINETUNE["steps"])
     p.add_argument("--ft-lr", type=float, default=WORLD_FINETUNE["learning_rate"])
     p.add_argument("--prior", action=argparse.BooleanOptionalAction, default=WORLD_FINETUNE["prior_preservation"],
-                   help="LoRAs with prior preservation (runs 1-4's recipe; the world recipe has none since run 5)")
+                   help="LoRAs with prior preservation (with the default steps and rate: runs 2-4's recipe; the world "
+                        "recipe has none since run 5)")
     p.add_argument("--components", type=int, default=128, help="k of the fitted subspace (capped at identities - 1)")
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")

@@ -115,7 +115,8 @@ def first_rows(dataset: str, ids: list[str], out: Path) -> str:
     from weightzoo.storage.shards import RowMeta
     from weightzoo.storage.writer import commit_batch
 
-    if Ledger(str(out)).exists() and len(Ledger(str(out)).committed_ids()) == len(ids):
+    ledger = Ledger(str(out))
+    if ledger.exists() and len(ledger.committed_ids()) == len(ids):
         return str(out)
     ds = Dataset(dataset)
     fields = [f for f in RowMeta.__dataclass_fields__ if f != "id"]
@@ -126,7 +127,7 @@ def first_rows(dataset: str, ids: list[str], out: Path) -> str:
             meta, w = ds.row(item)
             rows.append(RowMeta(item, **{f: meta[f] for f in fields if f in meta}))
             weights.append(w)
-        commit_batch(str(out), f"first-{start:05d}", ds.layout, rows, np.stack(weights))
+        commit_batch(ledger, f"first-{start:05d}", ds.layout, rows, np.stack(weights))
     return str(out)
 
 
