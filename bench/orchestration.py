@@ -147,7 +147,7 @@ def managed_backend(backend: str, workers: int, work: Path) -> Iterator[list[Pat
         procs = [srv.start_logged([srv.PREFECT, "worker", "start", "--pool", BENCH_POOL, "--limit", "1",
                                    "--name", f"bench-{i}"], env, logs / f"worker-{i}.log", cwd=srv.REPO)
                  for i in range(workers)]
-        stack.callback(lambda: [srv.stop(p) for p in procs])
+        stack.callback(srv.stop, *procs)
         yield sorted(logs.glob("*.log"))
 
 

@@ -68,11 +68,11 @@ def serve(work: Path, workers: int, env: dict[str, str]) -> tuple[subprocess.Pop
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM: serve stops its workers and server on the way out."""
+    """SIGTERM: serve stops its workers (together, <= 30 s) and its server (<= 30 s) on the way out."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(60)
+            proc.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

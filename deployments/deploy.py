@@ -1,5 +1,6 @@
 """What ``weightzoo serve`` sets up on one GPU box, and what tests and benches deploy: the gpu work pool,
-the finetune-batch deployment from this checkout, the crashed-run automation, one worker per GPU.
+the finetune-batch deployment from this checkout, the crashed-run automation, one worker per GPU (after
+crashing the runs a stopped serve left running, which would hold the pool's slots).
 
 The server processes themselves (SQLite, or PostgreSQL + Redis with the API and services apart) are
 :mod:`weightzoo.deployments.servers`; the command only parses its flags and calls :func:`serve`.
@@ -105,6 +106,41 @@ def setup_pool(pool: str, gpus: int, env: dict[str, str]) -> None:
     subprocess.run([prefect, "work-pool", "set-concurrency-limit", pool, str(gpus)], env=env, check=True)
 
 
+def crash_orphaned_runs(pool: str) -> int:
+    """Mark Crashed the runs of ``pool`` still Running, Pending or Cancelling; return how many.
+
+    Called before serve starts its workers: those runs' processes were children of the workers of a serve
+    that stopped (Ctrl-C, kill, a reboot), and nothing else ends them. The crashed-run automation is
+    installed anew and never saw their heartbeats, and the pool's concurrency limit counts them, so every new
+    batch run would wait behind them, Late, forever. A build still waiting re-plans a crashed run's ids; the
+    ledger keeps what they committed. Scheduled runs are left: they are work a build asked for. One serve
+    owns its pool (it sets the pool's concurrency to its GPUs).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    live = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+        any_=[StateType.RUNNING, StateType.PENDING, StateType.CANCELLING])))
+    in_pool = WorkPoolFilter(name=WorkPoolFilterName(any_=[pool]))
+    crashed: set = set()
+    with get_client(sync_client=True) as client:
+        while runs := [r for r in client.read_flow_runs(flow_run_filter=live, work_pool_filter=in_pool, limit=200)
+                       if r.id not in crashed]:  # pages of 200 (the API's most); each run once
+            for run in runs:
+                client.set_flow_run_state(run.id, Crashed(message="left running by a weightzoo serve that stopped; "
+                                                          "no worker runs it now"), force=True)
+                crashed.add(run.id)
+    return len(crashed)
+
+
 def start_workers(pool: str, gpus: int, env: dict[str, str], logs: Path) -> list[subprocess.Popen]:
     """One worker per GPU; each flow-run process inherits the heartbeat frequency from the worker."""
     return [srv.start_logged([srv.PREFECT, "worker", "start", "--pool", pool, "--limit", "1", "--name", f"{pool}-{i}"],
@@ -124,8 +160,11 @@ def serve(cfg: srv.ServerConfig, pool: str, deployment_name: str, gpus: int, log
         os.environ["PREFECT_API_URL"] = cfg.api_url
         deploy_finetune_batch(pool, deployment_name)
         srv.install_automation()
+        orphans = crash_orphaned_runs(pool)
+        if orphans:
+            print(f"marked {orphans} flow run(s) of pool {pool} Crashed: left running by a serve that stopped")
         workers = start_workers(pool, gpus, env, logs)
-        stack.callback(lambda: [srv.stop(w) for w in workers])
+        stack.callback(srv.stop, *workers)
         print(f"serving ({cfg.backend}): UI http://127.0.0.1:{cfg.port}  deployment finetune-batch/{deployment_name}  "
               f"{gpus} worker(s) on pool {pool}; crashed-run automation installed; logs in {logs}\n"
               f"run: PREFECT_API_URL={cfg.api_url} weightzoo build --executor deployment --deployment "

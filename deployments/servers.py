@@ -166,18 +166,24 @@ def start_logged(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | Non
     return proc
 
 
-def stop(proc: subprocess.Popen, wait: float = 30) -> None:
-    """SIGTERM the process's whole session, then SIGKILL what is left after ``wait`` seconds."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
+def stop(*procs: subprocess.Popen, wait: float = 30) -> None:
+    """SIGTERM each process's whole session at once, then SIGKILL what is left after ``wait`` seconds.
+
+    All at once: a prefect worker can take its full ``wait`` to exit, and stopped one after another N
+    workers took N x 30 s, past a supervisor's patience (a bench's 60 s, systemd's 90 s), whose SIGKILL then
+    left the last workers and the server running with no serve behind them."""
+    live = [p for p in procs if p.poll() is None]
+    for p in live:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    for p in live:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 def run_checked(cmd: list[str], env: dict[str, str] | None = None, what: str = "") -> None:

@@ -18,6 +18,7 @@ itself instead of leaning on a Prefect primitive: docs/ORCHESTRATION.md.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,28 +220,51 @@ def _submit_and_wait(config: BuildConfig, batches: list[BatchPlan], progress: Co
     """One round: submit every batch as a deployment run, poll until each is final or ``deadline`` passes."""
     logger = get_run_logger()
     submitted: dict[UUID, str] = {}
-    for b in batches:
-        fr = run_deployment(config.deployment,
-                            parameters={"config": config.batch(b.batch_id, list(b.ids), _build_id()).model_dump(mode="json")},
-                            flow_run_name=batch_run_name(config.dataset, b.batch_id),
-                            tags=dataset_tags(config.dataset), timeout=0, as_subflow=True)
-        submitted[fr.id] = b.batch_id
-    logger.info("submitted %d batch runs to %s", len(submitted), config.deployment)
     runs = BatchRuns()
-    with get_client(sync_client=True) as client:
-        while submitted and time.monotonic() < deadline:
-            time.sleep(config.poll_s)
-            for run_id, batch_id in list(submitted.items()):
-                state = client.read_flow_run(run_id).state
-                if state is not None and state.is_final():
-                    runs.record(batch_id, state.type.value, state.message)
-                    del submitted[run_id]
-                    logger.info("batch %s: %s", batch_id, state.type.value)
-                    progress.update()
+    try:
+        for b in batches:
+            fr = run_deployment(config.deployment,
+                                parameters={"config": config.batch(b.batch_id, list(b.ids), _build_id()).model_dump(mode="json")},
+                                flow_run_name=batch_run_name(config.dataset, b.batch_id),
+                                tags=dataset_tags(config.dataset), timeout=0, as_subflow=True)
+            submitted[fr.id] = b.batch_id
+        logger.info("submitted %d batch runs to %s", len(submitted), config.deployment)
+        with get_client(sync_client=True) as client:
+            while submitted and time.monotonic() < deadline:
+                time.sleep(config.poll_s)
+                for run_id, batch_id in list(submitted.items()):
+                    state = client.read_flow_run(run_id).state
+                    if state is not None and state.is_final():
+                        runs.record(batch_id, state.type.value, state.message)
+                        del submitted[run_id]
+                        logger.info("batch %s: %s", batch_id, state.type.value)
+                        progress.update()
+    except BaseException as e:
+        if not isinstance(e, Exception):  # Ctrl-C or SIGTERM (not an error: the API itself may be failing)
+            cancelled = cancel_queued(list(submitted))
+            if cancelled:
+                logger.warning("build stopped: cancelled its %d batch run(s) no worker had started", cancelled)
+        raise
     for batch_id in submitted.values():
         runs.record(batch_id, "TIMED_OUT", f"did not finish within {config.batch_timeout_s:.0f} s")
         logger.warning("batch %s did not finish within %.0f s; its ids stay pending", batch_id, config.batch_timeout_s)
     return runs
+
+
+def cancel_queued(run_ids: list[UUID]) -> int:
+    """Cancel those of ``run_ids`` still Scheduled, and return how many. A stopped build's queued runs would
+    otherwise start later, on a worker the user thought idle, racing the next build for the same batches
+    (leases keep rows single, not time); runs already training finish and commit their batch."""
+    from prefect.states import Cancelled
+
+    done = 0
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:  # the API may be gone too
+        for run_id in run_ids:
+            state = client.read_flow_run(run_id).state
+            if state is not None and state.is_scheduled():
+                client.set_flow_run_state(run_id, Cancelled(message="the build that submitted it was stopped"))
+                done += 1
+    return done
 
 
 # Final states worth another round when ids are still pending: the run died (Crashed) or raised (Failed),
