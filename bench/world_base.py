@@ -10,7 +10,7 @@ fully specified prompts at each of ``--sample-steps`` DPM-Solver steps (guidance
 pixel reader scores every attribute; shape is also split by size (small shapes, 7 px half-width, are where
 the shipped base draws rounded lumps).
 
-    .venv/bin/python bench/world_base.py                          # ~45 min on 2 cores (two 8,000-step builds)
+    .venv/bin/python bench/world_base.py                          # > 70 min on 2 cores (two 8,000-step builds)
     .venv/bin/python bench/world_base.py --bases 4000:2048 --sample-steps 20 50   # the shipped base only: a minute
 """
 
