@@ -48,13 +48,12 @@ def build(out: str, s: WorldBaseSettings) -> str:
 def measure(base: str, prompts: int, sample_steps: int, seed: int) -> dict[str, float]:
     """Per attribute: the share of pictures read as prompted; shape also by the prompted size."""
     from weightzoo.tasks.identity.base_model import load_base
-    from weightzoo.tasks.world.evaluate import prompt_reads
+    from weightzoo.tasks.world.evaluate import prompt_reads, read_accuracy
 
     pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     pairs = prompt_reads(pipe, prompts, seed, sample_steps, GUIDANCE)
-    out = {a: float(np.mean([got[a] == want[a] for want, got in pairs])) for a in ATTRIBUTES}
-    out["all"] = float(np.mean([got == want for want, got in pairs]))
+    out = read_accuracy(pairs)
     for size in ATTRIBUTES["size"]:
         hits = [got["shape"] == want["shape"] for want, got in pairs if want["size"] == size]
         out[f"shape|{size}"] = float(np.mean(hits)) if hits else float("nan")

@@ -24,7 +24,11 @@ def prompt_accuracy(pipe: StableDiffusionPipeline, n: int = 32, seed: int = 0, s
                     guidance: float = 4.0) -> dict[str, float]:
     """The share of ``prompt_reads``' pictures whose reader label matches the prompt, per attribute and for
     all attributes at once ("all")."""
-    pairs = prompt_reads(pipe, n, seed, steps, guidance)
+    return read_accuracy(prompt_reads(pipe, n, seed, steps, guidance))
+
+
+def read_accuracy(pairs: list[tuple[dict[str, str], dict[str, str]]]) -> dict[str, float]:
+    """Per attribute, and for all at once ("all"): the share of (asked, read) pairs that agree."""
     out = {a: float(np.mean([got[a] == want[a] for want, got in pairs])) for a in ATTRIBUTES}
     out["all"] = float(np.mean([got == want for want, got in pairs]))
     return out
