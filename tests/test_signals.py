@@ -76,3 +76,44 @@ def test_a_signal_mid_batch_stops_the_build_in_seconds(tmp_path: Path, tiny_base
     committed = Dataset(str(dataset)).ids if (dataset / "ledger").exists() else []
     assert len(set(committed)) == len(committed) and not Ledger(str(dataset)).failed()
     assert not list((dataset / "shards").glob("*.parquet")) or committed  # no shard without its commit
+
+
+FINALIZER = """
+import contextlib, gc, os, signal, sys, time
+from weightzoo.cli import _sigterm_as_interrupt
+
+class Transport:  # as asyncio's _SelectorTransport: a finalizer the collector runs at any moment
+    def __del__(self) -> None:
+        os.kill(os.getpid(), int(sys.argv[1]))
+        time.sleep(0.01)
+
+def bridge():  # what a flow run does: Prefect's own SIGTERM handler, raising TerminationSignal
+    from prefect.utilities.engine import capture_sigterm
+    return capture_sigterm()
+
+with _sigterm_as_interrupt():
+    try:
+        with bridge() if sys.argv[2] == "prefect" else contextlib.nullcontext():
+            Transport()
+            gc.collect()
+            for _ in range(600):  # as a command waits: in steps (a signal just before a blocking call waits it out)
+                time.sleep(0.1)
+        print("not stopped")
+    except BaseException as e:
+        print("stopped by", type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize(("signum", "handler"), [(signal.SIGINT, "weightzoo"), (signal.SIGTERM, "weightzoo"),
+                                                  (signal.SIGTERM, "prefect")])
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command_without_a_traceback(signum: int,
+                                                                                         handler: str) -> None:
+    """CI saw both: SIGINT arrived while the collector ran a transport's ``__del__`` (Python printed the
+    handler's KeyboardInterrupt as "Exception ignored" and swallowed it: a stray traceback), and SIGTERM did
+    the same to Prefect's TerminationSignal during a flow run (a build that never stopped). The command now
+    stops within moments and prints nothing else."""
+    done = subprocess.run([sys.executable, "-c", FINALIZER, str(int(signum)), handler], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    stopped = {"KeyboardInterrupt", "_Terminated", "TerminationSignal"}
+    assert done.stderr == "" and done.stdout.split()[:2] == ["stopped", "by"], (done.stdout, done.stderr)
+    assert done.stdout.split()[2] in stopped

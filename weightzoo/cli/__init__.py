@@ -176,6 +176,51 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the command is, so it unwinds (and cleans up) as Ctrl-C does."""
 
 
+def _signal_raised(exc: BaseException | None) -> int | None:
+    """The signal whose handler raised ``exc`` (ours, or Prefect's SIGTERM bridge during a flow run), if any."""
+    from weightzoo.tasks import stop
+
+    if isinstance(exc, _Terminated):
+        return signal.SIGTERM
+    if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, stop.Stopped):
+        return signal.SIGINT
+    signum = getattr(exc, "signal", None)
+    return signum if type(exc).__name__ == "TerminationSignal" and isinstance(signum, int) else None
+
+
+def _redeliver(signum: int) -> None:
+    """Sends ``signum`` to the main thread again in a moment, by which time it has left the finalizer (a real
+    signal, so it also wakes a blocking wait, which ``_thread.interrupt_main`` would not)."""
+    import time
+
+    main = threading.main_thread().ident
+
+    def later() -> None:
+        time.sleep(0.05)
+        signal.pthread_kill(main, signum)  # type: ignore[arg-type]
+
+    threading.Thread(target=later, name="weightzoo-signal", daemon=True).start()
+
+
+def _unraisable(previous: object) -> object:
+    """A ``sys.unraisablehook`` for signals that land in a finalizer (a ``__del__``, a weakref callback: the
+    collector runs them at any moment, asyncio's transports among them). Python prints, then swallows, what
+    a finalizer raises ("Exception ignored in ..."), so a handler's KeyboardInterrupt, or Prefect's
+    TerminationSignal, would be a traceback and no stop (CI saw both: a stray traceback, and a build that
+    never stopped). The stop is requested and the signal sent again, to land outside the finalizer."""
+
+    def hook(unraisable: object) -> None:
+        from weightzoo.tasks import stop
+
+        signum = _signal_raised(getattr(unraisable, "exc_value", None))
+        if signum is None:
+            return previous(unraisable)  # type: ignore[operator]
+        stop.request(signum)
+        _redeliver(signum)
+
+    return hook
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     from weightzoo.tasks import stop
 
@@ -323,9 +368,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, _on_sigterm)
     if own_int:  # Ctrl-C as before, and the build's worker threads are told too
         signal.signal(signal.SIGINT, _on_sigint)
+    previous_hook = sys.unraisablehook
+    if main:
+        sys.unraisablehook = _unraisable(previous_hook)  # type: ignore[assignment]
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         if owned and signal.getsignal(signal.SIGTERM) is _on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if own_int and signal.getsignal(signal.SIGINT) is _on_sigint:
