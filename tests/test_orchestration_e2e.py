@@ -1,11 +1,11 @@
 """End to end on real processes: ``prefect server start`` on loopback, ``prefect worker start`` process
 workers, the finetune-batch deployment created from this checkout, the real engine on the tiny model.
 
-The fan-out test runs ``weightzoo build --executor deployment`` over three batches from a user's folder with
-relative ``--manifest``, ``--base`` and ``--dataset``: the workers start in this checkout, so the CLI must send
-absolute paths (one server/worker run checks the fan-out and the paths). The kill test ``kill -9``s the worker
-(and its flow-run child) and the parent while a batch trains, then restarts the worker and reruns the build:
-exactly N unique ids, no uncommitted shard read.
+One test runs ``weightzoo build --executor deployment`` from a user's folder with relative ``--manifest``,
+``--base`` and ``--dataset`` (the workers start in this checkout, so the CLI must send absolute paths),
+``kill -9``s the worker (and its flow-run child) and the build while a batch trains, then restarts the worker
+and runs the same command again: exactly N unique ids, no uncommitted shard read. The fan-out over several
+batches and workers is tests/test_production.py's. Another stops a build whose runs wait for a worker.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LEASE_TTL_S, REPO, TINY_FINETUNE, deployment_build, deployment_runs, stop_tree, worker_env
+from helpers import LEASE_TTL_S, REPO, TINY_FINETUNE, deployment_runs, stop_tree, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +46,6 @@ def api(prefect_server: str) -> Iterator[str]:
         yield prefect_server
 
 
-def _request(manifest: str, base: Path, dataset: Path, finetune: dict):
-    return deployment_build(manifest, base, dataset, finetune, DEPLOYMENT, WAIT_S)
-
-
 def _batch_runs(batch_ids: set[str] | None = None) -> list:
     return deployment_runs(DEPLOYMENT, batch_ids)
 
@@ -57,37 +53,6 @@ def _batch_runs(batch_ids: set[str] | None = None) -> list:
 def _raw_commit_ids(dataset: Path) -> list[str]:
     """Every id in every ledger commit file, duplicates included (what readers would have to resolve)."""
     return [i for f in sorted((dataset / "ledger" / "commits").glob("*.json")) for i in json.loads(f.read_text())["ids"]]
-
-
-def test_cli_deployment_build_from_another_folder_fans_out_over_three_batches_with_relative_paths(
-    api: str, process_worker, tmp_path: Path, tiny_base: Path
-) -> None:
-    """One server/worker run checks both: the fan-out (3 batch runs, each completed and linked to the parent)
-    and ``weightzoo build`` from a user's folder with relative paths (sent absolute, resolved there)."""
-    from weightzoo.storage.dataset import Dataset
-    from weightzoo.tasks.identity.synthetic import write_demo_manifest
-
-    n, user = 6, tmp_path / "user"  # the user's folder: not the checkout the workers start in
-    write_demo_manifest(str(user / "m"), n)
-    shutil.copytree(tiny_base, user / "base")
-    process_worker(POOL, limit=2)
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("weightzoo")), "build", "--manifest", "m/manifest.jsonl", "--base", "base",
-         "--dataset", "ds", "--batch-size", "2", "--executor", "deployment", "--deployment", DEPLOYMENT,
-         "--finetune-json", json.dumps(TINY_FINETUNE), "--json"],
-        env=worker_env(api, tmp_path / "cli-home"), cwd=user, capture_output=True, text=True, timeout=WAIT_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout)["summary"]
-    assert (summary["committed"], summary["failed"], summary["pending"]) == (n, 0, 0)
-    assert len(summary["batches"]) == 3 and set(summary["batches"].values()) == {"COMPLETED"}
-    runs = _batch_runs(set(summary["batches"]))
-    assert len(runs) == 3 and all(r.state.is_completed() for r in runs)
-    assert all(r.parent_task_run_id is not None for r in runs)  # linked to the parent in the UI
-    assert summary["dataset"] == str(user / "ds")  # resolved against the user's folder, not the workers'
-    assert not (REPO / "ds").exists() and not (REPO / "m").exists()
-    ds = Dataset(str(user / "ds"))
-    assert len(ds) == len(ds.ids) == len(set(ds.ids)) == n
 
 
 def _wait_for_training(dataset: Path, deadline: float) -> str:
@@ -108,28 +73,31 @@ def _wait_for_training(dataset: Path, deadline: float) -> str:
     raise TimeoutError("no batch started training in time")
 
 
-def test_kill_worker_mid_batch_then_resume_commits_each_id_exactly_once(
+def test_a_build_from_a_users_folder_killed_mid_batch_then_resumed_commits_each_id_exactly_once(
     api: str, process_worker, tmp_path: Path, tiny_base: Path
 ) -> None:
+    """``weightzoo build --executor deployment`` from a user's folder with relative ``--manifest``, ``--base``
+    and ``--dataset`` (the workers start in this checkout: the CLI must send absolute paths). Its worker (and
+    the flow-run child) and the build are ``kill -9``ed while the second batch trains, an orphan shard is left
+    beside them; the same command, run again, rebuilds only the killed batch: exactly N unique ids, nothing
+    uncommitted read, each batch run completed and linked to its parent in the UI."""
     from weightzoo.deployments.deploy import crash_orphaned_runs
-    from weightzoo.flows.build_dataset import build_dataset
     from weightzoo.storage.dataset import Dataset
     from weightzoo.storage.ledger import Ledger
     from weightzoo.storage.shards import RowMeta, write_shard
     from weightzoo.tasks.identity.synthetic import write_demo_manifest
 
-    n = 4  # batches of 2: the first commits, the second is killed mid-training
-    manifest = write_demo_manifest(str(tmp_path / "m"), n)
-    dataset = tmp_path / "ds"
+    n, user = 4, tmp_path / "user"  # batches of 2: the first commits, the second is killed mid-training
+    write_demo_manifest(str(user / "m"), n)
+    shutil.copytree(tiny_base, user / "base")
+    dataset = user / "ds"
     slow = TINY_FINETUNE | {"steps": 8}  # long enough to be killed mid-training
+    build = [str(Path(sys.executable).with_name("weightzoo")), "build", "--manifest", "m/manifest.jsonl", "--base",
+             "base", "--dataset", "ds", "--batch-size", "2", "--executor", "deployment", "--deployment", DEPLOYMENT,
+             "--finetune-json", json.dumps(slow), "--lease-ttl-s", str(LEASE_TTL_S)]
     worker = process_worker(POOL, limit=1)  # one batch at a time: the first commits, the second is killed
-    parent = subprocess.Popen(
-        [str(Path(sys.executable).with_name("weightzoo")), "build", "--manifest", manifest, "--base", str(tiny_base),
-         "--dataset", str(dataset), "--batch-size", "2", "--executor", "deployment", "--deployment", DEPLOYMENT,
-         "--finetune-json", json.dumps(slow), "--lease-ttl-s", str(LEASE_TTL_S)],
-        env=worker_env(api, tmp_path / "parent-home"), cwd=REPO, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    parent = subprocess.Popen(build, env=worker_env(api, tmp_path / "parent-home"), cwd=user,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         killed_batch = _wait_for_training(dataset, time.monotonic() + WAIT_S)
     finally:
@@ -152,10 +120,17 @@ def test_kill_worker_mid_batch_then_resume_commits_each_id_exactly_once(
     assert all(r.state.is_final() for r in _batch_runs())
 
     process_worker(POOL, limit=2)
-    summary = build_dataset(_request(manifest, tiny_base, dataset, slow))
+    proc = subprocess.run([*build, "--json"], env=worker_env(api, tmp_path / "cli-home"), cwd=user,
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)["summary"]
     assert (summary["committed"], summary["failed"], summary["pending"]) == (n, 0, 0)
-    assert killed_batch in summary["batches"]  # the killed batch (same ids, same id) was planned again
+    assert list(summary["batches"]) == [killed_batch]  # only the killed batch (same ids, same id) was planned
     assert set(summary["batches"].values()) == {"COMPLETED"}
+    runs = [r for r in _batch_runs({killed_batch}) if r.state.is_completed()]
+    assert len(runs) == 1 and runs[0].parent_task_run_id is not None  # linked to the parent in the UI
+    assert summary["dataset"] == str(dataset)  # resolved against the user's folder, not the workers'
+    assert not (REPO / "ds").exists() and not (REPO / "m").exists()
     ds = Dataset(str(dataset))
     assert len(ds) == n and sorted(ds.ids) == sorted(f"subject-{k:05d}" for k in range(n))
     rows = [t.column("id").to_pylist() for t, _ in ds.iter_batches(["id"], weights=False, verify=True)]

@@ -4,6 +4,7 @@ row committed or pending (never half-written). The time to exit is printed (-s s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,16 +56,22 @@ def test_a_signal_mid_batch_stops_the_build_in_seconds(tmp_path: Path, tiny_base
     # A terminal's job: its own process group, SIGINT not ignored (as a shell's background job would have it).
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    leases = dataset / LEASES
-    deadline = time.monotonic() + 300
-    while not (leases.is_dir() and any(leases.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # a batch holds its lease while it trains: we are mid-batch
-    assert proc.poll() is None, proc.communicate()
-    time.sleep(2)  # well into the batch's steps
-    assert _servers_of(proc.pid), "the build runs on its own temporary server"
-    t0 = time.monotonic()
-    os.killpg(proc.pid, signum) if to_group else os.kill(proc.pid, signum)
-    out, err = proc.communicate(timeout=120)
+    try:
+        leases = dataset / LEASES
+        deadline = time.monotonic() + 300
+        while not (leases.is_dir() and any(leases.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # a batch holds its lease while it trains: we are mid-batch
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(2)  # well into the batch's steps
+        assert _servers_of(proc.pid), "the build runs on its own temporary server"
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signum) if to_group else os.kill(proc.pid, signum)
+        out, err = proc.communicate(timeout=120)
+    finally:  # a build that did not stop would train its 100,000 steps beside every later test
+        if proc.poll() is None:
+            for pid in [proc.pid, *_servers_of(proc.pid)]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
     seconds = time.monotonic() - t0
     print(f"\n{signal.Signals(signum).name} to the {'group' if to_group else 'process'}: exit {proc.returncode} "
           f"after {seconds:.1f} s")
