@@ -66,11 +66,12 @@ def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(prefect_home: Path) -> Iterator[None]:
-    """Prefect's in-process test API (SQLite in a temporary folder), started once per session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_harness(prefect_server: str) -> Iterator[None]:
+    """This test process's flows and clients talk to its session's real server. (Prefect's own test harness
+    started a second server in each process: ~20 s of CPU to start and idle, times four processes.)"""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=180):
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
         yield
 
 
@@ -109,7 +110,19 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory, prefect_home: Path)
         wait_healthy(f"{url}/health", timeout=240, proc=proc, log=log.read_text)
         yield url
     finally:
+        _drain_prefect_queues()
         stop_tree(proc)
+
+
+def _drain_prefect_queues() -> None:
+    """Deliver this process's queued Prefect logs and events before its server stops (as Prefect's test
+    harness does): otherwise each is retried against the stopped server as the interpreter exits (80 s)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with contextlib.suppress(RuntimeError):  # never started in this process
+        APILogWorker.instance().drain()
+    EventsWorker.drain_all()
 
 
 # A process worker polls its pool every 2 s: Prefect's default 10 s adds up to 10 s to every batch run's pickup.
