@@ -188,6 +188,9 @@ def _signal_raised(exc: BaseException | None) -> int | None:
     return signum if type(exc).__name__ == "TerminationSignal" and isinstance(signum, int) else None
 
 
+_commanding = threading.Event()  # set while ``_sigterm_as_interrupt`` holds the signal handlers
+
+
 def _redeliver(signum: int) -> None:
     """Sends ``signum`` to the main thread again in a moment, by which time it has left the finalizer (a real
     signal, so it also wakes a blocking wait, which ``_thread.interrupt_main`` would not)."""
@@ -197,7 +200,8 @@ def _redeliver(signum: int) -> None:
 
     def later() -> None:
         time.sleep(0.05)
-        signal.pthread_kill(main, signum)  # type: ignore[arg-type]
+        if _commanding.is_set():  # not once the command has ended and the default handlers are back
+            signal.pthread_kill(main, signum)  # type: ignore[arg-type]
 
     threading.Thread(target=later, name="weightzoo-signal", daemon=True).start()
 
@@ -371,9 +375,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     previous_hook = sys.unraisablehook
     if main:
         sys.unraisablehook = _unraisable(previous_hook)  # type: ignore[assignment]
+        _commanding.set()
     try:
         yield
     finally:
+        _commanding.clear()
         sys.unraisablehook = previous_hook
         if owned and signal.getsignal(signal.SIGTERM) is _on_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
