@@ -115,9 +115,9 @@ with _sigterm_as_interrupt():
                                                   (signal.SIGTERM, "prefect")])
 def test_a_signal_that_lands_in_a_finalizer_still_stops_the_command_without_a_traceback(signum: int,
                                                                                          handler: str) -> None:
-    """CI saw both: SIGINT arrived while the collector ran a transport's ``__del__`` (Python printed the
-    handler's KeyboardInterrupt as "Exception ignored" and swallowed it: a stray traceback), and SIGTERM did
-    the same to Prefect's TerminationSignal during a flow run (a build that never stopped). The command now
+    """Seen in the suite: SIGINT arrived while the collector ran a transport's ``__del__`` (Python printed the
+    handler's KeyboardInterrupt as "Exception ignored" and swallowed it: a stray traceback, in CI), and SIGTERM
+    did the same to Prefect's TerminationSignal during a flow run (a build that never stopped). The command now
     stops within moments and prints nothing else."""
     done = subprocess.run([sys.executable, "-c", FINALIZER, str(int(signum)), handler], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

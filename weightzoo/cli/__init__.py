@@ -210,8 +210,8 @@ def _unraisable(previous: object) -> object:
     """A ``sys.unraisablehook`` for signals that land in a finalizer (a ``__del__``, a weakref callback: the
     collector runs them at any moment, asyncio's transports among them). Python prints, then swallows, what
     a finalizer raises ("Exception ignored in ..."), so a handler's KeyboardInterrupt, or Prefect's
-    TerminationSignal, would be a traceback and no stop (CI saw both: a stray traceback, and a build that
-    never stopped). The stop is requested and the signal sent again, to land outside the finalizer."""
+    TerminationSignal, would be a traceback and no stop (seen: a stray traceback on SIGINT in CI, and a build
+    that never stopped on SIGTERM). The stop is requested and the signal sent again, outside the finalizer."""
 
     def hook(unraisable: object) -> None:
         from weightzoo.tasks import stop
