@@ -139,7 +139,7 @@ def managed_backend(backend: str, workers: int, work: Path) -> Iterator[list[Pat
                                home=root / "home")
         stack.enter_context(srv.running_server(cfg, logs))
         stack.enter_context(temporary_settings(updates={PREFECT_API_URL: cfg.api_url}))
-        stack.callback(srv.drain_events)  # runs first on exit, while the server still answers
+        stack.callback(srv.drain_queues)  # runs first on exit, while the server still answers
         env = srv.worker_env(cfg.api_url, PREFECT_HOME=str(root / "client"), PREFECT_LOGGING_LEVEL="WARNING")
         subprocess.run([srv.PREFECT, "work-pool", "create", BENCH_POOL, "--type", "process", "--overwrite"],
                        env=env, check=True, capture_output=True)

@@ -421,11 +421,14 @@ def running_server(config: ServerConfig, logs: Path) -> Iterator[PrefectServer]:
         server.stop()
 
 
-def drain_events(timeout: float = 60) -> None:
-    """Deliver this process's queued Prefect events before its server stops; otherwise each one is retried,
-    with a long timeout, when the interpreter exits."""
+def drain_queues(timeout: float = 60) -> None:
+    """Deliver this process's queued Prefect logs and events before its server stops; otherwise each one is
+    retried, with a long timeout, when the interpreter exits (80 s seen in the tests)."""
     from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
 
+    with contextlib.suppress(RuntimeError):  # the log worker never started in this process
+        APILogWorker.instance().drain()
     EventsWorker.drain_all(timeout=timeout)
 
 

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from weightzoo.deployments.net import free_port, wait_healthy
+from weightzoo.deployments.servers import drain_queues
 
 REPO = Path(__file__).resolve().parent.parent
 PREFECT = str(Path(sys.executable).with_name("prefect"))
@@ -110,19 +111,8 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory, prefect_home: Path)
         wait_healthy(f"{url}/health", timeout=240, proc=proc, log=log.read_text)
         yield url
     finally:
-        _drain_prefect_queues()
+        drain_queues()  # this process's logs and events reach the server before it stops
         stop_tree(proc)
-
-
-def _drain_prefect_queues() -> None:
-    """Deliver this process's queued Prefect logs and events before its server stops (as Prefect's test
-    harness does): otherwise each is retried against the stopped server as the interpreter exits (80 s)."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    with contextlib.suppress(RuntimeError):  # never started in this process
-        APILogWorker.instance().drain()
-    EventsWorker.drain_all()
 
 
 # A process worker polls its pool every 2 s: Prefect's default 10 s adds up to 10 s to every batch run's pickup.

@@ -199,7 +199,7 @@ def prod_api(pg_redis: tuple[str, str], prefect_home: Path, tmp_path_factory: py
                        check=True, capture_output=True, timeout=120)
         deploy_finetune_batch(POOL, name="prod")
         yield cfg.api_url
-        srv.drain_events()  # this process's events reach the server before it stops
+        srv.drain_queues()  # this process's events reach the server before it stops
         assert server.alive(), "a server process died during the module"
 
 

@@ -409,8 +409,8 @@ def _main(args: argparse.Namespace) -> int:
         _print_error(args, fault)
         return 2
     except BaseException as e:  # Prefect's TerminationSignal: a flow run stopped by SIGTERM
-        signum = getattr(e, "signal", None)
-        if type(e).__name__ != "TerminationSignal" or not isinstance(signum, int):
+        signum = _signal_raised(e)
+        if signum is None:
             raise
         stopped = Interrupted(signum)
         _print_error(args, stopped)
