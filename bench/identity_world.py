@@ -42,12 +42,15 @@ from weightzoo.tasks.finetune.batch import plan_batches, run_batch
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.identity.base_model import load_base
+from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH
 from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     attribute_directions,
     edit,
     edit_direction,
+    edit_to_label,
     invert,
+    label_shift,
     sample,
     subspace_hparams,
 )
@@ -104,13 +107,22 @@ def bench_sample(sub, pipe, hparams, args) -> dict[str, float]:
             "nn_dist_train": float(d_train.median())}
 
 
-def _direction(sub, attr: str, current: str) -> tuple[str, torch.Tensor]:
-    """The next label after ``current`` that the rows carry, and the direction ``weightzoo edit`` takes to it
-    (the cross-validated probe, every other attribute projected out: tasks/subspace/probes.py)."""
+def _target(sub, attr: str, current: str) -> str:
+    """The next label after ``current`` that the rows carry."""
     present = sorted(attribute_directions(sub, attr))
     values = [v for v in ATTRIBUTES[attr] if v in present]
-    target = values[(values.index(current) + 1) % len(values)]
-    return target, edit_direction(sub, attr, target)
+    return values[(values.index(current) + 1) % len(values)]
+
+
+def _edits(sub, w, attr: str, current: str, target: str, strength: float, r: torch.Tensor, direction: str) -> dict:
+    """The model edited as ``weightzoo edit --direction`` does, and moved as far along the random unit ``r``.
+
+    labels: ``strength`` times the labels' average difference (``label_shift``), random of the same length;
+    probe: ``strength`` dataset std along the probe's unit direction (``edit_direction``) and along ``r``."""
+    if direction == "labels":
+        shift = label_shift(sub, attr, target, current)
+        return {"w2w": edit_to_label(sub, w, shift, strength), "random": edit_to_label(sub, w, r * shift.norm(), strength)}
+    return {"w2w": edit(sub, w, edit_direction(sub, attr, target), strength), "random": edit(sub, w, r, strength)}
 
 
 def bench_ceiling(sub, pipe, hparams, args) -> dict[str, float]:
@@ -124,7 +136,7 @@ def bench_ceiling(sub, pipe, hparams, args) -> dict[str, float]:
 
 
 def bench_edit(sub, pipe, hparams, args) -> dict[str, float]:
-    """Edit accuracy and preservation at each of ``args.strengths``: the w2w direction and a random one."""
+    """Edit accuracy and preservation at each of ``args.strengths``: ``args.direction``'s edit and a random one."""
     ds = Dataset(sub.dataset)
     ids = ds.ids[: args.edit_ids]
     g = torch.Generator().manual_seed(args.seed)
@@ -133,18 +145,19 @@ def bench_edit(sub, pipe, hparams, args) -> dict[str, float]:
         for item in ids:
             meta, w = ds.row(item)
             labels = dict(meta["attributes"])
-            target, d = _direction(sub, attr, labels[attr])
+            target = _target(sub, attr, labels[attr])
             r = torch.randn(sub.k, generator=g)
             for strength in args.strengths:
-                for name, direction in (("w2w", d), ("random", r / r.norm())):
-                    got = reads(pipe, edit(sub, w, direction, strength), sub.layout, hparams, args.pictures, args.seed)
+                edits = _edits(sub, w, attr, labels[attr], target, strength, r / r.norm(), args.direction)
+                for name, edited in edits.items():
+                    got = reads(pipe, edited, sub.layout, hparams, args.pictures, args.seed)
                     out.setdefault(f"{name}_acc@{strength:g}", []).extend(g_[attr] == target for g_ in got)
                     out.setdefault(f"{name}_keep@{strength:g}", []).extend(
                         agreement(g_, {a: v for a, v in labels.items() if a != attr}) for g_ in got)
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
-def strength_plot(edit: dict[str, float], strengths: list[float], path: str) -> None:
+def strength_plot(edit: dict[str, float], strengths: list[float], path: str, direction: str = "labels") -> None:
     """Edit accuracy and preservation against strength, w2w against random: users tune strength on it."""
     import matplotlib
 
@@ -156,7 +169,8 @@ def strength_plot(edit: dict[str, float], strengths: list[float], path: str) -> 
         ax.plot(strengths, [edit[f"{name}_acc@{s:g}"] for s in strengths], "o" + style, color="C0", label=f"{name} accuracy")
         ax.plot(strengths, [edit[f"{name}_keep@{s:g}"] for s in strengths], "s" + style, color="C1",
                 label=f"{name} preservation")
-    ax.set_xlabel("edit strength (dataset std along the direction)")
+    ax.set_xlabel("edit strength (" + ("times the labels' average difference" if direction == "labels"
+                                      else "dataset std along the direction") + ")")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -254,10 +268,13 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="models sampled from the subspace")
     p.add_argument("--pictures", type=int, default=2, help="pictures generated per model")
     p.add_argument("--edit-ids", type=int, default=8, help="training identities edited per attribute")
-    p.add_argument("--strength", type=float, default=4.0,
-                   help="edit strength in dataset std along the direction, reported in --json (weightzoo edit's default)")
+    p.add_argument("--direction", choices=["labels", "probe"], default="labels",
+                   help="the edit measured (weightzoo edit --direction): labels (the default) or probe (runs 3-5's)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="edit strength reported in --json (default: weightzoo edit's, 1.5 for labels, 4 for probe)")
     p.add_argument("--strengths", type=float, nargs="+", default=None,
-                   help="strengths measured for the trade-off (default: 1 2 3 4 6, and --strength)")
+                   help="strengths measured for the trade-off (default: 0.5 1 1.5 2 3 for labels, 1 2 3 4 6 for "
+                        "probe, and --strength)")
     p.add_argument("--json", help="write the claims as one JSON object to this file")
     p.add_argument("--plot", help="write the accuracy/preservation-against-strength plot (PNG) to this file")
     p.add_argument("--invert-steps", type=int, default=100)
@@ -269,7 +286,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     args.heldout = args.heldout or max(2, args.identities // 16)
-    args.strengths = sorted(set(args.strengths or [1.0, 2.0, 3.0, 4.0, 6.0]) | {args.strength})
+    labels = args.direction == "labels"
+    args.strength = args.strength if args.strength is not None else EDIT_STRENGTH if labels else PROBE_STRENGTH
+    default = [0.5, 1.0, 1.5, 2.0, 3.0] if labels else [1.0, 2.0, 3.0, 4.0, 6.0]
+    args.strengths = sorted(set(args.strengths or default) | {args.strength})
     torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" line per loaded model otherwise
     random.seed(args.seed)
@@ -299,7 +319,7 @@ def main() -> None:
         e, st = table["edit"], f"{args.strength:g}"
         claims |= {"edit_accuracy": e[f"w2w_acc@{st}"], "edit_random_accuracy": e[f"random_acc@{st}"],
                    "edit_preservation": e[f"w2w_keep@{st}"], "edit_random_preservation": e[f"random_keep@{st}"],
-                   "strength": args.strength,
+                   "strength": args.strength, "direction": args.direction,
                    "by_strength": {f"{s:g}": {k: e[f"{k}@{s:g}"] for k in ("w2w_acc", "w2w_keep", "random_acc",
                                                                            "random_keep")} for s in args.strengths}}
     if "invert" in table:
@@ -312,7 +332,7 @@ def main() -> None:
         keep = old if (old.get("seed"), old.get("identities")) == (args.seed, args.identities) else {}
         Path(args.json).write_text(json.dumps(keep | claims, indent=2) + "\n")
     if args.plot and "edit" in table:
-        strength_plot(table["edit"], args.strengths, args.plot)
+        strength_plot(table["edit"], args.strengths, args.plot, args.direction)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ failed and pending, batch runs not completed, ids committed twice.
 
 Then, for each ``--sizes`` N, the first N manifest rows are copied into a dataset of their own, a subspace of
 k = min(``--components``, N - 1) is fitted on it, and measured with the pixel reader as bench/identity_world.py
-does (the same functions): sample validity, edit accuracy and preservation at ``--strength`` (the probe
-direction and a random one), the ceiling (the edited identities' own LoRAs), and the directions' mutual
+does (the same functions): sample validity, edit accuracy and preservation at ``--strength`` (``--direction``'s
+edit, as ``weightzoo edit`` makes it, and a random one), the ceiling (the edited identities' own LoRAs), and the directions' mutual
 correlation: the mean |cos| between the probe directions of different attributes (weights2weights' Fig. 8:
 it falls as models are added). Draw 3 by default (identity_world runs 0 and 1, world_recipe 2).
 
@@ -158,7 +158,7 @@ def measure(iw, data: str, pipe, args) -> dict:
     sub = load_subspace(sub_uri)
     hparams = subspace_hparams(sub)
     a = SimpleNamespace(samples=args.samples, pictures=args.pictures, seed=args.seed, edit_ids=args.edit_ids,
-                        strengths=[args.strength])
+                        strengths=[args.strength], direction=args.direction)
     t0 = time.perf_counter()
     sample = iw.bench_sample(sub, pipe, hparams, a)
     edit = iw.bench_edit(sub, pipe, hparams, a)
@@ -211,11 +211,17 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--pictures", type=int, default=2)
     p.add_argument("--edit-ids", type=int, default=8)
-    p.add_argument("--strength", type=float, default=4.0, help="edit strength in std (weightzoo edit's default)")
+    p.add_argument("--direction", choices=["labels", "probe"], default="labels", help="the edit measured (weightzoo edit's)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="edit strength (default: weightzoo edit's for --direction: 1.5 labels, 4 probe)")
     p.add_argument("--json", help="write the build's figures and each size's claims to this file")
     p.add_argument("--plot", help="write the claims against the number of identities (PNG) to this file")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the measurements (not the build)")
     args = p.parse_args()
+    if args.strength is None:
+        from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH
+
+        args.strength = EDIT_STRENGTH if args.direction == "labels" else PROBE_STRENGTH
     from diffusers.utils import logging as diffusers_logging
 
     from weightzoo.storage.ledger import Ledger

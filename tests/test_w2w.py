@@ -26,8 +26,11 @@ from weightzoo.tasks.subspace.w2w import (
     attribute_directions,
     edit,
     edit_direction,
+    edit_to_label,
     export,
     invert,
+    label_shift,
+    predict_label,
     project,
     sample,
     subspace_hparams,
@@ -38,6 +41,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thr
 COLOURS = ("red", "green", "blue")
 SHAPES = ("circle", "square")
 N, K = 96, 10
+
+
+def _label_dirs(d: int) -> dict[str, torch.Tensor]:
+    """What each label adds to a row (drawn after the shared init, as ``write_lora_dataset`` draws them)."""
+    g = torch.Generator().manual_seed(0)
+    torch.randn(d, generator=g)  # the init
+    return {v: 0.03 * torch.randn(d, generator=g) for v in COLOURS + SHAPES}
 
 
 def write_lora_dataset(uri: str, pipe, n: int = N) -> None:
@@ -153,6 +163,32 @@ def test_edit_moves_the_attribute_probe_and_keeps_the_others(lora_dataset: tuple
         edit_direction(sub, "colour", "purple")
 
 
+def test_an_edit_to_a_label_moves_a_row_by_what_the_label_adds(lora_dataset: tuple[str, Subspace]) -> None:
+    """Rows here are init + colour + shape + identity: the label shift from green to red, fitted jointly on the
+    rows, must be what red adds minus what green adds, so an edit at strength 1 lands on the red twin."""
+    from weightzoo.storage.dataset import Dataset
+
+    uri, sub = lora_dataset
+    ds = Dataset(uri)
+    truth = _label_dirs(sub.layout.numel)
+    for rid in ("s001", "s004", "s007"):  # green rows, circle and square
+        meta, x = ds.row(rid)
+        assert predict_label(sub, x, "colour") == meta["attributes"]["colour"] == "green"
+        x = torch.from_numpy(x.astype(np.float32))
+        want = x + truth["red"] - truth["green"]
+        got = edit_to_label(sub, x, label_shift(sub, "colour", "red", "green"), 1.0)
+        # the shift is fitted from ~32 rows a label whose identity terms (norm ~1/4 of a label's) average out
+        # to ~1/8 of the move: within 15 %
+        assert (got - want).norm() < 0.15 * (want - x).norm()
+        assert predict_label(sub, got, "colour") == "red" and predict_label(sub, got, "shape") == meta["attributes"]["shape"]
+    # every row's own label is what the probe reads
+    assert all(predict_label(sub, ds.row(i)[1], "shape") == ds.row(i)[0]["attributes"]["shape"] for i in ds.ids[:12])
+    with pytest.raises(KeyError, match="no label 'purple'"):
+        label_shift(sub, "colour", "purple", "red")
+    with pytest.raises(KeyError, match="no fitted row has attribute 'hat'"):
+        label_shift(sub, "hat", "on", "off")
+
+
 def test_invert_lowers_the_loss_and_leaves_the_pipeline_alone(lora_dataset: tuple[str, Subspace], tiny_pipe) -> None:
     from weightzoo.tasks.identity.synthetic import _draw, _rng, _subject
 
@@ -199,6 +235,14 @@ def test_cli_fit_sample_edit_project(lora_dataset: tuple[str, Subspace], tiny_ba
     assert main(["edit", "--subspace", sub_uri, "--id", "s001", "--attribute", "colour=red", "--strength", "2",
                  "--disentangle", "shape", "--out", edited]) == 0
     printed = capsys.readouterr()
+    assert "s001 moved 2 x the average colour=green -> red difference" in printed.out
+    assert main(["edit", "--subspace", sub_uri, "--id", "s000", "--attribute", "colour=red", "--direction", "probe",
+                 "--out", str(tmp_path / "probe.safetensors")]) == 0
+    probe_run = capsys.readouterr()
+    assert "s000 moved +4 std towards colour=red" in probe_run.out and "already" not in probe_run.err
+    assert main(["edit", "--subspace", sub_uri, "--id", "s000", "--attribute", "colour=red",
+                 "--out", str(tmp_path / "same.safetensors")]) == 0
+    assert "warning: s000 is already colour=red: the edit leaves it as it is" in capsys.readouterr().err
     stored = json.loads((tmp_path / "sub" / "directions.json").read_text())["colour"]
     assert f"colour: cross-validated accuracy {stored['cv_accuracy']:.2f}" in printed.out
     if stored["counts"]["red"] < 10:  # the few-rows warning names the count

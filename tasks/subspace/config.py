@@ -1,4 +1,4 @@
-"""``SubspaceConfig``: how to fit a subspace (saved in its ``card.json``).
+"""``SubspaceConfig``: how to fit a subspace (saved in its ``card.json``), and the applications' defaults.
 
 Its own module, free of torch: the CLI builds ``fit-subspace``'s flags from it and the flows' config
 names it, without importing the fit (``pca.py``).
@@ -9,6 +9,18 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The applications' defaults (tasks/subspace/w2w.py), chosen on a validation draw of 256 world identities (draw 3,
+# neither seed of bench/identity_world.py; docs/BENCHMARKS.md "Identity world", run 6):
+# - sample: 32 samples x 2 pictures held a readable subject 0.67 of the time at 1.0 (w2w's draw), 0.80 at 0.7,
+#   0.78 at 0.5.
+SAMPLE_TEMPERATURE = 0.7
+# - edit --direction labels (16 identities x 5 attributes x 2 pictures a point): accuracy / preservation 0.34 /
+#   0.83 at 1, 0.61 / 0.79 at 1.5, 0.65 / 0.72 at 2, 0.69 / 0.63 at 3; 1.5 has the best sum, and for three
+#   attributes of five on their own (the other two within the noise, ±0.08).
+EDIT_STRENGTH = 1.5
+# - edit --direction probe, in dataset std along the probe's unit direction: runs 3-5, where the gain flattens.
+PROBE_STRENGTH = 4.0
 
 
 class SubspaceConfig(BaseModel):

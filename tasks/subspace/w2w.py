@@ -20,6 +20,7 @@ from PIL import Image
 from weightzoo.storage.fs import filesystem
 from weightzoo.storage.layout import LORA_A, LORA_B, Layout
 from weightzoo.tasks import stop
+from weightzoo.tasks.subspace.config import SAMPLE_TEMPERATURE
 from weightzoo.tasks.subspace.pca import Subspace
 
 # -- shared helpers --------------------------------------------------------------------------------------
@@ -98,10 +99,12 @@ def coefficient_gaussians(sub: Subspace) -> tuple[torch.Tensor, torch.Tensor]:
     return c.mean(0), c.std(0, correction=1)
 
 
-def sample(sub: Subspace, n: int = 1, seed: int = 0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(sub: Subspace, n: int = 1, seed: int = 0,
+           temperature: float = SAMPLE_TEMPERATURE) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` new models: coefficients drawn from the per-component Gaussians → ((n, D) weights, (n, k) coords).
 
-    ``temperature`` scales each Gaussian's std (below 1: closer to the average identity).
+    ``temperature`` scales each Gaussian's std (1: w2w's draw; below 1: closer to the average identity, where
+    fewer draws land off the rows into pictures with no subject).
     """
     mu, sigma = coefficient_gaussians(sub)
     g = torch.Generator().manual_seed(seed)
@@ -175,6 +178,63 @@ def edit(sub: Subspace, weights: torch.Tensor | np.ndarray, direction: torch.Ten
     _, c = sub.dataset_coords()
     spread = float((c @ direction).std())
     return x + sub.std * ((strength * spread * direction) @ sub.components)
+
+
+def _label_effects(sub: Subspace, names: tuple[str, ...]) -> dict[str, dict[str | None, torch.Tensor]]:
+    """Each label's average effect on the coordinates, from one least-squares fit of every coordinate on the
+    one-hot labels of ``names`` jointly (the first label of each attribute is the reference, effect 0; a row
+    without an attribute counts as label None). Fitted jointly, a label's effect holds the other named
+    attributes fixed, so it is the average difference a label makes, not what correlated labels bring."""
+    cache = sub.__dict__.setdefault("_label_effects", {})
+    if names not in cache:
+        meta, c = sub.dataset_coords()
+        rows = [dict(a or []) for a in meta.column("attributes").to_pylist()]
+        labels = {a: ([None] if any(a not in r for r in rows) else [])
+                  + sorted({r[a] for r in rows if a in r}) for a in names}
+        cols = [(a, v) for a in names for v in labels[a][1:]]
+        x = torch.tensor([[1.0] + [float(r.get(a) == v) for a, v in cols] for r in rows], dtype=torch.float64)
+        beta = torch.linalg.lstsq(x, c.double()).solution
+        effects: dict[str, dict[str | None, torch.Tensor]] = {a: {labels[a][0]: torch.zeros(sub.k, dtype=torch.float64)}
+                                                             for a in names}
+        for i, (a, v) in enumerate(cols):
+            effects[a][v] = beta[1 + i]
+        cache[names] = effects
+    return cache[names]
+
+
+def predict_label(sub: Subspace, weights: torch.Tensor | np.ndarray, attribute: str) -> str:
+    """The label the attribute's probe reads from a model's coordinates (for a model whose label is unknown)."""
+    found = probes(sub)
+    if attribute not in found:
+        raise KeyError(f"no fitted row has attribute {attribute!r} with two labels or more")
+    p = found[attribute]
+    _, c = sub.dataset_coords()
+    centred, n = project(sub, weights).coords - c.mean(0), sum(p.counts.values())
+    scores = [float(centred @ p.direction(v)) + p.counts[v] / n for v in p.labels]
+    return p.labels[int(np.argmax(scores))]
+
+
+def label_shift(sub: Subspace, attribute: str, value: str, current: str,
+                disentangle: Sequence[str] = ALL_OTHERS) -> torch.Tensor:
+    """The coefficient move (k,) from ``attribute=current`` to ``attribute=value``: the average difference
+    between the two labels' rows with the ``disentangle`` attributes held fixed (default every other one; ``()``
+    none), from their joint least-squares fit (``_label_effects``). Unlike a probe's unit direction it says how
+    far to move: rows of the two labels lie that far apart on average (docs/SUBSPACE.md)."""
+    attribute_directions(sub, attribute)  # the same error as edit_direction's for an attribute the rows lack
+    others = sorted(probes(sub)) if tuple(disentangle) == ALL_OTHERS else sorted(set(disentangle))
+    effects = _label_effects(sub, (attribute, *[a for a in others if a != attribute]))[attribute]
+    for label in (value, current):
+        if label not in effects:
+            raise KeyError(f"attribute {attribute!r} has no label {label!r}; labels: "
+                           f"{sorted(str(v) for v in effects if v is not None)}")
+    return (effects[value] - effects[current]).float()
+
+
+def edit_to_label(sub: Subspace, weights: torch.Tensor | np.ndarray, shift: torch.Tensor, strength: float) -> torch.Tensor:
+    """Move a model by ``strength`` times a ``label_shift`` (1: as far as the labels' rows lie apart on average),
+    added to the model's own weights as ``edit`` does."""
+    x = sub.layout.as_tensor(weights).float() if isinstance(weights, np.ndarray) else weights.float()
+    return x + sub.std * ((strength * shift) @ sub.components)
 
 
 # -- invert ----------------------------------------------------------------------------------------------

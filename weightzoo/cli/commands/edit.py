@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from weightzoo.cli.preview import add_preview
+from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH
 
 HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA."
 
@@ -16,11 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="List the subspace's directions (labels, rows per label, cross-validated accuracy) and exit.")
     p.add_argument("--id", help="Row id to edit (read from the subspace's dataset).")
     p.add_argument("--attribute", help="Target label as NAME=VALUE, e.g. colour=red.")
-    # Measured on 256 world identities (docs/BENCHMARKS.md "Identity world", the strength plot): 1 std changed
-    # the label no more often than a random move (0.21 against 0.19); accuracy rises to 0.49 at 4 and 0.54 at 6
-    # while the other attributes' agreement falls 0.69 -> 0.67 -> 0.65. 4 is where the gain flattens.
-    p.add_argument("--strength", type=float, default=4.0,
-                   help="How far, in dataset standard deviations along the direction (negative: away).")
+    p.add_argument("--direction", choices=["labels", "probe"], default="labels",
+                   help="labels (default): move by the average difference between rows of the row's label and "
+                   "of the target, the other attributes held fixed; probe: along the attribute's probe direction.")
+    # Defaults measured on world identities (tasks/subspace/config.py).
+    p.add_argument("--strength", type=float, default=None,
+                   help="How far (negative: away). labels: times the average difference (default "
+                   f"{EDIT_STRENGTH:g}); probe: dataset standard deviations along the direction (default "
+                   f"{PROBE_STRENGTH:g}).")
     p.add_argument("--disentangle", default="*",
                    help="Comma-separated attributes whose directions are projected out first, e.g. shape,accessory; "
                    "'*' (default): every other attribute; '' none.")
@@ -81,7 +85,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"edit needs {', '.join('--' + f for f in missing)} (or --list)")
     name, value = parse_attribute(args.attribute)
     from weightzoo.tasks.subspace.pca import load_subspace
-    from weightzoo.tasks.subspace.w2w import ALL_OTHERS, dataset_row, edit, edit_direction, export, probes
+    from weightzoo.tasks.subspace.w2w import (
+        ALL_OTHERS,
+        dataset_row,
+        edit,
+        edit_direction,
+        edit_to_label,
+        export,
+        label_shift,
+        predict_label,
+        probes,
+    )
 
     sub = load_subspace(args.subspace)
     others = ALL_OTHERS if args.disentangle.strip() == "*" else [
@@ -95,8 +109,22 @@ def run(args: argparse.Namespace) -> int:
     for line in warnings_for(probe, value):
         print(f"warning: {line}", file=sys.stderr)
     meta, x = dataset_row(sub, args.id, args.dataset)
-    path = export(sub, edit(sub, x, d, args.strength), args.out, meta["hparams"] or None)
-    print(f"wrote {path} ({args.id} moved {args.strength:+g} std towards {name}={value})")
+    if args.direction == "probe":
+        strength = PROBE_STRENGTH if args.strength is None else args.strength
+        edited, moved = edit(sub, x, d, strength), f"{strength:+g} std towards {name}={value}"
+    else:
+        strength = EDIT_STRENGTH if args.strength is None else args.strength
+        current = dict(meta.get("attributes") or []).get(name) or predict_label(sub, x, name)
+        if current == value:
+            print(f"warning: {args.id} is already {name}={value}: the edit leaves it as it is", file=sys.stderr)
+        try:
+            shift = label_shift(sub, name, value, current, disentangle=others)
+        except KeyError as e:  # a row label the fitted rows never carry
+            raise InputError(f"{args.id}: {e.args[0]}") from None
+        edited = edit_to_label(sub, x, shift, strength)
+        moved = f"{strength:g} x the average {name}={current} -> {value} difference"
+    path = export(sub, edited, args.out, meta["hparams"] or None)
+    print(f"wrote {path} ({args.id} moved {moved})")
     if args.preview:
         from weightzoo.cli.preview import write_edit_preview
 

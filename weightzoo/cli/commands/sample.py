@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from weightzoo.cli.preview import add_preview, subspace_prompt, write_preview
+from weightzoo.tasks.subspace.config import SAMPLE_TEMPERATURE
 
 HELP = "Sample new LoRAs from a fitted subspace (per-component Gaussians)."
 
@@ -20,8 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Folder (any URI) for sample-000/, sample-001/, ..., each with pytorch_lora_weights.safetensors.")
     p.add_argument("-n", "--num", type=int, default=1, help="How many models to sample.")
     p.add_argument("--seed", type=int, default=0, help="Random seed.")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="Scale of each component's std; below 1 stays nearer the mean model.")
+    p.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE,
+                   help="Scale of each component's std (1: weights2weights' draw); below 1 stays nearer the mean "
+                   f"model, where more samples draw a subject (default {SAMPLE_TEMPERATURE:g}).")
     add_preview(p)
     p.set_defaults(func=run)
 
