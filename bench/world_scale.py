@@ -263,7 +263,9 @@ def main() -> None:
     diffusers_logging.set_verbosity_error()
     iw, pipe = _identity_world(), load_base(str(base))
     sizes = {n: measure(iw, first_rows(str(dataset), ids[:n], data / f"first{n}"), pipe, args) for n in args.sizes}
-    print(f"\nworld scale: draw {args.seed}, edit at {args.strength:g} std, k = min({args.components}, N - 1)")
+    unit = "std" if args.direction == "probe" else "x the label difference"
+    print(f"\nworld scale: draw {args.seed}, edit --direction {args.direction} at {args.strength:g} {unit}, "
+          f"k = min({args.components}, N - 1)")
     print("| N | k | " + " | ".join(COLUMNS) + " | s |")
     print("|---:|---:|" + "---:|" * len(COLUMNS) + "---:|")
     for n, m in sizes.items():

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="Random seed.")
     p.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE,
                    help="Scale of each component's std (1: weights2weights' draw); below 1 stays nearer the mean "
-                   f"model, where more samples draw a subject (default {SAMPLE_TEMPERATURE:g}).")
+                   "model, where more samples draw a subject.")
     add_preview(p)
     p.set_defaults(func=run)
 
