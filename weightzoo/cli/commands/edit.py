@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    f"{EDIT_STRENGTH:g}); probe: dataset standard deviations along the direction (default "
                    f"{PROBE_STRENGTH:g}).")
     p.add_argument("--disentangle", default="*",
-                   help="Comma-separated attributes whose directions are projected out first, e.g. shape,accessory; "
-                   "'*' (default): every other attribute; '' none.")
+                   help="Comma-separated attributes the edit keeps, e.g. shape,accessory (labels: fitted jointly with "
+                   "the edited one, so held fixed; probe: their directions projected out); '*' (default): every "
+                   "other attribute; '' none.")
     p.add_argument("--dataset", help="Dataset URI holding the row (default: the one the subspace was fitted on).")
     p.add_argument("--out", help="Output .safetensors file (or a folder).")
     add_preview(p)
