@@ -42,7 +42,7 @@ from weightzoo.tasks.finetune.batch import plan_batches, run_batch
 from weightzoo.tasks.finetune.images import load_images
 from weightzoo.tasks.finetune.readers import read_manifest
 from weightzoo.tasks.identity.base_model import load_base
-from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH
+from weightzoo.tasks.subspace.config import default_strength
 from weightzoo.tasks.subspace.pca import SubspaceConfig, fit_subspace, load_subspace
 from weightzoo.tasks.subspace.w2w import (
     attribute_directions,
@@ -286,9 +286,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     args.heldout = args.heldout or max(2, args.identities // 16)
-    labels = args.direction == "labels"
-    args.strength = args.strength if args.strength is not None else EDIT_STRENGTH if labels else PROBE_STRENGTH
-    default = [0.5, 1.0, 1.5, 2.0, 3.0] if labels else [1.0, 2.0, 3.0, 4.0, 6.0]
+    args.strength = default_strength(args.direction) if args.strength is None else args.strength
+    default = [0.5, 1.0, 1.5, 2.0, 3.0] if args.direction == "labels" else [1.0, 2.0, 3.0, 4.0, 6.0]
     args.strengths = sorted(set(args.strengths or default) | {args.strength})
     torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # one "no text-encoder LoRA keys" line per loaded model otherwise

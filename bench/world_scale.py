@@ -9,10 +9,10 @@ failed and pending, batch runs not completed, ids committed twice.
 
 Then, for each ``--sizes`` N, the first N manifest rows are copied into a dataset of their own, a subspace of
 k = min(``--components``, N - 1) is fitted on it, and measured with the pixel reader as bench/identity_world.py
-does (the same functions): sample validity, edit accuracy and preservation at ``--strength`` (``--direction``'s
-edit, as ``weightzoo edit`` makes it, and a random one), the ceiling (the edited identities' own LoRAs), and the directions' mutual
-correlation: the mean |cos| between the probe directions of different attributes (weights2weights' Fig. 8:
-it falls as models are added). Draw 3 by default (identity_world runs 0 and 1, world_recipe 2).
+does (the same functions): sample validity, edit accuracy and preservation at ``--strength``
+(``--direction``'s edit, as ``weightzoo edit`` makes it, and a random one), the ceiling (the edited
+identities' own LoRAs), and the directions' mutual correlation: the mean |cos| between the probe
+directions of different attributes (weights2weights' Fig. 8: it falls as models are added). Draw 3 by default (identity_world runs 0 and 1, world_recipe 2).
 
     .venv/bin/python bench/world_scale.py                      # 1,024 identities (~2 h on 2 cores)
     .venv/bin/python bench/world_scale.py --identities 16 --sizes 8 16 --ft-steps 20 --samples 4   # minutes
@@ -218,10 +218,9 @@ def main() -> None:
     p.add_argument("--plot", help="write the claims against the number of identities (PNG) to this file")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the measurements (not the build)")
     args = p.parse_args()
-    if args.strength is None:
-        from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH
+    from weightzoo.tasks.subspace.config import default_strength
 
-        args.strength = EDIT_STRENGTH if args.direction == "labels" else PROBE_STRENGTH
+    args.strength = default_strength(args.direction) if args.strength is None else args.strength
     from diffusers.utils import logging as diffusers_logging
 
     from weightzoo.storage.ledger import Ledger

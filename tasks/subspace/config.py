@@ -23,6 +23,11 @@ EDIT_STRENGTH = 1.5
 PROBE_STRENGTH = 4.0
 
 
+def default_strength(direction: str) -> float:
+    """``weightzoo edit``'s strength for ``--direction`` labels or probe (their units differ)."""
+    return EDIT_STRENGTH if direction == "labels" else PROBE_STRENGTH
+
+
 class SubspaceConfig(BaseModel):
     """How to fit the subspace (saved in ``card.json``)."""
 

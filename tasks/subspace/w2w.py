@@ -174,10 +174,8 @@ def edit(sub: Subspace, weights: torch.Tensor | np.ndarray, direction: torch.Ten
     The edit is added to the model's own weights (x + std ⊙ (Δc @ components)), so what the subspace
     does not explain about this model is kept, as w2w keeps identity detail.
     """
-    x = sub.layout.as_tensor(weights).float() if isinstance(weights, np.ndarray) else weights.float()
     _, c = sub.dataset_coords()
-    spread = float((c @ direction).std())
-    return x + sub.std * ((strength * spread * direction) @ sub.components)
+    return edit_to_label(sub, weights, float((c @ direction).std()) * direction, strength)
 
 
 def _label_effects(sub: Subspace, names: tuple[str, ...]) -> dict[str, dict[str | None, torch.Tensor]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from weightzoo.cli.preview import add_preview
-from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH
+from weightzoo.tasks.subspace.config import EDIT_STRENGTH, PROBE_STRENGTH, default_strength
 
 HELP = "Edit a dataset row along an attribute direction (e.g. colour=red) → a LoRA."
 
@@ -110,11 +110,10 @@ def run(args: argparse.Namespace) -> int:
     for line in warnings_for(probe, value):
         print(f"warning: {line}", file=sys.stderr)
     meta, x = dataset_row(sub, args.id, args.dataset)
+    strength = default_strength(args.direction) if args.strength is None else args.strength
     if args.direction == "probe":
-        strength = PROBE_STRENGTH if args.strength is None else args.strength
         edited, moved = edit(sub, x, d, strength), f"{strength:+g} std towards {name}={value}"
     else:
-        strength = EDIT_STRENGTH if args.strength is None else args.strength
         current = dict(meta.get("attributes") or []).get(name) or predict_label(sub, x, name)
         if current == value:
             print(f"warning: {args.id} is already {name}={value}: the edit leaves it as it is", file=sys.stderr)
